@@ -1,0 +1,517 @@
+//! The boot configuration: what openshell-init reads from the guest's YAML file, with overrides
+//! from the kernel command line (which is how the host passes per-boot choices such as the
+//! workload without rewriting the root filesystem).
+//!
+//! Every error names where the bad value came from (file path or kernel command line) and the
+//! field, so a user who mistyped a key sees exactly which one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::BOOT_CHANNEL_PORT;
+
+/// Where init looks for its configuration unless `openshell.config=` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/openshell/init.yaml";
+
+/// Prefix of the kernel command-line keys init reads. Dotted keys are not passed to init's
+/// environment or argv by the kernel, so init reads them from `/proc/cmdline`.
+pub const CMDLINE_PREFIX: &str = "openshell.";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootConfig {
+    /// Also the Kubernetes node name once k3s runs, so it must be a valid DNS label.
+    pub hostname: String,
+    pub workload: Workload,
+    pub shutdown: Shutdown,
+    pub channel: Channel,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "openshell-vm".into(),
+            workload: Workload::default(),
+            shutdown: Shutdown::default(),
+            channel: Channel::default(),
+        }
+    }
+}
+
+/// The program init starts and supervises once boot phases are done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Workload {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: String,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            argv: vec!["/bin/sh".into()],
+            env: BTreeMap::from([(
+                "PATH".to_string(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            )]),
+            cwd: "/".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Shutdown {
+    /// Time the workload gets between SIGTERM and SIGKILL.
+    pub grace_ms: u64,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self { grace_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Channel {
+    /// vsock port on the host (CID 2) the boot channel connects to.
+    pub port: u32,
+    /// Total time spent trying to reach the host before giving up and logging to the console only.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for Channel {
+    fn default() -> Self {
+        Self {
+            port: BOOT_CHANNEL_PORT,
+            connect_timeout_ms: 300,
+        }
+    }
+}
+
+/// Where a configuration value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Cmdline,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Cmdline => f.write_str("kernel command line"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{origin}: cannot read: {reason}")]
+    Read { origin: Source, reason: String },
+    #[error("{origin}: {reason}")]
+    Parse { origin: Source, reason: String },
+    #[error("{origin}: field `{field}`: {reason}")]
+    Invalid {
+        origin: Source,
+        field: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(source: &Source, field: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            origin: source.clone(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl BootConfig {
+    /// Parses YAML text; `path` is only used to name the file in errors.
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let source = Source::File(path.to_path_buf());
+        // An empty file means "all defaults", which serde_yaml would call a type error.
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let config: BootConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: source.clone(),
+            reason: e.to_string(),
+        })?;
+        config.validate(&source)?;
+        Ok(config)
+    }
+
+    /// Reads the file at `path`; a missing file means defaults, since a root filesystem without a
+    /// configuration must still boot.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_yaml(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(ConfigError::Read {
+                origin: Source::File(path.to_path_buf()),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Applies `openshell.*` keys from a kernel command line, then validates the result.
+    pub fn apply_cmdline(&mut self, cmdline: &Cmdline) -> Result<(), ConfigError> {
+        let src = Source::Cmdline;
+        for (key, value) in &cmdline.pairs {
+            let Some(field) = key.strip_prefix(CMDLINE_PREFIX) else {
+                continue;
+            };
+            let full = key.as_str();
+            match field {
+                // Consumed by the caller to pick the file, before overrides apply.
+                "config" => {}
+                "hostname" => self.hostname = value.clone(),
+                "exec" => {
+                    self.workload.argv = decode_argv(value)
+                        .map_err(|reason| ConfigError::invalid(&src, full, reason))?
+                }
+                "cwd" => self.workload.cwd = value.clone(),
+                "grace_ms" => self.shutdown.grace_ms = parse_num(&src, full, value)?,
+                "channel_port" => self.channel.port = parse_num(&src, full, value)?,
+                "connect_timeout_ms" => {
+                    self.channel.connect_timeout_ms = parse_num(&src, full, value)?
+                }
+                _ => {
+                    if let Some(name) = field.strip_prefix("env.") {
+                        self.workload.env.insert(
+                            name.to_string(),
+                            percent_decode(value)
+                                .map_err(|reason| ConfigError::invalid(&src, full, reason))?,
+                        );
+                    } else {
+                        return Err(ConfigError::invalid(&src, full, "unknown key"));
+                    }
+                }
+            }
+        }
+        self.validate(&src)
+    }
+
+    /// Checks values serde cannot: ranges, formats, consistency.
+    pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
+        validate_hostname(&self.hostname)
+            .map_err(|r| ConfigError::invalid(source, "hostname", r))?;
+        match self.workload.argv.first() {
+            None => {
+                return Err(ConfigError::invalid(
+                    source,
+                    "workload.argv",
+                    "must name a program",
+                ))
+            }
+            Some(p) if !p.starts_with('/') => {
+                return Err(ConfigError::invalid(
+                    source,
+                    "workload.argv",
+                    format!("program `{p}` must be an absolute path"),
+                ))
+            }
+            Some(_) => {}
+        }
+        if self.workload.argv.iter().any(|a| a.contains('\0')) {
+            return Err(ConfigError::invalid(
+                source,
+                "workload.argv",
+                "contains a NUL byte",
+            ));
+        }
+        for (name, value) in &self.workload.env {
+            if !valid_env_name(name) {
+                return Err(ConfigError::invalid(
+                    source,
+                    &format!("workload.env.{name}"),
+                    "not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(ConfigError::invalid(
+                    source,
+                    &format!("workload.env.{name}"),
+                    "contains a NUL byte",
+                ));
+            }
+        }
+        if !self.workload.cwd.starts_with('/') {
+            return Err(ConfigError::invalid(
+                source,
+                "workload.cwd",
+                "must be an absolute path",
+            ));
+        }
+        if self.shutdown.grace_ms > 3_600_000 {
+            return Err(ConfigError::invalid(
+                source,
+                "shutdown.grace_ms",
+                "must be at most 3600000 (one hour)",
+            ));
+        }
+        // Ports below 1024 are reserved by vsock conventions; 0 and u32::MAX mean "any".
+        if self.channel.port < 1024 || self.channel.port == u32::MAX {
+            return Err(ConfigError::invalid(
+                source,
+                "channel.port",
+                "must be between 1024 and 4294967294",
+            ));
+        }
+        if self.channel.connect_timeout_ms > 60_000 {
+            return Err(ConfigError::invalid(
+                source,
+                "channel.connect_timeout_ms",
+                "must be at most 60000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(src: &Source, field: &str, value: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e: T::Err| ConfigError::invalid(src, field, format!("`{value}`: {e}")))
+}
+
+fn validate_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("`{name}` must be 1 to 63 characters"));
+    }
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok_chars || name.starts_with('-') || name.ends_with('-') {
+        return Err(format!(
+            "`{name}` is not a DNS label (lowercase letters, digits, inner hyphens)"
+        ));
+    }
+    Ok(())
+}
+
+/// Environment names the guest accepts, as the old exec agent did.
+pub fn valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// The kernel command line split into `key=value` pairs (bare words get an empty value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cmdline {
+    pub pairs: Vec<(String, String)>,
+}
+
+impl Cmdline {
+    /// Splits on whitespace, honouring double quotes the way the kernel does.
+    pub fn parse(text: &str) -> Self {
+        let mut pairs = Vec::new();
+        let mut word = String::new();
+        let mut in_quotes = false;
+        let mut flush = |word: &mut String| {
+            if !word.is_empty() {
+                let (k, v) = word.split_once('=').unwrap_or((word.as_str(), ""));
+                pairs.push((k.to_string(), v.to_string()));
+                word.clear();
+            }
+        };
+        for c in text.chars() {
+            match c {
+                '"' => in_quotes = !in_quotes,
+                c if c.is_whitespace() && !in_quotes => flush(&mut word),
+                c => word.push(c),
+            }
+        }
+        flush(&mut word);
+        Self { pairs }
+    }
+
+    /// Last value given for `key` (the kernel's own rule: later wins).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Encodes an argv for `openshell.exec=`: elements joined by `,`, each percent-encoded so that
+/// spaces, commas, quotes and control characters survive the kernel command line.
+pub fn encode_argv(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| percent_encode(a))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Inverse of [`encode_argv`].
+pub fn decode_argv(text: &str) -> Result<Vec<String>, String> {
+    if text.is_empty() {
+        return Err("empty command".into());
+    }
+    text.split(',').map(percent_decode).collect()
+}
+
+/// Percent-encodes everything outside a conservative safe set.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.:@+=".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent escape at byte {i} of `{s}`"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("`{s}` does not decode to UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file() -> PathBuf {
+        PathBuf::from("/etc/openshell/init.yaml")
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(
+            BootConfig::from_yaml("", &file()),
+            Ok(BootConfig::default())
+        );
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = BootConfig::from_yaml(
+            "hostname: gw\nworkload:\n  argv: [/bin/k3s, server]\n  env: {A: b}\n  cwd: /root\nshutdown:\n  grace_ms: 5\nchannel:\n  port: 2000\n",
+            &file(),
+        )
+        .expect("valid");
+        assert_eq!(c.hostname, "gw");
+        assert_eq!(c.workload.argv, ["/bin/k3s", "server"]);
+        assert_eq!(c.workload.env["A"], "b");
+        assert_eq!(c.shutdown.grace_ms, 5);
+        assert_eq!(c.channel.port, 2000);
+    }
+
+    #[test]
+    fn type_errors_name_file_and_field() {
+        let err = BootConfig::from_yaml("shutdown:\n  grace_ms: soon\n", &file()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/etc/openshell/init.yaml"), "{text}");
+        assert!(text.contains("shutdown.grace_ms"), "{text}");
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = BootConfig::from_yaml("workload:\n  args: [/bin/sh]\n", &file()).unwrap_err();
+        assert!(err.to_string().contains("args"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        for (yaml, field) in [
+            ("hostname: Not_Valid\n", "hostname"),
+            ("workload:\n  argv: []\n", "workload.argv"),
+            ("workload:\n  argv: [sh]\n", "workload.argv"),
+            ("workload:\n  env: {1X: y}\n", "workload.env.1X"),
+            ("workload:\n  cwd: rel\n", "workload.cwd"),
+            ("shutdown:\n  grace_ms: 99999999\n", "shutdown.grace_ms"),
+            ("channel:\n  port: 5\n", "channel.port"),
+        ] {
+            match BootConfig::from_yaml(yaml, &file()) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{yaml}"),
+                other => panic!("{yaml}: expected invalid {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn cmdline_overrides_file() {
+        let mut c = BootConfig::default();
+        let cl = Cmdline::parse(
+            "console=ttyS0 quiet openshell.hostname=node1 openshell.exec=/bin/sh,-c,exit%207 openshell.env.FOO=a%20b openshell.grace_ms=250",
+        );
+        c.apply_cmdline(&cl).expect("valid");
+        assert_eq!(c.hostname, "node1");
+        assert_eq!(c.workload.argv, ["/bin/sh", "-c", "exit 7"]);
+        assert_eq!(c.workload.env["FOO"], "a b");
+        assert_eq!(c.shutdown.grace_ms, 250);
+    }
+
+    #[test]
+    fn cmdline_errors_name_the_key() {
+        for (line, key) in [
+            ("openshell.grace_ms=x", "openshell.grace_ms"),
+            ("openshell.bogus=1", "openshell.bogus"),
+            ("openshell.exec=%zz", "openshell.exec"),
+            ("openshell.hostname=UPPER", "hostname"),
+        ] {
+            let mut c = BootConfig::default();
+            match c.apply_cmdline(&Cmdline::parse(line)) {
+                Err(ConfigError::Invalid { field, origin, .. }) => {
+                    assert_eq!(field, key, "{line}");
+                    assert_eq!(origin, Source::Cmdline);
+                }
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn cmdline_quotes_and_last_wins() {
+        let cl = Cmdline::parse("a=1 b=\"x y\" a=2 flag");
+        assert_eq!(cl.get("a"), Some("2"));
+        assert_eq!(cl.get("b"), Some("x y"));
+        assert_eq!(cl.get("flag"), Some(""));
+        assert_eq!(cl.get("missing"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn argv_survives_the_command_line(prog in "/[a-z/]{0,8}", args in proptest::collection::vec(".*", 0..6)) {
+            let argv: Vec<String> = std::iter::once(prog).chain(args).collect();
+            let encoded = encode_argv(&argv);
+            prop_assert!(!encoded.contains(' ') && !encoded.contains('"'));
+            let line = format!("quiet openshell.exec={encoded} x=y");
+            let parsed = Cmdline::parse(&line);
+            prop_assert_eq!(decode_argv(parsed.get("openshell.exec").unwrap_or_default()), Ok(argv));
+        }
+    }
+}
