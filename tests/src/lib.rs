@@ -1,1 +1,305 @@
-//! Helpers for VM tests.
+//! Harness for VM tests: finds the artifacts `cargo xtask` built (kernel, root filesystem, vsock
+//! helper), gives each test its own writable copy of the root filesystem, runs the real
+//! `openshell-host up`, and parses the boot timeline it writes.
+//!
+//! VM tests need artifacts that take minutes to build, so they run through `cargo xtask test`,
+//! which builds them and points `OPENSHELL_TEST_ARTIFACTS_<ARCH>` at a JSON file listing them.
+//! Run any other way they print why they skip, except under CI (`CI` set), where a missing
+//! artifact is a failure: CI must never pass by skipping.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use openshell_shared::GuestMessage;
+use serde::Deserialize;
+
+pub const ARCHES: [&str; 2] = ["x86_64", "aarch64"];
+
+/// Paths of the prebuilt artifacts for one architecture, as `cargo xtask artifacts --json` prints.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Artifacts {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub vsock_helper: PathBuf,
+}
+
+/// Loads the artifact list for `arch`, or `None` (with a message) when VM tests cannot run here.
+pub fn artifacts(arch: &str) -> Option<Artifacts> {
+    let var = format!("OPENSHELL_TEST_ARTIFACTS_{}", arch.to_uppercase());
+    let Some(path) = std::env::var_os(&var) else {
+        let why = format!("{var} is not set: VM tests run through `cargo xtask test`");
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipped: {why}");
+        return None;
+    };
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{var}={}: {e}", Path::new(&path).display()));
+    let found: Artifacts = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{}: not an artifact list: {e}", Path::new(&path).display()));
+    Some(found)
+}
+
+/// The `openshell-host` binary under test: `OPENSHELL_HOST_BIN`, else the one cargo built next to
+/// this test binary (`target/<profile>/deps/<test>` → `target/<profile>/openshell-host`).
+pub fn host_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("OPENSHELL_HOST_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("openshell-host");
+    assert!(
+        bin.exists(),
+        "{} missing: build it with `cargo build -p openshell-host` or set OPENSHELL_HOST_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Full VM boots under TCG each want a whole core; running them one at a time keeps their timing
+/// (and the deadlines inside the guest) sane on small machines.
+pub fn vm_slot() -> MutexGuard<'static, ()> {
+    static SLOT: Mutex<()> = Mutex::new(());
+    SLOT.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One VM boot to be started.
+pub struct Boot {
+    pub arch: String,
+    pub artifacts: Artifacts,
+    /// The test's private copy of the root filesystem.
+    pub root: tempfile::TempDir,
+    pub run_dir: tempfile::TempDir,
+    pub exec: Vec<String>,
+    pub extra_args: Vec<String>,
+}
+
+impl Boot {
+    /// Prepares a boot with a fresh copy of the root filesystem, or `None` when VM tests skip.
+    pub fn new(arch: &str) -> Option<Self> {
+        let artifacts = artifacts(arch)?;
+        let root = tempfile::Builder::new()
+            .prefix("openshell-root-")
+            .tempdir()
+            .expect("temp dir");
+        // cp -a keeps device nodes, symlinks and modes, which the guest needs.
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", artifacts.rootfs.display()))
+            .arg(root.path())
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "copying {} failed", artifacts.rootfs.display());
+        // Short path: unix socket paths must stay under 104 bytes.
+        let run_dir = tempfile::Builder::new()
+            .prefix("osh-")
+            .tempdir_in("/tmp")
+            .expect("run dir");
+        Some(Self {
+            arch: arch.to_string(),
+            artifacts,
+            root,
+            run_dir,
+            exec: Vec::new(),
+            extra_args: Vec::new(),
+        })
+    }
+
+    pub fn exec<S: AsRef<str>>(mut self, argv: &[S]) -> Self {
+        self.exec = argv.iter().map(|s| s.as_ref().to_string()).collect();
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.to_string());
+        self
+    }
+
+    pub fn root_path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel.trim_start_matches('/'))
+    }
+
+    pub fn report_path(&self) -> PathBuf {
+        self.run_dir.path().join("report.json")
+    }
+
+    /// Starts `openshell-host up` for this boot.
+    pub fn start(self) -> Running {
+        let mut cmd = Command::new(host_bin());
+        cmd.arg("up")
+            .arg("--arch")
+            .arg(&self.arch)
+            .arg("--kernel")
+            .arg(&self.artifacts.kernel)
+            .arg("--rootfs")
+            .arg(self.root.path())
+            .arg("--vsock-helper")
+            .arg(&self.artifacts.vsock_helper)
+            .arg("--run-dir")
+            .arg(self.run_dir.path().join("run"))
+            .arg("--report")
+            .arg(self.report_path())
+            .args(&self.extra_args);
+        if !self.exec.is_empty() {
+            cmd.arg("--exec").args(&self.exec);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start openshell-host");
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        Running {
+            boot: self,
+            child,
+            stdout,
+            stderr,
+            started: Instant::now(),
+        }
+    }
+}
+
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut p) = pipe {
+            let mut bytes = Vec::new();
+            let _ = p.read_to_end(&mut bytes);
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        text
+    })
+}
+
+/// A boot in progress.
+pub struct Running {
+    pub boot: Boot,
+    child: Child,
+    stdout: JoinHandle<String>,
+    stderr: JoinHandle<String>,
+    pub started: Instant,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+    }
+
+    /// Waits until `rel` exists in the guest's root (the guest writes through virtio-fs).
+    pub fn wait_for_file(&mut self, rel: &str, timeout: Duration) {
+        let path = self.boot.root_path(rel);
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "host exited ({status}) before {} appeared",
+                    path.display()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear within {timeout:?}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the host to exit; past `timeout` kills it and fails the test with its output.
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait().expect("wait for openshell-host") {
+                Some(status) => break status,
+                None if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    let out = self.stdout.join().unwrap_or_default();
+                    let err = self.stderr.join().unwrap_or_default();
+                    panic!("openshell-host still running after {timeout:?}\nstdout:\n{out}\nstderr:\n{err}");
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let elapsed = self.started.elapsed();
+        let stdout = self.stdout.join().unwrap_or_default();
+        let stderr = self.stderr.join().unwrap_or_default();
+        let report = std::fs::read_to_string(self.boot.report_path())
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        Finished {
+            boot: self.boot,
+            status,
+            stdout,
+            stderr,
+            report,
+            elapsed,
+        }
+    }
+}
+
+/// A boot that ended.
+pub struct Finished {
+    pub boot: Boot,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub report: Option<serde_json::Value>,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    /// Everything the host printed, for assertion messages.
+    pub fn output(&self) -> String {
+        format!(
+            "exit: {}\nstdout:\n{}\nstderr:\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
+    /// The guest's messages in the order the host received them, from the `--report` timeline.
+    pub fn guest_messages(&self) -> Vec<GuestMessage> {
+        let report = self
+            .report
+            .as_ref()
+            .unwrap_or_else(|| panic!("no report written\n{}", self.output()));
+        let events = report["events"]
+            .as_array()
+            .unwrap_or_else(|| panic!("report has no events array: {report}"));
+        events
+            .iter()
+            .filter(|e| e["source"] == "guest")
+            .map(|e| {
+                serde_json::from_value(e["event"].clone())
+                    .unwrap_or_else(|err| panic!("bad guest event {e}: {err}"))
+            })
+            .collect()
+    }
+
+    pub fn exit_message(&self) -> (i32, u64, bool) {
+        self.guest_messages()
+            .into_iter()
+            .find_map(|m| match m {
+                GuestMessage::Exit {
+                    status,
+                    peak_rss_kib,
+                    synced,
+                } => Some((status, peak_rss_kib, synced)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no exit message\n{}", self.output()))
+    }
+}
