@@ -1,1 +1,22 @@
-fn main() {}
+//! openshell-init: PID 1 of the OpenShell gateway VM, and the same binary's debugging commands
+//! when run anywhere else.
+
+mod cli;
+mod clock;
+mod console;
+mod engine;
+mod panic;
+mod phases;
+mod pid1;
+mod power;
+mod reporter;
+mod supervisor;
+
+fn main() {
+    // First thing: the boot clock, so the host can tell kernel time from init time.
+    let entry_us = clock::boottime_us();
+    if std::process::id() == 1 {
+        pid1::boot(entry_us);
+    }
+    std::process::exit(cli::main(entry_us));
+}

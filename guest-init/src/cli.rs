@@ -1,0 +1,199 @@
+//! The command line for use outside the VM: print the plan, run one phase against a root
+//! directory, or supervise a command the way PID 1 supervises the workload.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use openshell_shared::config::Workload;
+
+use crate::engine;
+use crate::phases::{self, Ctx};
+use crate::power;
+use crate::reporter::{Reporter, Sink};
+use crate::supervisor::{self, Scope};
+
+#[derive(Parser)]
+#[command(name = "openshell-init", version, about = "PID 1 of the OpenShell gateway VM")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print the boot phases in order with what each runs after.
+    Plan,
+    /// Run one phase against a root directory and print its events as JSON lines. As root it
+    /// runs in private mount, UTS and network namespaces, so the host is left as it was.
+    Phase {
+        name: String,
+        #[arg(long)]
+        root: PathBuf,
+        /// Configuration file (host path) instead of <root>/etc/openshell/init.yaml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Kernel command line to read instead of <root>/proc/cmdline.
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
+    /// Run CMD as PID 1 runs the workload: own session, reaping orphans (as a subreaper),
+    /// forwarding signals, SIGKILL after the grace period. Prints events as JSON lines.
+    Supervise {
+        #[arg(long, default_value_t = 10_000)]
+        grace_ms: u64,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("no phase named {0}; `openshell-init plan` lists them")]
+    UnknownPhase(String),
+    #[error("cannot isolate the phase in private namespaces: {0} (run as root)")]
+    Unshare(nix::errno::Errno),
+    #[error("root directory {path}: {source}")]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub fn main(init_entry_us: u64) -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Plan => {
+            print!("{}", plan_text());
+            0
+        }
+        Command::Phase {
+            name,
+            root,
+            config,
+            cmdline,
+        } => match run_phase(&name, root, config, cmdline, init_entry_us) {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("openshell-init: {e}");
+                2
+            }
+        },
+        Command::Supervise { grace_ms, command } => supervise(grace_ms, command, init_entry_us),
+    }
+}
+
+/// The plan as printed by `plan`.
+pub fn plan_text() -> String {
+    let mut out = String::new();
+    for (i, wave) in engine::waves(phases::PLAN)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        for p in wave {
+            let after = if p.after.is_empty() {
+                "-".to_string()
+            } else {
+                p.after.join(",")
+            };
+            out.push_str(&format!(
+                "{:>2}  {:<10} after {:<16} {}{}\n",
+                i + 1,
+                p.name,
+                after,
+                p.purpose,
+                if p.fatal { " [fatal]" } else { "" }
+            ));
+        }
+    }
+    out
+}
+
+fn run_phase(
+    name: &str,
+    root: PathBuf,
+    config: Option<PathBuf>,
+    cmdline: Option<String>,
+    init_entry_us: u64,
+) -> Result<bool, CliError> {
+    let phase = phases::find(name).ok_or_else(|| CliError::UnknownPhase(name.to_string()))?;
+    let root = std::fs::canonicalize(&root).map_err(|source| CliError::Root {
+        path: root.clone(),
+        source,
+    })?;
+    isolate()?;
+    let reporter = Reporter::new(Sink::JsonLines, init_entry_us);
+    reporter.disable_channel();
+    let mut ctx = Ctx::new(&root, reporter, false);
+    ctx.config_file = config;
+    ctx.cmdline = cmdline;
+    // Phases after `config` need the configuration: load it quietly first.
+    if phase.after.contains(&"config") {
+        if let Ok((cfg, _)) = phases::config::load(
+            &ctx,
+            &openshell_shared::Cmdline::parse(ctx.cmdline.as_deref().unwrap_or("")),
+        ) {
+            let _ = ctx.config.set(cfg);
+        }
+    }
+    Ok(engine::run_one(&ctx, phase).is_none())
+}
+
+/// Private mount, UTS and network namespaces, so mounts, hostname and links stay in them.
+fn isolate() -> Result<(), CliError> {
+    use nix::sched::{unshare, CloneFlags};
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWNET)
+        .map_err(CliError::Unshare)?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(CliError::Unshare)
+}
+
+fn supervise(grace_ms: u64, command: Vec<String>, init_entry_us: u64) -> i32 {
+    let reporter = Reporter::new(Sink::JsonLines, init_entry_us);
+    reporter.disable_channel();
+    if let Err(e) = supervisor::block_signals() {
+        eprintln!("openshell-init: cannot block signals: {e}");
+        return 125;
+    }
+    // Orphans of the workload come to us, as they come to PID 1 in the VM.
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    let workload = Workload {
+        argv: command,
+        env: std::env::vars().collect(),
+        cwd: std::env::current_dir()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "/".into()),
+    };
+    let status = supervisor::run(
+        &workload,
+        Duration::from_millis(grace_ms),
+        Scope::WorkloadGroup,
+        &Arc::clone(&reporter),
+    );
+    power::finish(&reporter, status, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_lists_every_phase_after_its_dependencies() {
+        let text = plan_text();
+        let pos = |n: &str| text.find(&format!("  {n} ")).unwrap_or_else(|| panic!("{n} in\n{text}"));
+        assert!(pos("mounts") < pos("config"));
+        assert!(pos("config") < pos("hostname"));
+        assert!(pos("config") < pos("loopback"));
+        assert!(pos("config") < pos("channel"));
+        assert!(text.contains("[fatal]"));
+    }
+}

@@ -1,0 +1,191 @@
+//! The phase engine: runs a plan in waves, each wave being the phases whose dependencies are all
+//! done, concurrently when a wave holds more than one. Reports start and finish of every phase.
+
+use std::collections::HashSet;
+
+use openshell_shared::{GuestMessage, Outcome};
+
+use crate::clock::Stopwatch;
+use crate::phases::{Ctx, Done, Phase};
+
+/// A fatal phase failed: boot cannot go on.
+#[derive(Debug, thiserror::Error)]
+#[error("phase {phase} failed: {error}")]
+pub struct Fatal {
+    pub phase: &'static str,
+    pub error: String,
+}
+
+/// Orders `plan` into waves. Errors name a phase whose dependency is missing or cyclic.
+pub fn waves<'a>(plan: &[&'a Phase]) -> Result<Vec<Vec<&'a Phase>>, String> {
+    let names: HashSet<&str> = plan.iter().map(|p| p.name).collect();
+    for p in plan {
+        if let Some(missing) = p.after.iter().find(|d| !names.contains(*d)) {
+            return Err(format!("phase {} runs after unknown phase {missing}", p.name));
+        }
+    }
+    let mut done: HashSet<&str> = HashSet::new();
+    let mut left: Vec<&Phase> = plan.to_vec();
+    let mut out = Vec::new();
+    while !left.is_empty() {
+        let (ready, rest): (Vec<&Phase>, Vec<&Phase>) = left
+            .into_iter()
+            .partition(|p| p.after.iter().all(|d| done.contains(d)));
+        if ready.is_empty() {
+            let stuck: Vec<_> = rest.iter().map(|p| p.name).collect();
+            return Err(format!("dependency cycle among phases {stuck:?}"));
+        }
+        done.extend(ready.iter().map(|p| p.name));
+        out.push(ready);
+        left = rest;
+    }
+    Ok(out)
+}
+
+/// Runs one phase and reports it. Returns the failure text, if any.
+pub fn run_one(ctx: &Ctx, phase: &Phase) -> Option<String> {
+    ctx.reporter.emit(GuestMessage::PhaseStarted {
+        phase: phase.name.to_string(),
+    });
+    let watch = Stopwatch::start();
+    let result = (phase.run)(ctx);
+    let duration_us = watch.elapsed_us();
+    let (outcome, failure) = match result {
+        Ok(Done::Ok(detail)) => {
+            if let Some(text) = detail {
+                ctx.reporter
+                    .log(openshell_shared::Level::Info, format!("{}: {text}", phase.name));
+            }
+            (Outcome::Ok, None)
+        }
+        Ok(Done::Skipped(why)) => (Outcome::Skipped(why), None),
+        Err(e) => {
+            let text = e.to_string();
+            (Outcome::Failed(text.clone()), Some(text))
+        }
+    };
+    ctx.reporter.phase_finished(phase.name, duration_us, outcome);
+    failure
+}
+
+/// Runs the plan. Non-fatal failures are reported and boot goes on; the first fatal one stops
+/// the plan after its wave.
+pub fn run(ctx: &Ctx, plan: &[&'static Phase]) -> Result<(), Fatal> {
+    let waves = waves(plan).map_err(|error| Fatal {
+        phase: "plan",
+        error,
+    })?;
+    for wave in waves {
+        let failures: Vec<(&'static Phase, Option<String>)> = if wave.len() == 1 {
+            vec![(wave[0], run_one(ctx, wave[0]))]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = wave
+                    .iter()
+                    .map(|p| (*p, s.spawn(move || run_one(ctx, p))))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|(p, h)| {
+                        let r = h
+                            .join()
+                            .unwrap_or_else(|_| Some("phase panicked".to_string()));
+                        (p, r)
+                    })
+                    .collect()
+            })
+        };
+        if let Some((phase, Some(error))) = failures
+            .into_iter()
+            .find(|(p, f)| p.fatal && f.is_some())
+        {
+            return Err(Fatal {
+                phase: phase.name,
+                error,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phases::PhaseResult;
+    use crate::reporter::{Reporter, Sink};
+    use std::sync::Mutex;
+
+    static ORDER: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+    fn record(name: &'static str) -> PhaseResult {
+        ORDER.lock().expect("order").push(name);
+        Ok(Done::Ok(None))
+    }
+    fn a(_: &Ctx) -> PhaseResult {
+        record("a")
+    }
+    fn b(_: &Ctx) -> PhaseResult {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        record("b")
+    }
+    fn c(_: &Ctx) -> PhaseResult {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        record("c")
+    }
+    fn d(_: &Ctx) -> PhaseResult {
+        record("d")
+    }
+    fn boom(_: &Ctx) -> PhaseResult {
+        Err("boom".into())
+    }
+
+    const A: Phase = Phase { name: "a", after: &[], fatal: true, purpose: "", run: a };
+    const B: Phase = Phase { name: "b", after: &["a"], fatal: true, purpose: "", run: b };
+    const C: Phase = Phase { name: "c", after: &["a"], fatal: true, purpose: "", run: c };
+    const D: Phase = Phase { name: "d", after: &["b", "c"], fatal: true, purpose: "", run: d };
+    const SOFT: Phase = Phase { name: "soft", after: &[], fatal: false, purpose: "", run: boom };
+    const HARD: Phase = Phase { name: "hard", after: &["soft"], fatal: true, purpose: "", run: boom };
+    const AFTER_HARD: Phase = Phase { name: "after", after: &["hard"], fatal: true, purpose: "", run: d };
+
+    fn ctx() -> Ctx {
+        let r = Reporter::new(Sink::Console, 0);
+        r.disable_channel();
+        Ctx::new(std::path::Path::new("/nonexistent"), r, false)
+    }
+
+    #[test]
+    fn waves_follow_dependencies() {
+        let w = waves(&[&D, &C, &B, &A]).expect("valid");
+        let names: Vec<Vec<&str>> = w.iter().map(|w| w.iter().map(|p| p.name).collect()).collect();
+        assert_eq!(names, vec![vec!["a"], vec!["c", "b"], vec!["d"]]);
+    }
+
+    #[test]
+    fn unknown_and_cyclic_dependencies_are_named() {
+        const X: Phase = Phase { name: "x", after: &["y"], fatal: true, purpose: "", run: a };
+        const Y: Phase = Phase { name: "y", after: &["x"], fatal: true, purpose: "", run: a };
+        assert!(waves(&[&X]).unwrap_err().contains("unknown phase y"));
+        assert!(waves(&[&X, &Y]).unwrap_err().contains("cycle"));
+    }
+
+    #[test]
+    fn independent_phases_run_concurrently() {
+        ORDER.lock().expect("order").clear();
+        let watch = Stopwatch::start();
+        run(&ctx(), &[&A, &B, &C, &D]).expect("runs");
+        // b and c sleep 50 ms each; run one after the other they would take 100 ms.
+        assert!(watch.elapsed_us() < 95_000, "took {} us", watch.elapsed_us());
+        let order = ORDER.lock().expect("order").clone();
+        assert_eq!(order.first(), Some(&"a"));
+        assert_eq!(order.last(), Some(&"d"));
+    }
+
+    #[test]
+    fn fatal_failure_stops_the_plan_but_soft_one_does_not() {
+        ORDER.lock().expect("order").clear();
+        let err = run(&ctx(), &[&SOFT, &HARD, &AFTER_HARD]).unwrap_err();
+        assert_eq!(err.phase, "hard");
+        assert_eq!(err.error, "boom");
+        assert!(!ORDER.lock().expect("order").contains(&"d"));
+    }
+}

@@ -1,0 +1,143 @@
+//! The `loopback` phase: `lo` up over rtnetlink (no `ip` binary in the guest). k3s and its
+//! components talk to each other on 127.0.0.1.
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
+};
+use netlink_packet_route::link::{LinkFlags, LinkMessage};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use super::{Ctx, Done, Phase, PhaseResult};
+
+pub const PHASE: Phase = Phase {
+    name: "loopback",
+    after: &["config"],
+    fatal: false,
+    purpose: "bring the loopback interface up over netlink",
+    run,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("interface {name}: not found: {errno}")]
+    NoSuchLink { name: String, errno: nix::errno::Errno },
+    #[error("interface {name}: netlink socket: {source}")]
+    Socket { name: String, source: std::io::Error },
+    #[error("interface {name}: kernel refused RTM_SETLINK: {errno}")]
+    Refused { name: String, errno: nix::errno::Errno },
+    #[error("interface {name}: malformed netlink reply: {reason}")]
+    BadReply { name: String, reason: String },
+}
+
+fn run(_ctx: &Ctx) -> PhaseResult {
+    set_up("lo")?;
+    Ok(Done::Ok(None))
+}
+
+/// Sets IFF_UP on `name` and waits for the kernel's acknowledgement.
+pub fn set_up(name: &str) -> Result<(), LinkError> {
+    let index = nix::net::if_::if_nametoindex(name).map_err(|errno| LinkError::NoSuchLink {
+        name: name.into(),
+        errno,
+    })?;
+    let request = set_up_request(index, 1);
+    let sock_err = |source| LinkError::Socket {
+        name: name.into(),
+        source,
+    };
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(sock_err)?;
+    socket.bind_auto().map_err(sock_err)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(sock_err)?;
+    socket.send(&request, 0).map_err(sock_err)?;
+    let mut buf = vec![0u8; 8192];
+    let n = socket.recv(&mut &mut buf[..], 0).map_err(sock_err)?;
+    check_ack(name, &buf[..n])
+}
+
+/// The RTM_SETLINK request that sets IFF_UP (and only that flag) on link `index`.
+pub fn set_up_request(index: u32, seq: u32) -> Vec<u8> {
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.header.flags = LinkFlags::Up;
+    link.header.change_mask = LinkFlags::Up;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    header.sequence_number = seq;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::SetLink(link)));
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    buf
+}
+
+/// Interprets the kernel's reply: an ACK (error code 0) or an error.
+pub fn check_ack(name: &str, reply: &[u8]) -> Result<(), LinkError> {
+    let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(reply).map_err(|e| {
+        LinkError::BadReply {
+            name: name.into(),
+            reason: e.to_string(),
+        }
+    })?;
+    match msg.payload {
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(code) => Err(LinkError::Refused {
+                name: name.into(),
+                errno: nix::errno::Errno::from_raw(-code.get()),
+            }),
+        },
+        other => Err(LinkError::BadReply {
+            name: name.into(),
+            reason: format!("expected an acknowledgement, got {other:?}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bytes_are_an_rtm_setlink_with_ack() {
+        let req = set_up_request(1, 7);
+        let len = u32::from_ne_bytes(req[0..4].try_into().expect("len"));
+        assert_eq!(len as usize, req.len());
+        assert_eq!(u16::from_ne_bytes(req[4..6].try_into().expect("type")), libc::RTM_SETLINK);
+        let flags = u16::from_ne_bytes(req[6..8].try_into().expect("flags"));
+        assert_eq!(flags, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16);
+        assert_eq!(u32::from_ne_bytes(req[8..12].try_into().expect("seq")), 7);
+        // ifinfomsg: family, pad, type, index, flags, change
+        let index = i32::from_ne_bytes(req[20..24].try_into().expect("index"));
+        let iff = u32::from_ne_bytes(req[24..28].try_into().expect("iff"));
+        let change = u32::from_ne_bytes(req[28..32].try_into().expect("change"));
+        assert_eq!((index, iff, change), (1, libc::IFF_UP as u32, libc::IFF_UP as u32));
+    }
+
+    #[test]
+    fn garbage_reply_is_an_error_not_a_panic() {
+        for reply in [&[][..], &[1, 2, 3][..], &[0xff; 64][..]] {
+            assert!(matches!(check_ack("lo", reply), Err(LinkError::BadReply { .. })));
+        }
+    }
+
+    /// Real kernel round trip in a private network namespace, where lo starts down.
+    #[test]
+    fn brings_lo_up_in_a_new_netns() {
+        let child = std::thread::spawn(|| {
+            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                eprintln!("skipped: cannot create a network namespace here ({e})");
+                return None;
+            }
+            // In a fresh namespace lo is down and 127.0.0.1 cannot be bound.
+            let before = std::net::TcpListener::bind("127.0.0.1:0").is_ok();
+            set_up("lo").expect("lo up");
+            let after = std::net::TcpListener::bind("127.0.0.1:0").is_ok();
+            Some((before, after))
+        });
+        if let Some((before, after)) = child.join().expect("thread") {
+            assert!(!before, "lo already up in a fresh namespace");
+            assert!(after, "127.0.0.1 usable after lo up");
+        }
+    }
+}

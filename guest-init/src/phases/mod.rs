@@ -1,0 +1,87 @@
+//! The boot phases, one module each, and the plan that orders them. A phase is a named step with
+//! the phases it must run after; the engine runs independent phases concurrently.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use openshell_shared::BootConfig;
+
+use crate::reporter::Reporter;
+
+pub mod channel;
+pub mod config;
+pub mod hostname;
+pub mod loopback;
+pub mod mounts;
+
+/// Everything a phase may look at. Paths inside the guest are always joined to `root`, which is
+/// `/` in the VM and a scratch directory when a phase runs alone on a host.
+pub struct Ctx {
+    pub root: PathBuf,
+    pub reporter: Arc<Reporter>,
+    /// True when running as the VM's PID 1 (phases may then touch the real system).
+    pub pid1: bool,
+    /// Configuration file to read instead of the one the command line or default names.
+    pub config_file: Option<PathBuf>,
+    /// Kernel command line to use instead of `<root>/proc/cmdline`.
+    pub cmdline: Option<String>,
+    /// Set by the `config` phase; read by the phases after it.
+    pub config: OnceLock<BootConfig>,
+}
+
+impl Ctx {
+    pub fn new(root: &Path, reporter: Arc<Reporter>, pid1: bool) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            reporter,
+            pid1,
+            config_file: None,
+            cmdline: None,
+            config: OnceLock::new(),
+        }
+    }
+
+    /// `path` (absolute, as the guest sees it) under this context's root.
+    pub fn path(&self, path: &str) -> PathBuf {
+        self.root.join(path.trim_start_matches('/'))
+    }
+
+    /// The configuration, or the defaults when the `config` phase has not run (a phase run
+    /// alone on a host).
+    pub fn config(&self) -> &BootConfig {
+        self.config.get_or_init(BootConfig::default)
+    }
+}
+
+/// How a phase that did not fail ended, with an optional one-line account of what it did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    Ok(Option<String>),
+    Skipped(String),
+}
+
+pub type PhaseError = Box<dyn std::error::Error + Send + Sync>;
+pub type PhaseResult = Result<Done, PhaseError>;
+
+pub struct Phase {
+    pub name: &'static str,
+    pub after: &'static [&'static str],
+    /// A failure stops the boot (nothing after it can work) instead of being reported and
+    /// carried past.
+    pub fatal: bool,
+    pub purpose: &'static str,
+    pub run: fn(&Ctx) -> PhaseResult,
+}
+
+/// The boot plan, in a valid order; the engine derives concurrency from `after`.
+pub const PLAN: &[&Phase] = &[
+    &mounts::PHASE,
+    &config::PHASE,
+    &channel::PHASE,
+    &hostname::PHASE,
+    &loopback::PHASE,
+];
+
+pub fn find(name: &str) -> Option<&'static Phase> {
+    PLAN.iter().copied().find(|p| p.name == name)
+}

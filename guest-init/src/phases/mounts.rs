@@ -1,0 +1,259 @@
+//! The `mounts` phase: the pseudo filesystems every later step needs, with explicit hardening
+//! flags (the old shell init mounted them all without any), plus the /dev symlinks programs expect.
+//!
+//! A target that is already mounted with the expected filesystem (a VMM's own init, or a second
+//! run) is fine; any other failure names the target and the errno.
+
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::MsFlags;
+
+use super::{Ctx, Done, Phase, PhaseResult};
+
+pub const PHASE: Phase = Phase {
+    name: "mounts",
+    after: &[],
+    fatal: true,
+    purpose: "mount proc, sys, dev, devpts, shm, run, tmp and cgroup2",
+    run,
+};
+
+/// One entry of the mount table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub fstype: &'static str,
+    pub target: &'static str,
+    pub flags: MsFlags,
+    pub data: Option<&'static str>,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// The table in dependency order: /dev before /dev/pts and /dev/shm, /sys before its cgroup.
+pub const TABLE: &[Mount] = &[
+    Mount {
+        fstype: "proc",
+        target: "/proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        fstype: "sysfs",
+        target: "/sys",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        fstype: "devtmpfs",
+        target: "/dev",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
+    Mount {
+        fstype: "devpts",
+        target: "/dev/pts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("gid=5,mode=0620,ptmxmode=0666"),
+    },
+    Mount {
+        fstype: "tmpfs",
+        target: "/dev/shm",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    Mount {
+        fstype: "tmpfs",
+        target: "/run",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+    },
+    Mount {
+        fstype: "tmpfs",
+        target: "/tmp",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    Mount {
+        fstype: "cgroup2",
+        target: "/sys/fs/cgroup",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("nsdelegate"),
+    },
+];
+
+/// Symlinks under /dev that devtmpfs does not create.
+const DEV_LINKS: &[(&str, &str)] = &[
+    ("/dev/fd", "/proc/self/fd"),
+    ("/dev/stdin", "/proc/self/fd/0"),
+    ("/dev/stdout", "/proc/self/fd/1"),
+    ("/dev/stderr", "/proc/self/fd/2"),
+    ("/dev/ptmx", "pts/ptmx"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot create mount point {path}: {source}")]
+    MountPoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mount {fstype} on {target} failed: {errno} ({desc})", desc = errno.desc())]
+    Mount {
+        fstype: &'static str,
+        target: PathBuf,
+        errno: Errno,
+    },
+    #[error("{target} is already mounted, but as {found}, not {fstype}")]
+    WrongFs {
+        fstype: &'static str,
+        target: PathBuf,
+        found: String,
+    },
+    #[error("cannot create symlink {path}: {source}")]
+    Link {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What happened to one entry of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mounted {
+    Fresh,
+    Already,
+}
+
+fn run(ctx: &Ctx) -> PhaseResult {
+    let mut fresh = 0;
+    let mut already = Vec::new();
+    for m in TABLE {
+        match mount_one(&ctx.root, m)? {
+            Mounted::Fresh => fresh += 1,
+            Mounted::Already => already.push(m.target),
+        }
+    }
+    let links = dev_links(&ctx.root)?;
+    if ctx.pid1 {
+        crate::console::ensure_stdio(&ctx.path("/dev/console"));
+    }
+    let mut detail = format!("{fresh} mounted");
+    if !already.is_empty() {
+        detail.push_str(&format!(", already mounted: {}", already.join(" ")));
+    }
+    if links > 0 {
+        detail.push_str(&format!(", {links} /dev links"));
+    }
+    Ok(Done::Ok(Some(detail)))
+}
+
+pub fn mount_one(root: &Path, m: &Mount) -> Result<Mounted, MountError> {
+    let target = root.join(m.target.trim_start_matches('/'));
+    if let Err(source) = std::fs::create_dir_all(&target) {
+        return Err(MountError::MountPoint {
+            path: target,
+            source,
+        });
+    }
+    if let Some(found) = mounted_fstype(root, &target) {
+        return if found == m.fstype {
+            Ok(Mounted::Already)
+        } else {
+            Err(MountError::WrongFs {
+                fstype: m.fstype,
+                target,
+                found,
+            })
+        };
+    }
+    match nix::mount::mount(Some(m.fstype), &target, Some(m.fstype), m.flags, m.data) {
+        Ok(()) => Ok(Mounted::Fresh),
+        // Mounted by someone else between our check and the call, or no /proc to check with.
+        Err(Errno::EBUSY) => Ok(Mounted::Already),
+        Err(errno) => Err(MountError::Mount {
+            fstype: m.fstype,
+            target,
+            errno,
+        }),
+    }
+}
+
+/// The filesystem type mounted exactly at `target`, from the mountinfo of the proc mounted under
+/// `root` (falling back to the caller's own). `None` when not a mount point or /proc is not up.
+fn mounted_fstype(root: &Path, target: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(root.join("proc/self/mountinfo"))
+        .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
+        .ok()?;
+    let canonical = std::fs::canonicalize(target).ok()?;
+    find_mount(&text, &canonical)
+}
+
+/// Looks `target` up in mountinfo text; the last matching line wins (the top of a stack).
+pub fn find_mount(mountinfo: &str, target: &Path) -> Option<String> {
+    let want = target.to_str()?;
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let fstype = right.split(' ').next()?;
+            (unescape_mountinfo(mount_point) == want).then(|| fstype.to_string())
+        })
+        .last()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+fn dev_links(root: &Path) -> Result<usize, MountError> {
+    let mut made = 0;
+    for (link, dest) in DEV_LINKS {
+        let path = root.join(link.trim_start_matches('/'));
+        if path.symlink_metadata().is_ok() {
+            continue;
+        }
+        std::os::unix::fs::symlink(dest, &path)
+            .map_err(|source| MountError::Link { path, source })?;
+        made += 1;
+    }
+    Ok(made)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_hardened_and_ordered() {
+        let find = |t: &str| TABLE.iter().position(|m| m.target == t).expect(t);
+        assert!(find("/dev") < find("/dev/pts"));
+        assert!(find("/dev") < find("/dev/shm"));
+        assert!(find("/sys") < find("/sys/fs/cgroup"));
+        for m in TABLE {
+            assert!(m.flags.contains(MsFlags::MS_NOSUID), "{} lacks nosuid", m.target);
+        }
+        let shm = &TABLE[find("/dev/shm")];
+        assert_eq!(shm.data, Some("mode=1777"));
+        assert!(TABLE[find("/dev/pts")].data.unwrap_or("").contains("ptmxmode=0666"));
+        assert!(TABLE[find("/proc")].flags.contains(MsFlags::MS_NOEXEC));
+        // Programs run from /dev/shm and /tmp in containers' build steps; /dev holds no programs.
+        assert!(!TABLE[find("/tmp")].flags.contains(MsFlags::MS_NOEXEC));
+    }
+
+    #[test]
+    fn mountinfo_lookup() {
+        let text = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+                    30 22 0:30 / /my\\040dir rw - tmpfs tmpfs rw\n\
+                    31 30 0:31 / /my\\040dir rw - sysfs sysfs rw\n";
+        assert_eq!(find_mount(text, Path::new("/proc")), Some("proc".into()));
+        assert_eq!(find_mount(text, Path::new("/my dir")), Some("sysfs".into()));
+        assert_eq!(find_mount(text, Path::new("/sys")), None);
+    }
+}
