@@ -1,1 +1,36 @@
-fn main() {}
+//! openshell-host: starts the OpenShell gateway VM and shows its boot.
+
+mod backend;
+mod channel;
+mod children;
+mod progress;
+mod report;
+mod rundir;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "openshell-host",
+    version,
+    about = "Runs the OpenShell gateway VM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot the VM, show each boot phase, and exit with the workload's status.
+    Up(Box<up::UpArgs>),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Cmd::Up(args) => up::run(*args),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,112 @@
+//! VMM backends: each turns a [`VmSpec`] into the process that runs the VM. qemu today; libkrun
+//! joins as a sibling module.
+
+use std::path::PathBuf;
+
+pub mod qemu;
+
+/// Guest architectures we build kernels for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    #[value(name = "x86_64")]
+    X86_64,
+    #[value(name = "aarch64")]
+    Aarch64,
+}
+
+impl Arch {
+    pub fn host() -> Self {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Aarch64
+        } else {
+            Arch::X86_64
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// The serial console the kernel writes to on this architecture's machine model.
+    pub fn console(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "ttyS0",
+            Arch::Aarch64 => "ttyAMA0",
+        }
+    }
+}
+
+/// What every backend needs to know to start the VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub arch: Arch,
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// vhost-user socket of the virtio-fs daemon serving the root filesystem.
+    pub virtiofs_socket: PathBuf,
+    /// vhost-user socket of the vsock device.
+    pub vsock_socket: PathBuf,
+    /// File the guest console is written to.
+    pub console_log: PathBuf,
+}
+
+/// The kernel command line for a boot: root on virtio-fs, our init, no reboot loops, then the
+/// `openshell.*` keys init reads.
+pub fn kernel_cmdline(arch: Arch, exec: &[String], extra: Option<&str>) -> String {
+    let mut parts = vec![
+        format!("console={}", arch.console()),
+        "rootfstype=virtiofs".to_string(),
+        "root=rootfs".to_string(),
+        "rw".to_string(),
+        "init=/sbin/openshell-init".to_string(),
+        "panic=-1".to_string(),
+        "reboot=t".to_string(),
+        "quiet".to_string(),
+    ];
+    if !exec.is_empty() {
+        parts.push(format!(
+            "openshell.exec={}",
+            openshell_shared::config::encode_argv(exec)
+        ));
+    }
+    if let Some(extra) = extra.filter(|e| !e.trim().is_empty()) {
+        parts.push(extra.trim().to_string());
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_carries_the_workload_encoded() {
+        let line = kernel_cmdline(
+            Arch::Aarch64,
+            &["/bin/sh".into(), "-c".into(), "exit 7".into()],
+            Some("openshell.grace_ms=5"),
+        );
+        assert!(line.starts_with(
+            "console=ttyAMA0 rootfstype=virtiofs root=rootfs rw init=/sbin/openshell-init"
+        ));
+        assert!(
+            line.contains(" openshell.exec=/bin/sh,-c,exit%207 "),
+            "{line}"
+        );
+        assert!(line.ends_with(" openshell.grace_ms=5"));
+        let parsed = openshell_shared::Cmdline::parse(&line);
+        assert_eq!(
+            openshell_shared::config::decode_argv(parsed.get("openshell.exec").unwrap_or("")),
+            Ok(vec![
+                "/bin/sh".to_string(),
+                "-c".to_string(),
+                "exit 7".to_string()
+            ])
+        );
+    }
+}

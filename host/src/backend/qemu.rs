@@ -1,0 +1,129 @@
+//! The qemu backend: `-M microvm` on x86_64 and `-M virt` on aarch64, software emulation by
+//! default, guest memory in a shared memfd so the vhost-user daemons (virtio-fs, vsock) can map it.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use super::{Arch, VmSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// The emulator binary; `qemu-system-<arch>` on PATH by default.
+    pub program: Option<PathBuf>,
+    pub accel: Accel,
+}
+
+impl Qemu {
+    pub fn program(&self, arch: Arch) -> PathBuf {
+        self.program
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("qemu-system-{}", arch.name())))
+    }
+
+    /// The full argument vector (without the program).
+    pub fn args(&self, spec: &VmSpec) -> Vec<OsString> {
+        let mem = format!("{}M", spec.memory_mib);
+        let machine = match spec.arch {
+            // No ACPI: the microvm needs none, and the guest kernel has it off.
+            Arch::X86_64 => "microvm,acpi=off,memory-backend=mem",
+            Arch::Aarch64 => "virt,memory-backend=mem",
+        };
+        let accel = match self.accel {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        };
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        push(&["-M", machine, "-accel", accel, "-cpu", "max", "-m", &mem]);
+        push(&["-smp", &spec.cpus.to_string()]);
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ]);
+        // -no-reboot: the guest's reset is how it powers off.
+        push(&["-nodefaults", "-nographic", "-no-reboot"]);
+        push(&["-serial", &format!("file:{}", spec.console_log.display())]);
+        push(&["-kernel", &spec.kernel.display().to_string()]);
+        push(&["-append", &spec.cmdline]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vfs,path={}", spec.virtiofs_socket.display()),
+            "-device",
+            "vhost-user-fs-device,chardev=vfs,tag=rootfs",
+        ]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vsock,path={}", spec.vsock_socket.display()),
+            "-device",
+            "vhost-user-vsock-device,chardev=vsock",
+        ]);
+        // Debian's virtiofsd speaks only modern virtio.
+        push(&["-global", "virtio-mmio.force-legacy=false"]);
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(arch: Arch) -> VmSpec {
+        VmSpec {
+            arch,
+            kernel: "/k/bzImage".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            memory_mib: 256,
+            cpus: 2,
+            virtiofs_socket: "/r/virtiofsd.sock".into(),
+            vsock_socket: "/r/vhost-vsock.sock".into(),
+            console_log: "/r/console.log".into(),
+        }
+    }
+
+    fn joined(q: &Qemu, arch: Arch) -> String {
+        q.args(&spec(arch))
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn x86_64_microvm_command() {
+        let q = Qemu {
+            program: None,
+            accel: Accel::Tcg,
+        };
+        assert_eq!(q.program(Arch::X86_64), PathBuf::from("qemu-system-x86_64"));
+        assert_eq!(
+            joined(&q, Arch::X86_64),
+            "-M microvm,acpi=off,memory-backend=mem -accel tcg -cpu max -m 256M -smp 2 \
+             -object memory-backend-memfd,id=mem,size=256M,share=on -nodefaults -nographic -no-reboot \
+             -serial file:/r/console.log -kernel /k/bzImage -append console=ttyS0 quiet \
+             -chardev socket,id=vfs,path=/r/virtiofsd.sock -device vhost-user-fs-device,chardev=vfs,tag=rootfs \
+             -chardev socket,id=vsock,path=/r/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock \
+             -global virtio-mmio.force-legacy=false"
+        );
+    }
+
+    #[test]
+    fn aarch64_virt_command() {
+        let q = Qemu {
+            program: Some("/opt/q".into()),
+            accel: Accel::Kvm,
+        };
+        assert_eq!(q.program(Arch::Aarch64), PathBuf::from("/opt/q"));
+        let line = joined(&q, Arch::Aarch64);
+        assert!(
+            line.starts_with("-M virt,memory-backend=mem -accel kvm "),
+            "{line}"
+        );
+        assert!(line.contains("vhost-user-vsock-device,chardev=vsock"));
+    }
+}

@@ -1,0 +1,116 @@
+//! What `up` prints while the guest boots: one line per phase with its duration, log lines,
+//! readiness, errors, and a closing summary. With `--json`, one JSON object per line instead.
+
+use std::io::Write;
+
+use openshell_shared::{GuestMessage, Level, Outcome};
+
+use crate::report::Summary;
+
+pub struct Progress {
+    json: bool,
+}
+
+impl Progress {
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    fn line(&self, text: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}");
+        let _ = out.flush();
+    }
+
+    pub fn note(&self, text: &str) {
+        if self.json {
+            self.line(&serde_json::json!({ "type": "host", "text": text }).to_string());
+        } else {
+            self.line(text);
+        }
+    }
+
+    pub fn error(&self, text: &str) {
+        if self.json {
+            self.line(&serde_json::json!({ "type": "host_error", "text": text }).to_string());
+        } else {
+            eprintln!("openshell-host: {text}");
+        }
+    }
+
+    pub fn guest(&self, msg: &GuestMessage, host_us: u64, vmm_started_us: u64) {
+        if self.json {
+            if let Ok(v) = serde_json::to_value(msg) {
+                self.line(&serde_json::json!({ "host_us": host_us, "guest": v }).to_string());
+            }
+            return;
+        }
+        let since_vmm = host_us.saturating_sub(vmm_started_us) as f64 / 1000.0;
+        match msg {
+            GuestMessage::Hello {
+                init_version,
+                kernel_release,
+                init_entry_us,
+                ..
+            } => self.line(&format!(
+                "  guest: openshell-init {init_version}, kernel {kernel_release}, init entered {:.1} ms after kernel start",
+                *init_entry_us as f64 / 1000.0
+            )),
+            GuestMessage::PhaseStarted { .. } => {}
+            GuestMessage::PhaseFinished {
+                phase,
+                duration_us,
+                outcome,
+            } => {
+                let (word, extra) = match outcome {
+                    Outcome::Ok => ("ok", String::new()),
+                    Outcome::Skipped(why) => ("skipped", format!("  ({why})")),
+                    Outcome::Failed(err) => ("FAILED", format!("  {err}")),
+                };
+                self.line(&format!(
+                    "  {phase:<14} {word:<8} {:>9.3} ms{extra}",
+                    *duration_us as f64 / 1000.0
+                ));
+            }
+            GuestMessage::Log { level, text } => {
+                if *level >= Level::Warn {
+                    self.line(&format!("  guest {level}: {text}"));
+                }
+            }
+            GuestMessage::Ready { stage } => {
+                self.line(&format!("ready: {stage} ({since_vmm:.1} ms after VM start)"))
+            }
+            GuestMessage::Fatal { phase, error } => {
+                eprintln!("openshell-host: guest boot failed in phase {phase}: {error}")
+            }
+            GuestMessage::Exit {
+                status,
+                peak_rss_kib,
+                synced,
+            } => self.line(&format!(
+                "guest exited with status {status} (init peak RSS {peak_rss_kib} KiB, {})",
+                if *synced { "filesystems synced" } else { "filesystems NOT synced" }
+            )),
+        }
+    }
+
+    pub fn finish(&self, summary: &Summary, code: i32) {
+        if self.json {
+            return;
+        }
+        let mut slow: Vec<_> = summary.phases.iter().collect();
+        slow.sort_by_key(|p| std::cmp::Reverse(p.duration_us));
+        let slowest: Vec<String> = slow
+            .iter()
+            .take(3)
+            .map(|p| format!("{} {:.1} ms", p.name, p.duration_us as f64 / 1000.0))
+            .collect();
+        if let (Some(vmm), Some(ready)) = (summary.vmm_started_us, summary.ready_us) {
+            self.line(&format!(
+                "boot: {:.1} ms from VM start to ready; slowest phases: {}; exit {code}",
+                (ready - vmm) as f64 / 1000.0,
+                slowest.join(", ")
+            ));
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! `openshell-host up`: starts the helper daemons and the VMM, follows the guest's boot over the
+//! boot channel, and ends with the workload's exit status.
+//!
+//! Everything the main loop reacts to (guest messages, host signals, VMM exit) arrives as an
+//! [`Event`] on one queue, so there is a single place that decides what happens next.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use openshell_shared::{GuestMessage, HostMessage};
+use serde_json::json;
+
+use crate::backend::qemu::{Accel, Qemu};
+use crate::backend::{kernel_cmdline, Arch, VmSpec};
+use crate::channel::{self, Channel, ChannelEvent};
+use crate::children::{ChildError, Helper};
+use crate::progress::Progress;
+use crate::report::Timeline;
+use crate::rundir::{RunDir, RunDirError};
+
+/// Exit codes of `up` besides the workload's own status.
+pub mod code {
+    /// Could not start (bad arguments, missing program, busy instance).
+    pub const SETUP: i32 = 1;
+    /// The VM ended without reporting an exit.
+    pub const NO_EXIT: i32 = 2;
+    /// The guest reported a fatal boot error.
+    pub const GUEST_FATAL: i32 = 3;
+    /// The guest broke the boot channel protocol.
+    pub const PROTOCOL: i32 = 4;
+    /// No hello from the guest in time.
+    pub const TIMEOUT: i32 = 5;
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Guest architecture.
+    #[arg(long, value_enum, default_value_t = Arch::host())]
+    pub arch: Arch,
+    /// Guest kernel: bzImage (x86_64) or Image (aarch64).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Host directory shared as the guest's root filesystem.
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Instance name: one run directory per instance.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// vhost-device-vsock binary.
+    #[arg(long, default_value = "vhost-device-vsock")]
+    pub vsock_helper: PathBuf,
+    /// virtio-fs daemon (Debian's by default).
+    #[arg(long, default_value = "/usr/lib/qemu/virtiofsd")]
+    pub virtiofsd: PathBuf,
+    /// Emulator binary; `qemu-system-<arch>` by default.
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+    /// KVM fails on full guests on some machines, so software emulation is the default.
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    pub accel: Accel,
+    /// Appended to the kernel command line (e.g. `openshell.hostname=gw`).
+    #[arg(long)]
+    pub cmdline_extra: Option<String>,
+    /// Write the boot timeline as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Seconds to wait for the guest's hello.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Time the workload gets to stop when the host is asked to shut down.
+    #[arg(long, default_value_t = 10_000)]
+    pub grace_ms: u64,
+    /// Guest console log; `<run-dir>/console.log` by default.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Print every event as a JSON line instead of human-readable lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Command to run in the guest as the workload, with its arguments.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
+    pub exec: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error(transparent)]
+    Child(#[from] ChildError),
+    #[error(transparent)]
+    Channel(#[from] channel::ChannelError),
+    #[error("kernel {0} does not exist")]
+    NoKernel(PathBuf),
+    #[error("root filesystem {0} is not a directory")]
+    NoRootfs(PathBuf),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(nix::errno::Errno),
+}
+
+enum Event {
+    Channel(ChannelEvent),
+    Signal(Signal),
+    VmmExited(Option<i32>),
+}
+
+fn wrap_channel(e: ChannelEvent) -> Event {
+    Event::Channel(e)
+}
+
+/// Blocks the signals `up` handles and turns them into events. Must run before any thread or
+/// child starts, so every thread inherits the mask and only this one receives them.
+fn watch_signals(tx: Sender<Event>) -> Result<(), UpError> {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.thread_block().map_err(UpError::Signals)?;
+    std::thread::spawn(move || loop {
+        match set.wait() {
+            Ok(sig) => {
+                if tx.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    });
+    Ok(())
+}
+
+pub fn run(args: UpArgs) -> i32 {
+    let start = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    if let Err(e) = watch_signals(tx.clone()) {
+        eprintln!("openshell-host: {e}");
+        return code::SETUP;
+    }
+    let mut progress = Progress::new(args.json);
+    let mut timeline = Timeline::new();
+    let mut session = Session::default();
+    let code = match boot(
+        &args,
+        start,
+        tx,
+        &rx,
+        &mut progress,
+        &mut timeline,
+        &mut session,
+    ) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("openshell-host: {e}");
+            timeline.summary.error = Some(e.to_string());
+            code::SETUP
+        }
+    };
+    session.stop_all();
+    timeline.host(start.elapsed().as_micros() as u64, "host-exit", json!(code));
+    timeline.summary.host_exit_code = code;
+    if let Some(path) = &args.report {
+        if let Err(e) = timeline.write(path) {
+            eprintln!("openshell-host: {e}");
+        }
+    }
+    code
+}
+
+/// Processes this run started, stopped in reverse order on every way out.
+#[derive(Default)]
+struct Session {
+    helpers: Vec<Helper>,
+    run_dir: Option<RunDir>,
+}
+
+impl Session {
+    fn stop_all(&mut self) {
+        while let Some(mut h) = self.helpers.pop() {
+            h.stop();
+        }
+        if let Some(dir) = &self.run_dir {
+            dir.remove_sockets();
+        }
+    }
+}
+
+fn boot(
+    args: &UpArgs,
+    start: Instant,
+    tx: Sender<Event>,
+    rx: &Receiver<Event>,
+    progress: &mut Progress,
+    timeline: &mut Timeline,
+    session: &mut Session,
+) -> Result<i32, UpError> {
+    let now = || start.elapsed().as_micros() as u64;
+    if !args.kernel.is_file() {
+        return Err(UpError::NoKernel(args.kernel.clone()));
+    }
+    if !args.rootfs.is_dir() {
+        return Err(UpError::NoRootfs(args.rootfs.clone()));
+    }
+    let dir = RunDir::create(
+        &args
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| RunDir::default_path(&args.name)),
+    )?;
+    let stale = dir.clear_stale_sockets()?;
+    if stale > 0 {
+        progress.note(&format!(
+            "removed {stale} stale sockets from a previous run"
+        ));
+    }
+    session.run_dir = Some(dir.clone());
+
+    // Listen first: the guest connects as soon as its config phase is done.
+    let channel = Channel::listen(&dir.channel_socket())?;
+    let writer: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+    channel.serve(start, tx.clone(), wrap_channel, Arc::clone(&writer));
+
+    let mut virtiofsd = Command::new(&args.virtiofsd);
+    virtiofsd
+        .arg(format!("--socket-path={}", dir.virtiofs_socket().display()))
+        .arg("-o")
+        .arg(format!("source={}", args.rootfs.display()))
+        .arg("-o")
+        .arg("cache=auto");
+    let mut fs = Helper::spawn("virtiofsd", virtiofsd, &dir.path.join("virtiofsd.log"))?;
+    let mut vsock = Command::new(&args.vsock_helper);
+    vsock
+        .arg("--guest-cid")
+        .arg("3")
+        .arg("--socket")
+        .arg(dir.vsock_vhost_socket())
+        .arg("--uds-path")
+        .arg(dir.vsock_uds());
+    let vsock = Helper::spawn("vhost-device-vsock", vsock, &dir.path.join("vsock.log"));
+    let fs_ready = fs.wait_for_socket(&dir.virtiofs_socket(), Duration::from_secs(10));
+    session.helpers.push(fs);
+    let mut vsock = vsock?;
+    let vsock_ready = vsock.wait_for_socket(&dir.vsock_vhost_socket(), Duration::from_secs(10));
+    session.helpers.push(vsock);
+    fs_ready?;
+    vsock_ready?;
+    timeline.host(now(), "helpers-ready", json!(null));
+
+    let console_log = args
+        .console_log
+        .clone()
+        .unwrap_or_else(|| dir.console_log());
+    let spec = VmSpec {
+        arch: args.arch,
+        kernel: args.kernel.clone(),
+        cmdline: kernel_cmdline(args.arch, &args.exec, args.cmdline_extra.as_deref()),
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        virtiofs_socket: dir.virtiofs_socket(),
+        vsock_socket: dir.vsock_vhost_socket(),
+        console_log: console_log.clone(),
+    };
+    let qemu = Qemu {
+        program: args.qemu.clone(),
+        accel: args.accel,
+    };
+    let mut cmd = Command::new(qemu.program(args.arch));
+    cmd.args(qemu.args(&spec));
+    let vmm = Helper::spawn("qemu", cmd, &dir.path.join("qemu.log"))?;
+    let vmm_pid = vmm.child.id();
+    let vmm_started = now();
+    timeline.summary.vmm_started_us = Some(vmm_started);
+    timeline.host(
+        vmm_started,
+        "vmm-started",
+        json!({ "pid": vmm_pid, "cmdline": spec.cmdline }),
+    );
+    progress.note(&format!(
+        "{} VM starting (qemu pid {vmm_pid}, {:.1} ms after start); console: {}",
+        args.arch.name(),
+        vmm_started as f64 / 1000.0,
+        console_log.display()
+    ));
+    // Reap the VMM on its own thread so its exit is an event like any other.
+    let vmm_index = session.helpers.len();
+    session.helpers.push(vmm);
+    let vmm_waiter = {
+        let tx = tx.clone();
+        let pid = nix::unistd::Pid::from_raw(vmm_pid as i32);
+        std::thread::spawn(move || {
+            let status = loop {
+                match nix::sys::wait::waitpid(pid, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Ok(s) => break s,
+                    Err(_) => break nix::sys::wait::WaitStatus::StillAlive,
+                }
+            };
+            let code = match status {
+                nix::sys::wait::WaitStatus::Exited(_, c) => Some(c),
+                nix::sys::wait::WaitStatus::Signaled(_, s, _) => Some(128 + s as i32),
+                _ => None,
+            };
+            let _ = tx.send(Event::VmmExited(code));
+        })
+    };
+    drop(tx);
+
+    let mut state = LoopState {
+        hello_deadline: Some(Instant::now() + Duration::from_secs(args.timeout)),
+        ..LoopState::default()
+    };
+    let outcome = loop {
+        let timeout = state
+            .deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(3600));
+        let event = match rx.recv_timeout(timeout) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Disconnected) => break code::NO_EXIT,
+            Err(RecvTimeoutError::Timeout) => {
+                if state.hello_deadline.is_some_and(|d| Instant::now() >= d) {
+                    state.hello_deadline = None;
+                    state.error = Some(code::TIMEOUT);
+                    progress.error(&format!(
+                        "no hello from the guest within {} s: stopping the VM (console: {})",
+                        args.timeout,
+                        console_log.display()
+                    ));
+                    kill_vmm(vmm_pid);
+                }
+                if state.kill_deadline.is_some_and(|d| Instant::now() >= d) {
+                    state.kill_deadline = None;
+                    progress.error("guest did not power off in time: killing the VM");
+                    kill_vmm(vmm_pid);
+                }
+                continue;
+            }
+        };
+        match event {
+            Event::Channel(ChannelEvent::Connected) => {
+                timeline.host(now(), "channel-connected", json!(null));
+            }
+            Event::Channel(ChannelEvent::Message { host_us, envelope }) => {
+                timeline.guest(host_us, envelope.seq, envelope.t_us, &envelope.msg);
+                progress.guest(&envelope.msg, host_us, vmm_started);
+                match &envelope.msg {
+                    GuestMessage::Hello { .. } => state.hello_deadline = None,
+                    GuestMessage::Fatal { .. } => state.fatal = true,
+                    GuestMessage::Exit { status, .. } => {
+                        state.exit = Some(*status);
+                        // Tell the guest we have everything: it waits for this close.
+                        if let Some(w) = writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                            let _ = w.shutdown(std::net::Shutdown::Both);
+                        }
+                        state
+                            .kill_deadline
+                            .get_or_insert(Instant::now() + Duration::from_secs(10));
+                    }
+                    _ => {}
+                }
+            }
+            Event::Channel(ChannelEvent::Protocol(e)) => {
+                timeline.host(now(), "protocol-error", json!(e.to_string()));
+                if state.exit.is_none() {
+                    progress.error(&format!("boot channel: {e}; stopping the VM"));
+                    state.error = Some(code::PROTOCOL);
+                    kill_vmm(vmm_pid);
+                }
+            }
+            Event::Channel(ChannelEvent::Closed) => {
+                timeline.host(now(), "channel-closed", json!(null));
+            }
+            Event::Signal(sig) => {
+                timeline.host(now(), "signal", json!(sig.as_str()));
+                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                match (w.as_mut(), state.shutdown_sent) {
+                    (Some(stream), false) => {
+                        progress.note(&format!(
+                            "{sig}: asking the guest to shut down (grace {} ms)",
+                            args.grace_ms
+                        ));
+                        let sent = channel::send(
+                            stream,
+                            0,
+                            start,
+                            HostMessage::Shutdown {
+                                grace_ms: args.grace_ms,
+                            },
+                        );
+                        state.shutdown_sent = true;
+                        if sent.is_err() {
+                            kill_vmm(vmm_pid);
+                        }
+                        state.kill_deadline = Some(
+                            Instant::now()
+                                + Duration::from_millis(args.grace_ms)
+                                + Duration::from_secs(15),
+                        );
+                    }
+                    _ => {
+                        progress.note(&format!("{sig}: stopping the VM"));
+                        kill_vmm(vmm_pid);
+                    }
+                }
+            }
+            Event::VmmExited(status) => {
+                timeline.host(now(), "vmm-exited", json!(status));
+                break match (state.error, state.fatal, state.exit) {
+                    (Some(code), _, _) => code,
+                    (None, true, _) => code::GUEST_FATAL,
+                    (None, false, Some(status)) => status,
+                    (None, false, None) => {
+                        progress.error(&format!(
+                            "the VM ended without reporting an exit (qemu status {status:?}); console: {}",
+                            console_log.display()
+                        ));
+                        code::NO_EXIT
+                    }
+                };
+            }
+        }
+    };
+    let _ = vmm_waiter.join();
+    // Already reaped by the waiter: stop() must not signal a pid that may be reused.
+    drop(session.helpers.remove(vmm_index));
+    progress.finish(&timeline.summary, outcome);
+    Ok(outcome)
+}
+
+#[derive(Default)]
+struct LoopState {
+    hello_deadline: Option<Instant>,
+    kill_deadline: Option<Instant>,
+    shutdown_sent: bool,
+    fatal: bool,
+    exit: Option<i32>,
+    error: Option<i32>,
+}
+
+impl LoopState {
+    fn deadline(&self) -> Option<Instant> {
+        match (self.hello_deadline, self.kill_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+fn kill_vmm(pid: u32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
