@@ -1,0 +1,265 @@
+//! `cargo xtask bench boot`: boots the base profile N times and reports, from the host's
+//! timeline, where the time goes; and, in the same VMs, the old way of doing init's core steps
+//! (busybox sh mounting the same table, setting the hostname, bringing up lo) for comparison.
+//! Also checks the init binary's size and peak RSS against their targets.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::{artifacts, tools, up, Arch, Error, Result};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum What {
+    /// Boot timing, phase by phase, against the shell way.
+    Boot {
+        #[arg(long, value_enum, default_value_t = Arch::host())]
+        arch: Arch,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Write the results here as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Init's phases that the shell way also does.
+const CORE: &[&str] = &["mounts", "hostname", "loopback"];
+const MAX_INIT_BYTES: u64 = 4 * 1024 * 1024;
+const MAX_INIT_RSS_KIB: u64 = 8 * 1024;
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.what {
+        What::Boot { arch, runs, out } => boot(arch, runs.max(1), out),
+    }
+}
+
+#[derive(Default)]
+struct Samples(Vec<(String, Vec<f64>)>);
+
+impl Samples {
+    fn add(&mut self, name: &str, ms: f64) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => v.push(ms),
+            None => self.0.push((name.to_string(), vec![ms])),
+        }
+    }
+    fn get(&self, name: &str) -> Option<&Vec<f64>> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+/// (min, median, max)
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let median = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    (s[0], median, s[s.len() - 1])
+}
+
+fn boot(arch: Arch, runs: usize, out: Option<PathBuf>) -> Result<()> {
+    let a = artifacts(arch)?;
+    let host = tools::host(true)?;
+    let root = up::instance_root("bench", arch, &a.rootfs)?;
+    let report = root.join("bench-report.json");
+    let shell_events = root.join("bench-shell.jsonl");
+    let mut samples = Samples::default();
+    let mut rss = Vec::new();
+    for i in 0..runs {
+        eprintln!("xtask bench: boot {}/{runs} ({})", i + 1, arch.name());
+        let _ = std::fs::remove_file(&shell_events);
+        // The workload times the shell way with init's own clock (supervise reports the
+        // start and end on CLOCK_BOOTTIME) and writes the events where the host can read them.
+        let script = "/sbin/openshell-init supervise --grace-ms 1000 -- /bin/sh /opt/bench/shell-way.sh > /bench-shell.jsonl";
+        let status = Command::new(&host)
+            .args(["up", "--arch", arch.name(), "--name", "bench"])
+            .arg("--kernel")
+            .arg(&a.kernel)
+            .arg("--rootfs")
+            .arg(&root)
+            .arg("--vsock-helper")
+            .arg(&a.vsock_helper)
+            .arg("--report")
+            .arg(&report)
+            .args(["--json", "--exec", "/bin/sh", "-c", script])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| Error::msg(format!("cannot run openshell-host: {e}")))?;
+        if !status.success() {
+            return Err(Error::msg(format!(
+                "boot {} failed ({status}); see the console log",
+                i + 1
+            )));
+        }
+        let timeline = read_json(&report)?;
+        collect(&timeline, &mut samples, &mut rss)?;
+        samples.add(
+            "shell way (mount table, hostname, lo)",
+            shell_way_ms(&shell_events)?,
+        );
+    }
+    let init_size = std::fs::metadata(&a.init)
+        .map_err(|e| Error::io("stat", &a.init, e))?
+        .len();
+    print_and_judge(arch, runs, &samples, init_size, &rss, out.as_deref())
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", path.display())))
+}
+
+fn collect(t: &Value, s: &mut Samples, rss: &mut Vec<u64>) -> Result<()> {
+    let sum = &t["summary"];
+    let us = |v: &Value| v.as_u64().map(|n| n as f64 / 1000.0);
+    let bad = || Error::msg("report lacks timings (did the boot finish?)");
+    let vmm = us(&sum["vmm_started_us"]).ok_or_else(bad)?;
+    let ready = us(&sum["ready_us"]).ok_or_else(bad)?;
+    let entry_guest = us(&sum["init_entry_guest_us"]).ok_or_else(bad)?;
+    s.add("host start -> VMM start", vmm);
+    s.add(
+        "VMM start -> init entry (kernel, host clock estimate)",
+        entry_guest,
+    );
+    let mut core = 0.0;
+    for p in sum["phases"].as_array().into_iter().flatten() {
+        let (Some(name), Some(ms)) = (p["name"].as_str(), us(&p["duration_us"])) else {
+            continue;
+        };
+        s.add(&format!("phase {name}"), ms);
+        if CORE.contains(&name) {
+            core += ms;
+        }
+    }
+    s.add("init core phases (mounts + hostname + loopback)", core);
+    // Guest clock: from init entry to the workload-started event.
+    let workload_start = t["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["event"]["type"] == "ready")
+        .and_then(|e| us(&e["guest_us"]))
+        .ok_or_else(bad)?;
+    s.add(
+        "init entry -> workload start (guest clock)",
+        workload_start - entry_guest,
+    );
+    s.add("host start -> ready", ready);
+    for e in t["events"].as_array().into_iter().flatten() {
+        if e["event"]["type"] == "exit" {
+            rss.push(e["event"]["peak_rss_kib"].as_u64().unwrap_or(0));
+        }
+    }
+    Ok(())
+}
+
+/// The shell way's duration from `openshell-init supervise` events: workload start to exit.
+fn shell_way_ms(path: &Path) -> Result<f64> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    let mut start = None;
+    let mut end = None;
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        match v["msg"]["type"].as_str() {
+            Some("ready") => start = v["t_us"].as_u64(),
+            Some("exit") => {
+                if v["msg"]["status"].as_i64() != Some(0) {
+                    return Err(Error::msg(format!("the shell way failed: {line}")));
+                }
+                end = v["t_us"].as_u64()
+            }
+            _ => {}
+        }
+    }
+    match (start, end) {
+        (Some(a), Some(b)) => Ok(b.saturating_sub(a) as f64 / 1000.0),
+        _ => Err(Error::msg(format!(
+            "{}: no start/exit events",
+            path.display()
+        ))),
+    }
+}
+
+fn print_and_judge(
+    arch: Arch,
+    runs: usize,
+    s: &Samples,
+    init_size: u64,
+    rss: &[u64],
+    out: Option<&Path>,
+) -> Result<()> {
+    println!(
+        "boot benchmark, {} (qemu TCG), {runs} boots; milliseconds",
+        arch.name()
+    );
+    println!("{:<56} {:>9} {:>9} {:>9}", "", "min", "median", "max");
+    let mut rows = Vec::new();
+    for (name, v) in &s.0 {
+        let (lo, mid, hi) = stats(v);
+        println!("{name:<56} {lo:>9.3} {mid:>9.3} {hi:>9.3}");
+        rows.push(serde_json::json!({ "name": name, "min_ms": lo, "median_ms": mid, "max_ms": hi, "samples_ms": v }));
+    }
+    let core = s
+        .get("init core phases (mounts + hostname + loopback)")
+        .map(|v| stats(v).1)
+        .unwrap_or(f64::NAN);
+    let shell = s
+        .get("shell way (mount table, hostname, lo)")
+        .map(|v| stats(v).1)
+        .unwrap_or(f64::NAN);
+    let speedup = shell / core;
+    let peak_rss = rss.iter().copied().max().unwrap_or(0);
+    let checks = [
+        (
+            format!("init core phases {speedup:.1}x faster than the shell way (target >= 10x)"),
+            speedup >= 10.0,
+        ),
+        (
+            format!(
+                "openshell-init stripped size {} KiB (target <= 4096 KiB)",
+                init_size / 1024
+            ),
+            init_size <= MAX_INIT_BYTES,
+        ),
+        (
+            format!("openshell-init peak RSS {peak_rss} KiB (target <= 8192 KiB)"),
+            peak_rss > 0 && peak_rss <= MAX_INIT_RSS_KIB,
+        ),
+    ];
+    for (text, ok) in &checks {
+        println!("{} {text}", if *ok { "PASS" } else { "MISS" });
+    }
+    if let Some(path) = out {
+        let doc = serde_json::json!({
+            "arch": arch.name(), "runs": runs, "rows": rows,
+            "speedup_core_vs_shell": speedup, "init_bytes": init_size, "init_peak_rss_kib": peak_rss,
+            "checks": checks.iter().map(|(t, ok)| serde_json::json!({"check": t, "pass": ok})).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
+            .map_err(|e| Error::io("write", path, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_min_median_max() {
+        assert_eq!(stats(&[3.0, 1.0, 2.0]), (1.0, 2.0, 3.0));
+        assert_eq!(stats(&[4.0, 1.0, 2.0, 3.0]), (1.0, 2.5, 4.0));
+    }
+}

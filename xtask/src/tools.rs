@@ -1,0 +1,70 @@
+//! Programs the boot needs besides the kernel and root filesystem: openshell-init for the guest,
+//! openshell-host, and the vhost-user vsock device from crates.io.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::{cache, run, target_dir, Arch, Error, Result};
+
+const VSOCK_HELPER: &str = "vhost-device-vsock";
+const VSOCK_HELPER_VERSION: &str = "0.3.0";
+
+/// Builds openshell-init for the guest (static musl, release: stripped, size-optimised).
+pub fn init(arch: Arch) -> Result<PathBuf> {
+    let triple = format!("{}-unknown-linux-musl", arch.name());
+    run(Command::new(cargo()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "openshell-init",
+        "--target",
+        &triple,
+    ]))?;
+    let bin = target_dir().join(&triple).join("release/openshell-init");
+    if !bin.is_file() {
+        return Err(Error::msg(format!("cargo built no {}", bin.display())));
+    }
+    Ok(bin)
+}
+
+/// Builds openshell-host for this machine; `release` for measurements.
+pub fn host(release: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new(cargo());
+    cmd.args(["build", "--quiet", "-p", "openshell-host"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("openshell-host"))
+}
+
+/// vhost-device-vsock, installed from crates.io into the cache once.
+pub fn vsock_helper() -> Result<PathBuf> {
+    let root = cache::root()
+        .join("tools")
+        .join(format!("{VSOCK_HELPER}-{VSOCK_HELPER_VERSION}"));
+    let root = cache::entry(&root, |tmp| {
+        eprintln!("xtask: installing {VSOCK_HELPER} {VSOCK_HELPER_VERSION} from crates.io (a few minutes, once)");
+        run(Command::new(cargo())
+            .args([
+                "install",
+                "--quiet",
+                "--locked",
+                &format!("{VSOCK_HELPER}@{VSOCK_HELPER_VERSION}"),
+                "--root",
+            ])
+            .arg(tmp)
+            // Its own target dir: the workspace's must not be locked or polluted.
+            .env("CARGO_TARGET_DIR", tmp.join("target")))?;
+        let _ = std::fs::remove_dir_all(tmp.join("target"));
+        Ok(())
+    })?;
+    Ok(root.join("bin").join(VSOCK_HELPER))
+}
+
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
