@@ -15,7 +15,11 @@ use crate::reporter::{Reporter, Sink};
 use crate::supervisor::{self, Scope};
 
 #[derive(Parser)]
-#[command(name = "openshell-init", version, about = "PID 1 of the OpenShell gateway VM")]
+#[command(
+    name = "openshell-init",
+    version,
+    about = "PID 1 of the OpenShell gateway VM"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -189,7 +193,10 @@ mod tests {
     #[test]
     fn plan_lists_every_phase_after_its_dependencies() {
         let text = plan_text();
-        let pos = |n: &str| text.find(&format!("  {n} ")).unwrap_or_else(|| panic!("{n} in\n{text}"));
+        let pos = |n: &str| {
+            text.find(&format!("  {n} "))
+                .unwrap_or_else(|| panic!("{n} in\n{text}"))
+        };
         assert!(pos("mounts") < pos("config"));
         assert!(pos("config") < pos("hostname"));
         assert!(pos("config") < pos("loopback"));

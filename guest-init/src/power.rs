@@ -81,12 +81,20 @@ fn set_libkrun_exit_code(status: i32) {
     let Ok(root) = std::fs::File::open("/") else {
         return;
     };
+    // The type's width differs between libcs (c_long on glibc, c_ulong on musl).
+    #[allow(clippy::unnecessary_cast)]
     let on_virtiofs = nix::sys::statfs::fstatfs(&root)
         .map(|s| s.filesystem_type().0 as i64 == VIRTIOFS_MAGIC)
         .unwrap_or(false);
     if on_virtiofs {
         // SAFETY: an integer-argument ioctl on an open directory fd. Other virtio-fs daemons
         // answer ENOTTY/ENOSYS, which is fine: the host also gets the status in `exit`.
-        unsafe { libc::ioctl(root.as_raw_fd(), KRUN_EXIT_CODE_IOCTL as _, status as libc::c_long) };
+        unsafe {
+            libc::ioctl(
+                root.as_raw_fd(),
+                KRUN_EXIT_CODE_IOCTL as _,
+                status as libc::c_long,
+            )
+        };
     }
 }

@@ -104,8 +104,9 @@ impl Supervisor {
             SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
         )
         .map_err(SuperviseError::Signals)?;
-        let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-            .map_err(SuperviseError::Signals)?;
+        let (rx, tx) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(SuperviseError::Signals)?;
         // Only one supervisor per process; a second one (tests) keeps the first pipe.
         let _ = SHUTDOWN_TX.set(tx);
         Ok(Self {
@@ -190,7 +191,10 @@ impl Supervisor {
                         if deadline.is_none() {
                             reporter.log(
                                 Level::Info,
-                                format!("{sig}: stopping the workload (grace {} ms)", self.grace.as_millis()),
+                                format!(
+                                    "{sig}: stopping the workload (grace {} ms)",
+                                    self.grace.as_millis()
+                                ),
                             );
                             deadline = Some(Instant::now() + self.grace);
                         }
@@ -232,7 +236,10 @@ impl Supervisor {
             let _ = self.next_event(millis(deadline.saturating_duration_since(Instant::now())));
         }
         if left {
-            reporter.log(Level::Warn, "processes left after the workload: killing them");
+            reporter.log(
+                Level::Warn,
+                "processes left after the workload: killing them",
+            );
             let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
             let until = Instant::now() + Duration::from_secs(2);
             while self.reap(|_, _| {}) && Instant::now() < until {

@@ -188,7 +188,8 @@ mod tests {
 
     #[test]
     fn garbage_missing_hello_oversize_and_truncation_are_protocol_errors() {
-        let cases: Vec<(Vec<u8>, fn(&ProtocolError) -> bool)> = vec![
+        type Check = fn(&ProtocolError) -> bool;
+        let cases: Vec<(Vec<u8>, Check)> = vec![
             (b"\x00\x00\x00\x05hello".to_vec(), |e| {
                 matches!(e, ProtocolError::Malformed { .. })
             }),

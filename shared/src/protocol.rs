@@ -432,12 +432,7 @@ mod tests {
             let mut dec = FrameDecoder::new(1024);
             for chunk in data.chunks(97) {
                 dec.push(chunk);
-                loop {
-                    match dec.next_frame::<GuestMessage>() {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = dec.next_frame::<GuestMessage>() {}
                 prop_assert!(dec.buffered() <= 1024 + HEADER_LEN + 97);
             }
             let _ = dec.finish();

@@ -33,7 +33,10 @@ fn run(ctx: &Ctx) -> PhaseResult {
     }
     ctx.reporter.wait_connected();
     if ctx.reporter.is_connected() {
-        Ok(Done::Ok(Some(format!("connected to vsock 2:{}", channel.port))))
+        Ok(Done::Ok(Some(format!(
+            "connected to vsock 2:{}",
+            channel.port
+        ))))
     } else {
         Err(Box::new(NoHost { port: channel.port }))
     }

@@ -59,7 +59,8 @@ pub fn load(ctx: &Ctx, cmdline: &Cmdline) -> Result<(BootConfig, String), Config
         .config_file
         .clone()
         .unwrap_or_else(|| ctx.path(&guest_path));
-    let mut config = BootConfig::load(&file).map_err(|e| rename_file(e, &file, &guest_path, ctx))?;
+    let mut config =
+        BootConfig::load(&file).map_err(|e| rename_file(e, &file, &guest_path, ctx))?;
     config.apply_cmdline(cmdline)?;
     let shown = if file.exists() {
         format!("{}", shown_path(&file, &guest_path, ctx).display())
@@ -88,8 +89,14 @@ fn rename_file(
     use openshell_shared::config::{ConfigError, Source};
     let shown = Source::File(shown_path(file, guest_path, ctx));
     ConfigPhaseError::Config(match e {
-        ConfigError::Read { reason, .. } => ConfigError::Read { origin: shown, reason },
-        ConfigError::Parse { reason, .. } => ConfigError::Parse { origin: shown, reason },
+        ConfigError::Read { reason, .. } => ConfigError::Read {
+            origin: shown,
+            reason,
+        },
+        ConfigError::Parse { reason, .. } => ConfigError::Parse {
+            origin: shown,
+            reason,
+        },
         ConfigError::Invalid { field, reason, .. } => ConfigError::Invalid {
             origin: shown,
             field,

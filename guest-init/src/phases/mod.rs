@@ -73,6 +73,16 @@ pub struct Phase {
     pub run: fn(&Ctx) -> PhaseResult,
 }
 
+impl std::fmt::Debug for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Phase")
+            .field("name", &self.name)
+            .field("after", &self.after)
+            .field("fatal", &self.fatal)
+            .finish()
+    }
+}
+
 /// The boot plan, in a valid order; the engine derives concurrency from `after`.
 pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,

@@ -193,15 +193,12 @@ fn mounted_fstype(root: &Path, target: &Path) -> Option<String> {
 /// Looks `target` up in mountinfo text; the last matching line wins (the top of a stack).
 pub fn find_mount(mountinfo: &str, target: &Path) -> Option<String> {
     let want = target.to_str()?;
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
-            let fstype = right.split(' ').next()?;
-            (unescape_mountinfo(mount_point) == want).then(|| fstype.to_string())
-        })
-        .last()
+    mountinfo.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?;
+        let fstype = right.split(' ').next()?;
+        (unescape_mountinfo(mount_point) == want).then(|| fstype.to_string())
+    })
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -237,11 +234,18 @@ mod tests {
         assert!(find("/dev") < find("/dev/shm"));
         assert!(find("/sys") < find("/sys/fs/cgroup"));
         for m in TABLE {
-            assert!(m.flags.contains(MsFlags::MS_NOSUID), "{} lacks nosuid", m.target);
+            assert!(
+                m.flags.contains(MsFlags::MS_NOSUID),
+                "{} lacks nosuid",
+                m.target
+            );
         }
         let shm = &TABLE[find("/dev/shm")];
         assert_eq!(shm.data, Some("mode=1777"));
-        assert!(TABLE[find("/dev/pts")].data.unwrap_or("").contains("ptmxmode=0666"));
+        assert!(TABLE[find("/dev/pts")]
+            .data
+            .unwrap_or("")
+            .contains("ptmxmode=0666"));
         assert!(TABLE[find("/proc")].flags.contains(MsFlags::MS_NOEXEC));
         // Programs run from /dev/shm and /tmp in containers' build steps; /dev holds no programs.
         assert!(!TABLE[find("/tmp")].flags.contains(MsFlags::MS_NOEXEC));

@@ -1,0 +1,249 @@
+//! The init binary's host-side commands, run for real: `plan`, `phase NAME --root DIR` (in
+//! private namespaces) and `supervise` (the PID 1 supervision loop, as a subreaper).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_openshell-init");
+
+fn json_lines(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+fn finished(events: &[Value]) -> &Value {
+    events
+        .iter()
+        .find(|e| e["msg"]["type"] == "phase_finished")
+        .unwrap_or_else(|| panic!("no phase_finished in {events:?}"))
+}
+
+/// Namespaces need root; say so instead of failing where they cannot be made.
+fn can_unshare() -> bool {
+    let ok = nix::unistd::geteuid().is_root();
+    if !ok {
+        eprintln!("skipped: needs root for private namespaces");
+    }
+    ok
+}
+
+#[test]
+fn plan_is_printed_in_order() {
+    let out = Command::new(BIN).arg("plan").output().expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(names[..2], ["mounts", "config"]);
+    assert_eq!(names.len(), 5, "{text}");
+}
+
+#[test]
+fn mounts_phase_runs_against_a_root_and_leaves_the_host_alone() {
+    if !can_unshare() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tmp");
+    let out = Command::new(BIN)
+        .args(["phase", "mounts", "--root"])
+        .arg(root.path())
+        .output()
+        .expect("run");
+    let events = json_lines(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{events:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(events[0]["msg"]["type"], "phase_started");
+    assert_eq!(events[0]["seq"], 0);
+    assert_eq!(finished(&events)["msg"]["outcome"]["kind"], "ok");
+    let log = events
+        .iter()
+        .find(|e| e["msg"]["type"] == "log")
+        .expect("detail log");
+    assert!(
+        log["msg"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("8 mounted"),
+        "{log}"
+    );
+    // The mounts lived in the phase's own namespace: nothing is mounted here.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let root_str = root.path().to_string_lossy().into_owned();
+    assert!(
+        !mountinfo.contains(&root_str),
+        "leaked mounts under {root_str}"
+    );
+    // Mount points were created in the root.
+    // (Mount points inside sysfs and devtmpfs went away with those mounts.)
+    for dir in ["proc", "sys", "dev", "run", "tmp"] {
+        assert!(root.path().join(dir).is_dir(), "{dir}");
+    }
+}
+
+#[test]
+fn config_phase_names_the_bad_field() {
+    if !can_unshare() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tmp");
+    let cfg = root.path().join("bad.yaml");
+    std::fs::write(&cfg, "workload:\n  argv: [relative/sh]\n").expect("write");
+    let out = Command::new(BIN)
+        .args(["phase", "config", "--cmdline", "quiet", "--root"])
+        .arg(root.path())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let events = json_lines(&out.stdout);
+    let outcome = &finished(&events)["msg"]["outcome"];
+    assert_eq!(outcome["kind"], "failed");
+    let detail = outcome["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("workload.argv") && detail.contains("bad.yaml"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn loopback_and_hostname_phases_run_in_private_namespaces() {
+    if !can_unshare() {
+        return;
+    }
+    let host_name = nix::unistd::gethostname().expect("hostname");
+    let root = tempfile::tempdir().expect("tmp");
+    for phase in ["loopback", "hostname"] {
+        let out = Command::new(BIN)
+            .args([
+                "phase",
+                phase,
+                "--cmdline",
+                "openshell.hostname=phase-test",
+                "--root",
+            ])
+            .arg(root.path())
+            .output()
+            .expect("run");
+        let events = json_lines(&out.stdout);
+        assert!(out.status.success(), "{phase}: {events:?}");
+        assert_eq!(finished(&events)["msg"]["outcome"]["kind"], "ok", "{phase}");
+    }
+    assert_eq!(nix::unistd::gethostname().expect("hostname"), host_name);
+}
+
+#[test]
+fn unknown_phase_is_a_usage_error() {
+    let out = Command::new(BIN)
+        .args(["phase", "nope", "--root", "/tmp"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no phase named nope"));
+}
+
+fn exit_event(events: &[Value]) -> &Value {
+    events
+        .iter()
+        .find(|e| e["msg"]["type"] == "exit")
+        .unwrap_or_else(|| panic!("no exit event in {events:?}"))
+}
+
+#[test]
+fn supervise_passes_the_exit_status_through() {
+    let out = Command::new(BIN)
+        .args(["supervise", "--", "/bin/sh", "-c", "exit 7"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(7));
+    let events = json_lines(&out.stdout);
+    assert_eq!(exit_event(&events)["msg"]["status"], 7);
+    assert!(events.iter().any(|e| e["msg"]["type"] == "ready"));
+}
+
+#[test]
+fn supervise_reaps_orphans() {
+    // Orphans re-parent to the supervisor (a subreaper, like PID 1); after they end, none of
+    // the supervisor's children may be a zombie. The count is the exit status.
+    let script = r#"
+        for i in 1 2 3; do ( /bin/sh -c 'exit 3' & ) ; ( sleep 0.05 & ) ; done
+        sleep 0.5
+        n=0
+        for f in /proc/[0-9]*/stat; do
+            read -r line < "$f" 2>/dev/null || continue
+            rest=${line##*) }
+            set -- $rest
+            [ "$1" = Z ] && [ "$2" = "$PPID" ] && n=$((n+1))
+        done
+        exit $n
+    "#;
+    let out = Command::new(BIN)
+        .args(["supervise", "--", "/bin/sh", "-c", script])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "zombies left: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Starts `supervise`, waits for its `ready` event, sends SIGTERM, returns (status, time after
+/// the signal).
+fn terminate(grace_ms: u64, script: &str) -> (Option<i32>, Duration) {
+    let mut child = Command::new(BIN)
+        .args([
+            "supervise",
+            "--grace-ms",
+            &grace_ms.to_string(),
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    loop {
+        let line = lines.next().expect("ready before EOF").expect("read");
+        if line.contains(r#""type":"ready""#) {
+            break;
+        }
+    }
+    // Let the shell install its trap.
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let status = child.wait().expect("wait");
+    (status.code(), sent.elapsed())
+}
+
+#[test]
+fn sigterm_is_forwarded_to_the_workload() {
+    let (code, took) = terminate(5_000, "exec sleep 100");
+    assert_eq!(code, Some(128 + 15));
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[test]
+fn a_workload_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let (code, took) = terminate(400, "trap '' TERM; while :; do sleep 0.05; done");
+    assert_eq!(code, Some(128 + 9));
+    assert!(took >= Duration::from_millis(400), "killed early: {took:?}");
+}
