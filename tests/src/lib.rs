@@ -96,7 +96,11 @@ impl Boot {
             .arg(root.path())
             .status()
             .expect("run cp");
-        assert!(status.success(), "copying {} failed", artifacts.rootfs.display());
+        assert!(
+            status.success(),
+            "copying {} failed",
+            artifacts.rootfs.display()
+        );
         // Short path: unix socket paths must stay under 104 bytes.
         let run_dir = tempfile::Builder::new()
             .prefix("osh-")
@@ -204,10 +208,7 @@ impl Running {
         let deadline = Instant::now() + timeout;
         while !path.exists() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "host exited ({status}) before {} appeared",
-                    path.display()
-                );
+                panic!("host exited ({status}) before {} appeared", path.display());
             }
             assert!(
                 Instant::now() < deadline,

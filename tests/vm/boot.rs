@@ -68,7 +68,10 @@ fn channel_delivers_every_message_in_order(arch: &str) {
         .collect();
     let mut finished = phases_in(&msgs);
     for core in ["mounts", "config", "hostname", "loopback"] {
-        assert!(finished.iter().any(|p| p == core), "phase {core} missing: {finished:?}");
+        assert!(
+            finished.iter().any(|p| p == core),
+            "phase {core} missing: {finished:?}"
+        );
     }
     let mut sorted_started = started.clone();
     sorted_started.sort();
@@ -97,7 +100,10 @@ fn channel_delivers_every_message_in_order(arch: &str) {
     let (status, peak_rss_kib, synced) = done.exit_message();
     assert_eq!(status, 0);
     assert!(synced, "guest did not report a synced filesystem");
-    assert!(peak_rss_kib > 0 && peak_rss_kib <= 8 * 1024, "init peak RSS {peak_rss_kib} KiB");
+    assert!(
+        peak_rss_kib > 0 && peak_rss_kib <= 8 * 1024,
+        "init peak RSS {peak_rss_kib} KiB"
+    );
 }
 both_arches!(channel_delivers_every_message_in_order);
 
@@ -151,11 +157,20 @@ fn sigterm_to_host_shuts_the_guest_down_cleanly(arch: &str) {
     running.signal(libc::SIGTERM);
     let done = running.wait(BOOT_DEADLINE);
     let (status, _, synced) = done.exit_message();
-    assert_eq!(status, 128 + libc::SIGTERM, "sleep dies of the forwarded SIGTERM");
+    assert_eq!(
+        status,
+        128 + libc::SIGTERM,
+        "sleep dies of the forwarded SIGTERM"
+    );
     assert!(synced, "guest did not sync\n{}", done.output());
     let data = std::fs::read_to_string(done.boot.root_path("data-written")).expect("data file");
     assert_eq!(data, "kept\n");
-    assert_eq!(done.status.code(), Some(128 + libc::SIGTERM), "{}", done.output());
+    assert_eq!(
+        done.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        done.output()
+    );
 }
 both_arches!(sigterm_to_host_shuts_the_guest_down_cleanly);
 

@@ -69,18 +69,20 @@ pub fn run(args: TestArgs) -> Result<()> {
         &mut cmd,
     )?;
     if arches.contains(&Arch::Aarch64) {
-        step(
-            "guest crates on aarch64 under qemu-user",
-            Command::new(cargo()).args([
-                "test",
-                "-p",
-                "openshell-init",
-                "-p",
-                "openshell-shared",
-                "--target",
-                "aarch64-unknown-linux-musl",
-            ]),
-        )?;
+        // Unit tests only: the integration tests exec the binary, which needs binfmt_misc.
+        for (package, kind) in [("openshell-init", "--bins"), ("openshell-shared", "--lib")] {
+            step(
+                &format!("{package} unit tests on aarch64 under qemu-user"),
+                Command::new(cargo()).args([
+                    "test",
+                    "-p",
+                    package,
+                    kind,
+                    "--target",
+                    "aarch64-unknown-linux-musl",
+                ]),
+            )?;
+        }
     }
     step(
         "openshell-host builds for macOS",
