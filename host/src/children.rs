@@ -5,7 +5,6 @@
 //! so children are spawned from the main thread only. macOS has no equivalent; there the children
 //! are stopped on normal exit only (a kqueue exit watcher is the planned replacement).
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,6 +37,7 @@ pub enum ChildError {
 pub fn die_with_parent(cmd: &mut Command) {
     #[cfg(target_os = "linux")]
     {
+        use std::os::unix::process::CommandExt;
         let parent = std::process::id() as i32;
         // SAFETY: prctl, sigprocmask and getppid are async-signal-safe.
         unsafe {
