@@ -228,3 +228,67 @@ fn malformed_config_is_reported_and_powers_off(arch: &str) {
     );
 }
 both_arches!(malformed_config_is_reported_and_powers_off);
+
+/// Every process of the host's (qemu, virtiofsd, vhost-device-vsock) whose command line mentions
+/// the run directory.
+fn processes_using(dir: &std::path::Path) -> Vec<(i32, String)> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        if cmdline.contains(&needle) && !zombie {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// SIGKILL to the host takes its helpers down with it, and the next start on the same run
+/// directory clears the stale sockets and boots.
+fn killed_host_leaves_nothing_running(arch: &str) {
+    let Some(boot) = Boot::new(arch) else { return };
+    let Some(mut second) = Boot::new(arch) else {
+        return;
+    };
+    let _slot = vm_slot();
+    let mut running = boot
+        .exec(&["/bin/sh", "-c", "echo up > /workload-up; exec sleep 1000"])
+        .start();
+    running.wait_for_file("workload-up", BOOT_DEADLINE);
+    let run_dir = running.boot.run_dir.path().join("run");
+    assert!(
+        processes_using(&run_dir).len() >= 3,
+        "qemu and both helpers run: {:?}",
+        processes_using(&run_dir)
+    );
+    running.signal(libc::SIGKILL);
+    let killed = running.wait(BOOT_DEADLINE);
+    assert_eq!(killed.status.code(), None, "host died of the signal");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !processes_using(&run_dir).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left running after the host was killed: {:?}",
+            processes_using(&run_dir)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Same run directory, stale sockets and all.
+    second.run_dir = killed.boot.run_dir;
+    let done = second
+        .exec(&["/bin/sh", "-c", "exit 4"])
+        .start()
+        .wait(BOOT_DEADLINE);
+    assert_eq!(done.status.code(), Some(4), "{}", done.output());
+    assert!(done.stdout.contains("stale sockets"), "{}", done.output());
+}
+both_arches!(killed_host_leaves_nothing_running);
