@@ -28,6 +28,64 @@ fn step(name: &str, cmd: &mut Command) -> Result<()> {
     crate::run(cmd).map_err(|e| Error::msg(format!("step `{name}` failed: {e}")))
 }
 
+/// Passed and failed counts from cargo test's `test result:` lines.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl Tally {
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let n: u64 = n
+                .trim_start_matches("ok.")
+                .trim_start_matches("FAILED.")
+                .parse()
+                .unwrap_or(0);
+            match label {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs a cargo test step, echoing its output and counting its results.
+fn test_step(name: &str, cmd: &mut Command, tally: &mut Tally) -> Result<()> {
+    use std::io::BufRead;
+    eprintln!("xtask test: {name}");
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(workspace());
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::msg(format!("cannot run cargo: {e}")))?;
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            println!("{line}");
+            tally.add_line(&line);
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::msg(format!("cargo test: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::msg(format!("step `{name}` failed ({status})")))
+    }
+}
+
 pub fn run(args: TestArgs) -> Result<()> {
     step(
         "cargo fmt --check",
@@ -64,14 +122,16 @@ pub fn run(args: TestArgs) -> Result<()> {
     }
     let host = tools::host(false)?;
     cmd.env("OPENSHELL_HOST_BIN", host);
-    step(
+    let mut tally = Tally::default();
+    test_step(
         "cargo test --workspace (unit, property and VM tests)",
         &mut cmd,
+        &mut tally,
     )?;
     if arches.contains(&Arch::Aarch64) {
         // Unit tests only: the integration tests exec the binary, which needs binfmt_misc.
         for (package, kind) in [("openshell-init", "--bins"), ("openshell-shared", "--lib")] {
-            step(
+            test_step(
                 &format!("{package} unit tests on aarch64 under qemu-user"),
                 Command::new(cargo()).args([
                     "test",
@@ -81,6 +141,7 @@ pub fn run(args: TestArgs) -> Result<()> {
                     "--target",
                     "aarch64-unknown-linux-musl",
                 ]),
+                &mut tally,
             )?;
         }
     }
@@ -113,5 +174,29 @@ pub fn run(args: TestArgs) -> Result<()> {
         )?;
     }
     eprintln!("xtask test: all steps passed");
+    // One closing line with the totals of every test run above.
+    println!("tests: {} passed, {} failed", tally.passed, tally.failed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_cargo_test_result_lines() {
+        let mut t = Tally::default();
+        t.add_line("test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 17.68s");
+        t.add_line(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("test foo ... ok");
+        assert_eq!(
+            t,
+            Tally {
+                passed: 15,
+                failed: 2
+            }
+        );
+    }
 }
