@@ -128,10 +128,7 @@ fn collect(t: &Value, s: &mut Samples, rss: &mut Vec<u64>) -> Result<()> {
     let ready = us(&sum["ready_us"]).ok_or_else(bad)?;
     let entry_guest = us(&sum["init_entry_guest_us"]).ok_or_else(bad)?;
     s.add("host start -> VMM start", vmm);
-    s.add(
-        "VMM start -> init entry (kernel, host clock estimate)",
-        entry_guest,
-    );
+    s.add("kernel start -> init entry (guest clock)", entry_guest);
     let mut core = 0.0;
     for p in sum["phases"].as_array().into_iter().flatten() {
         let (Some(name), Some(ms)) = (p["name"].as_str(), us(&p["duration_us"])) else {

@@ -4,7 +4,7 @@
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
 };
-use netlink_packet_route::link::{LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -20,11 +20,6 @@ pub const PHASE: Phase = Phase {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("interface {name}: not found: {errno}")]
-    NoSuchLink {
-        name: String,
-        errno: nix::errno::Errno,
-    },
     #[error("interface {name}: netlink socket: {source}")]
     Socket {
         name: String,
@@ -44,13 +39,10 @@ fn run(_ctx: &Ctx) -> PhaseResult {
     Ok(Done::Ok(None))
 }
 
-/// Sets IFF_UP on `name` and waits for the kernel's acknowledgement.
+/// Sets IFF_UP on `name` and waits for the kernel's acknowledgement. The link is named in the
+/// request itself (the kernel resolves it), which saves a round trip to look up its index.
 pub fn set_up(name: &str) -> Result<(), LinkError> {
-    let index = nix::net::if_::if_nametoindex(name).map_err(|errno| LinkError::NoSuchLink {
-        name: name.into(),
-        errno,
-    })?;
-    let request = set_up_request(index, 1);
+    let request = set_up_request(name, 1);
     let sock_err = |source| LinkError::Socket {
         name: name.into(),
         source,
@@ -64,10 +56,11 @@ pub fn set_up(name: &str) -> Result<(), LinkError> {
     check_ack(name, &buf[..n])
 }
 
-/// The RTM_SETLINK request that sets IFF_UP (and only that flag) on link `index`.
-pub fn set_up_request(index: u32, seq: u32) -> Vec<u8> {
+/// The RTM_SETLINK request that sets IFF_UP (and only that flag) on the link named `name`.
+pub fn set_up_request(name: &str, seq: u32) -> Vec<u8> {
     let mut link = LinkMessage::default();
-    link.header.index = index;
+    link.attributes
+        .push(LinkAttribute::IfName(name.to_string()));
     link.header.flags = LinkFlags::Up;
     link.header.change_mask = LinkFlags::Up;
     let mut header = NetlinkHeader::default();
@@ -112,7 +105,7 @@ mod tests {
 
     #[test]
     fn request_bytes_are_an_rtm_setlink_with_ack() {
-        let req = set_up_request(1, 7);
+        let req = set_up_request("lo", 7);
         let len = u32::from_ne_bytes(req[0..4].try_into().expect("len"));
         assert_eq!(len as usize, req.len());
         assert_eq!(
@@ -126,10 +119,21 @@ mod tests {
         let index = i32::from_ne_bytes(req[20..24].try_into().expect("index"));
         let iff = u32::from_ne_bytes(req[24..28].try_into().expect("iff"));
         let change = u32::from_ne_bytes(req[28..32].try_into().expect("change"));
+        // Index 0: the kernel finds the link by the IFLA_IFNAME attribute that follows.
         assert_eq!(
             (index, iff, change),
-            (1, libc::IFF_UP as u32, libc::IFF_UP as u32)
+            (0, libc::IFF_UP as u32, libc::IFF_UP as u32)
         );
+        // rtattr: len 7 (4 + "lo\0"), type IFLA_IFNAME, then the name.
+        assert_eq!(
+            u16::from_ne_bytes(req[32..34].try_into().expect("rta_len")),
+            7
+        );
+        assert_eq!(
+            u16::from_ne_bytes(req[34..36].try_into().expect("rta_type")),
+            libc::IFLA_IFNAME
+        );
+        assert_eq!(&req[36..39], b"lo\0");
     }
 
     #[test]
@@ -169,6 +173,16 @@ mod tests {
             }
             // In a fresh namespace lo is down.
             let before = lo_is_up();
+            // A link that does not exist is the kernel's ENODEV, named.
+            match set_up("nosuchlink0") {
+                Err(LinkError::Refused { name, errno }) => {
+                    assert_eq!(
+                        (name.as_str(), errno),
+                        ("nosuchlink0", nix::errno::Errno::ENODEV)
+                    )
+                }
+                other => panic!("expected ENODEV, got {other:?}"),
+            }
             set_up("lo").expect("lo up");
             Some((before, lo_is_up()))
         });

@@ -129,11 +129,19 @@ pub enum Mounted {
 fn run(ctx: &Ctx) -> PhaseResult {
     let mut fresh = 0;
     let mut already = Vec::new();
+    let mut slowest = (0u64, "");
+    // What is mounted already (by a VMM's own init, or an earlier run), read once: each read of
+    // mountinfo costs more than a mount.
+    let existing = std::fs::read_to_string(ctx.path("/proc/self/mountinfo"))
+        .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
+        .unwrap_or_default();
     for m in TABLE {
-        match mount_one(&ctx.root, m)? {
+        let watch = crate::clock::Stopwatch::start();
+        match mount_one(&ctx.root, m, &existing)? {
             Mounted::Fresh => fresh += 1,
             Mounted::Already => already.push(m.target),
         }
+        slowest = slowest.max((watch.elapsed_us(), m.target));
     }
     let links = dev_links(&ctx.root)?;
     if ctx.pid1 {
@@ -146,10 +154,15 @@ fn run(ctx: &Ctx) -> PhaseResult {
     if links > 0 {
         detail.push_str(&format!(", {links} /dev links"));
     }
+    detail.push_str(&format!(
+        "; slowest {} ({:.3} ms)",
+        slowest.1,
+        slowest.0 as f64 / 1000.0
+    ));
     Ok(Done::Ok(Some(detail)))
 }
 
-pub fn mount_one(root: &Path, m: &Mount) -> Result<Mounted, MountError> {
+pub fn mount_one(root: &Path, m: &Mount, mountinfo: &str) -> Result<Mounted, MountError> {
     let target = root.join(m.target.trim_start_matches('/'));
     if let Err(source) = std::fs::create_dir_all(&target) {
         return Err(MountError::MountPoint {
@@ -157,7 +170,7 @@ pub fn mount_one(root: &Path, m: &Mount) -> Result<Mounted, MountError> {
             source,
         });
     }
-    if let Some(found) = mounted_fstype(root, &target) {
+    if let Some(found) = find_mount(mountinfo, &target) {
         return if found == m.fstype {
             Ok(Mounted::Already)
         } else {
@@ -178,16 +191,6 @@ pub fn mount_one(root: &Path, m: &Mount) -> Result<Mounted, MountError> {
             errno,
         }),
     }
-}
-
-/// The filesystem type mounted exactly at `target`, from the mountinfo of the proc mounted under
-/// `root` (falling back to the caller's own). `None` when not a mount point or /proc is not up.
-fn mounted_fstype(root: &Path, target: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(root.join("proc/self/mountinfo"))
-        .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
-        .ok()?;
-    let canonical = std::fs::canonicalize(target).ok()?;
-    find_mount(&text, &canonical)
 }
 
 /// Looks `target` up in mountinfo text; the last matching line wins (the top of a stack).
