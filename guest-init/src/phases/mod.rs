@@ -83,13 +83,15 @@ impl std::fmt::Debug for Phase {
     }
 }
 
-/// The boot plan, in a valid order; the engine derives concurrency from `after`.
+/// The boot plan, in a valid order; the engine derives concurrency from `after`. Run in
+/// sequence (one CPU), phases of a wave go in this order: `channel` last, because once connected
+/// the boot channel sends its backlog from a thread that would compete with the phases after it.
 pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
-    &channel::PHASE,
     &hostname::PHASE,
     &loopback::PHASE,
+    &channel::PHASE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Phase> {
