@@ -35,3 +35,57 @@ pub fn install(reporter: Arc<Reporter>, pid1: bool) {
         }
     }));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reporter::Sink;
+
+    const CHILD: &str = "OPENSHELL_PANIC_HOOK_CHILD";
+
+    /// Runs itself again in a child process (the hook is process-wide), panics there, and checks
+    /// the hook reported a fatal event and an exit with the init-panic status.
+    #[test]
+    fn panic_is_reported_as_fatal_and_exit() {
+        if std::env::var_os(CHILD).is_some() {
+            let reporter = Reporter::new(Sink::JsonLines, 0);
+            reporter.disable_channel();
+            install(reporter, false);
+            let _ = std::thread::Builder::new()
+                .name("mounts".into())
+                .spawn(|| panic!("simulated failure"))
+                .map(|h| h.join());
+            return;
+        }
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "panic::tests::panic_is_reported_as_fatal_and_exit",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .expect("run child");
+        let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            // The harness prints `test ... ` in front of the first line.
+            .filter_map(|l| l.find('{').and_then(|i| serde_json::from_str(&l[i..]).ok()))
+            .collect();
+        let fatal = events
+            .iter()
+            .find(|e| e["msg"]["type"] == "fatal")
+            .unwrap_or_else(|| panic!("no fatal event: {}", String::from_utf8_lossy(&out.stdout)));
+        assert_eq!(fatal["msg"]["phase"], "mounts");
+        assert!(fatal["msg"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("simulated failure"));
+        let exit = events
+            .iter()
+            .find(|e| e["msg"]["type"] == "exit")
+            .expect("exit event");
+        assert_eq!(exit["msg"]["status"], power::STATUS_INIT_PANIC);
+    }
+}
