@@ -58,16 +58,22 @@ mod tests {
             return;
         }
         let exe = std::env::current_exe().expect("test binary");
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "panic::tests::panic_is_reported_as_fatal_and_exit",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, "1")
-            .output()
-            .expect("run child");
+        let args = [
+            "--exact",
+            "panic::tests::panic_is_reported_as_fatal_and_exit",
+            "--nocapture",
+            "--test-threads=1",
+        ];
+        let run = |cmd: &mut std::process::Command| cmd.args(args).env(CHILD, "1").output();
+        let out = match run(&mut std::process::Command::new(&exe)) {
+            // A foreign-arch test binary under qemu-user: run the child through qemu too.
+            Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => run(std::process::Command::new(
+                format!("qemu-{}-static", std::env::consts::ARCH),
+            )
+            .arg(&exe)),
+            other => other,
+        }
+        .expect("run child");
         let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
             .lines()
             // The harness prints `test ... ` in front of the first line.
