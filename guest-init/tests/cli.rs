@@ -202,6 +202,10 @@ fn supervise_reaps_orphans() {
 /// Starts `supervise`, waits for its `ready` event, sends SIGTERM, returns (status, time after
 /// the signal).
 fn terminate(grace_ms: u64, script: &str) -> (Option<i32>, Duration) {
+    signal(grace_ms, script, nix::sys::signal::Signal::SIGTERM)
+}
+
+fn signal(grace_ms: u64, script: &str, sig: nix::sys::signal::Signal) -> (Option<i32>, Duration) {
     let mut child = Command::new(BIN)
         .args([
             "supervise",
@@ -225,11 +229,7 @@ fn terminate(grace_ms: u64, script: &str) -> (Option<i32>, Duration) {
     // Let the shell install its trap.
     std::thread::sleep(Duration::from_millis(200));
     let sent = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("kill");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("kill");
     let status = child.wait().expect("wait");
     (status.code(), sent.elapsed())
 }
@@ -246,4 +246,14 @@ fn a_workload_ignoring_sigterm_is_killed_after_the_grace_period() {
     let (code, took) = terminate(400, "trap '' TERM; while :; do sleep 0.05; done");
     assert_eq!(code, Some(128 + 9));
     assert!(took >= Duration::from_millis(400), "killed early: {took:?}");
+}
+
+#[test]
+fn sighup_is_forwarded_without_stopping_anything() {
+    let (code, _) = signal(
+        5_000,
+        "trap 'exit 42' HUP; while :; do sleep 0.05; done",
+        nix::sys::signal::Signal::SIGHUP,
+    );
+    assert_eq!(code, Some(42));
 }

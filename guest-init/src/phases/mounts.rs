@@ -255,6 +255,48 @@ mod tests {
     }
 
     #[test]
+    fn failures_name_the_target_and_errno() {
+        let root = tempfile::tempdir().expect("tmp");
+        let bogus = Mount {
+            fstype: "nosuchfs",
+            target: "/x",
+            flags: MsFlags::empty(),
+            data: None,
+        };
+        match mount_one(root.path(), &bogus, "") {
+            Err(MountError::Mount { target, errno, .. }) => {
+                assert_eq!(target, root.path().join("x"));
+                // ENODEV: unknown filesystem type; EPERM where mounting is not allowed at all.
+                assert!(matches!(errno, Errno::ENODEV | Errno::EPERM), "{errno}");
+            }
+            other => panic!("expected a mount error, got {other:?}"),
+        }
+        let text = format!("{}", mount_one(root.path(), &bogus, "").unwrap_err());
+        assert!(text.contains("nosuchfs") && text.contains("/x"), "{text}");
+    }
+
+    #[test]
+    fn already_mounted_targets_are_fine_and_other_types_are_not() {
+        let root = tempfile::tempdir().expect("tmp");
+        let proc_dir = root.path().join("proc");
+        let info = format!("22 1 0:21 / {} rw - proc proc rw\n", proc_dir.display());
+        assert_eq!(
+            mount_one(root.path(), &TABLE[0], &info).expect("fine"),
+            Mounted::Already
+        );
+        let sys = Mount {
+            fstype: "sysfs",
+            target: "/proc",
+            flags: MsFlags::empty(),
+            data: None,
+        };
+        assert!(matches!(
+            mount_one(root.path(), &sys, &info),
+            Err(MountError::WrongFs { .. })
+        ));
+    }
+
+    #[test]
     fn mountinfo_lookup() {
         let text = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
                     30 22 0:30 / /my\\040dir rw - tmpfs tmpfs rw\n\
