@@ -28,8 +28,8 @@ pub fn parse_fragment(text: &str) -> Result<BTreeMap<String, Want>> {
         if line.is_empty() {
             continue;
         }
-        if let Some(rest) = line.strip_prefix("# ") {
-            if let Some(name) = rest.strip_suffix(" is not set") {
+        if let Some(rest) = line.strip_prefix('#') {
+            if let Some(name) = rest.trim_start().strip_suffix(" is not set") {
                 if name.starts_with("CONFIG_") {
                     out.insert(name.to_string(), Want::Off);
                 }
@@ -51,15 +51,16 @@ pub fn parse_fragment(text: &str) -> Result<BTreeMap<String, Want>> {
 }
 
 /// Options of `wanted` the `.config` text does not satisfy, as "NAME: wanted X, got Y".
-pub fn unmet(wanted: &BTreeMap<String, Want>, dot_config: &str) -> Vec<String> {
-    let have = parse_fragment(dot_config).unwrap_or_default();
-    wanted
+pub fn unmet(wanted: &BTreeMap<String, Want>, dot_config: &str) -> Result<Vec<String>> {
+    let have = parse_fragment(dot_config)
+        .map_err(|e| Error::msg(format!("the generated .config does not parse: {e}")))?;
+    Ok(wanted
         .iter()
         .filter_map(|(name, want)| {
             let got = have.get(name).cloned().unwrap_or(Want::Off);
             (got != *want).then(|| format!("{name}: wanted {}, got {}", show(want), show(&got)))
         })
-        .collect()
+        .collect())
 }
 
 fn show(w: &Want) -> String {
@@ -133,7 +134,7 @@ pub fn build(arch: Arch) -> Result<PathBuf> {
         let dot_config_path = build.join(".config");
         let dot_config = std::fs::read_to_string(&dot_config_path)
             .map_err(|e| Error::io("read", &dot_config_path, e))?;
-        let missing = unmet(&wanted, &dot_config);
+        let missing = unmet(&wanted, &dot_config)?;
         if !missing.is_empty() {
             return Err(Error::msg(format!(
                 "the {} kernel config lacks {} option(s) the fragments ask for (missing dependencies?):\n  {}",
@@ -218,9 +219,10 @@ mod tests {
     fn unmet_options_are_listed() {
         let wanted =
             parse_fragment("CONFIG_A=y\nCONFIG_B=n\nCONFIG_C=y\nCONFIG_D=16\n").expect("valid");
-        let dot = "CONFIG_A=y\n# CONFIG_C is not set\nCONFIG_D=8\n";
+        // Shaped like a real .config: banner comments and bare `#` lines.
+        let dot = "#\n# Automatically generated file; DO NOT EDIT.\n#\nCONFIG_A=y\n# CONFIG_C is not set\nCONFIG_D=8\n";
         assert_eq!(
-            unmet(&wanted, dot),
+            unmet(&wanted, dot).expect("parses"),
             vec![
                 "CONFIG_C: wanted y, got not set".to_string(),
                 "CONFIG_D: wanted 16, got 8".to_string()
