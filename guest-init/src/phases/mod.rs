@@ -13,6 +13,7 @@ pub mod config;
 pub mod hostname;
 pub mod loopback;
 pub mod mounts;
+pub mod runtime_cleanup;
 
 /// Everything a phase may look at. Paths inside the guest are always joined to `root`, which is
 /// `/` in the VM and a scratch directory when a phase runs alone on a host.
@@ -89,6 +90,7 @@ impl std::fmt::Debug for Phase {
 pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
+    &runtime_cleanup::PHASE,
     &hostname::PHASE,
     &loopback::PHASE,
     &channel::PHASE,
