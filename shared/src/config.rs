@@ -27,6 +27,7 @@ pub struct BootConfig {
     pub workload: Workload,
     pub shutdown: Shutdown,
     pub channel: Channel,
+    pub kine: Kine,
 }
 
 impl Default for BootConfig {
@@ -36,6 +37,40 @@ impl Default for BootConfig {
             workload: Workload::default(),
             shutdown: Shutdown::default(),
             channel: Channel::default(),
+            kine: Kine::default(),
+        }
+    }
+}
+
+/// Offline maintenance of k3s's kine (SQLite) database before k3s starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Kine {
+    /// Key prefixes whose objects are dropped (every revision) at boot: objects that describe
+    /// the previous boot's runtime and would make the kubelet reconcile against an empty
+    /// containerd, plus the bootstrap lock rows that make k3s hang after a kill.
+    pub prune_prefixes: Vec<String>,
+    /// VACUUM when free pages exceed this percentage of the file.
+    pub vacuum_free_percent: u32,
+    /// Below this much free space next to the database, neither the maintenance nor k3s starts.
+    pub min_free_mib: u64,
+}
+
+impl Default for Kine {
+    fn default() -> Self {
+        Self {
+            prune_prefixes: [
+                "/registry/pods/",
+                "/registry/events/",
+                "/registry/leases/",
+                "/registry/endpointslices/",
+                "/registry/masterleases/",
+                "/bootstrap/",
+            ]
+            .map(String::from)
+            .to_vec(),
+            vacuum_free_percent: 25,
+            min_free_mib: 64,
         }
     }
 }
@@ -266,6 +301,25 @@ impl BootConfig {
                 "must be between 1024 and 4294967294",
             ));
         }
+        for (i, prefix) in self.kine.prune_prefixes.iter().enumerate() {
+            // A prefix of "/" or one that does not name a key space would prune the whole cluster.
+            if !prefix.starts_with('/') || prefix.len() < 2 || !prefix.ends_with('/') {
+                return Err(ConfigError::invalid(
+                    source,
+                    &format!("kine.prune_prefixes[{i}]"),
+                    format!(
+                        "`{prefix}` must look like /registry/<kind>/ (leading and trailing slash)"
+                    ),
+                ));
+            }
+        }
+        if self.kine.vacuum_free_percent > 100 {
+            return Err(ConfigError::invalid(
+                source,
+                "kine.vacuum_free_percent",
+                "must be at most 100",
+            ));
+        }
         if self.channel.connect_timeout_ms > 60_000 {
             return Err(ConfigError::invalid(
                 source,
@@ -454,6 +508,15 @@ mod tests {
             ("workload:\n  cwd: rel\n", "workload.cwd"),
             ("shutdown:\n  grace_ms: 99999999\n", "shutdown.grace_ms"),
             ("channel:\n  port: 5\n", "channel.port"),
+            ("kine:\n  prune_prefixes: [/]\n", "kine.prune_prefixes[0]"),
+            (
+                "kine:\n  prune_prefixes: [/registry/pods/, registry]\n",
+                "kine.prune_prefixes[1]",
+            ),
+            (
+                "kine:\n  vacuum_free_percent: 101\n",
+                "kine.vacuum_free_percent",
+            ),
         ] {
             match BootConfig::from_yaml(yaml, &file()) {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{yaml}"),

@@ -11,6 +11,7 @@ use crate::reporter::Reporter;
 pub mod channel;
 pub mod config;
 pub mod hostname;
+pub mod kine;
 pub mod loopback;
 pub mod mounts;
 pub mod runtime_cleanup;
@@ -91,6 +92,7 @@ pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
     &runtime_cleanup::PHASE,
+    &kine::PHASE,
     &hostname::PHASE,
     &loopback::PHASE,
     &channel::PHASE,

@@ -1,0 +1,646 @@
+//! The `kine` phase: k3s's SQLite database, checked and pruned before k3s starts, in process
+//! (bundled SQLite: no sqlite3 binary in the guest).
+//!
+//! Order matters and every step keeps the user's data: a free-space guard first; then
+//! `PRAGMA quick_check`, and on failure a timestamped copy of the database files before the one
+//! documented recovery (drop `-wal`/`-shm`, falling back to the last checkpoint); then pruning in
+//! one transaction. kine is log-structured (a key's value is its newest row, older rows are its
+//! history), so an object is dropped by deleting every row of its key: deleting only the newest
+//! would resurrect the previous revision. `compact_rev_key` and every other key stay untouched.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openshell_shared::config::Kine;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::{Ctx, Done, Phase, PhaseResult};
+
+pub const PHASE: Phase = Phase {
+    name: "kine",
+    after: &["config"],
+    fatal: true,
+    purpose:
+        "check the k3s database, keep a copy if corrupt, prune stale objects and bootstrap locks",
+    run,
+};
+
+pub const DB_PATH: &str = "/var/lib/rancher/k3s/server/db/state.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KineError {
+    #[error("{path}: only {free_mib} MiB free, {min_mib} MiB needed: not touching the database and not starting k3s")]
+    NoSpace {
+        path: PathBuf,
+        free_mib: u64,
+        min_mib: u64,
+    },
+    #[error("{path}: cannot check free space: {errno}")]
+    Statvfs {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
+    #[error("{path}: database is corrupt ({first_error}) and dropping its WAL did not help; copies kept in {backup}; k3s not started")]
+    Corrupt {
+        path: PathBuf,
+        first_error: String,
+        backup: PathBuf,
+    },
+    #[error("{path}: cannot keep a copy of the damaged database in {backup}: {source}")]
+    Backup {
+        path: PathBuf,
+        backup: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {what}: {source}")]
+    Sql {
+        path: PathBuf,
+        what: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// What the phase did, for the report.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KineReport {
+    /// (prefix, rows deleted, distinct keys deleted)
+    pub pruned: Vec<(String, u64, u64)>,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub vacuumed: bool,
+    /// Set when the database failed its check and was recovered by dropping the WAL.
+    pub recovered_from: Option<PathBuf>,
+}
+
+impl KineReport {
+    pub fn rows(&self) -> u64 {
+        self.pruned.iter().map(|p| p.1).sum()
+    }
+
+    fn describe(&self) -> String {
+        let mut out = if self.rows() == 0 {
+            "nothing to prune".to_string()
+        } else {
+            let parts: Vec<String> = self
+                .pruned
+                .iter()
+                .filter(|p| p.1 > 0)
+                .map(|(prefix, rows, keys)| format!("{prefix} {rows} rows/{keys} keys"))
+                .collect();
+            format!("pruned {}", parts.join(", "))
+        };
+        out.push_str(&format!(
+            "; {} -> {} KiB{}",
+            self.bytes_before / 1024,
+            self.bytes_after / 1024,
+            if self.vacuumed { " (vacuumed)" } else { "" }
+        ));
+        if let Some(copy) = &self.recovered_from {
+            out.push_str(&format!(
+                "; failed its check: recovered from the last checkpoint, damaged files kept in {}",
+                copy.display()
+            ));
+        }
+        out
+    }
+}
+
+fn run(ctx: &Ctx) -> PhaseResult {
+    let db = ctx.path(DB_PATH);
+    if !db.exists() {
+        return Ok(Done::Skipped("no kine database yet".into()));
+    }
+    let report = maintain(&db, &ctx.config().kine)?;
+    Ok(Done::Ok(Some(report.describe())))
+}
+
+/// Checks, recovers if needed, and prunes the database at `db`.
+pub fn maintain(db: &Path, cfg: &Kine) -> Result<KineReport, KineError> {
+    let dir = db.parent().unwrap_or(Path::new("/"));
+    check_space(dir, cfg.min_free_mib)?;
+    let mut report = KineReport {
+        bytes_before: files_size(db),
+        ..KineReport::default()
+    };
+    if let Err(first_error) = quick_check(db) {
+        let backup = keep_copy(db)?;
+        for suffix in ["-wal", "-shm"] {
+            let p = sibling(db, suffix);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|source| KineError::Io {
+                    path: p.clone(),
+                    what: "drop for recovery",
+                    source,
+                })?;
+            }
+        }
+        if quick_check(db).is_err() {
+            return Err(KineError::Corrupt {
+                path: db.to_path_buf(),
+                first_error,
+                backup,
+            });
+        }
+        report.recovered_from = Some(backup);
+    }
+    let sql = |what: &'static str| {
+        let path = db.to_path_buf();
+        move |source| KineError::Sql { path, what, source }
+    };
+    let mut conn = open(db).map_err(sql("open"))?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql("begin transaction (is k3s running?)"))?;
+    for prefix in &cfg.prune_prefixes {
+        let (rows, keys): (u64, u64) = tx
+            .query_row(
+                "SELECT count(*), count(DISTINCT name) FROM kine WHERE substr(name, 1, length(?1)) = ?1",
+                [prefix],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(sql("count stale rows"))?;
+        if rows > 0 {
+            tx.execute(
+                "DELETE FROM kine WHERE substr(name, 1, length(?1)) = ?1",
+                [prefix],
+            )
+            .map_err(sql("prune"))?;
+        }
+        report.pruned.push((prefix.clone(), rows, keys));
+    }
+    tx.commit().map_err(sql("commit"))?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .map_err(sql("checkpoint"))?;
+    let (free, total): (u64, u64) = conn
+        .query_row(
+            "SELECT (SELECT freelist_count FROM pragma_freelist_count), (SELECT page_count FROM pragma_page_count)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(sql("page counts"))?;
+    if total > 0 && free * 100 > total * u64::from(cfg.vacuum_free_percent) {
+        conn.execute_batch("VACUUM").map_err(sql("vacuum"))?;
+        report.vacuumed = true;
+    }
+    drop(conn);
+    report.bytes_after = files_size(db);
+    Ok(report)
+}
+
+fn open(db: &Path) -> rusqlite::Result<Connection> {
+    // Never create: a missing database is k3s's to make.
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    // k3s is not running yet, so a lock is someone else's: wait briefly, then say so.
+    conn.busy_timeout(Duration::from_secs(2))?;
+    Ok(conn)
+}
+
+/// `Ok` when SQLite's quick check passes; otherwise its first complaint.
+pub fn quick_check(db: &Path) -> Result<(), String> {
+    let conn = open(db).map_err(|e| e.to_string())?;
+    let first: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if first == "ok" {
+        Ok(())
+    } else {
+        Err(first)
+    }
+}
+
+fn sibling(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn files_size(db: &Path) -> u64 {
+    ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|s| std::fs::metadata(sibling(db, s)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Copies the database and its WAL/SHM into a new `corrupt-<unix time>` directory beside them.
+fn keep_copy(db: &Path) -> Result<PathBuf, KineError> {
+    let dir = db.parent().unwrap_or(Path::new("/"));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut backup = dir.join(format!("corrupt-{stamp}"));
+    let mut n = 1;
+    while backup.exists() {
+        backup = dir.join(format!("corrupt-{stamp}-{n}"));
+        n += 1;
+    }
+    let err = |source| KineError::Backup {
+        path: db.to_path_buf(),
+        backup: backup.clone(),
+        source,
+    };
+    std::fs::create_dir(&backup).map_err(err)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let from = sibling(db, suffix);
+        if let Some(name) = from.file_name().filter(|_| from.exists()) {
+            std::fs::copy(&from, backup.join(name)).map_err(err)?;
+        }
+    }
+    // The copy must be on disk before anything is dropped.
+    nix::unistd::sync();
+    Ok(backup)
+}
+
+fn check_space(dir: &Path, min_mib: u64) -> Result<(), KineError> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|errno| KineError::Statvfs {
+        path: dir.to_path_buf(),
+        errno,
+    })?;
+    #[allow(clippy::unnecessary_cast)] // field widths differ between libcs
+    let free_mib = (st.blocks_available() as u64 * st.fragment_size() as u64) >> 20;
+    if free_mib < min_mib {
+        return Err(KineError::NoSpace {
+            path: dir.to_path_buf(),
+            free_mib,
+            min_mib,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub mod fixture {
+    //! Databases with kine's real schema and realistic keys and revision chains.
+
+    use super::*;
+
+    pub const SCHEMA: &str = "
+        CREATE TABLE IF NOT EXISTS kine (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT, created INTEGER, deleted INTEGER, create_revision INTEGER,
+            prev_revision INTEGER, lease INTEGER, value BLOB, old_value BLOB);
+        CREATE INDEX IF NOT EXISTS kine_name_index ON kine (name);
+        CREATE INDEX IF NOT EXISTS kine_name_id_index ON kine (name, id);
+        CREATE INDEX IF NOT EXISTS kine_id_deleted_index ON kine (id, deleted);
+        CREATE INDEX IF NOT EXISTS kine_prev_revision_index ON kine (prev_revision);
+        CREATE UNIQUE INDEX IF NOT EXISTS kine_name_prev_revision_uindex ON kine (name, prev_revision);
+        CREATE INDEX IF NOT EXISTS kine_list_query_index ON kine (name, id DESC, deleted)
+            WHERE name != 'compact_rev_key';";
+
+    /// Appends `revisions` rows for `name` as kine would (create, updates, optional tombstone).
+    pub fn object(conn: &Connection, name: &str, revisions: u32, tombstone: bool) {
+        let mut prev: i64 = 0;
+        let mut create: i64 = 0;
+        for r in 0..revisions {
+            let deleted = i64::from(tombstone && r + 1 == revisions);
+            conn.execute(
+                "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7)",
+                rusqlite::params![name, i64::from(r == 0), deleted, create, prev, format!("{name}#{r}").into_bytes(), Vec::<u8>::new()],
+            )
+            .expect("insert");
+            prev = conn.last_insert_rowid();
+            if r == 0 {
+                create = prev;
+            }
+        }
+    }
+
+    /// A database like a k3s that ran a while and was killed: pods, events, leases with history,
+    /// a bootstrap lock, compaction and gap rows, and keys that must survive.
+    pub fn realistic(db: &Path) -> Connection {
+        let conn = Connection::open(db).expect("open");
+        conn.execute_batch("PRAGMA journal_mode=WAL;").expect("wal");
+        conn.execute_batch(SCHEMA).expect("schema");
+        object(&conn, "compact_rev_key", 1, false);
+        object(&conn, "/bootstrap/2a5f0c1d", 1, false);
+        for i in 0..20 {
+            object(
+                &conn,
+                &format!("/registry/pods/openshell/gateway-{i}"),
+                4,
+                i % 5 == 0,
+            );
+            object(
+                &conn,
+                &format!("/registry/events/openshell/gateway-{i}.17a"),
+                1,
+                false,
+            );
+        }
+        object(
+            &conn,
+            "/registry/leases/kube-node-lease/openshell-vm",
+            30,
+            false,
+        );
+        object(&conn, "/registry/masterleases/192.168.127.2", 3, false);
+        object(
+            &conn,
+            "/registry/endpointslices/default/kubernetes",
+            2,
+            false,
+        );
+        object(&conn, "gap-51", 1, false);
+        object(&conn, "/registry/minions/openshell-vm", 5, false);
+        object(&conn, "/registry/secrets/openshell/gateway-tls", 2, false);
+        object(&conn, "/registry/podtemplates/default/t", 1, false);
+        object(
+            &conn,
+            "/registry/configmaps/kube-system/cluster-dns",
+            1,
+            false,
+        );
+        conn
+    }
+
+    pub fn count(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).expect("count")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::*;
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::tempdir().expect("tmp");
+        let db = t.path().join("state.db");
+        (t, db)
+    }
+
+    /// Every row of a kept key, in id order, as (name, value).
+    fn kept_rows(db: &Path) -> Vec<(String, Vec<u8>)> {
+        let conn = Connection::open(db).expect("open");
+        let mut stmt = conn
+            .prepare("SELECT name, value FROM kine WHERE name NOT LIKE '/registry/pods/%' AND name NOT LIKE '/registry/events/%' AND name NOT LIKE '/registry/leases/%' AND name NOT LIKE '/registry/endpointslices/%' AND name NOT LIKE '/registry/masterleases/%' AND name NOT LIKE '/bootstrap/%' ORDER BY id")
+            .expect("prepare");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .map(|r| r.expect("row"))
+            .collect()
+    }
+
+    #[test]
+    fn prunes_every_revision_of_stale_keys_and_nothing_else() {
+        let (_t, db) = setup();
+        let conn = realistic(&db);
+        let before_kept = kept_rows(&db);
+        drop(conn);
+        let report = maintain(&db, &Kine::default()).expect("maintain");
+        let conn = Connection::open(&db).expect("open");
+        for prefix in Kine::default().prune_prefixes {
+            let left = count(
+                &conn,
+                &format!("SELECT count(*) FROM kine WHERE name LIKE '{prefix}%'"),
+            );
+            assert_eq!(left, 0, "{prefix} rows left: no revision may come back");
+        }
+        assert_eq!(
+            kept_rows(&db),
+            before_kept,
+            "kept keys are byte for byte the same"
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM kine WHERE name = 'compact_rev_key'"
+            ),
+            1
+        );
+        let pods = report
+            .pruned
+            .iter()
+            .find(|p| p.0 == "/registry/pods/")
+            .expect("pods");
+        assert_eq!((pods.1, pods.2), (80, 20));
+        let leases = report
+            .pruned
+            .iter()
+            .find(|p| p.0 == "/registry/leases/")
+            .expect("leases");
+        assert_eq!((leases.1, leases.2), (30, 1));
+        let lock = report
+            .pruned
+            .iter()
+            .find(|p| p.0 == "/bootstrap/")
+            .expect("bootstrap");
+        assert_eq!((lock.1, lock.2), (1, 1));
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM pragma_integrity_check WHERE integrity_check != 'ok'"
+            ),
+            0
+        );
+        // The WAL was checkpointed into the main file and truncated.
+        assert_eq!(
+            std::fs::metadata(sibling(&db, "-wal"))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            0
+        );
+    }
+
+    #[test]
+    fn second_run_prunes_nothing_and_says_so() {
+        let (_t, db) = setup();
+        drop(realistic(&db));
+        assert!(maintain(&db, &Kine::default()).expect("first").rows() > 0);
+        let again = maintain(&db, &Kine::default()).expect("second");
+        assert_eq!(again.rows(), 0);
+        assert!(
+            again.describe().starts_with("nothing to prune"),
+            "{}",
+            again.describe()
+        );
+    }
+
+    #[test]
+    fn prefixes_are_literal_not_patterns() {
+        let (_t, db) = setup();
+        let conn = realistic(&db);
+        // `_` and `%` are LIKE wildcards; a prefix must only match itself.
+        object(&conn, "/registry/pods_x/keep", 1, false);
+        object(&conn, "/registry/podsZ/keep", 1, false);
+        drop(conn);
+        let cfg = Kine {
+            prune_prefixes: vec!["/registry/pods/".into()],
+            ..Kine::default()
+        };
+        maintain(&db, &cfg).expect("maintain");
+        let conn = Connection::open(&db).expect("open");
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM kine WHERE name LIKE '%/keep'"),
+            2
+        );
+    }
+
+    #[test]
+    fn vacuum_only_past_the_free_page_threshold() {
+        let (_t, db) = setup();
+        let conn = realistic(&db);
+        for i in 0..400 {
+            object(&conn, &format!("/registry/events/bulk/e{i}"), 2, false);
+        }
+        drop(conn);
+        let never = Kine {
+            vacuum_free_percent: 100,
+            ..Kine::default()
+        };
+        let r = maintain(&db, &never).expect("maintain");
+        assert!(!r.vacuumed);
+        let (_t2, db2) = setup();
+        let conn = realistic(&db2);
+        for i in 0..400 {
+            object(&conn, &format!("/registry/events/bulk/e{i}"), 2, false);
+        }
+        drop(conn);
+        let r = maintain(&db2, &Kine::default()).expect("maintain");
+        assert!(r.vacuumed, "{r:?}");
+        assert!(r.bytes_after < r.bytes_before, "{r:?}");
+    }
+
+    #[test]
+    fn garbage_file_is_kept_and_reported_never_deleted() {
+        let (t, db) = setup();
+        std::fs::write(&db, vec![0x5a; 8192]).expect("write");
+        let err = maintain(&db, &Kine::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("state.db") && text.contains("k3s not started"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read(&db).expect("still there"), vec![0x5a; 8192]);
+        let KineError::Corrupt { backup, .. } = err else {
+            panic!("expected corrupt")
+        };
+        assert_eq!(
+            std::fs::read(backup.join("state.db")).expect("copy"),
+            vec![0x5a; 8192]
+        );
+        assert!(backup.starts_with(t.path()));
+    }
+
+    #[test]
+    fn truncated_file_is_reported() {
+        let (_t, db) = setup();
+        drop(realistic(&db));
+        // Fold the WAL in, then cut the file in half.
+        maintain(
+            &db,
+            &Kine {
+                prune_prefixes: vec![],
+                ..Kine::default()
+            },
+        )
+        .expect("checkpoint");
+        let bytes = std::fs::read(&db).expect("read");
+        std::fs::write(&db, &bytes[..bytes.len() / 2]).expect("truncate");
+        assert!(matches!(
+            maintain(&db, &Kine::default()),
+            Err(KineError::Corrupt { .. })
+        ));
+        assert_eq!(std::fs::read(&db).expect("kept").len(), bytes.len() / 2);
+    }
+
+    #[test]
+    fn stale_wal_from_a_crash_is_folded_in_not_lost() {
+        let (t, db) = setup();
+        let conn = realistic(&db);
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
+            .expect("pragma");
+        object(
+            &conn,
+            "/registry/configmaps/late/written-before-crash",
+            1,
+            false,
+        );
+        object(&conn, "/registry/pods/late/p", 1, false);
+        // The "crash": copy the files while the connection is live, WAL unmerged.
+        let crashed = t.path().join("crashed");
+        std::fs::create_dir(&crashed).expect("mkdir");
+        for suffix in ["", "-wal", "-shm"] {
+            let from = sibling(&db, suffix);
+            std::fs::copy(&from, sibling(&crashed.join("state.db"), suffix)).expect("copy");
+        }
+        drop(conn);
+        let db = crashed.join("state.db");
+        assert!(std::fs::metadata(sibling(&db, "-wal")).expect("wal").len() > 0);
+        let report = maintain(&db, &Kine::default()).expect("maintain");
+        assert!(report.recovered_from.is_none());
+        let conn = Connection::open(&db).expect("open");
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM kine WHERE name = '/registry/configmaps/late/written-before-crash'"),
+            1
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM kine WHERE name LIKE '/registry/pods/%'"
+            ),
+            0
+        );
+        assert_eq!(
+            std::fs::metadata(sibling(&db, "-wal"))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            0
+        );
+    }
+
+    #[test]
+    fn database_locked_by_another_connection_is_an_error_and_unchanged() {
+        let (_t, db) = setup();
+        drop(realistic(&db));
+        let holder = Connection::open(&db).expect("open");
+        holder.execute_batch("BEGIN EXCLUSIVE;").expect("lock");
+        let started = std::time::Instant::now();
+        let err = maintain(&db, &Kine::default()).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let text = err.to_string();
+        assert!(
+            text.contains("state.db") && text.contains("locked"),
+            "{text}"
+        );
+        holder.execute_batch("ROLLBACK;").expect("unlock");
+        let conn = Connection::open(&db).expect("open");
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM kine WHERE name LIKE '/registry/pods/%'"
+            ),
+            80
+        );
+    }
+
+    #[test]
+    fn not_enough_space_refuses_before_touching_anything() {
+        let (_t, db) = setup();
+        drop(realistic(&db));
+        let greedy = Kine {
+            min_free_mib: u64::MAX >> 21,
+            ..Kine::default()
+        };
+        match maintain(&db, &greedy) {
+            Err(KineError::NoSpace { .. }) => {}
+            other => panic!("expected no space, got {other:?}"),
+        }
+        let conn = Connection::open(&db).expect("open");
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM kine WHERE name LIKE '/bootstrap/%'"
+            ),
+            1
+        );
+    }
+}
