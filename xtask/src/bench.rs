@@ -18,6 +18,13 @@ pub struct BenchArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum What {
+    /// kine pruning on a 200k-row database against the old sqlite3 DELETEs.
+    Kine {
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Boot timing, phase by phase, against the shell way.
     Boot {
         #[arg(long, value_enum, default_value_t = Arch::host())]
@@ -38,6 +45,7 @@ const MAX_INIT_RSS_KIB: u64 = 8 * 1024;
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         What::Boot { arch, runs, out } => boot(arch, runs.max(1), out),
+        What::Kine { rows, runs } => crate::bench_kine::run(rows, runs.max(1)),
     }
 }
 
@@ -57,7 +65,7 @@ impl Samples {
 }
 
 /// (min, median, max)
-fn stats(v: &[f64]) -> (f64, f64, f64) {
+pub fn stats(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let median = if s.len() % 2 == 1 {
