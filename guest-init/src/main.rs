@@ -5,6 +5,7 @@ mod cli;
 mod clock;
 mod console;
 mod engine;
+mod netlink;
 mod panic;
 mod phases;
 mod pid1;

@@ -68,7 +68,7 @@ impl Progress {
                     Outcome::Failed(err) => ("FAILED", format!("  {err}")),
                 };
                 self.line(&format!(
-                    "  {phase:<14} {word:<8} {:>9.3} ms{extra}",
+                    "  {phase:<16} {word:<8} {:>9.3} ms{extra}",
                     *duration_us as f64 / 1000.0
                 ));
             }

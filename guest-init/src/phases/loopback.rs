@@ -1,12 +1,10 @@
 //! The `loopback` phase: `lo` up over rtnetlink (no `ip` binary in the guest). k3s and its
 //! components talk to each other on 127.0.0.1.
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
-};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkFlags, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use crate::netlink::{self, NetlinkError};
 
 use super::{Ctx, Done, Phase, PhaseResult};
 
@@ -19,19 +17,10 @@ pub const PHASE: Phase = Phase {
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    #[error("interface {name}: netlink socket: {source}")]
-    Socket {
-        name: String,
-        source: std::io::Error,
-    },
-    #[error("interface {name}: kernel refused RTM_SETLINK: {errno}")]
-    Refused {
-        name: String,
-        errno: nix::errno::Errno,
-    },
-    #[error("interface {name}: malformed netlink reply: {reason}")]
-    BadReply { name: String, reason: String },
+#[error("interface {name}: {source}")]
+pub struct LinkError {
+    pub name: String,
+    pub source: NetlinkError,
 }
 
 fn run(_ctx: &Ctx) -> PhaseResult {
@@ -39,64 +28,22 @@ fn run(_ctx: &Ctx) -> PhaseResult {
     Ok(Done::Ok(None))
 }
 
-/// Sets IFF_UP on `name` and waits for the kernel's acknowledgement. The link is named in the
-/// request itself (the kernel resolves it), which saves a round trip to look up its index.
+/// Sets IFF_UP on `name` and waits for the kernel's acknowledgement.
 pub fn set_up(name: &str) -> Result<(), LinkError> {
-    let request = set_up_request(name, 1);
-    let sock_err = |source| LinkError::Socket {
-        name: name.into(),
-        source,
-    };
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(sock_err)?;
-    socket.bind_auto().map_err(sock_err)?;
-    socket.connect(&SocketAddr::new(0, 0)).map_err(sock_err)?;
-    socket.send(&request, 0).map_err(sock_err)?;
-    let mut buf = vec![0u8; 8192];
-    let n = socket.recv(&mut &mut buf[..], 0).map_err(sock_err)?;
-    check_ack(name, &buf[..n])
+    netlink::request(RouteNetlinkMessage::SetLink(up_message(name)), 0).map_err(|source| {
+        LinkError {
+            name: name.into(),
+            source,
+        }
+    })
 }
 
-/// The RTM_SETLINK request that sets IFF_UP (and only that flag) on the link named `name`.
-pub fn set_up_request(name: &str, seq: u32) -> Vec<u8> {
-    let mut link = LinkMessage::default();
-    link.attributes
-        .push(LinkAttribute::IfName(name.to_string()));
+/// RTM_SETLINK payload that sets IFF_UP (and only that flag) on the link named `name`.
+pub fn up_message(name: &str) -> LinkMessage {
+    let mut link = netlink::named_link(name);
     link.header.flags = LinkFlags::Up;
     link.header.change_mask = LinkFlags::Up;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    header.sequence_number = seq;
-    let mut msg = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::SetLink(link)),
-    );
-    msg.finalize();
-    let mut buf = vec![0u8; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    buf
-}
-
-/// Interprets the kernel's reply: an ACK (error code 0) or an error.
-pub fn check_ack(name: &str, reply: &[u8]) -> Result<(), LinkError> {
-    let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(reply).map_err(|e| {
-        LinkError::BadReply {
-            name: name.into(),
-            reason: e.to_string(),
-        }
-    })?;
-    match msg.payload {
-        NetlinkPayload::Error(e) => match e.code {
-            None => Ok(()),
-            Some(code) => Err(LinkError::Refused {
-                name: name.into(),
-                errno: nix::errno::Errno::from_raw(-code.get()),
-            }),
-        },
-        other => Err(LinkError::BadReply {
-            name: name.into(),
-            reason: format!("expected an acknowledgement, got {other:?}"),
-        }),
-    }
+    link
 }
 
 #[cfg(test)]
@@ -105,7 +52,7 @@ mod tests {
 
     #[test]
     fn request_bytes_are_an_rtm_setlink_with_ack() {
-        let req = set_up_request("lo", 7);
+        let req = netlink::encode(RouteNetlinkMessage::SetLink(up_message("lo")), 0, 7);
         let len = u32::from_ne_bytes(req[0..4].try_into().expect("len"));
         assert_eq!(len as usize, req.len());
         assert_eq!(
@@ -140,8 +87,8 @@ mod tests {
     fn garbage_reply_is_an_error_not_a_panic() {
         for reply in [&[][..], &[1, 2, 3][..], &[0xff; 64][..]] {
             assert!(matches!(
-                check_ack("lo", reply),
-                Err(LinkError::BadReply { .. })
+                netlink::check_ack(reply),
+                Err(NetlinkError::BadReply(_))
             ));
         }
     }
@@ -175,12 +122,13 @@ mod tests {
             let before = lo_is_up();
             // A link that does not exist is the kernel's ENODEV, named.
             match set_up("nosuchlink0") {
-                Err(LinkError::Refused { name, errno }) => {
-                    assert_eq!(
-                        (name.as_str(), errno),
-                        ("nosuchlink0", nix::errno::Errno::ENODEV)
-                    )
-                }
+                Err(LinkError {
+                    name,
+                    source: NetlinkError::Refused(errno),
+                }) => assert_eq!(
+                    (name.as_str(), errno),
+                    ("nosuchlink0", nix::errno::Errno::ENODEV)
+                ),
                 other => panic!("expected ENODEV, got {other:?}"),
             }
             set_up("lo").expect("lo up");

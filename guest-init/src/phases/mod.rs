@@ -8,6 +8,7 @@ use openshell_shared::BootConfig;
 
 use crate::reporter::Reporter;
 
+pub mod capabilities;
 pub mod channel;
 pub mod config;
 pub mod hostname;
@@ -93,6 +94,7 @@ pub const PLAN: &[&Phase] = &[
     &config::PHASE,
     &runtime_cleanup::PHASE,
     &kine::PHASE,
+    &capabilities::PHASE,
     &hostname::PHASE,
     &loopback::PHASE,
     &channel::PHASE,
