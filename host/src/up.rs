@@ -40,7 +40,7 @@ pub mod code {
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
     /// Guest architecture.
-    #[arg(long, value_enum, default_value_t = Arch::host())]
+    #[arg(long, default_value_t = Arch::host())]
     pub arch: Arch,
     /// Guest kernel: bzImage (x86_64) or Image (aarch64).
     #[arg(long)]

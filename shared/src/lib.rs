@@ -2,9 +2,11 @@
 //! the boot configuration openshell-init reads. Kept free of I/O so the host, the guest and the
 //! fuzzers all use the exact same decoding code.
 
+pub mod arch;
 pub mod config;
 pub mod protocol;
 
+pub use arch::Arch;
 pub use config::{BootConfig, Cmdline, ConfigError};
 pub use protocol::{
     encode, Envelope, FrameDecoder, GuestMessage, HostMessage, Level, Outcome, ProtocolError,

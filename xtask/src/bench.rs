@@ -4,7 +4,6 @@
 //! Also checks the init binary's size and peak RSS against their targets.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
@@ -27,7 +26,7 @@ pub enum What {
     },
     /// Boot timing, phase by phase, against the shell way.
     Boot {
-        #[arg(long, value_enum, default_value_t = Arch::host())]
+        #[arg(long, default_value_t = Arch::host())]
         arch: Arch,
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -90,14 +89,7 @@ fn boot(arch: Arch, runs: usize, out: Option<PathBuf>) -> Result<()> {
         // The workload times the shell way with init's own clock (supervise reports the
         // start and end on CLOCK_BOOTTIME) and writes the events where the host can read them.
         let script = "/sbin/openshell-init supervise --grace-ms 1000 -- /bin/sh /opt/bench/shell-way.sh > /bench-shell.jsonl";
-        let status = Command::new(&host)
-            .args(["up", "--arch", arch.name(), "--name", "bench"])
-            .arg("--kernel")
-            .arg(&a.kernel)
-            .arg("--rootfs")
-            .arg(&root)
-            .arg("--vsock-helper")
-            .arg(&a.vsock_helper)
+        let status = up::host_up(&host, arch, "bench", &a, &root)
             .arg("--report")
             .arg(&report)
             .args(["--json", "--exec", "/bin/sh", "-c", script])

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cache::{self, Key};
-use crate::{run, workspace, Arch, Error, Result};
+use crate::{run, workspace, Arch, BuildNames, Error, Result};
 
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// Bumped when the build steps below change in a way that changes the output.

@@ -13,7 +13,7 @@ mod up;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,43 +42,29 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Arch {
-    #[value(name = "x86_64")]
-    X86_64,
-    #[value(name = "aarch64")]
-    Aarch64,
+pub use openshell_shared::Arch;
+
+/// Names the kernel build and Debian use for an architecture.
+pub trait BuildNames {
+    fn kernel_arch(self) -> &'static str;
+    fn cross_prefix(self) -> &'static str;
+    fn debian(self) -> &'static str;
 }
 
-impl Arch {
-    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
-
-    pub fn host() -> Self {
-        if cfg!(target_arch = "aarch64") {
-            Arch::Aarch64
-        } else {
-            Arch::X86_64
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64",
-            Arch::Aarch64 => "aarch64",
-        }
-    }
-    pub fn kernel_arch(self) -> &'static str {
+impl BuildNames for Arch {
+    fn kernel_arch(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86",
             Arch::Aarch64 => "arm64",
         }
     }
-    pub fn cross_prefix(self) -> &'static str {
+    fn cross_prefix(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64-linux-gnu-",
             Arch::Aarch64 => "aarch64-linux-gnu-",
         }
     }
-    pub fn debian(self) -> &'static str {
+    fn debian(self) -> &'static str {
         match self {
             Arch::X86_64 => "amd64",
             Arch::Aarch64 => "arm64",
@@ -97,19 +83,19 @@ struct Cli {
 enum Cmd {
     /// Build the guest kernel (cached by input hash); prints its directory.
     Kernel {
-        #[arg(long, value_enum, default_value_t = Arch::host())]
+        #[arg(long, default_value_t = Arch::host())]
         arch: Arch,
     },
     /// Build openshell-init for the guest; prints the binary's path.
     Init {
-        #[arg(long, value_enum, default_value_t = Arch::host())]
+        #[arg(long, default_value_t = Arch::host())]
         arch: Arch,
     },
     /// Build a guest root filesystem (cached by input hash); prints its directory.
     Rootfs {
         #[arg(long, default_value = "base")]
         profile: String,
-        #[arg(long, value_enum, default_value_t = Arch::host())]
+        #[arg(long, default_value_t = Arch::host())]
         arch: Arch,
         /// Also copy the tree here, for a boot that writes to it.
         #[arg(long)]
@@ -119,7 +105,7 @@ enum Cmd {
     VsockHelper,
     /// Build whatever is missing for one arch and print the artifact paths.
     Artifacts {
-        #[arg(long, value_enum, default_value_t = Arch::host())]
+        #[arg(long, default_value_t = Arch::host())]
         arch: Arch,
         #[arg(long)]
         json: bool,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cache::{self, Key};
-use crate::{run, run_output, workspace, Arch, Error, Result};
+use crate::{run, run_output, workspace, Arch, BuildNames, Error, Result};
 
 const RECIPE: &str = "rootfs-base-v1";
 
@@ -106,24 +106,15 @@ pub fn filter_applets(list: &str) -> Vec<String> {
 fn overlay_files(profile: &str) -> Result<Vec<(String, PathBuf)>> {
     let base = workspace().join("rootfs").join(profile);
     let mut out = Vec::new();
-    let mut stack = vec![base.clone()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir)
-            .map_err(|e| Error::io("list", &dir, e))?
-            .flatten()
-        {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p
-                    .strip_prefix(&base)
-                    .map_err(|_| Error::msg("path outside base"))?;
-                out.push((rel.to_string_lossy().into_owned(), p));
-            }
+    for p in walk(&base)? {
+        if p.is_dir() {
+            continue;
         }
+        let rel = p
+            .strip_prefix(&base)
+            .map_err(|_| Error::msg("path outside base"))?;
+        out.push((rel.to_string_lossy().into_owned(), p.clone()));
     }
-    out.sort();
     Ok(out)
 }
 

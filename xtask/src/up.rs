@@ -6,11 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{artifacts, cache, rootfs, tools, Arch, Error, Result};
+use crate::{artifacts, cache, rootfs, tools, Arch, Artifacts, Error, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    #[arg(long, value_enum, default_value_t = Arch::host())]
+    #[arg(long, default_value_t = Arch::host())]
     pub arch: Arch,
     #[arg(long, default_value = "default")]
     pub name: String,
@@ -30,19 +30,8 @@ pub fn run(args: UpArgs) -> Result<i32> {
         "xtask: booting profile `base` ({}): k3s cannot be downloaded on this machine, so the gateway profile is not built yet",
         args.arch.name()
     );
-    let mut cmd = Command::new(host);
-    cmd.arg("up")
-        .arg("--arch")
-        .arg(args.arch.name())
-        .arg("--name")
-        .arg(&args.name)
-        .arg("--kernel")
-        .arg(&a.kernel)
-        .arg("--rootfs")
-        .arg(&root)
-        .arg("--vsock-helper")
-        .arg(&a.vsock_helper)
-        .args(&args.host_args);
+    let mut cmd = host_up(&host, args.arch, &args.name, &a, &root);
+    cmd.args(&args.host_args);
     if !args.exec.is_empty() {
         cmd.arg("--exec").args(&args.exec);
     }
@@ -50,6 +39,19 @@ pub fn run(args: UpArgs) -> Result<i32> {
         .status()
         .map_err(|e| Error::msg(format!("cannot run openshell-host: {e}")))?;
     Ok(status.code().unwrap_or(1))
+}
+
+/// `openshell-host up` for instance `name` booting `root` with the kernel and helpers of `a`.
+pub fn host_up(host: &Path, arch: Arch, name: &str, a: &Artifacts, root: &Path) -> Command {
+    let mut cmd = Command::new(host);
+    cmd.args(["up", "--arch", arch.name(), "--name", name])
+        .arg("--kernel")
+        .arg(&a.kernel)
+        .arg("--rootfs")
+        .arg(root)
+        .arg("--vsock-helper")
+        .arg(&a.vsock_helper);
+    cmd
 }
 
 /// The instance's writable root, copied from `base` unless it already came from it.

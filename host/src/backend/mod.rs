@@ -5,37 +5,13 @@ use std::path::PathBuf;
 
 pub mod qemu;
 
-/// Guest architectures we build kernels for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Arch {
-    #[value(name = "x86_64")]
-    X86_64,
-    #[value(name = "aarch64")]
-    Aarch64,
-}
+pub use openshell_shared::Arch;
 
-impl Arch {
-    pub fn host() -> Self {
-        if cfg!(target_arch = "aarch64") {
-            Arch::Aarch64
-        } else {
-            Arch::X86_64
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64",
-            Arch::Aarch64 => "aarch64",
-        }
-    }
-
-    /// The serial console the kernel writes to on this architecture's machine model.
-    pub fn console(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "ttyS0",
-            Arch::Aarch64 => "ttyAMA0",
-        }
+/// The serial console the kernel writes to on this architecture's machine model.
+pub fn console(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "ttyS0",
+        Arch::Aarch64 => "ttyAMA0",
     }
 }
 
@@ -59,7 +35,7 @@ pub struct VmSpec {
 /// `openshell.*` keys init reads.
 pub fn kernel_cmdline(arch: Arch, exec: &[String], extra: Option<&str>) -> String {
     let mut parts = vec![
-        format!("console={}", arch.console()),
+        format!("console={}", console(arch)),
         "rootfstype=virtiofs".to_string(),
         "root=rootfs".to_string(),
         "rw".to_string(),
