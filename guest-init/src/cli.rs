@@ -41,6 +41,10 @@ pub enum Command {
         /// Kernel command line to read instead of <root>/proc/cmdline.
         #[arg(long)]
         cmdline: Option<String>,
+        /// Run in the caller's namespaces, changing the real system (e.g. network-cleanup
+        /// under `nsenter --net=...` against a namespace's real links and mounts).
+        #[arg(long)]
+        in_place: bool,
     },
     /// Run CMD as PID 1 runs the workload: own session, reaping orphans (as a subreaper),
     /// forwarding signals, SIGKILL after the grace period. Prints events as JSON lines.
@@ -77,7 +81,8 @@ pub fn main(init_entry_us: u64) -> i32 {
             root,
             config,
             cmdline,
-        } => match run_phase(&name, root, config, cmdline, init_entry_us) {
+            in_place,
+        } => match run_phase(&name, root, config, cmdline, in_place, init_entry_us) {
             Ok(true) => 0,
             Ok(false) => 1,
             Err(e) => {
@@ -121,6 +126,7 @@ fn run_phase(
     root: PathBuf,
     config: Option<PathBuf>,
     cmdline: Option<String>,
+    in_place: bool,
     init_entry_us: u64,
 ) -> Result<bool, CliError> {
     let phase = phases::find(name).ok_or_else(|| CliError::UnknownPhase(name.to_string()))?;
@@ -128,7 +134,9 @@ fn run_phase(
         path: root.clone(),
         source,
     })?;
-    isolate()?;
+    if !in_place {
+        isolate()?;
+    }
     let reporter = Reporter::new(Sink::JsonLines, init_entry_us);
     reporter.disable_channel();
     let mut ctx = Ctx::new(&root, reporter, false);

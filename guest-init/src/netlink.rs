@@ -2,7 +2,7 @@
 //! capability probes) need, on a plain blocking socket (no async runtime in the guest).
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{
@@ -93,4 +93,87 @@ pub fn create_link(name: &str, kind: InfoKind, peer: Option<&str>) -> Result<(),
 
 pub fn delete_link(name: &str) -> Result<(), NetlinkError> {
     request(RouteNetlinkMessage::DelLink(named_link(name)), 0)
+}
+
+/// A link as a dump lists it: its name and, when it has one, its kind (`veth`, `bridge`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub kind: Option<String>,
+}
+
+/// Every link of the calling thread's network namespace.
+pub fn links() -> Result<Vec<Link>, NetlinkError> {
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+    socket.bind_auto().map_err(NetlinkError::Socket)?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(NetlinkError::Socket)?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut msg = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    msg.finalize();
+    let mut req = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut req);
+    socket.send(&req, 0).map_err(NetlinkError::Socket)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket
+            .recv(&mut &mut buf[..], 0)
+            .map_err(NetlinkError::Socket)?;
+        if n == 0 {
+            return Err(NetlinkError::BadReply(
+                "dump ended without NLMSG_DONE".into(),
+            ));
+        }
+        let mut offset = 0;
+        while offset < n {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..n])
+                .map_err(|e| NetlinkError::BadReply(e.to_string()))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    if let Some(code) = e.code {
+                        return Err(NetlinkError::Refused(nix::errno::Errno::from_raw(
+                            -code.get(),
+                        )));
+                    }
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    out.push(describe(&link))
+                }
+                _ => {}
+            }
+            if len == 0 {
+                return Err(NetlinkError::BadReply("zero-length message in dump".into()));
+            }
+            // Messages are 4-byte aligned.
+            offset += (len + 3) & !3;
+        }
+    }
+}
+
+fn describe(link: &LinkMessage) -> Link {
+    let mut name = String::new();
+    let mut kind = None;
+    for attr in &link.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Kind(k) = info {
+                        kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Link { name, kind }
 }

@@ -15,6 +15,7 @@ pub mod hostname;
 pub mod kine;
 pub mod loopback;
 pub mod mounts;
+pub mod network_cleanup;
 pub mod runtime_cleanup;
 
 /// Everything a phase may look at. Paths inside the guest are always joined to `root`, which is
@@ -93,6 +94,7 @@ pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
     &runtime_cleanup::PHASE,
+    &network_cleanup::PHASE,
     &kine::PHASE,
     &capabilities::PHASE,
     &hostname::PHASE,
