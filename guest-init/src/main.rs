@@ -4,6 +4,7 @@
 mod cli;
 mod clock;
 mod console;
+mod dhcp;
 mod engine;
 mod netlink;
 mod panic;

@@ -98,8 +98,10 @@ pub fn delete_link(name: &str) -> Result<(), NetlinkError> {
 /// A link as a dump lists it: its name and, when it has one, its kind (`veth`, `bridge`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
+    pub index: u32,
     pub name: String,
     pub kind: Option<String>,
+    pub mac: Option<[u8; 6]>,
 }
 
 /// Every link of the calling thread's network namespace.
@@ -162,9 +164,11 @@ pub fn links() -> Result<Vec<Link>, NetlinkError> {
 fn describe(link: &LinkMessage) -> Link {
     let mut name = String::new();
     let mut kind = None;
+    let mut mac = None;
     for attr in &link.attributes {
         match attr {
             LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     if let LinkInfo::Kind(k) = info {
@@ -175,5 +179,72 @@ fn describe(link: &LinkMessage) -> Link {
             _ => {}
         }
     }
-    Link { name, kind }
+    Link {
+        index: link.header.index,
+        name,
+        kind,
+        mac,
+    }
+}
+
+/// Adds `address/prefix` to link `index` (replacing an identical one).
+pub fn add_address(
+    index: u32,
+    address: std::net::Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetlinkError> {
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+    let mut msg = AddressMessage::default();
+    msg.header.family = netlink_packet_route::AddressFamily::Inet;
+    msg.header.prefix_len = prefix;
+    msg.header.index = index;
+    msg.attributes.push(AddressAttribute::Local(address.into()));
+    msg.attributes
+        .push(AddressAttribute::Address(address.into()));
+    request(
+        RouteNetlinkMessage::NewAddress(msg),
+        NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE,
+    )
+}
+
+/// The default route: via `gateway`, or straight out of link `index` when there is none.
+pub fn set_default_route(
+    index: u32,
+    gateway: Option<std::net::Ipv4Addr>,
+) -> Result<(), NetlinkError> {
+    use netlink_packet_route::route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    };
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = netlink_packet_route::AddressFamily::Inet;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Boot;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.scope = if gateway.is_some() {
+        RouteScope::Universe
+    } else {
+        RouteScope::Link
+    };
+    if let Some(gw) = gateway {
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+    }
+    msg.attributes.push(RouteAttribute::Oif(index));
+    request(
+        RouteNetlinkMessage::NewRoute(msg),
+        NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE,
+    )
+}
+
+/// Sets the MTU and IFF_UP of the link named `name`.
+pub fn set_up_with_mtu(name: &str, mtu: Option<u16>) -> Result<(), NetlinkError> {
+    use netlink_packet_route::link::LinkFlags;
+    let mut link = named_link(name);
+    link.header.flags = LinkFlags::Up;
+    link.header.change_mask = LinkFlags::Up;
+    if let Some(mtu) = mtu {
+        link.attributes.push(LinkAttribute::Mtu(u32::from(mtu)));
+    }
+    request(RouteNetlinkMessage::SetLink(link), 0)
 }

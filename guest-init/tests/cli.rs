@@ -42,7 +42,7 @@ fn plan_is_printed_in_order() {
         .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
     assert_eq!(names[..2], ["mounts", "config"]);
-    assert_eq!(names.len(), 9, "{text}");
+    assert_eq!(names.len(), 10, "{text}");
     assert!(names.contains(&"runtime-cleanup"), "{text}");
 }
 

@@ -28,6 +28,7 @@ pub struct BootConfig {
     pub shutdown: Shutdown,
     pub channel: Channel,
     pub kine: Kine,
+    pub network: Network,
 }
 
 impl Default for BootConfig {
@@ -38,8 +39,63 @@ impl Default for BootConfig {
             shutdown: Shutdown::default(),
             channel: Channel::default(),
             kine: Kine::default(),
+            network: Network::default(),
         }
     }
+}
+
+/// The guest's network: DHCP on one interface, with a static plan when no lease comes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Network {
+    pub interface: String,
+    /// One deadline for the whole DHCP exchange, retries included.
+    pub dhcp_timeout_ms: u64,
+    /// Offer Rapid Commit (two messages instead of four) to servers that support it.
+    pub rapid_commit: bool,
+    /// Used when no lease arrives in time (gvproxy's fixed addressing by default): k3s needs a
+    /// default route, so "no lease" must still leave one.
+    pub fallback: StaticPlan,
+    /// Used when the lease names no nameserver k3s accepts.
+    pub fallback_dns: Vec<std::net::Ipv4Addr>,
+    /// With no network device at all: a dummy interface so k3s still finds a node IP and route.
+    pub no_device: StaticPlan,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        let gvproxy = std::net::Ipv4Addr::new(192, 168, 127, 1);
+        Self {
+            interface: "eth0".into(),
+            dhcp_timeout_ms: 3000,
+            rapid_commit: true,
+            fallback: StaticPlan {
+                address: std::net::Ipv4Addr::new(192, 168, 127, 2),
+                prefix: 24,
+                gateway: Some(gvproxy),
+                dns: vec![gvproxy],
+            },
+            fallback_dns: vec![gvproxy],
+            no_device: StaticPlan {
+                address: std::net::Ipv4Addr::new(10, 0, 2, 15),
+                prefix: 24,
+                gateway: None,
+                dns: Vec::new(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticPlan {
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    /// None: the default route points at the device itself.
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 /// Offline maintenance of k3s's kine (SQLite) database before k3s starts.
@@ -215,6 +271,8 @@ impl BootConfig {
                 }
                 "cwd" => self.workload.cwd = value.clone(),
                 "grace_ms" => self.shutdown.grace_ms = parse_num(&src, full, value)?,
+                "dhcp_timeout_ms" => self.network.dhcp_timeout_ms = parse_num(&src, full, value)?,
+                "interface" => self.network.interface = value.clone(),
                 "channel_port" => self.channel.port = parse_num(&src, full, value)?,
                 "connect_timeout_ms" => {
                     self.channel.connect_timeout_ms = parse_num(&src, full, value)?
@@ -312,6 +370,29 @@ impl BootConfig {
                     ),
                 ));
             }
+        }
+        for (field, plan) in [
+            ("network.fallback.prefix", &self.network.fallback),
+            ("network.no_device.prefix", &self.network.no_device),
+        ] {
+            if plan.prefix == 0 || plan.prefix > 32 {
+                return Err(ConfigError::invalid(source, field, "must be 1 to 32"));
+            }
+        }
+        let ifname = &self.network.interface;
+        if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') || ifname.contains(' ') {
+            return Err(ConfigError::invalid(
+                source,
+                "network.interface",
+                format!("`{ifname}` is not an interface name"),
+            ));
+        }
+        if self.network.dhcp_timeout_ms == 0 || self.network.dhcp_timeout_ms > 120_000 {
+            return Err(ConfigError::invalid(
+                source,
+                "network.dhcp_timeout_ms",
+                "must be 1 to 120000",
+            ));
         }
         if self.kine.vacuum_free_percent > 100 {
             return Err(ConfigError::invalid(

@@ -15,6 +15,7 @@ pub mod hostname;
 pub mod kine;
 pub mod loopback;
 pub mod mounts;
+pub mod network;
 pub mod network_cleanup;
 pub mod runtime_cleanup;
 
@@ -99,6 +100,7 @@ pub const PLAN: &[&Phase] = &[
     &capabilities::PHASE,
     &hostname::PHASE,
     &loopback::PHASE,
+    &network::PHASE,
     &channel::PHASE,
 ];
 

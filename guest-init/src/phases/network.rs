@@ -1,0 +1,336 @@
+//! The `network` phase: the guest's address, default route, MTU and DNS. DHCP on the configured
+//! interface (our client, `crate::dhcp`); no lease in time means the configured static plan, said
+//! out loud, because k3s needs a default route; no network device at all means a dummy interface
+//! with an address and a default route, so k3s still finds a node IP.
+//!
+//! `/etc/resolv.conf` is replaced atomically and holds only nameservers k3s accepts (no loopback,
+//! multicast or link-local ones, which make k3s fall back to 8.8.8.8).
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use netlink_packet_route::link::InfoKind;
+use openshell_shared::config::{Network, StaticPlan};
+use openshell_shared::Level;
+
+use super::{Ctx, Done, Phase, PhaseResult};
+use crate::clock::Stopwatch;
+use crate::dhcp;
+use crate::netlink::{self, NetlinkError};
+
+pub const PHASE: Phase = Phase {
+    name: "network",
+    after: &["config"],
+    fatal: false,
+    purpose:
+        "address, route, MTU and DNS by DHCP (static plan when no lease, dummy without a device)",
+    run,
+};
+
+const DUMMY: &str = "dummy0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("interface {ifname}: {what}: {source}")]
+    Link {
+        ifname: String,
+        what: &'static str,
+        source: NetlinkError,
+    },
+    #[error("cannot list interfaces: {0}")]
+    List(NetlinkError),
+    #[error("cannot write {path}: {source}")]
+    Resolv {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the phase configured, for the report and for k3s (`--node-ip`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Configured {
+    pub ifname: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub how: String,
+}
+
+fn run(ctx: &Ctx) -> PhaseResult {
+    let cfg = &ctx.config().network;
+    let done = configure(cfg, |level, text| ctx.reporter.log(level, text))?;
+    let dns = usable_dns(&done.dns, &cfg.fallback_dns, |level, text| {
+        ctx.reporter.log(level, text)
+    });
+    write_resolv_conf(&ctx.path("/etc/resolv.conf"), &dns)?;
+    Ok(Done::Ok(Some(format!(
+        "{} {}/{} via {} dns {} ({})",
+        done.ifname,
+        done.address,
+        done.prefix,
+        done.router
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "dev".into()),
+        dns.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        done.how
+    ))))
+}
+
+/// Configures the calling thread's network namespace per `cfg`. `log` hears about fallbacks.
+pub fn configure(
+    cfg: &Network,
+    mut log: impl FnMut(Level, String),
+) -> Result<Configured, NetworkError> {
+    let links = netlink::links().map_err(NetworkError::List)?;
+    let link_err = |ifname: &str, what| {
+        let ifname = ifname.to_string();
+        move |source| NetworkError::Link {
+            ifname,
+            what,
+            source,
+        }
+    };
+    let Some(link) = links.iter().find(|l| l.name == cfg.interface) else {
+        log(
+            Level::Warn,
+            format!(
+                "no {} device: using {DUMMY} {}/{}",
+                cfg.interface, cfg.no_device.address, cfg.no_device.prefix
+            ),
+        );
+        let _ = netlink::delete_link(DUMMY);
+        netlink::create_link(DUMMY, InfoKind::Dummy, None).map_err(link_err(DUMMY, "create"))?;
+        let dummy = netlink::links()
+            .map_err(NetworkError::List)?
+            .into_iter()
+            .find(|l| l.name == DUMMY)
+            .ok_or_else(|| NetworkError::Link {
+                ifname: DUMMY.into(),
+                what: "find after create",
+                source: NetlinkError::BadReply("not listed".into()),
+            })?;
+        return apply_static(
+            DUMMY,
+            dummy.index,
+            &cfg.no_device,
+            "no network device".into(),
+        );
+    };
+    netlink::set_up_with_mtu(&link.name, None).map_err(link_err(&link.name, "bring up"))?;
+    let mac = link.mac.unwrap_or_default();
+    let watch = Stopwatch::start();
+    let result = dhcp::socket(&link.name).and_then(|sock| {
+        dhcp::obtain(
+            &sock,
+            &link.name,
+            &mac,
+            cfg.rapid_commit,
+            Duration::from_millis(cfg.dhcp_timeout_ms),
+        )
+    });
+    match result {
+        Ok(ex) => {
+            let lease = &ex.lease;
+            if let Some(mtu) = lease.mtu {
+                netlink::set_up_with_mtu(&link.name, Some(mtu))
+                    .map_err(link_err(&link.name, "set MTU"))?;
+            }
+            netlink::add_address(link.index, lease.address, lease.prefix)
+                .map_err(link_err(&link.name, "add address"))?;
+            netlink::set_default_route(link.index, lease.router)
+                .map_err(link_err(&link.name, "add default route"))?;
+            Ok(Configured {
+                ifname: link.name.clone(),
+                address: lease.address,
+                prefix: lease.prefix,
+                router: lease.router,
+                dns: lease.dns.clone(),
+                how: format!(
+                    "DHCP from {} in {:.1} ms{}, lease {} s{}",
+                    lease.server,
+                    watch.elapsed_us() as f64 / 1000.0,
+                    if ex.rapid { " (rapid commit)" } else { "" },
+                    lease.lease_secs,
+                    lease.mtu.map(|m| format!(", MTU {m}")).unwrap_or_default()
+                ),
+            })
+        }
+        Err(e) => {
+            log(
+                Level::Warn,
+                format!(
+                    "{e}: falling back to the static plan {}/{} via {}",
+                    cfg.fallback.address,
+                    cfg.fallback.prefix,
+                    cfg.fallback
+                        .gateway
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "dev".into())
+                ),
+            );
+            apply_static(
+                &link.name,
+                link.index,
+                &cfg.fallback,
+                format!("static fallback: {e}"),
+            )
+        }
+    }
+}
+
+fn apply_static(
+    ifname: &str,
+    index: u32,
+    plan: &StaticPlan,
+    how: String,
+) -> Result<Configured, NetworkError> {
+    let err = |what| {
+        let ifname = ifname.to_string();
+        move |source| NetworkError::Link {
+            ifname,
+            what,
+            source,
+        }
+    };
+    netlink::set_up_with_mtu(ifname, None).map_err(err("bring up"))?;
+    netlink::add_address(index, plan.address, plan.prefix).map_err(err("add address"))?;
+    netlink::set_default_route(index, plan.gateway).map_err(err("add default route"))?;
+    Ok(Configured {
+        ifname: ifname.to_string(),
+        address: plan.address,
+        prefix: plan.prefix,
+        router: plan.gateway,
+        dns: plan.dns.clone(),
+        how,
+    })
+}
+
+/// Nameservers k3s accepts: no loopback, multicast, link-local, unspecified or broadcast.
+pub fn acceptable(ns: &Ipv4Addr) -> bool {
+    !(ns.is_loopback()
+        || ns.is_multicast()
+        || ns.is_link_local()
+        || ns.is_unspecified()
+        || ns.is_broadcast())
+}
+
+/// The lease's acceptable nameservers, or the fallback ones (reported) when none is.
+pub fn usable_dns(
+    offered: &[Ipv4Addr],
+    fallback: &[Ipv4Addr],
+    mut log: impl FnMut(Level, String),
+) -> Vec<Ipv4Addr> {
+    let good: Vec<Ipv4Addr> = offered.iter().copied().filter(acceptable).collect();
+    let dropped: Vec<String> = offered
+        .iter()
+        .filter(|n| !acceptable(n))
+        .map(|n| n.to_string())
+        .collect();
+    if !dropped.is_empty() {
+        log(
+            Level::Warn,
+            format!(
+                "nameservers k3s would reject, left out: {}",
+                dropped.join(" ")
+            ),
+        );
+    }
+    if good.is_empty() {
+        log(
+            Level::Warn,
+            format!(
+                "no usable nameserver offered: using {}",
+                fallback
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        );
+        return fallback.iter().copied().filter(acceptable).collect();
+    }
+    good
+}
+
+/// Replaces `path` atomically (write, fsync, rename).
+pub fn write_resolv_conf(path: &Path, servers: &[Ipv4Addr]) -> Result<(), NetworkError> {
+    let err = |source| NetworkError::Resolv {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut text = String::from("# written by openshell-init\n");
+    for s in servers {
+        text.push_str(&format!("nameserver {s}\n"));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension("openshell-tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    // A dangling /etc/resolv.conf link (to a resolver's /run file) is replaced, not followed.
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k3s_rejected_nameservers_are_dropped_and_reported() {
+        let mut said = Vec::new();
+        let got = usable_dns(
+            &[
+                "127.0.0.53".parse().expect("ip"),
+                "169.254.1.1".parse().expect("ip"),
+                "192.168.127.1".parse().expect("ip"),
+                "224.0.0.1".parse().expect("ip"),
+            ],
+            &["8.8.8.8".parse().expect("ip")],
+            |_, t| said.push(t),
+        );
+        assert_eq!(got, vec!["192.168.127.1".parse::<Ipv4Addr>().expect("ip")]);
+        assert!(
+            said[0].contains("127.0.0.53") && said[0].contains("169.254.1.1"),
+            "{said:?}"
+        );
+    }
+
+    #[test]
+    fn no_usable_nameserver_means_the_fallback_said_out_loud() {
+        let mut said = Vec::new();
+        let got = usable_dns(
+            &["127.0.0.1".parse().expect("ip")],
+            &["192.168.127.1".parse().expect("ip")],
+            |_, t| said.push(t),
+        );
+        assert_eq!(got, vec!["192.168.127.1".parse::<Ipv4Addr>().expect("ip")]);
+        assert!(
+            said.iter().any(|s| s.contains("no usable nameserver")),
+            "{said:?}"
+        );
+    }
+
+    #[test]
+    fn resolv_conf_is_replaced_whole() {
+        let t = tempfile::tempdir().expect("tmp");
+        let p = t.path().join("etc/resolv.conf");
+        std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
+        std::os::unix::fs::symlink("/run/systemd/resolve/stub-resolv.conf", &p).expect("link");
+        write_resolv_conf(&p, &["192.168.127.1".parse().expect("ip")]).expect("write");
+        let meta = std::fs::symlink_metadata(&p).expect("meta");
+        assert!(meta.is_file());
+        assert_eq!(
+            std::fs::read_to_string(&p).expect("read"),
+            "# written by openshell-init\nnameserver 192.168.127.1\n"
+        );
+        assert!(!p.with_extension("openshell-tmp").exists());
+    }
+}
