@@ -98,6 +98,18 @@ pub fn request(xid: u32, mac: &[u8; 6], offer: &Lease) -> Message {
     msg
 }
 
+/// Encodes a request, padded to the 300-byte minimum BOOTP message (RFC 1542): some servers
+/// (passt among them) drop shorter ones.
+pub fn encode(msg: &Message) -> std::io::Result<Vec<u8>> {
+    let mut out = msg
+        .to_vec()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if out.len() < 300 {
+        out.resize(300, 0);
+    }
+    Ok(out)
+}
+
 /// Decodes `bytes` and keeps it only if it answers our transaction.
 pub fn classify(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
     let msg = Message::from_bytes(bytes).ok()?;
@@ -122,10 +134,6 @@ fn lease(msg: &Message) -> Option<Lease> {
     if address.is_unspecified() || address.is_broadcast() || address.is_multicast() {
         return None;
     }
-    let server = match opts.get(OptionCode::ServerIdentifier) {
-        Some(DhcpOption::ServerIdentifier(s)) => *s,
-        _ => return None,
-    };
     let prefix = match opts.get(OptionCode::SubnetMask) {
         Some(DhcpOption::SubnetMask(m)) => {
             let bits = u32::from(*m);
@@ -140,6 +148,13 @@ fn lease(msg: &Message) -> Option<Lease> {
     let router = match opts.get(OptionCode::Router) {
         Some(DhcpOption::Router(r)) => r.first().copied(),
         _ => None,
+    };
+    // Option 54 is required by RFC 2131 but not sent by every server (passt omits it): fall
+    // back to the BOOTP server address, then the router.
+    let server = match opts.get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(s)) => *s,
+        _ if !msg.siaddr().is_unspecified() => msg.siaddr(),
+        _ => router?,
     };
     let dns = match opts.get(OptionCode::DomainNameServer) {
         Some(DhcpOption::DomainNameServer(d)) => d.clone(),
@@ -173,6 +188,105 @@ pub struct Exchange {
     pub elapsed: Duration,
 }
 
+/// Replies arrive before the interface has an address, and servers such as passt send them
+/// unicast to the offered address, which the IP stack drops for an unconfigured interface. So
+/// replies are read from a packet socket on the interface (IP packets, link header stripped);
+/// requests still go out through the UDP socket.
+pub struct PacketSocket(std::os::fd::OwnedFd);
+
+impl PacketSocket {
+    pub fn open(ifindex: u32) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        let proto = (libc::ETH_P_IP as u16).to_be();
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor we own.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: zeroed sockaddr_ll is valid; the fields we need are set below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: addr is a properly sized sockaddr_ll for this AF_PACKET socket.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self(owned))
+    }
+
+    /// Waits up to `timeout` for one IP packet; `Ok(0)` on timeout.
+    pub fn recv(&self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ready < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(0)
+            } else {
+                Err(e)
+            };
+        }
+        if ready == 0 {
+            return Ok(0);
+        }
+        // SAFETY: reads at most buf.len() bytes into buf.
+        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+/// The DHCP payload of an IPv4/UDP packet to port 68, or `None` for anything else or anything
+/// malformed (lengths are checked against the buffer, never trusted).
+pub fn dhcp_payload(packet: &[u8]) -> Option<&[u8]> {
+    let first = *packet.first()?;
+    if first >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(first & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
+    if ihl < 20 || total < ihl + 8 || total > packet.len() || *packet.get(9)? != 17 {
+        return None;
+    }
+    // Fragments are not reassembled; DHCP replies fit in one packet.
+    let frag = u16::from_be_bytes([packet[6], packet[7]]);
+    if frag & 0x3fff != 0 {
+        return None;
+    }
+    let udp = &packet[ihl..total];
+    let dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+    let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    if dst_port != 68 || udp_len < 8 || udp_len > udp.len() {
+        return None;
+    }
+    Some(&udp[8..udp_len])
+}
+
 /// The socket: UDP port 68 on `ifname` only, broadcast allowed, source 0.0.0.0.
 pub fn socket(ifname: &str) -> Result<UdpSocket, DhcpError> {
     let err = |source| DhcpError::Socket {
@@ -193,6 +307,7 @@ pub fn socket(ifname: &str) -> Result<UdpSocket, DhcpError> {
 /// Runs the exchange on `sock` until a lease or `deadline`.
 pub fn obtain(
     sock: &UdpSocket,
+    replies: &PacketSocket,
     ifname: &str,
     mac: &[u8; 6],
     rapid_commit: bool,
@@ -210,9 +325,7 @@ pub fn obtain(
     let mut buf = vec![0u8; 1500];
     'discover: while Instant::now() < deadline {
         let xid = random_xid();
-        let out = discover(xid, mac, rapid_commit)
-            .to_vec()
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        let out = encode(&discover(xid, mac, rapid_commit)).map_err(io)?;
         sock.send_to(&out, server).map_err(io)?;
         discovers += 1;
         let mut offered: Option<Lease> = None;
@@ -224,9 +337,7 @@ pub fn obtain(
                 match &offered {
                     // Resend the REQUEST a couple of times before starting over.
                     Some(offer) if requests < 3 && now < deadline => {
-                        let out = request(xid, mac, offer)
-                            .to_vec()
-                            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+                        let out = encode(&request(xid, mac, offer)).map_err(io)?;
                         sock.send_to(&out, server).map_err(io)?;
                         requests += 1;
                         round_end = (Instant::now() + wait).min(deadline);
@@ -238,22 +349,11 @@ pub fn obtain(
                     }
                 }
             }
-            sock.set_read_timeout(Some(round_end - now)).map_err(io)?;
-            let n = match sock.recv(&mut buf) {
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(io(e)),
+            let n = replies.recv(&mut buf, round_end - now).map_err(io)?;
+            let Some(payload) = dhcp_payload(&buf[..n]) else {
+                continue;
             };
-            match classify(&buf[..n], xid, mac) {
+            match classify(payload, xid, mac) {
                 Some(Reply::Ack { lease, rapid }) => {
                     return Ok(Exchange {
                         lease,
@@ -264,9 +364,7 @@ pub fn obtain(
                 }
                 Some(Reply::Offer(lease)) if offered.is_none() => {
                     offers += 1;
-                    let out = request(xid, mac, &lease)
-                        .to_vec()
-                        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+                    let out = encode(&request(xid, mac, &lease)).map_err(io)?;
                     sock.send_to(&out, server).map_err(io)?;
                     requests = 1;
                     offered = Some(lease);
@@ -384,6 +482,61 @@ mod tests {
             classify(&bytes(&reply(MessageType::Nak, 9, &MAC)), 9, &MAC),
             Some(Reply::Nak)
         );
+    }
+
+    fn ip_udp(payload: &[u8], dst_port: u16) -> Vec<u8> {
+        let total = 20 + 8 + payload.len();
+        let mut p = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
+        p.extend_from_slice(&[10, 0, 0, 1, 255, 255, 255, 255]);
+        let ulen = 8 + payload.len();
+        p.extend_from_slice(&[
+            0,
+            67,
+            (dst_port >> 8) as u8,
+            dst_port as u8,
+            (ulen >> 8) as u8,
+            ulen as u8,
+            0,
+            0,
+        ]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn dhcp_payload_is_cut_out_of_ip_udp() {
+        let pkt = ip_udp(b"hello", 68);
+        assert_eq!(dhcp_payload(&pkt), Some(&b"hello"[..]));
+        assert_eq!(dhcp_payload(&ip_udp(b"hello", 53)), None, "other port");
+        let mut tcp = pkt.clone();
+        tcp[9] = 6;
+        assert_eq!(dhcp_payload(&tcp), None, "not UDP");
+        let mut frag = pkt.clone();
+        frag[7] = 1;
+        assert_eq!(dhcp_payload(&frag), None, "fragment");
+        let mut lying = pkt.clone();
+        lying[3] = 200; // total length beyond the buffer
+        assert_eq!(dhcp_payload(&lying), None);
+        let mut udp_lie = pkt.clone();
+        udp_lie[25] = 250;
+        assert_eq!(dhcp_payload(&udp_lie), None);
+        for cut in 0..pkt.len() {
+            let _ = dhcp_payload(&pkt[..cut]); // never panics
+        }
+        assert_eq!(dhcp_payload(&[0x60; 40]), None, "IPv6");
     }
 
     #[test]

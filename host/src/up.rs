@@ -84,12 +84,24 @@ pub struct UpArgs {
     /// Guest console log; `<run-dir>/console.log` by default.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// User-mode network for the guest: none, or passt (Debian's `passt`).
+    #[arg(long, value_enum, default_value_t = NetBackend::None)]
+    pub net: NetBackend,
+    /// passt binary.
+    #[arg(long, default_value = "passt")]
+    pub passt: PathBuf,
     /// Print every event as a JSON line instead of human-readable lines.
     #[arg(long)]
     pub json: bool,
     /// Command to run in the guest as the workload, with its arguments.
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
     pub exec: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetBackend {
+    None,
+    Passt,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +116,11 @@ pub enum UpError {
     NoKernel(PathBuf),
     #[error("root filesystem {0} is not a directory")]
     NoRootfs(PathBuf),
+    #[error("passt socket directory {path}: {source}")]
+    Passt {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot set up signal handling: {0}")]
     Signals(nix::errno::Errno),
 }
@@ -253,6 +270,20 @@ fn boot(
     session.helpers.push(vsock);
     fs_ready?;
     vsock_ready?;
+    let net_socket = match args.net {
+        NetBackend::None => None,
+        NetBackend::Passt => {
+            let (dir, sock) = passt_dir(&dir)?;
+            let mut cmd = Command::new(&args.passt);
+            // -1: exit with the VM's connection.
+            cmd.args(["-f", "-1", "-s"]).arg(&sock);
+            let mut passt = Helper::spawn("passt", cmd, &dir.join("passt.log"))?;
+            let ready = passt.wait_for_socket(&sock, Duration::from_secs(10));
+            session.helpers.push(passt);
+            ready?;
+            Some(sock)
+        }
+    };
     timeline.host(now(), "helpers-ready", json!(null));
 
     let console_log = args
@@ -268,6 +299,7 @@ fn boot(
         virtiofs_socket: dir.virtiofs_socket(),
         vsock_socket: dir.vsock_vhost_socket(),
         console_log: console_log.clone(),
+        net_socket,
     };
     let qemu = Qemu {
         program: args.qemu.clone(),
@@ -457,4 +489,30 @@ impl LoopState {
 
 fn kill_vmm(pid: u32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// passt drops root for `nobody`, so its socket lives in a directory that user owns, inside the
+/// run directory (which must then be traversable).
+fn passt_dir(run: &RunDir) -> Result<(PathBuf, PathBuf), UpError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = run.path.join("passt");
+    let io = |source| UpError::Passt {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::set_permissions(&run.path, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+    if nix::unistd::geteuid().is_root() {
+        let nobody = nix::unistd::User::from_name("nobody").ok().flatten();
+        if let Some(user) = nobody {
+            nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).map_err(|e| io(e.into()))?;
+        }
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    let sock = dir.join("passt.sock");
+    // A socket left by a killed run: passt would refuse it; a live one belongs to another VM.
+    if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        std::fs::remove_file(&sock).map_err(io)?;
+    }
+    Ok((dir, sock))
 }

@@ -292,3 +292,29 @@ fn killed_host_leaves_nothing_running(arch: &str) {
     assert!(done.stdout.contains("stale sockets"), "{}", done.output());
 }
 both_arches!(killed_host_leaves_nothing_running);
+
+/// With passt as the network, the guest's own DHCP client gets its lease from passt's DHCP.
+fn passt_gives_the_guest_a_lease(arch: &str) {
+    let Some(boot) = Boot::new(arch) else { return };
+    let _slot = vm_slot();
+    let done = boot
+        .arg("--net")
+        .arg("passt")
+        .exec(&["/bin/true"])
+        .start()
+        .wait(BOOT_DEADLINE);
+    assert!(done.status.success(), "{}", done.output());
+    let network = done
+        .guest_messages()
+        .into_iter()
+        .find_map(|m| match m {
+            GuestMessage::Log { text, .. } if text.starts_with("network: ") => Some(text),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no network report\n{}", done.output()));
+    assert!(
+        network.contains("eth0") && network.contains("DHCP from"),
+        "{network}"
+    );
+}
+both_arches!(passt_gives_the_guest_a_lease);

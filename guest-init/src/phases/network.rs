@@ -126,8 +126,14 @@ pub fn configure(
     let mac = link.mac.unwrap_or_default();
     let watch = Stopwatch::start();
     let result = dhcp::socket(&link.name).and_then(|sock| {
+        let replies =
+            dhcp::PacketSocket::open(link.index).map_err(|source| dhcp::DhcpError::Socket {
+                ifname: link.name.clone(),
+                source,
+            })?;
         dhcp::obtain(
             &sock,
+            &replies,
             &link.name,
             &mac,
             cfg.rapid_commit,

@@ -29,7 +29,13 @@ pub struct VmSpec {
     pub vsock_socket: PathBuf,
     /// File the guest console is written to.
     pub console_log: PathBuf,
+    /// Stream socket of the user-mode network (passt), if the VM has a network device.
+    pub net_socket: Option<PathBuf>,
 }
+
+/// The MAC of the guest's eth0: gvproxy's static DHCP lease is tied to this one, and passt
+/// accepts any, so one address serves both.
+pub const GUEST_MAC: &str = "5a:94:ef:e4:0c:ee";
 
 /// The kernel command line for a boot: root on virtio-fs, our init, no reboot loops, then the
 /// `openshell.*` keys init reads.

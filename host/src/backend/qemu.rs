@@ -63,6 +63,17 @@ impl Qemu {
             "-device",
             "vhost-user-vsock-device,chardev=vsock",
         ]);
+        if let Some(sock) = &spec.net_socket {
+            push(&[
+                "-netdev",
+                &format!(
+                    "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                    sock.display()
+                ),
+                "-device",
+                &format!("virtio-net-device,netdev=net0,mac={}", super::GUEST_MAC),
+            ]);
+        }
         // Debian's virtiofsd speaks only modern virtio.
         push(&["-global", "virtio-mmio.force-legacy=false"]);
         args
@@ -83,6 +94,7 @@ mod tests {
             virtiofs_socket: "/r/virtiofsd.sock".into(),
             vsock_socket: "/r/vhost-vsock.sock".into(),
             console_log: "/r/console.log".into(),
+            net_socket: None,
         }
     }
 
@@ -125,5 +137,29 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("vhost-user-vsock-device,chardev=vsock"));
+        assert!(!line.contains("-netdev"), "no network unless asked");
+    }
+
+    #[test]
+    fn passt_network_device() {
+        let q = Qemu {
+            program: None,
+            accel: Accel::Tcg,
+        };
+        let mut s = spec(Arch::X86_64);
+        s.net_socket = Some("/r/passt/passt.sock".into());
+        let line = q
+            .args(&s)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            line.contains(
+                "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/r/passt/passt.sock \
+             -device virtio-net-device,netdev=net0,mac=5a:94:ef:e4:0c:ee"
+            ),
+            "{line}"
+        );
     }
 }
