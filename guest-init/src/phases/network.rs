@@ -158,9 +158,10 @@ pub fn configure(
                 router: lease.router,
                 dns: lease.dns.clone(),
                 how: format!(
-                    "DHCP from {} in {:.1} ms{}, lease {} s{}",
+                    "DHCP from {} in {:.1} ms, {} DISCOVER(s){}, lease {} s{}",
                     lease.server,
                     watch.elapsed_us() as f64 / 1000.0,
+                    ex.discovers,
                     if ex.rapid { " (rapid commit)" } else { "" },
                     lease.lease_secs,
                     lease.mtu.map(|m| format!(", MTU {m}")).unwrap_or_default()
