@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::runtime_cleanup::remove_tree;
+use super::runtime_cleanup::{empty_dir, remove_tree};
 use super::{Ctx, Done, Phase, PhaseResult};
 use crate::netlink;
 
@@ -85,8 +85,8 @@ fn run(ctx: &Ctx) -> PhaseResult {
 pub fn clean_files(root: &Path) -> Result<Cleaned, NetCleanupError> {
     let at = |p: &str| root.join(p.trim_start_matches('/'));
     let mut cleaned = Cleaned {
-        ipam_entries: empty(&at("/var/lib/cni/networks"))?,
-        results: empty(&at("/var/lib/cni/results"))?,
+        ipam_entries: empty_dir(&at("/var/lib/cni/networks"))?,
+        results: empty_dir(&at("/var/lib/cni/results"))?,
         ..Cleaned::default()
     };
     // /var/run is usually a link to /run: visit each real directory once.
@@ -101,18 +101,6 @@ pub fn clean_files(root: &Path) -> Result<Cleaned, NetCleanupError> {
         cleaned.netns += clean_netns_dir(&real)?;
     }
     Ok(cleaned)
-}
-
-/// Removes what is in `dir`, keeping `dir`; returns the number of entries removed.
-fn empty(dir: &Path) -> Result<usize, NetCleanupError> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(0);
-    };
-    let mut n = 0;
-    for e in entries.flatten() {
-        n += remove_tree(&e.path())?;
-    }
-    Ok(n)
 }
 
 /// Each entry is a bind mount of a namespace file: detach it, then remove the file.

@@ -130,8 +130,9 @@ pub fn remove_tree(path: &Path) -> Result<usize, CleanupError> {
     Ok(count + 1)
 }
 
-/// Removes what is inside `dir` (a link in its place is removed as a link).
-fn empty_dir(dir: &Path) -> Result<usize, CleanupError> {
+/// Removes what is inside `dir` and returns how many entries went; `dir` stays (a link in its
+/// place is removed as a link, never followed).
+pub fn empty_dir(dir: &Path) -> Result<usize, CleanupError> {
     if !is_real_dir(dir) {
         return remove_tree(dir);
     }
