@@ -57,9 +57,24 @@ pub enum DhcpError {
 /// guest off with MTU 68 or ask for jumbo frames the device cannot send).
 pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=9000;
 
+/// An empty BOOTREQUEST, decoded from bytes: dhcproto's constructors draw a random xid through
+/// `rand`, whose first use blocks in getrandom(2) until the kernel's entropy pool is ready —
+/// about a second into a fresh VM without a hardware RNG. We pick the xid ourselves.
+fn blank() -> Message {
+    let mut bytes = [0u8; 241];
+    bytes[0] = 1; // BOOTREQUEST
+    bytes[1] = 1; // Ethernet
+    bytes[2] = 6; // hardware address length
+    bytes[236..240].copy_from_slice(&[99, 130, 83, 99]); // magic cookie
+    bytes[240] = 255; // end of options
+                      // A fixed, valid template: decoding cannot fail.
+    Message::from_bytes(&bytes).unwrap_or_default()
+}
+
 fn base(xid: u32, mac: &[u8; 6], kind: MessageType) -> Message {
-    let zero = Ipv4Addr::UNSPECIFIED;
-    let mut msg = Message::new_with_id(xid, zero, zero, zero, zero, mac);
+    let mut msg = blank();
+    msg.set_xid(xid);
+    msg.set_chaddr(mac);
     msg.set_opcode(Opcode::BootRequest);
     // Ask for broadcast replies: we have no address to receive unicast on.
     msg.set_flags(Flags::default().set_broadcast());
@@ -186,6 +201,8 @@ pub struct Exchange {
     pub rapid: bool,
     pub discovers: u32,
     pub elapsed: Duration,
+    /// From the first DISCOVER to the first answer: the server's share of `elapsed`.
+    pub first_answer: Option<Duration>,
 }
 
 /// Replies arrive before the interface has an address, and servers such as passt send them
@@ -321,6 +338,7 @@ pub fn obtain(
         source,
     };
     let (mut discovers, mut offers, mut naks) = (0u32, 0u32, 0u32);
+    let mut first_answer: Option<Duration> = None;
     let mut wait = Duration::from_millis(100);
     let mut buf = vec![0u8; 1500];
     'discover: while Instant::now() < deadline {
@@ -360,9 +378,11 @@ pub fn obtain(
                         rapid,
                         discovers,
                         elapsed: start.elapsed(),
+                        first_answer: first_answer.or(Some(start.elapsed())),
                     })
                 }
                 Some(Reply::Offer(lease)) if offered.is_none() => {
+                    first_answer.get_or_insert(start.elapsed());
                     offers += 1;
                     let out = encode(&request(xid, mac, &lease)).map_err(io)?;
                     sock.send_to(&out, server).map_err(io)?;
@@ -427,6 +447,14 @@ mod tests {
 
     fn bytes(m: &Message) -> Vec<u8> {
         m.to_vec().expect("encode")
+    }
+
+    #[test]
+    fn the_blank_template_decodes() {
+        let m = blank();
+        assert_eq!(m.opcode(), Opcode::BootRequest);
+        assert!(m.opts().msg_type().is_none());
+        assert_eq!(base(42, &MAC, MessageType::Discover).xid(), 42);
     }
 
     #[test]
