@@ -2,9 +2,7 @@
 //! when run anywhere else.
 
 mod cli;
-mod clock;
 mod console;
-mod dhcp;
 mod engine;
 mod netlink;
 mod panic;
@@ -13,6 +11,8 @@ mod pid1;
 mod power;
 mod reporter;
 mod supervisor;
+
+use openshell_init::{clock, dhcp};
 
 fn main() {
     // First thing: the boot clock, so the host can tell kernel time from init time.

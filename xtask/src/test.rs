@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every check, in the order that fails fastest: formatting, lints, unit and
 //! property tests, artifacts for both arches, VM tests, guest tests on aarch64 under qemu-user,
-//! the macOS build of the host, and a short fuzzing run of the boot channel decoder.
+//! the macOS build of the host, and short fuzzing runs of the boot channel decoder and the DHCP
+//! reply parser.
 
 use std::process::Command;
 
@@ -130,17 +131,16 @@ pub fn run(args: TestArgs) -> Result<()> {
     )?;
     if arches.contains(&Arch::Aarch64) {
         // Unit tests only: the integration tests exec the binary, which needs binfmt_misc.
-        for (package, kind) in [("openshell-init", "--bins"), ("openshell-shared", "--lib")] {
+        for (package, kinds) in [
+            ("openshell-init", "--lib --bins"),
+            ("openshell-shared", "--lib"),
+        ] {
             test_step(
                 &format!("{package} unit tests on aarch64 under qemu-user"),
-                Command::new(cargo()).args([
-                    "test",
-                    "-p",
-                    package,
-                    kind,
-                    "--target",
-                    "aarch64-unknown-linux-musl",
-                ]),
+                Command::new(cargo())
+                    .args(["test", "-p", package])
+                    .args(kinds.split(' '))
+                    .args(["--target", "aarch64-unknown-linux-musl"]),
                 &mut tally,
             )?;
         }
@@ -157,21 +157,36 @@ pub fn run(args: TestArgs) -> Result<()> {
         ]),
     )?;
     if args.fuzz_seconds > 0 {
-        step(
-            "fuzz the boot channel decoder",
-            // The rustup proxy, not $CARGO: `+nightly` picks the toolchain.
-            Command::new("cargo")
-                .current_dir(workspace().join("shared/fuzz"))
-                .args([
-                    "+nightly",
-                    "fuzz",
-                    "run",
-                    "frame_decoder",
-                    "--",
-                    &format!("-max_total_time={}", args.fuzz_seconds),
-                ])
-                .env_remove("CARGO_TARGET_DIR"),
-        )?;
+        // (what, crate dir, target, extra flags). The DHCP parser is fuzzed as the guest ships
+        // it (-O): dhcproto has debug_assert!s on option lengths that hostile input trips, and
+        // the release guest has them compiled out.
+        let targets: [(&str, &str, &str, &[&str]); 2] = [
+            (
+                "the boot channel decoder",
+                "shared/fuzz",
+                "frame_decoder",
+                &[],
+            ),
+            (
+                "the DHCP reply parser",
+                "guest-init/fuzz",
+                "dhcp_reply",
+                &["-O"],
+            ),
+        ];
+        for (what, dir, target, flags) in targets {
+            step(
+                &format!("fuzz {what}"),
+                // The rustup proxy, not $CARGO: `+nightly` picks the toolchain.
+                Command::new("cargo")
+                    .current_dir(workspace().join(dir))
+                    .args(["+nightly", "fuzz", "run"])
+                    .args(flags)
+                    .args([target, "--"])
+                    .arg(format!("-max_total_time={}", args.fuzz_seconds))
+                    .env_remove("CARGO_TARGET_DIR"),
+            )?;
+        }
     }
     eprintln!("xtask test: all steps passed");
     // One closing line with the totals of every test run above.
