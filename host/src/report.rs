@@ -1,7 +1,6 @@
 //! The boot timeline: every host event and guest message with the host's and the guest's
 //! clocks, written as JSON for `--report` and for the boot benchmark.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use openshell_shared::{GuestMessage, Outcome};
@@ -111,12 +110,9 @@ impl Timeline {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        serde_json::to_writer_pretty(&mut f, self).map_err(|e| err(e.into()))?;
-        f.write_all(b"\n").map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(|e| err(e.into()))?;
+        bytes.push(b'\n');
+        openshell_shared::fsutil::write_atomic(path, &bytes).map_err(err)
     }
 }
 
@@ -144,6 +140,10 @@ mod tests {
             serde_json::from_value(v["events"][1]["event"].clone()).expect("message");
         assert_eq!(back, msg);
         assert_eq!(v["summary"]["phases"][0]["name"], "mounts");
-        assert!(!path.with_extension("json.tmp").exists());
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).expect("ls").count(),
+            1,
+            "no temporary left"
+        );
     }
 }

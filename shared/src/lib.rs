@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod fsutil;
 pub mod protocol;
 
 pub use arch::Arch;

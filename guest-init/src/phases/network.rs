@@ -6,7 +6,6 @@
 //! `/etc/resolv.conf` is replaced atomically and holds only nameservers k3s accepts (no loopback,
 //! multicast or link-local ones, which make k3s fall back to 8.8.8.8).
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
@@ -279,12 +278,8 @@ pub fn write_resolv_conf(path: &Path, servers: &[Ipv4Addr]) -> Result<(), Networ
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let tmp = path.with_extension("openshell-tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
     // A dangling /etc/resolv.conf link (to a resolver's /run file) is replaced, not followed.
-    std::fs::rename(&tmp, path).map_err(err)
+    openshell_shared::fsutil::write_atomic(path, text.as_bytes()).map_err(err)
 }
 
 #[cfg(test)]
@@ -339,6 +334,11 @@ mod tests {
             std::fs::read_to_string(&p).expect("read"),
             "# written by openshell-init\nnameserver 192.168.127.1\n"
         );
-        assert!(!p.with_extension("openshell-tmp").exists());
+        assert_eq!(
+            std::fs::read_dir(p.parent().expect("dir"))
+                .expect("ls")
+                .count(),
+            1
+        );
     }
 }
