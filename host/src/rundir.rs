@@ -58,6 +58,8 @@ impl RunDir {
             dir.vsock_vhost_socket(),
             dir.vsock_uds(),
             dir.channel_socket(),
+            dir.gvproxy_socket(),
+            dir.gvproxy_api_socket(),
         ] {
             let len = s.as_os_str().len();
             if len > MAX_SOCKET_PATH {
@@ -82,6 +84,14 @@ impl RunDir {
             "vsock.sock_{}",
             openshell_shared::BOOT_CHANNEL_PORT
         ))
+    }
+    /// gvproxy's data socket (the VMM connects to it).
+    pub fn gvproxy_socket(&self) -> PathBuf {
+        self.path.join("gvproxy.sock")
+    }
+    /// gvproxy's HTTP API (port forwards).
+    pub fn gvproxy_api_socket(&self) -> PathBuf {
+        self.path.join("gvproxy-api.sock")
     }
     pub fn console_log(&self) -> PathBuf {
         self.path.join("console.log")
@@ -118,6 +128,8 @@ impl RunDir {
             self.vsock_vhost_socket(),
             self.vsock_uds(),
             self.channel_socket(),
+            self.gvproxy_socket(),
+            self.gvproxy_api_socket(),
         ] {
             let _ = std::fs::remove_file(s);
         }

@@ -19,6 +19,9 @@ use crate::backend::qemu::{Accel, Qemu};
 use crate::backend::{kernel_cmdline, Arch, VmSpec};
 use crate::channel::{self, Channel, ChannelEvent};
 use crate::children::{ChildError, Helper};
+use crate::net::gvproxy::{self, ExposeError, Framing};
+use crate::net::passt::{self, PasstDirError};
+use crate::net::{Forward, ForwardError, NetBackend};
 use crate::progress::Progress;
 use crate::report::Timeline;
 use crate::rundir::{RunDir, RunDirError};
@@ -84,24 +87,25 @@ pub struct UpArgs {
     /// Guest console log; `<run-dir>/console.log` by default.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
-    /// User-mode network for the guest: none, or passt (Debian's `passt`).
-    #[arg(long, value_enum, default_value_t = NetBackend::None)]
+    /// User-mode network for the guest (passt on Linux, gvproxy on macOS by default).
+    #[arg(long, value_enum, default_value_t = NetBackend::platform_default())]
     pub net: NetBackend,
+    /// Forward TCP 127.0.0.1:HOST on this machine to GUEST in the VM (repeatable; a bare PORT
+    /// means the same port on both sides). Default: the gateway's 30051.
+    #[arg(short = 'p', long = "port", value_name = "HOST:GUEST")]
+    pub ports: Vec<Forward>,
     /// passt binary.
     #[arg(long, default_value = "passt")]
     pub passt: PathBuf,
+    /// gvproxy binary.
+    #[arg(long, default_value = "gvproxy")]
+    pub gvproxy: PathBuf,
     /// Print every event as a JSON line instead of human-readable lines.
     #[arg(long)]
     pub json: bool,
     /// Command to run in the guest as the workload, with its arguments.
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
     pub exec: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum NetBackend {
-    None,
-    Passt,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,11 +120,12 @@ pub enum UpError {
     NoKernel(PathBuf),
     #[error("root filesystem {0} is not a directory")]
     NoRootfs(PathBuf),
-    #[error("passt socket directory {path}: {source}")]
-    Passt {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Passt(#[from] PasstDirError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Expose(#[from] ExposeError),
     #[error("cannot set up signal handling: {0}")]
     Signals(nix::errno::Errno),
 }
@@ -129,6 +134,8 @@ enum Event {
     Channel(ChannelEvent),
     Signal(Signal),
     VmmExited(Option<i32>),
+    /// Port forwards made through the network backend's API after the VMM started.
+    Forwarded(Result<Vec<(Forward, u32)>, ExposeError>),
 }
 
 fn wrap_channel(e: ChannelEvent) -> Event {
@@ -270,20 +277,34 @@ fn boot(
     session.helpers.push(vsock);
     fs_ready?;
     vsock_ready?;
+    let forwards = crate::net::forwards(args.net, &args.ports)?;
     let net_socket = match args.net {
         NetBackend::None => None,
         NetBackend::Passt => {
-            let (dir, sock) = passt_dir(&dir)?;
+            let (pdir, sock) = passt::socket_dir(&dir.path)?;
             let mut cmd = Command::new(&args.passt);
-            // -1: exit with the VM's connection.
-            cmd.args(["-f", "-1", "-s"]).arg(&sock);
-            let mut passt = Helper::spawn("passt", cmd, &dir.join("passt.log"))?;
+            cmd.args(passt::args(&sock, &forwards));
+            let mut passt = Helper::spawn("passt", cmd, &pdir.join("passt.log"))?;
             let ready = passt.wait_for_socket(&sock, Duration::from_secs(10));
             session.helpers.push(passt);
             ready?;
             Some(sock)
         }
+        NetBackend::Gvproxy => {
+            let (sock, api) = (dir.gvproxy_socket(), dir.gvproxy_api_socket());
+            let mut cmd = Command::new(&args.gvproxy);
+            cmd.args(gvproxy::args(Framing::QemuStream, &sock, &api));
+            let mut gv = Helper::spawn("gvproxy", cmd, &dir.path.join("gvproxy.log"))?;
+            let ready = gv.wait_for_socket(&sock, Duration::from_secs(5));
+            session.helpers.push(gv);
+            ready?;
+            Some(sock)
+        }
     };
+    if !forwards.is_empty() {
+        let list: Vec<String> = forwards.iter().map(|f| f.to_string()).collect();
+        progress.note(&format!("forwarding {} ({})", list.join(", "), args.net));
+    }
     timeline.host(now(), "helpers-ready", json!(null));
 
     let console_log = args
@@ -344,6 +365,21 @@ fn boot(
             let _ = tx.send(Event::VmmExited(code));
         })
     };
+    if args.net == NetBackend::Gvproxy && !forwards.is_empty() {
+        // gvproxy's API answers 500 until its network stack is up: retry off the event loop.
+        let tx = tx.clone();
+        let api = dir.gvproxy_api_socket();
+        std::thread::spawn(move || {
+            let result = forwards
+                .iter()
+                .map(|f| {
+                    gvproxy::expose(&api, *f, gvproxy::GUEST_IP, Duration::from_secs(10))
+                        .map(|n| (*f, n))
+                })
+                .collect();
+            let _ = tx.send(Event::Forwarded(result));
+        });
+    }
     drop(tx);
 
     let mut state = LoopState {
@@ -444,6 +480,15 @@ fn boot(
                     }
                 }
             }
+            Event::Forwarded(Ok(done)) => {
+                timeline.host(now(), "forwards-exposed", json!(done.len()));
+            }
+            Event::Forwarded(Err(e)) => {
+                timeline.host(now(), "forward-failed", json!(e.to_string()));
+                progress.error(&format!("{e}; stopping the VM"));
+                state.error = Some(code::SETUP);
+                kill_vmm(vmm_pid);
+            }
             Event::VmmExited(status) => {
                 timeline.host(now(), "vmm-exited", json!(status));
                 break match (state.error, state.fatal, state.exit) {
@@ -489,30 +534,4 @@ impl LoopState {
 
 fn kill_vmm(pid: u32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-}
-
-/// passt drops root for `nobody`, so its socket lives in a directory that user owns, inside the
-/// run directory (which must then be traversable).
-fn passt_dir(run: &RunDir) -> Result<(PathBuf, PathBuf), UpError> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = run.path.join("passt");
-    let io = |source| UpError::Passt {
-        path: dir.clone(),
-        source,
-    };
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    std::fs::set_permissions(&run.path, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
-    if nix::unistd::geteuid().is_root() {
-        let nobody = nix::unistd::User::from_name("nobody").ok().flatten();
-        if let Some(user) = nobody {
-            nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).map_err(|e| io(e.into()))?;
-        }
-    }
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-    let sock = dir.join("passt.sock");
-    // A socket left by a killed run: passt would refuse it; a live one belongs to another VM.
-    if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        std::fs::remove_file(&sock).map_err(io)?;
-    }
-    Ok((dir, sock))
 }

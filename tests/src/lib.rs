@@ -19,6 +19,27 @@ use serde::Deserialize;
 
 pub const ARCHES: [&str; 2] = ["x86_64", "aarch64"];
 
+/// Generous: aarch64 under TCG on a loaded 2-core machine is slow. This is a hang guard, not a
+/// performance assertion.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Instantiates a test body for every architecture.
+#[macro_export]
+macro_rules! both_arches {
+    ($body:ident) => {
+        mod $body {
+            #[test]
+            fn x86_64() {
+                super::$body("x86_64");
+            }
+            #[test]
+            fn aarch64() {
+                super::$body("aarch64");
+            }
+        }
+    };
+}
+
 /// Paths of the prebuilt artifacts for one architecture, as `cargo xtask artifacts --json` prints.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Artifacts {
@@ -79,6 +100,9 @@ pub struct Boot {
     pub run_dir: tempfile::TempDir,
     pub exec: Vec<String>,
     pub extra_args: Vec<String>,
+    /// `--net` for the boot: `none` unless a test is about the network, so boots stay fast and
+    /// never compete for the default forwarded port.
+    pub net: String,
 }
 
 impl Boot {
@@ -113,11 +137,17 @@ impl Boot {
             run_dir,
             exec: Vec::new(),
             extra_args: Vec::new(),
+            net: "none".into(),
         })
     }
 
     pub fn exec<S: AsRef<str>>(mut self, argv: &[S]) -> Self {
         self.exec = argv.iter().map(|s| s.as_ref().to_string()).collect();
+        self
+    }
+
+    pub fn net(mut self, backend: &str) -> Self {
+        self.net = backend.to_string();
         self
     }
 
@@ -150,6 +180,8 @@ impl Boot {
             .arg(self.run_dir.path().join("run"))
             .arg("--report")
             .arg(self.report_path())
+            .arg("--net")
+            .arg(&self.net)
             .args(&self.extra_args);
         if !self.exec.is_empty() {
             cmd.arg("--exec").args(&self.exec);
@@ -200,6 +232,11 @@ impl Running {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         let rc = unsafe { libc::kill(self.pid(), sig) };
         assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+    }
+
+    /// True while `openshell-host` has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits until `rel` exists in the guest's root (the guest writes through virtio-fs).

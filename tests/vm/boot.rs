@@ -4,27 +4,7 @@
 use std::time::Duration;
 
 use openshell_shared::{GuestMessage, Outcome, PROTOCOL_VERSION};
-use openshell_tests::{vm_slot, Boot};
-
-/// Generous: aarch64 under TCG on a loaded 2-core machine is slow. This is a hang guard, not a
-/// performance assertion.
-const BOOT_DEADLINE: Duration = Duration::from_secs(180);
-
-/// Instantiates a test body for every architecture.
-macro_rules! both_arches {
-    ($body:ident) => {
-        mod $body {
-            #[test]
-            fn x86_64() {
-                super::$body("x86_64");
-            }
-            #[test]
-            fn aarch64() {
-                super::$body("aarch64");
-            }
-        }
-    };
-}
+use openshell_tests::{both_arches, vm_slot, Boot, BOOT_DEADLINE};
 
 fn phases_in(msgs: &[GuestMessage]) -> Vec<String> {
     msgs.iter()
@@ -292,29 +272,3 @@ fn killed_host_leaves_nothing_running(arch: &str) {
     assert!(done.stdout.contains("stale sockets"), "{}", done.output());
 }
 both_arches!(killed_host_leaves_nothing_running);
-
-/// With passt as the network, the guest's own DHCP client gets its lease from passt's DHCP.
-fn passt_gives_the_guest_a_lease(arch: &str) {
-    let Some(boot) = Boot::new(arch) else { return };
-    let _slot = vm_slot();
-    let done = boot
-        .arg("--net")
-        .arg("passt")
-        .exec(&["/bin/true"])
-        .start()
-        .wait(BOOT_DEADLINE);
-    assert!(done.status.success(), "{}", done.output());
-    let network = done
-        .guest_messages()
-        .into_iter()
-        .find_map(|m| match m {
-            GuestMessage::Log { text, .. } if text.starts_with("network: ") => Some(text),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no network report\n{}", done.output()));
-    assert!(
-        network.contains("eth0") && network.contains("DHCP from"),
-        "{network}"
-    );
-}
-both_arches!(passt_gives_the_guest_a_lease);

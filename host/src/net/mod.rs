@@ -1,0 +1,174 @@
+//! The guest's user-mode network: which backend runs it (one module each), and the TCP port
+//! forwards from the host into the guest. Forwards listen on 127.0.0.1 only: the gateway is for
+//! the user on this machine, never for the network the laptop sits on.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+pub mod gvproxy;
+pub mod passt;
+
+/// The gateway's gRPC NodePort: what `up` forwards when no `-p` is given.
+pub const GATEWAY_PORT: u16 = 30051;
+
+/// The address forwards listen on.
+pub const FORWARD_LISTEN: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetBackend {
+    /// No network device: the guest comes up on a dummy interface.
+    None,
+    /// Debian's `passt`, over a unix stream socket (the Linux default).
+    Passt,
+    /// gvisor-tap-vsock's `gvproxy` (the macOS default).
+    Gvproxy,
+}
+
+impl NetBackend {
+    /// passt is packaged for Linux distributions; gvproxy is what macOS users have.
+    pub fn platform_default() -> Self {
+        if cfg!(target_os = "macos") {
+            NetBackend::Gvproxy
+        } else {
+            NetBackend::Passt
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NetBackend::None => "none",
+            NetBackend::Passt => "passt",
+            NetBackend::Gvproxy => "gvproxy",
+        }
+    }
+}
+
+impl fmt::Display for NetBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One TCP forward: `127.0.0.1:host` on the host to `guest` in the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Forward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("port forward `{spec}`: {reason} (expected HOST:GUEST or PORT, ports 1-65535)")]
+pub struct ForwardError {
+    pub spec: String,
+    pub reason: String,
+}
+
+impl FromStr for Forward {
+    type Err = ForwardError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let err = |reason: String| ForwardError {
+            spec: spec.to_string(),
+            reason,
+        };
+        let port = |text: &str, side: &str| -> Result<u16, ForwardError> {
+            match text.trim().parse::<u16>() {
+                Ok(0) => Err(err(format!("{side} port 0 is not a port"))),
+                Ok(p) => Ok(p),
+                Err(e) => Err(err(format!("{side} port `{text}`: {e}"))),
+            }
+        };
+        match spec.split_once(':') {
+            Some((h, g)) => Ok(Forward {
+                host: port(h, "host")?,
+                guest: port(g, "guest")?,
+            }),
+            None => {
+                let p = port(spec, "")?;
+                Ok(Forward { host: p, guest: p })
+            }
+        }
+    }
+}
+
+impl fmt::Display for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{FORWARD_LISTEN}:{} -> guest:{}", self.host, self.guest)
+    }
+}
+
+/// The forwards a boot gets: the ones asked for, else the gateway port; none without a network.
+/// Two forwards may not share a host port.
+pub fn forwards(backend: NetBackend, asked: &[Forward]) -> Result<Vec<Forward>, ForwardError> {
+    if backend == NetBackend::None {
+        return match asked.first() {
+            Some(f) => Err(ForwardError {
+                spec: format!("{}:{}", f.host, f.guest),
+                reason: "--net none gives the guest no network to forward to".into(),
+            }),
+            None => Ok(Vec::new()),
+        };
+    }
+    if asked.is_empty() {
+        return Ok(vec![Forward {
+            host: GATEWAY_PORT,
+            guest: GATEWAY_PORT,
+        }]);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in asked {
+        if !seen.insert(f.host) {
+            return Err(ForwardError {
+                spec: format!("{}:{}", f.host, f.guest),
+                reason: format!("host port {} is forwarded twice", f.host),
+            });
+        }
+    }
+    Ok(asked.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_specs_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            "8080:80".parse(),
+            Ok(Forward {
+                host: 8080,
+                guest: 80
+            })
+        );
+        assert_eq!(
+            "30051".parse(),
+            Ok(Forward {
+                host: 30051,
+                guest: 30051
+            })
+        );
+        for bad in ["", "0", "80:0", "70000:1", "a:80", "80:", ":80", "1:2:3"] {
+            let e = bad.parse::<Forward>().expect_err(bad);
+            assert_eq!(e.spec, bad);
+            assert!(e.to_string().contains(&format!("`{bad}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn default_is_the_gateway_port_and_duplicates_are_refused() {
+        assert_eq!(
+            forwards(NetBackend::Passt, &[]).expect("default"),
+            vec![Forward {
+                host: 30051,
+                guest: 30051
+            }]
+        );
+        assert!(forwards(NetBackend::None, &[]).expect("none").is_empty());
+        let one = Forward { host: 1, guest: 2 };
+        assert!(forwards(NetBackend::None, &[one]).is_err());
+        let e = forwards(NetBackend::Gvproxy, &[one, Forward { host: 1, guest: 3 }])
+            .expect_err("twice");
+        assert!(e.reason.contains("forwarded twice"), "{e}");
+    }
+}
