@@ -45,6 +45,10 @@ pub enum Command {
         /// under `nsenter --net=...` against a namespace's real links and mounts).
         #[arg(long)]
         in_place: bool,
+        /// Stay this long after the phase, so what it leaves running in the background (the
+        /// DHCP lease keeper) can be watched.
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
     },
     /// Run CMD as PID 1 runs the workload: own session, reaping orphans (as a subreaper),
     /// forwarding signals, SIGKILL after the grace period. Prints events as JSON lines.
@@ -82,9 +86,12 @@ pub fn main(init_entry_us: u64) -> i32 {
             config,
             cmdline,
             in_place,
+            linger_ms,
         } => match run_phase(&name, root, config, cmdline, in_place, init_entry_us) {
-            Ok(true) => 0,
-            Ok(false) => 1,
+            Ok(ok) => {
+                std::thread::sleep(Duration::from_millis(linger_ms));
+                i32::from(!ok)
+            }
             Err(e) => {
                 eprintln!("openshell-init: {e}");
                 2

@@ -22,6 +22,47 @@ pub struct Lease {
     pub server: Ipv4Addr,
     pub lease_secs: u32,
     pub mtu: Option<u16>,
+    /// T1 and T2 as the server sent them (options 58 and 59), if it did.
+    pub renew_secs: Option<u32>,
+    pub rebind_secs: Option<u32>,
+}
+
+/// Lease time meaning "never expires" (RFC 2131): nothing to renew.
+pub const INFINITE: u32 = u32::MAX;
+
+/// When to renew (T1), rebind (T2) and give the address up, counted from the request that got
+/// the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timers {
+    pub t1: Duration,
+    pub t2: Duration,
+    pub expiry: Duration,
+}
+
+impl Lease {
+    /// `None` for an infinite lease. T1/T2 from the server are used when they are ordered
+    /// (0 < T1 < T2 < lease); otherwise RFC 2131's defaults, 0.5 and 0.875 of the lease.
+    pub fn timers(&self) -> Option<Timers> {
+        if self.lease_secs == INFINITE {
+            return None;
+        }
+        let lease = u64::from(self.lease_secs.max(1));
+        let ms = |secs: u64| Duration::from_millis(secs * 1000);
+        let (t1, t2) = match (self.renew_secs, self.rebind_secs) {
+            (Some(t1), Some(t2)) if 0 < t1 && t1 < t2 && u64::from(t2) < lease => {
+                (ms(u64::from(t1)), ms(u64::from(t2)))
+            }
+            _ => (
+                Duration::from_millis(lease * 500),
+                Duration::from_millis(lease * 875),
+            ),
+        };
+        Some(Timers {
+            t1,
+            t2,
+            expiry: ms(lease),
+        })
+    }
 }
 
 /// A reply that belongs to our exchange.
@@ -104,6 +145,16 @@ pub fn discover(xid: u32, mac: &[u8; 6], rapid_commit: bool) -> Message {
     msg
 }
 
+/// A REQUEST that extends the lease on `address` (RENEWING, unicast to the server, or
+/// REBINDING, broadcast): `ciaddr` set, no requested address or server id (RFC 2131 4.3.2), and
+/// no broadcast flag, since the client can now receive unicast.
+pub fn extend(xid: u32, mac: &[u8; 6], address: Ipv4Addr) -> Message {
+    let mut msg = base(xid, mac, MessageType::Request);
+    msg.set_flags(Flags::default());
+    msg.set_ciaddr(address);
+    msg
+}
+
 pub fn request(xid: u32, mac: &[u8; 6], offer: &Lease) -> Message {
     let mut msg = base(xid, mac, MessageType::Request);
     msg.opts_mut()
@@ -183,6 +234,14 @@ fn lease(msg: &Message) -> Option<Lease> {
         Some(DhcpOption::InterfaceMtu(m)) if MTU_RANGE.contains(m) => Some(*m),
         _ => None,
     };
+    let renew_secs = match opts.get(OptionCode::Renewal) {
+        Some(DhcpOption::Renewal(t)) => Some(*t),
+        _ => None,
+    };
+    let rebind_secs = match opts.get(OptionCode::Rebinding) {
+        Some(DhcpOption::Rebinding(t)) => Some(*t),
+        _ => None,
+    };
     Some(Lease {
         address,
         prefix,
@@ -191,6 +250,8 @@ fn lease(msg: &Message) -> Option<Lease> {
         server,
         lease_secs,
         mtu,
+        renew_secs,
+        rebind_secs,
     })
 }
 
@@ -341,8 +402,10 @@ pub fn obtain(
     let mut first_answer: Option<Duration> = None;
     let mut wait = Duration::from_millis(100);
     let mut buf = vec![0u8; 1500];
+    // One xid per exchange, kept across retransmissions: a slow server's answer to an earlier
+    // DISCOVER (udhcpd probes an address by ARP for 2 s before offering it) still counts.
+    let mut xid = random_xid();
     'discover: while Instant::now() < deadline {
-        let xid = random_xid();
         let out = encode(&discover(xid, mac, rapid_commit)).map_err(io)?;
         sock.send_to(&out, server).map_err(io)?;
         discovers += 1;
@@ -392,6 +455,7 @@ pub fn obtain(
                 }
                 Some(Reply::Nak) => {
                     naks += 1;
+                    xid = random_xid();
                     continue 'discover;
                 }
                 // Foreign, malformed or duplicate: keep waiting.
@@ -408,7 +472,7 @@ pub fn obtain(
     })
 }
 
-fn random_xid() -> u32 {
+pub fn random_xid() -> u32 {
     let mut b = [0u8; 4];
     // getrandom(2) never blocks for 4 bytes once the kernel is up; fall back to the clock.
     // SAFETY: writes at most 4 bytes into `b`.
@@ -480,6 +544,8 @@ mod tests {
                 server: Ipv4Addr::new(10, 0, 0, 1),
                 lease_secs: 60,
                 mtu: None,
+                renew_secs: None,
+                rebind_secs: None,
             },
         );
         assert!(
@@ -607,5 +673,69 @@ mod tests {
             let _ = classify(&good[..cut], 9, &MAC); // must not panic
         }
         assert_eq!(classify(&[0xff; 600], 9, &MAC), None);
+    }
+
+    fn lease(secs: u32, t1: Option<u32>, t2: Option<u32>) -> Lease {
+        Lease {
+            address: Ipv4Addr::new(10, 0, 0, 9),
+            prefix: 24,
+            router: None,
+            dns: vec![],
+            server: Ipv4Addr::new(10, 0, 0, 1),
+            lease_secs: secs,
+            mtu: None,
+            renew_secs: t1,
+            rebind_secs: t2,
+        }
+    }
+
+    #[test]
+    fn timers_follow_the_server_when_sane_and_the_rfc_otherwise() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            lease(120, Some(2), Some(4)).timers(),
+            Some(Timers {
+                t1: s(2),
+                t2: s(4),
+                expiry: s(120)
+            })
+        );
+        let rfc = Some(Timers {
+            t1: s(60),
+            t2: Duration::from_millis(105_000),
+            expiry: s(120),
+        });
+        assert_eq!(lease(120, None, None).timers(), rfc);
+        assert_eq!(lease(120, Some(5), Some(3)).timers(), rfc, "T1 after T2");
+        assert_eq!(lease(120, Some(5), Some(120)).timers(), rfc, "T2 at expiry");
+        assert_eq!(lease(120, Some(0), Some(3)).timers(), rfc, "T1 zero");
+        assert_eq!(lease(INFINITE, None, None).timers(), None);
+        assert!(lease(0, None, None)
+            .timers()
+            .is_some_and(|t| t.expiry == s(1)));
+    }
+
+    #[test]
+    fn extending_requests_carry_ciaddr_and_nothing_of_an_offer() {
+        let m = extend(5, &MAC, Ipv4Addr::new(10, 0, 0, 9));
+        let back = Message::from_bytes(&encode(&m).expect("encode")).expect("decode");
+        assert_eq!(back.ciaddr(), Ipv4Addr::new(10, 0, 0, 9));
+        assert!(!back.flags().broadcast());
+        assert_eq!(back.opts().msg_type(), Some(MessageType::Request));
+        assert!(back.opts().get(OptionCode::RequestedIpAddress).is_none());
+        assert!(back.opts().get(OptionCode::ServerIdentifier).is_none());
+    }
+
+    #[test]
+    fn t1_and_t2_are_read_from_the_reply() {
+        let mut m = reply(MessageType::Ack, 9, &MAC);
+        m.opts_mut().insert(DhcpOption::Renewal(2));
+        m.opts_mut().insert(DhcpOption::Rebinding(4));
+        match classify(&bytes(&m), 9, &MAC) {
+            Some(Reply::Ack { lease, .. }) => {
+                assert_eq!((lease.renew_secs, lease.rebind_secs), (Some(2), Some(4)))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

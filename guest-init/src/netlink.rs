@@ -187,12 +187,11 @@ fn describe(link: &LinkMessage) -> Link {
     }
 }
 
-/// Adds `address/prefix` to link `index` (replacing an identical one).
-pub fn add_address(
+fn address_message(
     index: u32,
     address: std::net::Ipv4Addr,
     prefix: u8,
-) -> Result<(), NetlinkError> {
+) -> netlink_packet_route::address::AddressMessage {
     use netlink_packet_route::address::{AddressAttribute, AddressMessage};
     let mut msg = AddressMessage::default();
     msg.header.family = netlink_packet_route::AddressFamily::Inet;
@@ -201,9 +200,30 @@ pub fn add_address(
     msg.attributes.push(AddressAttribute::Local(address.into()));
     msg.attributes
         .push(AddressAttribute::Address(address.into()));
+    msg
+}
+
+/// Adds `address/prefix` to link `index` (replacing an identical one).
+pub fn add_address(
+    index: u32,
+    address: std::net::Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetlinkError> {
     request(
-        RouteNetlinkMessage::NewAddress(msg),
+        RouteNetlinkMessage::NewAddress(address_message(index, address, prefix)),
         NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE,
+    )
+}
+
+/// Removes `address/prefix` from link `index`; the kernel drops the routes that used it.
+pub fn delete_address(
+    index: u32,
+    address: std::net::Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetlinkError> {
+    request(
+        RouteNetlinkMessage::DelAddress(address_message(index, address, prefix)),
+        0,
     )
 }
 

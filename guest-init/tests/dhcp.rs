@@ -81,6 +81,12 @@ fn in_netns(ns: &str, program: &str) -> Command {
 }
 
 fn dnsmasq(n: &mut Net, rapid: bool) {
+    let extra: &[&str] = if rapid { &["--dhcp-rapid-commit"] } else { &[] };
+    dnsmasq_with(n, "10.77.0.50,10.77.0.60", extra);
+}
+
+/// dnsmasq handing out `range` with a two-minute lease (its minimum), plus `extra` options.
+fn dnsmasq_with(n: &mut Net, range: &str, extra: &[&str]) {
     let mut cmd = in_netns(&n.srv, "dnsmasq");
     cmd.args([
         "--no-daemon",
@@ -91,10 +97,11 @@ fn dnsmasq(n: &mut Net, rapid: bool) {
         "--bind-interfaces",
         // dnsmasq pings an address before offering it; nobody else is on this link.
         "--no-ping",
-        "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,2m",
         "--dhcp-option=option:router,10.77.0.1",
         "--dhcp-option=option:dns-server,10.77.0.1",
     ])
+    .arg(format!("--dhcp-range={range},255.255.255.0,2m"))
+    .args(extra)
     .arg(format!(
         "--dhcp-leasefile={}",
         n.dir.path().join("leases").display()
@@ -102,19 +109,22 @@ fn dnsmasq(n: &mut Net, rapid: bool) {
     .arg(format!("--pid-file={}", n.dir.path().join("pid").display()))
     .stdout(Stdio::null())
     .stderr(Stdio::null());
-    if rapid {
-        cmd.arg("--dhcp-rapid-commit");
-    }
     n.server = Some(cmd.spawn().expect("dnsmasq"));
     wait_listening(n);
 }
 
 fn udhcpd(n: &mut Net) {
+    udhcpd_leasing(n, 120, 2000);
+}
+
+/// busybox udhcpd handing out `lease_secs` leases (it allows shorter ones than dnsmasq), probing
+/// each address by ARP for `arp_ms` before offering it (2000 by default).
+fn udhcpd_leasing(n: &mut Net, lease_secs: u32, arp_ms: u32) {
     let conf = n.dir.path().join("udhcpd.conf");
     std::fs::write(
         &conf,
         format!(
-            "start 10.77.0.70\nend 10.77.0.80\ninterface srv0\noption subnet 255.255.255.0\noption router 10.77.0.1\noption dns 10.77.0.1\noption lease 120\nlease_file {}\npidfile {}\n",
+            "start 10.77.0.70\nend 10.77.0.80\ninterface srv0\noption subnet 255.255.255.0\noption router 10.77.0.1\noption dns 10.77.0.1\nmin_lease {lease_secs}\noption lease {lease_secs}\nlease_file {}\npidfile {}\n",
             n.dir.path().join("udhcpd.leases").display(),
             n.dir.path().join("udhcpd.pid").display()
         ),
@@ -122,6 +132,7 @@ fn udhcpd(n: &mut Net) {
     .expect("conf");
     let child = in_netns(&n.srv, "udhcpd")
         .arg("-f")
+        .arg(format!("-a{arp_ms}"))
         .arg(&conf)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -148,8 +159,13 @@ fn wait_listening(n: &Net) {
     }
 }
 
-/// Runs the phase in the client namespace; returns the phase's detail line.
+/// Runs the phase in the client namespace; returns the phase's events (JSON lines).
 fn run_phase(n: &Net, root: &Path, extra: &str) -> String {
+    run_phase_lingering(n, root, extra, 0)
+}
+
+/// Runs the phase and stays `linger_ms` longer, so the lease keeper's events are in the output.
+fn run_phase_lingering(n: &Net, root: &Path, extra: &str, linger_ms: u64) -> String {
     let out = in_netns(&n.cli, BIN)
         .args([
             "phase",
@@ -157,6 +173,8 @@ fn run_phase(n: &Net, root: &Path, extra: &str) -> String {
             "--in-place",
             "--cmdline",
             extra,
+            "--linger-ms",
+            &linger_ms.to_string(),
             "--root",
         ])
         .arg(root)
@@ -251,5 +269,152 @@ fn no_server_means_the_static_plan_said_out_loud() {
     assert!(client(&n, &["-4", "addr", "show", "eth0"]).contains("inet 192.168.127.2/24"));
     assert!(client(&n, &["route"]).contains("default via 192.168.127.1 dev eth0"));
     let resolv = std::fs::read_to_string(root.path().join("etc/resolv.conf")).expect("resolv.conf");
+    assert!(resolv.contains("nameserver 192.168.127.1"), "{resolv}");
+}
+
+/// The address dnsmasq's lease file records for our client, with its expiry time.
+fn leased(n: &Net) -> Vec<(u64, String)> {
+    std::fs::read_to_string(n.dir.path().join("leases"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            Some((cols.first()?.parse().ok()?, cols.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+/// A short T1 and T2 (dnsmasq sends 3 s and 4 s for these settings): the keeper renews with the server, unicast, again and again,
+/// and the server extends the same lease each time.
+#[test]
+fn lease_is_renewed_at_t1() {
+    if !can_run("dnsmasq") {
+        return;
+    }
+    let mut n = net("k");
+    dnsmasq_with(
+        &mut n,
+        "10.77.0.50,10.77.0.60",
+        &["--dhcp-option=option:T1,2", "--dhcp-option=option:T2,4"],
+    );
+    let root = tempfile::tempdir().expect("root");
+    // Long enough for two renewals at 3 s intervals.
+    let events = run_phase_lingering(&n, root.path(), "openshell.dhcp_timeout_ms=5000", 8000);
+    let renewals: Vec<&str> = events
+        .lines()
+        .filter(|l| l.contains("dhcp: renewed 10.77.0."))
+        .collect();
+    assert!(renewals.len() >= 2, "{events}");
+    assert!(
+        renewals[0].contains("from 10.77.0.1: lease 120 s, next renewal in 3.0 s"),
+        "{events}"
+    );
+    assert!(
+        !events.contains("rebinding"),
+        "the server answered every renewal\n{events}"
+    );
+    let lease = leased(&n);
+    assert_eq!(lease.len(), 1, "one lease, extended in place: {lease:?}");
+    let addr = client(&n, &["-4", "addr", "show", "eth0"]);
+    assert!(addr.contains(&format!("inet {}/24", lease[0].1)), "{addr}");
+}
+
+/// The server forgets the client (restarted with another range, authoritative): the renewal
+/// gets a NAK, the keeper gives the address up and leases a new one from the new range.
+#[test]
+fn nak_on_renewal_means_a_new_lease() {
+    if !can_run("dnsmasq") {
+        return;
+    }
+    let mut n = net("x");
+    let t = ["--dhcp-option=option:T1,2", "--dhcp-option=option:T2,4"];
+    dnsmasq_with(&mut n, "10.77.0.50,10.77.0.60", &t);
+    let root = tempfile::tempdir().expect("root");
+    let cli = in_netns(&n.cli, BIN)
+        .args(["phase", "network", "--in-place", "--linger-ms", "8000"])
+        .args(["--cmdline", "openshell.dhcp_timeout_ms=5000", "--root"])
+        .arg(root.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("phase");
+    // Wait for the first lease, then replace the server before T1.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while leased(&n).is_empty() {
+        assert!(Instant::now() < deadline, "no first lease");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = leased(&n)[0].1.clone();
+    if let Some(mut s) = n.server.take() {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    let _ = std::fs::remove_file(n.dir.path().join("leases"));
+    let mut t2 = t.to_vec();
+    t2.push("--dhcp-authoritative");
+    dnsmasq_with(&mut n, "10.77.0.100,10.77.0.110", &t2);
+    let out = cli.wait_with_output().expect("phase output");
+    let events = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        events.contains(&format!("server refused (NAK) to extend {first}")),
+        "{events}"
+    );
+    assert!(events.contains("new lease 10.77.0.1"), "{events}");
+    let addr = client(&n, &["-4", "addr", "show", "eth0"]);
+    assert!(
+        addr.contains("inet 10.77.0.1") && !addr.contains(&first),
+        "{addr}\n{events}"
+    );
+    assert!(client(&n, &["route"]).contains("default via 10.77.0.1 dev eth0"));
+}
+
+/// The server goes away: the renewal and the rebinding get no answer, the lease expires, the
+/// address is given up and the static plan holds the link (k3s keeps a default route).
+#[test]
+fn expired_lease_with_no_server_falls_back_to_the_static_plan() {
+    if !can_run("udhcpd") {
+        return;
+    }
+    let mut n = net("e");
+    udhcpd_leasing(&mut n, 6, 100);
+    let root = tempfile::tempdir().expect("root");
+    let cli = in_netns(&n.cli, BIN)
+        .args(["phase", "network", "--in-place", "--linger-ms", "9500"])
+        .args(["--cmdline", "openshell.dhcp_timeout_ms=1000", "--root"])
+        .arg(root.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("phase");
+    // The first lease, then the server is gone before T1 (3 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client(&n, &["-4", "addr", "show", "eth0"]).contains("inet 10.77.0.7") {
+        assert!(Instant::now() < deadline, "no first lease");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(mut s) = n.server.take() {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    let out = cli.wait_with_output().expect("phase output");
+    let events = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(events.contains("lease 6 s"), "{events}");
+    assert!(
+        events.contains("did not answer the renewal of 10.77.0.7"),
+        "{events}"
+    );
+    assert!(
+        events.contains("expired with no server answering"),
+        "{events}"
+    );
+    assert!(
+        events.contains("static plan 192.168.127.2/24 until a server answers"),
+        "{events}"
+    );
+    let addr = client(&n, &["-4", "addr", "show", "eth0"]);
+    assert!(
+        addr.contains("inet 192.168.127.2/24") && !addr.contains("inet 10.77.0.7"),
+        "{addr}"
+    );
+    assert!(client(&n, &["route"]).contains("default via 192.168.127.1 dev eth0"));
+    let resolv = std::fs::read_to_string(root.path().join("etc/resolv.conf")).expect("resolv");
     assert!(resolv.contains("nameserver 192.168.127.1"), "{resolv}");
 }

@@ -5,10 +5,14 @@
 //!
 //! `/etc/resolv.conf` is replaced atomically and holds only nameservers k3s accepts (no loopback,
 //! multicast or link-local ones, which make k3s fall back to 8.8.8.8).
+//!
+//! A DHCP lease is then kept for as long as the VM runs by [`lease`], on its own thread.
+
+pub mod lease;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netlink_packet_route::link::InfoKind;
 use openshell_shared::config::{Network, StaticPlan};
@@ -56,15 +60,33 @@ pub struct Configured {
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
     pub how: String,
+    /// The lease behind this configuration, when DHCP gave one: the keeper renews it.
+    pub lease: Option<lease::Bound>,
 }
 
 fn run(ctx: &Ctx) -> PhaseResult {
     let cfg = &ctx.config().network;
-    let done = configure(cfg, |level, text| ctx.reporter.log(level, text))?;
+    let mut done = configure(cfg, |level, text| ctx.reporter.log(level, text))?;
     let dns = usable_dns(&done.dns, &cfg.fallback_dns, |level, text| {
         ctx.reporter.log(level, text)
     });
-    write_resolv_conf(&ctx.path("/etc/resolv.conf"), &dns)?;
+    let resolv = ctx.path("/etc/resolv.conf");
+    write_resolv_conf(&resolv, &dns)?;
+    if let Some(bound) = done.lease.take() {
+        let reporter = std::sync::Arc::clone(&ctx.reporter);
+        let keeper = lease::Keeper {
+            bound,
+            cfg: cfg.clone(),
+            resolv,
+            log: Box::new(move |level, text| reporter.log(level, text)),
+        };
+        if let Err(e) = keeper.spawn() {
+            ctx.reporter.log(
+                Level::Warn,
+                format!("cannot start the DHCP lease keeper: {e}"),
+            );
+        }
+    }
     Ok(Done::Ok(Some(format!(
         "{} {}/{} via {} dns {} ({})",
         done.ifname,
@@ -81,20 +103,55 @@ fn run(ctx: &Ctx) -> PhaseResult {
     ))))
 }
 
+/// Maps a netlink failure on `ifname` doing `what` to the phase's error.
+fn link_err(ifname: &str, what: &'static str) -> impl FnOnce(NetlinkError) -> NetworkError {
+    let ifname = ifname.to_string();
+    move |source| NetworkError::Link {
+        ifname,
+        what,
+        source,
+    }
+}
+
+/// One DHCP exchange on `ifname` under the configured deadline: requests through a UDP socket,
+/// replies through a packet socket (see [`dhcp::PacketSocket`]).
+pub fn exchange(
+    ifname: &str,
+    index: u32,
+    mac: &[u8; 6],
+    cfg: &Network,
+) -> Result<dhcp::Exchange, dhcp::DhcpError> {
+    let sock = dhcp::socket(ifname)?;
+    let replies = dhcp::PacketSocket::open(index).map_err(|source| dhcp::DhcpError::Socket {
+        ifname: ifname.to_string(),
+        source,
+    })?;
+    dhcp::obtain(
+        &sock,
+        &replies,
+        ifname,
+        mac,
+        cfg.rapid_commit,
+        Duration::from_millis(cfg.dhcp_timeout_ms),
+    )
+}
+
+/// Puts `lease` on the link: MTU, address, default route.
+pub fn apply_lease(ifname: &str, index: u32, lease: &dhcp::Lease) -> Result<(), NetworkError> {
+    let err = |what| link_err(ifname, what);
+    if let Some(mtu) = lease.mtu {
+        netlink::set_up_with_mtu(ifname, Some(mtu)).map_err(err("set MTU"))?;
+    }
+    netlink::add_address(index, lease.address, lease.prefix).map_err(err("add address"))?;
+    netlink::set_default_route(index, lease.router).map_err(err("add default route"))
+}
+
 /// Configures the calling thread's network namespace per `cfg`. `log` hears about fallbacks.
 pub fn configure(
     cfg: &Network,
     mut log: impl FnMut(Level, String),
 ) -> Result<Configured, NetworkError> {
     let links = netlink::links().map_err(NetworkError::List)?;
-    let link_err = |ifname: &str, what| {
-        let ifname = ifname.to_string();
-        move |source| NetworkError::Link {
-            ifname,
-            what,
-            source,
-        }
-    };
     let Some(link) = links.iter().find(|l| l.name == cfg.interface) else {
         log(
             Level::Warn,
@@ -124,32 +181,10 @@ pub fn configure(
     netlink::set_up_with_mtu(&link.name, None).map_err(link_err(&link.name, "bring up"))?;
     let mac = link.mac.unwrap_or_default();
     let watch = Stopwatch::start();
-    let result = dhcp::socket(&link.name).and_then(|sock| {
-        let replies =
-            dhcp::PacketSocket::open(link.index).map_err(|source| dhcp::DhcpError::Socket {
-                ifname: link.name.clone(),
-                source,
-            })?;
-        dhcp::obtain(
-            &sock,
-            &replies,
-            &link.name,
-            &mac,
-            cfg.rapid_commit,
-            Duration::from_millis(cfg.dhcp_timeout_ms),
-        )
-    });
-    match result {
+    match exchange(&link.name, link.index, &mac, cfg) {
         Ok(ex) => {
             let lease = &ex.lease;
-            if let Some(mtu) = lease.mtu {
-                netlink::set_up_with_mtu(&link.name, Some(mtu))
-                    .map_err(link_err(&link.name, "set MTU"))?;
-            }
-            netlink::add_address(link.index, lease.address, lease.prefix)
-                .map_err(link_err(&link.name, "add address"))?;
-            netlink::set_default_route(link.index, lease.router)
-                .map_err(link_err(&link.name, "add default route"))?;
+            apply_lease(&link.name, link.index, lease)?;
             Ok(Configured {
                 ifname: link.name.clone(),
                 address: lease.address,
@@ -157,15 +192,22 @@ pub fn configure(
                 router: lease.router,
                 dns: lease.dns.clone(),
                 how: format!(
-                    "DHCP from {} in {:.1} ms (first answer after {:.1} ms), {} DISCOVER(s){}, lease {} s{}",
+                    "DHCP from {} in {:.1} ms (first answer after {:.1} ms), {} DISCOVER(s){}, lease {}{}",
                     lease.server,
                     watch.elapsed_us() as f64 / 1000.0,
                     ex.first_answer.unwrap_or_default().as_secs_f64() * 1000.0,
                     ex.discovers,
                     if ex.rapid { " (rapid commit)" } else { "" },
-                    lease.lease_secs,
+                    lease::describe_time(lease.lease_secs),
                     lease.mtu.map(|m| format!(", MTU {m}")).unwrap_or_default()
                 ),
+                lease: Some(lease::Bound {
+                    ifname: link.name.clone(),
+                    index: link.index,
+                    mac,
+                    since: Instant::now() - ex.elapsed,
+                    lease: ex.lease,
+                }),
             })
         }
         Err(e) => {
@@ -191,20 +233,13 @@ pub fn configure(
     }
 }
 
-fn apply_static(
+pub fn apply_static(
     ifname: &str,
     index: u32,
     plan: &StaticPlan,
     how: String,
 ) -> Result<Configured, NetworkError> {
-    let err = |what| {
-        let ifname = ifname.to_string();
-        move |source| NetworkError::Link {
-            ifname,
-            what,
-            source,
-        }
-    };
+    let err = |what| link_err(ifname, what);
     netlink::set_up_with_mtu(ifname, None).map_err(err("bring up"))?;
     netlink::add_address(index, plan.address, plan.prefix).map_err(err("add address"))?;
     netlink::set_default_route(index, plan.gateway).map_err(err("add default route"))?;
@@ -215,6 +250,7 @@ fn apply_static(
         router: plan.gateway,
         dns: plan.dns.clone(),
         how,
+        lease: None,
     })
 }
 

@@ -1,0 +1,316 @@
+//! Keeps the lease the `network` phase got, for as long as the VM runs: at T1 it asks the server
+//! that gave it (unicast) to extend it, at T2 any server (broadcast); a NAK or expiry gives the
+//! address up and starts a new exchange, with the static plan in place until one succeeds,
+//! because k3s needs an address and a default route at all times. It runs on its own thread and
+//! never holds up boot or the workload; every step is reported as a `log` event.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use openshell_shared::config::Network;
+use openshell_shared::Level;
+
+use crate::dhcp::{self, Lease, Reply};
+use crate::netlink;
+
+/// A lease on a link, and when it was asked for (lease times count from the request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    pub ifname: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub lease: Lease,
+    pub since: Instant,
+}
+
+pub struct Keeper {
+    pub bound: Bound,
+    pub cfg: Network,
+    /// Rewritten when a renewal changes the nameservers.
+    pub resolv: PathBuf,
+    pub log: Box<dyn Fn(Level, String) + Send>,
+}
+
+/// How one attempt to extend the lease ended.
+#[derive(Debug)]
+enum Extended {
+    Yes(Lease, Instant),
+    Nak,
+    NoAnswer,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Unicast to the server that gave the lease.
+    Renew,
+    /// Broadcast to any server.
+    Rebind,
+}
+
+/// Waits between retransmissions: half the time left (RFC 2131 4.4.5), at least one second so a
+/// short lease is not flooded, at most a minute.
+pub fn retransmit_after(left: Duration) -> Duration {
+    (left / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// A lease time as people read it.
+pub fn describe_time(secs: u32) -> String {
+    if secs == dhcp::INFINITE {
+        "infinite".into()
+    } else {
+        format!("{secs} s")
+    }
+}
+
+/// Waits between new exchanges while no server answers at all.
+const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
+impl Keeper {
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("dhcp-lease".into())
+            .spawn(move || self.run())
+    }
+
+    fn say(&self, level: Level, text: String) {
+        (self.log)(level, format!("dhcp: {text}"))
+    }
+
+    fn run(mut self) {
+        loop {
+            let Some(t) = self.bound.lease.timers() else {
+                self.say(
+                    Level::Info,
+                    format!(
+                        "lease on {} never expires: nothing to renew",
+                        self.bound.lease.address
+                    ),
+                );
+                return;
+            };
+            let since = self.bound.since;
+            sleep_until(since + t.t1);
+            let mut outcome = self.extend(Mode::Renew, since + t.t2);
+            if matches!(outcome, Extended::NoAnswer) {
+                self.say(
+                    Level::Warn,
+                    format!(
+                        "{} did not answer the renewal of {}: rebinding (broadcast)",
+                        self.bound.lease.server, self.bound.lease.address
+                    ),
+                );
+                outcome = self.extend(Mode::Rebind, since + t.expiry);
+            }
+            match outcome {
+                Extended::Yes(lease, at) => self.renewed(lease, at),
+                Extended::Nak => {
+                    self.say(
+                        Level::Warn,
+                        format!(
+                            "server refused (NAK) to extend {}: giving it up and starting over",
+                            self.bound.lease.address
+                        ),
+                    );
+                    self.start_over();
+                }
+                Extended::NoAnswer => {
+                    self.say(
+                        Level::Warn,
+                        format!(
+                            "lease on {} expired with no server answering: giving it up and starting over",
+                            self.bound.lease.address
+                        ),
+                    );
+                    self.start_over();
+                }
+            }
+        }
+    }
+
+    /// Asks for the lease to be extended until `until`, retransmitting as RFC 2131 says.
+    fn extend(&self, mode: Mode, until: Instant) -> Extended {
+        let b = &self.bound;
+        let sock = match dhcp::socket(&b.ifname) {
+            Ok(s) => s,
+            Err(e) => {
+                self.say(Level::Warn, format!("{e}: cannot renew until it clears"));
+                sleep_until(until);
+                return Extended::NoAnswer;
+            }
+        };
+        let to = match mode {
+            Mode::Renew => SocketAddrV4::new(b.lease.server, 67),
+            Mode::Rebind => SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
+        };
+        let xid = dhcp::random_xid();
+        let msg = dhcp::extend(xid, &b.mac, b.lease.address);
+        let Ok(bytes) = dhcp::encode(&msg) else {
+            return Extended::NoAnswer;
+        };
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return Extended::NoAnswer;
+            }
+            let sent = Instant::now();
+            // A send error (no route for a moment) is like a lost packet: wait and resend.
+            let _ = sock.send_to(&bytes, to);
+            let round_end = (now + retransmit_after(until - now)).min(until);
+            while let Some(left) = round_end.checked_duration_since(Instant::now()) {
+                if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+                    break;
+                }
+                let Ok((n, _)) = sock.recv_from(&mut buf) else {
+                    break;
+                };
+                match dhcp::classify(&buf[..n], xid, &b.mac) {
+                    Some(Reply::Ack { lease, .. }) => return Extended::Yes(lease, sent),
+                    Some(Reply::Nak) => return Extended::Nak,
+                    // Offers and foreign or malformed packets: not for this exchange.
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Takes an extended lease into use; only what changed is touched.
+    fn renewed(&mut self, lease: Lease, at: Instant) {
+        let old = self.bound.lease.clone();
+        let (ifname, index) = (self.bound.ifname.clone(), self.bound.index);
+        if lease.address != old.address || lease.prefix != old.prefix {
+            if let Err(e) = super::apply_lease(&ifname, index, &lease) {
+                self.say(Level::Error, format!("cannot apply the renewed lease: {e}"));
+                return;
+            }
+            let _ = netlink::delete_address(index, old.address, old.prefix);
+            self.say(
+                Level::Warn,
+                format!(
+                    "address changed from {} to {} on renewal: k3s's node IP is now stale",
+                    old.address, lease.address
+                ),
+            );
+        } else if lease.router != old.router || lease.mtu != old.mtu {
+            if let Err(e) = super::apply_lease(&ifname, index, &lease) {
+                self.say(Level::Error, format!("cannot apply the renewed lease: {e}"));
+            }
+        }
+        if lease.dns != old.dns {
+            self.write_dns(&lease.dns);
+        }
+        self.say(
+            Level::Info,
+            format!(
+                "renewed {} from {}: lease {}{}",
+                lease.address,
+                lease.server,
+                describe_time(lease.lease_secs),
+                lease
+                    .timers()
+                    .map(|t| format!(", next renewal in {:.1} s", t.t1.as_secs_f64()))
+                    .unwrap_or_default()
+            ),
+        );
+        self.bound.lease = lease;
+        self.bound.since = at;
+    }
+
+    fn write_dns(&self, offered: &[Ipv4Addr]) {
+        let dns = super::usable_dns(offered, &self.cfg.fallback_dns, |l, t| self.say(l, t));
+        if let Err(e) = super::write_resolv_conf(&self.resolv, &dns) {
+            self.say(Level::Error, e.to_string());
+        }
+    }
+
+    /// Gives the address up and runs new exchanges until one succeeds; the static plan holds the
+    /// link meanwhile.
+    fn start_over(&mut self) {
+        let (ifname, index, mac) = (self.bound.ifname.clone(), self.bound.index, self.bound.mac);
+        let old = self.bound.lease.clone();
+        if let Err(e) = netlink::delete_address(index, old.address, old.prefix) {
+            self.say(Level::Warn, format!("cannot remove {}: {e}", old.address));
+        }
+        let mut fallback_on = false;
+        let mut pause = RESTART_BACKOFF.0;
+        loop {
+            match super::exchange(&ifname, index, &mac, &self.cfg) {
+                Ok(ex) => {
+                    let since = Instant::now() - ex.elapsed;
+                    if let Err(e) = super::apply_lease(&ifname, index, &ex.lease) {
+                        self.say(Level::Error, format!("cannot apply the new lease: {e}"));
+                    } else {
+                        let plan = &self.cfg.fallback;
+                        if fallback_on && plan.address != ex.lease.address {
+                            let _ = netlink::delete_address(index, plan.address, plan.prefix);
+                        }
+                        self.write_dns(&ex.lease.dns);
+                        self.say(
+                            if ex.lease.address == old.address {
+                                Level::Info
+                            } else {
+                                Level::Warn
+                            },
+                            format!(
+                                "new lease {}/{} from {} (was {}), lease {}",
+                                ex.lease.address,
+                                ex.lease.prefix,
+                                ex.lease.server,
+                                old.address,
+                                describe_time(ex.lease.lease_secs)
+                            ),
+                        );
+                        self.bound.lease = ex.lease;
+                        self.bound.since = since;
+                        return;
+                    }
+                }
+                Err(e) if !fallback_on => {
+                    let plan = self.cfg.fallback.clone();
+                    match super::apply_static(&ifname, index, &plan, String::new()) {
+                        Ok(_) => self.say(
+                            Level::Warn,
+                            format!(
+                                "{e}: static plan {}/{} until a server answers",
+                                plan.address, plan.prefix
+                            ),
+                        ),
+                        Err(e2) => self.say(Level::Error, format!("{e}; static plan: {e2}")),
+                    }
+                    self.write_dns(&plan.dns);
+                    fallback_on = true;
+                }
+                Err(_) => {}
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(RESTART_BACKOFF.1);
+        }
+    }
+}
+
+fn sleep_until(t: Instant) {
+    if let Some(d) = t.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retransmissions_halve_the_time_left_within_bounds() {
+        let s = Duration::from_secs;
+        assert_eq!(retransmit_after(s(600)), s(60), "capped at a minute");
+        assert_eq!(retransmit_after(s(30)), s(15));
+        assert_eq!(retransmit_after(s(1)), s(1), "never below a second");
+        assert_eq!(retransmit_after(Duration::ZERO), s(1));
+    }
+
+    #[test]
+    fn lease_times_read_as_people_say_them() {
+        assert_eq!(describe_time(120), "120 s");
+        assert_eq!(describe_time(u32::MAX), "infinite");
+    }
+}
