@@ -270,20 +270,30 @@ pub struct Exchange {
 /// unicast to the offered address, which the IP stack drops for an unconfigured interface. So
 /// replies are read from a packet socket on the interface (IP packets, link header stripped);
 /// requests still go out through the UDP socket.
-pub struct PacketSocket(std::os::fd::OwnedFd);
+///
+/// Packet sockets are costly to rebind and to close: the kernel waits for an RCU grace period
+/// (`synchronize_net`, 10-20 ms) whenever a protocol hook is removed. So the socket is created
+/// with no protocol (no hook yet) and bound once to the interface and protocol, and it is closed
+/// on a thread of its own rather than on the boot path.
+pub struct PacketSocket(Option<std::os::fd::OwnedFd>);
+
+impl Drop for PacketSocket {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0.take() {
+            // Without a thread to spare, the closure is dropped at once and closes it here.
+            let _ = std::thread::Builder::new()
+                .name("packet-close".into())
+                .spawn(move || drop(fd));
+        }
+    }
+}
 
 impl PacketSocket {
     pub fn open(ifindex: u32) -> std::io::Result<Self> {
         use std::os::fd::FromRawFd;
         let proto = (libc::ETH_P_IP as u16).to_be();
         // SAFETY: plain socket(2); the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                i32::from(proto),
-            )
-        };
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -305,15 +315,19 @@ impl PacketSocket {
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Self(owned))
+        Ok(Self(Some(owned)))
+    }
+
+    fn raw(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.0.as_ref().map_or(-1, |fd| fd.as_raw_fd())
     }
 
     /// Waits up to `timeout` for one IP packet; `Ok(0)` on timeout.
     pub fn recv(&self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
-        use std::os::fd::AsRawFd;
         let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
         let mut pfd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
+            fd: self.raw(),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -331,7 +345,7 @@ impl PacketSocket {
             return Ok(0);
         }
         // SAFETY: reads at most buf.len() bytes into buf.
-        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = unsafe { libc::recv(self.raw(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }

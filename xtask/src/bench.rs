@@ -24,6 +24,11 @@ pub enum What {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Our DHCP client against busybox udhcpc, both against dnsmasq in network namespaces.
+    Dhcp {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// Boot timing, phase by phase, against the shell way.
     Boot {
         #[arg(long, default_value_t = Arch::host())]
@@ -45,6 +50,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         What::Boot { arch, runs, out } => boot(arch, runs.max(1), out),
         What::Kine { rows, runs } => crate::bench_kine::run(rows, runs.max(1)),
+        What::Dhcp { runs } => crate::bench_dhcp::run(runs.max(1)),
     }
 }
 

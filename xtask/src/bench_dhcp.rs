@@ -1,0 +1,248 @@
+//! `cargo xtask bench dhcp`: openshell-init's DHCP client (the `network` phase) against busybox
+//! `udhcpc` with the old system's flags and lease script, both getting an address from the same
+//! dnsmasq across a veth pair between two network namespaces made here. Each run starts from a
+//! link with no address. Our client's own numbers say how much of its time is the exchange
+//! itself (first DISCOVER sent to ACK received) and how much is ours (sockets, netlink).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bench::stats;
+use crate::tools::cargo;
+use crate::{run as exec, target_dir, Error, Result};
+
+const SERVER_NS: &str = "osh-bench-dhcp-s";
+const CLIENT_NS: &str = "osh-bench-dhcp-c";
+
+/// The old system's lease script (legacy-system.md 1.4), on busybox `ip`.
+const UDHCPC_SCRIPT: &str = "#!/bin/sh
+case \"$1\" in
+  bound|renew)
+    busybox ip addr flush dev \"$interface\"
+    busybox ip addr add \"$ip/$mask\" dev \"$interface\"
+    [ -n \"$router\" ] && busybox ip route add default via \"$router\" dev \"$interface\"
+    ;;
+esac
+exit 0
+";
+
+/// The two namespaces and the server, torn down on drop.
+struct Lab {
+    server: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for ns in [SERVER_NS, CLIENT_NS] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    exec(Command::new("ip").args(args))
+}
+
+fn in_client(program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", CLIENT_NS, program]);
+    c
+}
+
+fn lab() -> Result<Lab> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::msg(
+            "bench dhcp needs root (network namespaces and a DHCP server)",
+        ));
+    }
+    for ns in [SERVER_NS, CLIENT_NS] {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let dir = tempfile::tempdir().map_err(|e| Error::io("create", &std::env::temp_dir(), e))?;
+    let mut lab = Lab { server: None, dir };
+    ip(&["netns", "add", SERVER_NS])?;
+    ip(&["netns", "add", CLIENT_NS])?;
+    ip(&[
+        "-n", SERVER_NS, "link", "add", "srv0", "type", "veth", "peer", "name", "eth0", "netns",
+        CLIENT_NS,
+    ])?;
+    ip(&[
+        "-n",
+        SERVER_NS,
+        "addr",
+        "add",
+        "10.78.0.1/24",
+        "dev",
+        "srv0",
+    ])?;
+    ip(&["-n", SERVER_NS, "link", "set", "srv0", "up"])?;
+    ip(&["-n", CLIENT_NS, "link", "set", "lo", "up"])?;
+    ip(&["-n", CLIENT_NS, "link", "set", "eth0", "up"])?;
+    let leases = lab.dir.path().join("leases");
+    let server = Command::new("ip")
+        .args(["netns", "exec", SERVER_NS, "dnsmasq", "--no-daemon"])
+        .args(["--conf-file=/dev/null", "--port=0", "--user=root"])
+        .args(["--interface=srv0", "--bind-interfaces", "--no-ping"])
+        .arg("--dhcp-range=10.78.0.50,10.78.0.60,255.255.255.0,1h")
+        .arg("--dhcp-option=option:router,10.78.0.1")
+        .arg("--dhcp-option=option:dns-server,10.78.0.1")
+        .arg(format!("--dhcp-leasefile={}", leases.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            Error::msg(format!(
+                "cannot start dnsmasq (apt-get install dnsmasq-base): {e}"
+            ))
+        })?;
+    lab.server = Some(server);
+    // Until port 67 is bound in the server's namespace.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", SERVER_NS, "cat", "/proc/net/udp"])
+            .output()
+            .map_err(|e| Error::msg(format!("ip netns exec: {e}")))?;
+        if String::from_utf8_lossy(&out.stdout).contains(":0043 ") {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::msg("dnsmasq did not start listening"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(lab)
+}
+
+/// Back to a link without an address or route, as at boot.
+fn reset_link() -> Result<()> {
+    ip(&["-n", CLIENT_NS, "addr", "flush", "dev", "eth0"])
+}
+
+fn has_address() -> bool {
+    Command::new("ip")
+        .args(["-n", CLIENT_NS, "-4", "addr", "show", "dev", "eth0"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("inet 10.78.0."))
+        .unwrap_or(false)
+}
+
+/// One of our runs: (process wall ms, configured-in ms, exchange ms) from the phase's report.
+fn ours(init: &std::path::Path, root: &std::path::Path, rapid: bool) -> Result<(f64, f64, f64)> {
+    reset_link()?;
+    let start = Instant::now();
+    let out = in_client(&init.display().to_string())
+        .args(["phase", "network", "--in-place", "--root"])
+        .arg(root)
+        .arg("--cmdline")
+        .arg(format!(
+            "openshell.dhcp_timeout_ms=3000 openshell.rapid_commit={rapid}"
+        ))
+        .output()
+        .map_err(|e| Error::msg(format!("cannot run {}: {e}", init.display())))?;
+    let wall = start.elapsed().as_secs_f64() * 1000.0;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("DHCP from 10.78.0.1 in "))
+        .ok_or_else(|| Error::msg(format!("no lease from our client:\n{text}")))?;
+    let number_after = |key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split(" ms").next()?.trim().parse().ok()
+    };
+    match (number_after(" in "), number_after("(exchange ")) {
+        (Some(configured), Some(exchange)) if has_address() => Ok((wall, configured, exchange)),
+        _ => Err(Error::msg(format!("unexpected report: {line}"))),
+    }
+}
+
+/// One udhcpc run: process wall ms, until it has configured the address and exited.
+fn udhcpc(script: &std::path::Path) -> Result<f64> {
+    reset_link()?;
+    let start = Instant::now();
+    let status = in_client("busybox")
+        .args([
+            "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-T", "1", "-t", "3", "-A", "1",
+        ])
+        .arg("-s")
+        .arg(script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| Error::msg(format!("cannot run busybox udhcpc: {e}")))?;
+    let wall = start.elapsed().as_secs_f64() * 1000.0;
+    if !status.success() || !has_address() {
+        return Err(Error::msg(format!("udhcpc got no lease ({status})")));
+    }
+    Ok(wall)
+}
+
+fn line(name: &str, v: &[f64]) {
+    let (min, med, max) = stats(v);
+    println!("{name:<44} {min:>9.2} {med:>9.2} {max:>9.2}");
+}
+
+pub fn run(runs: usize) -> Result<()> {
+    exec(Command::new(cargo()).args(["build", "--quiet", "--release", "-p", "openshell-init"]))?;
+    let init = target_dir().join("release/openshell-init");
+    let lab = lab()?;
+    let root = lab.dir.path().join("root");
+    std::fs::create_dir_all(&root).map_err(|e| Error::io("create", &root, e))?;
+    let script = lab.dir.path().join("udhcpc.script");
+    std::fs::write(&script, UDHCPC_SCRIPT).map_err(|e| Error::io("write", &script, e))?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| Error::io("chmod", &script, e))?;
+    // One of each first, not counted: the server has then leased to this MAC once, as in a VM
+    // that boots again.
+    ours(&init, &root, false)?;
+    udhcpc(&script)?;
+    let (mut wall, mut conf, mut exch) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut wall_rc, mut conf_rc) = (Vec::new(), Vec::new());
+    let mut old = Vec::new();
+    for _ in 0..runs {
+        let (w, c, e) = ours(&init, &root, false)?;
+        wall.push(w);
+        conf.push(c);
+        exch.push(e);
+        let (w, c, _) = ours(&init, &root, true)?;
+        wall_rc.push(w);
+        conf_rc.push(c);
+        old.push(udhcpc(&script)?);
+    }
+    println!(
+        "bench dhcp: {runs} runs against dnsmasq over a veth pair (full exchange unless noted)"
+    );
+    println!("{:<44} {:>9} {:>9} {:>9}", "ms", "min", "median", "max");
+    line("ours: exchange (DISCOVER sent to ACK)", &exch);
+    line("ours: link to configured address", &conf);
+    line("ours: whole process (openshell-init phase)", &wall);
+    line("ours, rapid commit: configured address", &conf_rc);
+    line("ours, rapid commit: whole process", &wall_rc);
+    line("busybox udhcpc -T 1 -t 3 -A 1: whole process", &old);
+    let (_, ours_wall, _) = stats(&wall);
+    let (_, ours_conf, _) = stats(&conf);
+    let (_, ours_exch, _) = stats(&exch);
+    let (_, udhcpc_wall, _) = stats(&old);
+    let speedup = udhcpc_wall / ours_wall;
+    let overhead = ours_conf / ours_exch;
+    println!(
+        "target: >= 10x faster than udhcpc (process against process): {speedup:.1}x {}",
+        if speedup >= 10.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "target: configured within 2x of the exchange itself: {overhead:.2}x {}",
+        if overhead <= 2.0 { "met" } else { "NOT met" }
+    );
+    Ok(())
+}
