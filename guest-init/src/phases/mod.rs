@@ -14,6 +14,7 @@ pub mod config;
 pub mod hostname;
 pub mod kine;
 pub mod loopback;
+pub mod manifests;
 pub mod mounts;
 pub mod network;
 pub mod network_cleanup;
@@ -94,6 +95,7 @@ impl std::fmt::Debug for Phase {
 pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
+    &manifests::PHASE,
     &runtime_cleanup::PHASE,
     &network_cleanup::PHASE,
     &kine::PHASE,
