@@ -18,6 +18,7 @@ pub mod manifests;
 pub mod mounts;
 pub mod network;
 pub mod network_cleanup;
+pub mod pki;
 pub mod runtime_cleanup;
 
 /// Everything a phase may look at. Paths inside the guest are always joined to `root`, which is
@@ -96,6 +97,7 @@ pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
     &manifests::PHASE,
+    &pki::PHASE,
     &runtime_cleanup::PHASE,
     &network_cleanup::PHASE,
     &kine::PHASE,
