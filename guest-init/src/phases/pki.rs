@@ -15,7 +15,8 @@
 //!
 //! The Secret manifest is rewritten every boot from the files (so a reset or a recreated
 //! database gets the Secrets back) but only touched when its bytes change: k3s re-applies a
-//! manifest whose file changed.
+//! manifest whose file changed. A root filesystem without `/opt/openshell` (the base profile)
+//! is not a gateway: the phase skips.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -144,7 +145,16 @@ impl Report {
     }
 }
 
+/// Only a gateway root filesystem has this; elsewhere (the base profile) there is nothing to
+/// secure and key generation would only cost boot time.
+pub const GATEWAY_TREE: &str = "/opt/openshell";
+
 fn run(ctx: &Ctx) -> PhaseResult {
+    if !ctx.path(GATEWAY_TREE).is_dir() {
+        return Ok(Done::Skipped(format!(
+            "no {GATEWAY_TREE}: not a gateway root filesystem"
+        )));
+    }
     let days = u64::from(ctx.config().pki.renew_before_days);
     let margin = Duration::from_secs(days * 24 * 3600);
     let report = ensure(&ctx.root, margin, SystemTime::now())?;
