@@ -42,8 +42,67 @@ fn plan_is_printed_in_order() {
         .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
     assert_eq!(names[..2], ["mounts", "config"]);
-    assert_eq!(names.len(), 10, "{text}");
-    assert!(names.contains(&"runtime-cleanup"), "{text}");
+    assert_eq!(names.len(), 12, "{text}");
+    for name in ["runtime-cleanup", "manifests", "pki"] {
+        assert!(names.contains(&name), "{text}");
+    }
+}
+
+/// The `manifests` and `pki` phases on a root with the gateway rootfs's bundled manifests: the
+/// second boot changes nothing and says so.
+#[test]
+fn gateway_phases_deploy_once_then_report_unchanged() {
+    if !can_unshare() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tmp");
+    let bundle = root.path().join("opt/openshell/manifests");
+    std::fs::create_dir_all(&bundle).expect("mkdir");
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../rootfs/gateway/opt/openshell/manifests"
+    );
+    for entry in std::fs::read_dir(fixtures).expect("fixtures") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), bundle.join(entry.file_name())).expect("copy");
+    }
+    let log_of = |phase: &str| -> String {
+        let out = Command::new(BIN)
+            .args(["phase", phase, "--root"])
+            .arg(root.path())
+            .output()
+            .expect("run");
+        let events = json_lines(&out.stdout);
+        assert_eq!(
+            finished(&events)["msg"]["outcome"]["kind"],
+            "ok",
+            "{events:?}"
+        );
+        events
+            .iter()
+            .find(|e| e["msg"]["type"] == "log")
+            .and_then(|e| e["msg"]["text"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(log_of("manifests").contains("2 written"));
+    assert!(log_of("pki").contains("issued ca"));
+    let manifests = root.path().join("var/lib/rancher/k3s/server/manifests");
+    for f in [
+        "openshell-helmchart.yaml",
+        "agent-sandbox.yaml",
+        "openshell-tls-secrets.yaml",
+    ] {
+        assert!(manifests.join(f).is_file(), "{f}");
+    }
+    assert_eq!(
+        log_of("manifests"),
+        "manifests: 2 manifests unchanged, 0 written, 0 removed; 0 charts unchanged, 0 written"
+    );
+    assert_eq!(
+        log_of("pki"),
+        "pki: kept ca, server, client, ssh secret; secret manifest unchanged"
+    );
 }
 
 #[test]

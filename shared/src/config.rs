@@ -29,6 +29,8 @@ pub struct BootConfig {
     pub channel: Channel,
     pub kine: Kine,
     pub network: Network,
+    pub manifests: Manifests,
+    pub pki: Pki,
 }
 
 impl Default for BootConfig {
@@ -40,6 +42,8 @@ impl Default for BootConfig {
             channel: Channel::default(),
             kine: Kine::default(),
             network: Network::default(),
+            manifests: Manifests::default(),
+            pki: Pki::default(),
         }
     }
 }
@@ -127,6 +131,93 @@ impl Default for Kine {
             .to_vec(),
             vacuum_free_percent: 25,
             min_free_mib: 64,
+        }
+    }
+}
+
+/// The k3s manifests init deploys at boot (`manifests` phase).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Manifests {
+    /// Values written into the gateway's HelmChart.
+    pub gateway: HelmValues,
+}
+
+/// The gateway chart's values that the bundled HelmChart leaves as `__PLACEHOLDER__`s. One typed
+/// set, read by the rootfs build (which pre-deploys the chart) and by the guest at every boot:
+/// if the two ever differed, the Helm controller would upgrade the release and recycle the
+/// pre-baked gateway pod shortly after boot. The defaults are the values the VM has always used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HelmValues {
+    /// The gateway image's pull policy. `IfNotPresent`: the image is pre-loaded and the VM may
+    /// be offline.
+    pub image_pull_policy: PullPolicy,
+    /// Pull policy the gateway gives the sandbox pods it creates.
+    pub sandbox_image_pull_policy: PullPolicy,
+    /// The gateway's own database (inside its pod).
+    pub db_url: String,
+    /// Host and port sandboxes are told to reach the gateway's SSH endpoint at; empty and 0
+    /// leave the choice to the gateway.
+    pub ssh_gateway_host: String,
+    pub ssh_gateway_port: u16,
+    pub disable_gateway_auth: bool,
+    pub disable_tls: bool,
+    /// Address of the host as the guest sees it; empty lets the gateway find out.
+    pub host_gateway_ip: String,
+    /// Gateway image repository and tag; `None` keeps what the bundled chart says.
+    pub image_repository: Option<String>,
+    pub image_tag: Option<String>,
+}
+
+impl Default for HelmValues {
+    fn default() -> Self {
+        Self {
+            image_pull_policy: PullPolicy::IfNotPresent,
+            sandbox_image_pull_policy: PullPolicy::IfNotPresent,
+            db_url: "sqlite:/tmp/openshell.db".into(),
+            ssh_gateway_host: String::new(),
+            ssh_gateway_port: 0,
+            disable_gateway_auth: false,
+            disable_tls: false,
+            host_gateway_ip: String::new(),
+            image_repository: None,
+            image_tag: None,
+        }
+    }
+}
+
+/// Kubernetes image pull policy, spelled as Kubernetes spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// The gateway's PKI (`pki` phase).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pki {
+    /// A certificate that expires within this many days is issued again at boot, so a VM that
+    /// is rarely started never comes up with an expired certificate.
+    pub renew_before_days: u32,
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self {
+            renew_before_days: 30,
         }
     }
 }
@@ -408,6 +499,59 @@ impl BootConfig {
                 "must be at most 60000",
             ));
         }
+        self.validate_manifests(source)?;
+        // Certificates are issued for ten years: a margin that long would reissue every boot.
+        if self.pki.renew_before_days >= 3650 {
+            return Err(ConfigError::invalid(
+                source,
+                "pki.renew_before_days",
+                "must be less than 3650 (the certificates' lifetime)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_manifests(&self, source: &Source) -> Result<(), ConfigError> {
+        let gw = &self.manifests.gateway;
+        if gw.db_url.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                source,
+                "manifests.gateway.db_url",
+                "must not be empty",
+            ));
+        }
+        let ip = &gw.host_gateway_ip;
+        if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                source,
+                "manifests.gateway.host_gateway_ip",
+                format!("`{ip}` is not an IP address (leave it empty to let the gateway decide)"),
+            ));
+        }
+        let host = &gw.ssh_gateway_host;
+        if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::invalid(
+                source,
+                "manifests.gateway.ssh_gateway_host",
+                format!("`{host}` is not a host name"),
+            ));
+        }
+        for (field, value) in [
+            ("manifests.gateway.image_repository", &gw.image_repository),
+            ("manifests.gateway.image_tag", &gw.image_tag),
+        ] {
+            if let Some(v) = value {
+                if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(ConfigError::invalid(
+                        source,
+                        field,
+                        format!(
+                            "`{v}` must be non-empty without spaces (omit it to keep the chart's)"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -598,12 +742,55 @@ mod tests {
                 "kine:\n  vacuum_free_percent: 101\n",
                 "kine.vacuum_free_percent",
             ),
+            (
+                "manifests:\n  gateway:\n    host_gateway_ip: gateway\n",
+                "manifests.gateway.host_gateway_ip",
+            ),
+            (
+                "manifests:\n  gateway:\n    db_url: ''\n",
+                "manifests.gateway.db_url",
+            ),
+            (
+                "manifests:\n  gateway:\n    image_tag: 'a b'\n",
+                "manifests.gateway.image_tag",
+            ),
+            ("pki:\n  renew_before_days: 4000\n", "pki.renew_before_days"),
         ] {
             match BootConfig::from_yaml(yaml, &file()) {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{yaml}"),
                 other => panic!("{yaml}: expected invalid {field}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn manifest_values_default_to_what_the_vm_always_used() {
+        let gw = BootConfig::from_yaml("manifests: {}\n", &file())
+            .expect("valid")
+            .manifests
+            .gateway;
+        assert_eq!(gw.image_pull_policy, PullPolicy::IfNotPresent);
+        assert_eq!(gw.sandbox_image_pull_policy, PullPolicy::IfNotPresent);
+        assert_eq!(gw.db_url, "sqlite:/tmp/openshell.db");
+        assert_eq!((gw.ssh_gateway_host.as_str(), gw.ssh_gateway_port), ("", 0));
+        assert!(!gw.disable_gateway_auth && !gw.disable_tls);
+        assert_eq!(gw.host_gateway_ip, "");
+        assert_eq!((gw.image_repository, gw.image_tag), (None, None));
+        let c = BootConfig::from_yaml(
+            "manifests:\n  gateway:\n    image_pull_policy: Always\n    image_tag: dev\n    ssh_gateway_port: 2222\npki:\n  renew_before_days: 7\n",
+            &file(),
+        )
+        .expect("valid");
+        assert_eq!(c.manifests.gateway.image_pull_policy, PullPolicy::Always);
+        assert_eq!(c.manifests.gateway.image_tag.as_deref(), Some("dev"));
+        assert_eq!(c.manifests.gateway.ssh_gateway_port, 2222);
+        assert_eq!(c.pki.renew_before_days, 7);
+        let err = BootConfig::from_yaml(
+            "manifests:\n  gateway:\n    image_pull_policy: Sometimes\n",
+            &file(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("image_pull_policy"), "{err}");
     }
 
     #[test]

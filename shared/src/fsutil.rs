@@ -7,11 +7,31 @@ use std::path::Path;
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`. A
 /// symlink at `path` is replaced, not followed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_inner(path, bytes, None)
+}
+
+/// [`write_atomic`] for secrets: the file has exactly `mode` (umask aside) from its creation on,
+/// so the content is never readable under a wider mode, not even as the temporary file.
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    write_atomic_inner(path, bytes, Some(mode))
+}
+
+fn write_atomic_inner(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp-{}", std::process::id()));
     let tmp = path.with_file_name(name);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // A temporary left by a crash may exist with another mode: start from nothing.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode.unwrap_or(0o666))
+            .open(&tmp)?;
+        if let Some(mode) = mode {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -46,6 +66,21 @@ mod tests {
         assert_eq!(std::fs::read_dir(&t).expect("ls").count(), 2);
         // A directory in the way: the error comes back and nothing is left behind.
         assert!(write_atomic(&t.join("missing/x"), b"x").is_err());
+        std::fs::remove_dir_all(&t).expect("cleanup");
+    }
+
+    #[test]
+    fn mode_is_exact_even_over_a_wider_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = std::env::temp_dir().join(format!("osh-fsutil-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&t).expect("dir");
+        let p = t.join("key");
+        std::fs::write(&p, "old").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_atomic_mode(&p, b"secret", 0o600).expect("replace");
+        let meta = std::fs::metadata(&p).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&p).expect("read"), b"secret");
         std::fs::remove_dir_all(&t).expect("cleanup");
     }
 }

@@ -14,9 +14,11 @@ pub mod config;
 pub mod hostname;
 pub mod kine;
 pub mod loopback;
+pub mod manifests;
 pub mod mounts;
 pub mod network;
 pub mod network_cleanup;
+pub mod pki;
 pub mod runtime_cleanup;
 
 /// Everything a phase may look at. Paths inside the guest are always joined to `root`, which is
@@ -94,6 +96,8 @@ impl std::fmt::Debug for Phase {
 pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
+    &manifests::PHASE,
+    &pki::PHASE,
     &runtime_cleanup::PHASE,
     &network_cleanup::PHASE,
     &kine::PHASE,
