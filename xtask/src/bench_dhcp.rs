@@ -1,8 +1,11 @@
 //! `cargo xtask bench dhcp`: openshell-init's DHCP client (the `network` phase) against busybox
 //! `udhcpc` with the old system's flags and lease script, both getting an address from the same
 //! dnsmasq across a veth pair between two network namespaces made here. Each run starts from a
-//! link with no address. Our client's own numbers say how much of its time is the exchange
-//! itself (first DISCOVER sent to ACK received) and how much is ours (sockets, netlink).
+//! link with no address, and is timed from the client's spawn to the moment the kernel announces
+//! the new address (an RTM_NEWADDR notification, heard by a netlink socket in the client's
+//! namespace): the same observer for both clients. Clients are spawned straight into the
+//! namespace (setns before exec). Our client's own report also says how much of its time is the
+//! exchange itself (first DISCOVER sent to ACK received) and how much is ours.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,10 +54,111 @@ fn ip(args: &[&str]) -> Result<()> {
     exec(Command::new("ip").args(args))
 }
 
+/// `program`, started in the client namespace by setns(2) between fork and exec.
 fn in_client(program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", CLIENT_NS, program]);
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(program);
+    let ns = format!("/run/netns/{CLIENT_NS}");
+    // SAFETY: open and setns are async-signal-safe; nothing else runs in the child.
+    unsafe {
+        c.pre_exec(move || {
+            let f = std::fs::File::open(&ns)?;
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
     c
+}
+
+/// A netlink socket in the client namespace subscribed to IPv4 address changes.
+struct AddrWatch(std::os::fd::OwnedFd);
+
+impl AddrWatch {
+    /// Opened on a short-lived thread that joins the namespace: sockets stay in the namespace
+    /// they were made in.
+    fn open() -> Result<Self> {
+        std::thread::spawn(|| -> std::io::Result<std::os::fd::OwnedFd> {
+            use std::os::fd::FromRawFd;
+            let f = std::fs::File::open(format!("/run/netns/{CLIENT_NS}"))?;
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            // SAFETY: plain socket(2); owned at once.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::NETLINK_ROUTE,
+                )
+            };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: fd is fresh and ours.
+            let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            // SAFETY: zeroed sockaddr_nl is valid; family and groups set below.
+            let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+            addr.nl_family = libc::AF_NETLINK as u16;
+            addr.nl_groups = libc::RTMGRP_IPV4_IFADDR as u32;
+            // SAFETY: addr is a sockaddr_nl of the right size.
+            let rc = unsafe {
+                libc::bind(
+                    fd,
+                    (&addr as *const libc::sockaddr_nl).cast(),
+                    std::mem::size_of::<libc::sockaddr_nl>() as u32,
+                )
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(owned)
+        })
+        .join()
+        .map_err(|_| Error::msg("address watcher thread panicked"))?
+        .map(AddrWatch)
+        .map_err(|e| Error::msg(format!("netlink watch in {CLIENT_NS}: {e}")))
+    }
+
+    /// Drops notifications left from earlier runs.
+    fn drain(&self) {
+        let mut buf = [0u8; 8192];
+        use std::os::fd::AsRawFd;
+        // SAFETY: reads into a local buffer; MSG_DONTWAIT never blocks.
+        while unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {}
+    }
+
+    /// Waits (up to `timeout`) for an RTM_NEWADDR and returns when it arrived.
+    fn new_address(&self, timeout: Duration) -> Option<Instant> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 8192];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                continue;
+            }
+            let at = Instant::now();
+            // SAFETY: reads into a local buffer.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            // The first message's type: bytes 4..6 of the netlink header.
+            if n >= 16 && u16::from_ne_bytes([buf[4], buf[5]]) == libc::RTM_NEWADDR {
+                return Some(at);
+            }
+        }
+        None
+    }
 }
 
 fn lab() -> Result<Lab> {
@@ -138,21 +242,34 @@ fn has_address() -> bool {
         .unwrap_or(false)
 }
 
-/// One of our runs: (process wall ms, configured-in ms, exchange ms) from the phase's report.
-fn ours(init: &std::path::Path, root: &std::path::Path, rapid: bool) -> Result<(f64, f64, f64)> {
+/// One of our runs: (spawn to address announced, configured-in and exchange from the report).
+fn ours(
+    watch: &AddrWatch,
+    init: &std::path::Path,
+    root: &std::path::Path,
+    rapid: bool,
+) -> Result<(f64, f64, f64)> {
     reset_link()?;
+    watch.drain();
     let start = Instant::now();
-    let out = in_client(&init.display().to_string())
+    let child = in_client(&init.display().to_string())
         .args(["phase", "network", "--in-place", "--root"])
         .arg(root)
         .arg("--cmdline")
         .arg(format!(
             "openshell.dhcp_timeout_ms=3000 openshell.rapid_commit={rapid}"
         ))
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .map_err(|e| Error::msg(format!("cannot run {}: {e}", init.display())))?;
-    let wall = start.elapsed().as_secs_f64() * 1000.0;
+    let seen = watch.new_address(Duration::from_secs(5));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::msg(format!("{}: {e}", init.display())))?;
     let text = String::from_utf8_lossy(&out.stdout);
+    let Some(seen) = seen else {
+        return Err(Error::msg(format!("no address announced:\n{text}")));
+    };
     let line = text
         .lines()
         .find(|l| l.contains("DHCP from 10.78.0.1 in "))
@@ -162,16 +279,19 @@ fn ours(init: &std::path::Path, root: &std::path::Path, rapid: bool) -> Result<(
         rest.split(" ms").next()?.trim().parse().ok()
     };
     match (number_after(" in "), number_after("(exchange ")) {
-        (Some(configured), Some(exchange)) if has_address() => Ok((wall, configured, exchange)),
+        (Some(configured), Some(exchange)) => {
+            Ok(((seen - start).as_secs_f64() * 1000.0, configured, exchange))
+        }
         _ => Err(Error::msg(format!("unexpected report: {line}"))),
     }
 }
 
-/// One udhcpc run: process wall ms, until it has configured the address and exited.
-fn udhcpc(script: &std::path::Path) -> Result<f64> {
+/// One udhcpc run: spawn to address announced.
+fn udhcpc(watch: &AddrWatch, script: &std::path::Path) -> Result<f64> {
     reset_link()?;
+    watch.drain();
     let start = Instant::now();
-    let status = in_client("busybox")
+    let child = in_client("busybox")
         .args([
             "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-T", "1", "-t", "3", "-A", "1",
         ])
@@ -179,13 +299,17 @@ fn udhcpc(script: &std::path::Path) -> Result<f64> {
         .arg(script)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
+        .spawn()
         .map_err(|e| Error::msg(format!("cannot run busybox udhcpc: {e}")))?;
-    let wall = start.elapsed().as_secs_f64() * 1000.0;
-    if !status.success() || !has_address() {
-        return Err(Error::msg(format!("udhcpc got no lease ({status})")));
+    let seen = watch.new_address(Duration::from_secs(5));
+    let status = child
+        .wait_with_output()
+        .map_err(|e| Error::msg(format!("busybox udhcpc: {e}")))?
+        .status;
+    match seen {
+        Some(at) if status.success() && has_address() => Ok((at - start).as_secs_f64() * 1000.0),
+        _ => Err(Error::msg(format!("udhcpc got no lease ({status})"))),
     }
-    Ok(wall)
 }
 
 fn line(name: &str, v: &[f64]) {
@@ -203,41 +327,42 @@ pub fn run(runs: usize) -> Result<()> {
     std::fs::write(&script, UDHCPC_SCRIPT).map_err(|e| Error::io("write", &script, e))?;
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .map_err(|e| Error::io("chmod", &script, e))?;
+    let watch = AddrWatch::open()?;
     // One of each first, not counted: the server has then leased to this MAC once, as in a VM
     // that boots again.
-    ours(&init, &root, false)?;
-    udhcpc(&script)?;
-    let (mut wall, mut conf, mut exch) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut wall_rc, mut conf_rc) = (Vec::new(), Vec::new());
+    ours(&watch, &init, &root, false)?;
+    udhcpc(&watch, &script)?;
+    let (mut spawn, mut conf, mut exch) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut spawn_rc, mut conf_rc) = (Vec::new(), Vec::new());
     let mut old = Vec::new();
     for _ in 0..runs {
-        let (w, c, e) = ours(&init, &root, false)?;
-        wall.push(w);
+        let (w, c, e) = ours(&watch, &init, &root, false)?;
+        spawn.push(w);
         conf.push(c);
         exch.push(e);
-        let (w, c, _) = ours(&init, &root, true)?;
-        wall_rc.push(w);
+        let (w, c, _) = ours(&watch, &init, &root, true)?;
+        spawn_rc.push(w);
         conf_rc.push(c);
-        old.push(udhcpc(&script)?);
+        old.push(udhcpc(&watch, &script)?);
     }
     println!(
         "bench dhcp: {runs} runs against dnsmasq over a veth pair (full exchange unless noted)"
     );
     println!("{:<44} {:>9} {:>9} {:>9}", "ms", "min", "median", "max");
     line("ours: exchange (DISCOVER sent to ACK)", &exch);
-    line("ours: link to configured address", &conf);
-    line("ours: whole process (openshell-init phase)", &wall);
-    line("ours, rapid commit: configured address", &conf_rc);
-    line("ours, rapid commit: whole process", &wall_rc);
-    line("busybox udhcpc -T 1 -t 3 -A 1: whole process", &old);
-    let (_, ours_wall, _) = stats(&wall);
+    line("ours: link to configured address (in process)", &conf);
+    line("ours: spawn to address announced", &spawn);
+    line("ours, rapid commit: configured (in process)", &conf_rc);
+    line("ours, rapid commit: spawn to address announced", &spawn_rc);
+    line("udhcpc -T 1 -t 3 -A 1: spawn to address announced", &old);
+    let (_, ours_wall, _) = stats(&spawn);
     let (_, ours_conf, _) = stats(&conf);
     let (_, ours_exch, _) = stats(&exch);
     let (_, udhcpc_wall, _) = stats(&old);
     let speedup = udhcpc_wall / ours_wall;
     let overhead = ours_conf / ours_exch;
     println!(
-        "target: >= 10x faster than udhcpc (process against process): {speedup:.1}x {}",
+        "target: >= 10x faster than udhcpc (spawn to address, full exchange): {speedup:.1}x {}",
         if speedup >= 10.0 { "met" } else { "NOT met" }
     );
     println!(
