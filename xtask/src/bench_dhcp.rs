@@ -314,7 +314,7 @@ fn udhcpc(watch: &AddrWatch, script: &std::path::Path) -> Result<f64> {
 
 fn line(name: &str, v: &[f64]) {
     let (min, med, max) = stats(v);
-    println!("{name:<44} {min:>9.2} {med:>9.2} {max:>9.2}");
+    println!("{name:<50} {min:>9.2} {med:>9.2} {max:>9.2}");
 }
 
 pub fn run(runs: usize) -> Result<()> {
@@ -348,7 +348,7 @@ pub fn run(runs: usize) -> Result<()> {
     println!(
         "bench dhcp: {runs} runs against dnsmasq over a veth pair (full exchange unless noted)"
     );
-    println!("{:<44} {:>9} {:>9} {:>9}", "ms", "min", "median", "max");
+    println!("{:<50} {:>9} {:>9} {:>9}", "ms", "min", "median", "max");
     line("ours: exchange (DISCOVER sent to ACK)", &exch);
     line("ours: link to configured address (in process)", &conf);
     line("ours: spawn to address announced", &spawn);

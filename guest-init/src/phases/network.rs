@@ -192,7 +192,7 @@ pub fn configure(
                 router: lease.router,
                 dns: lease.dns.clone(),
                 how: format!(
-                    "DHCP from {} in {:.1} ms (exchange {:.1} ms, first answer after {:.1} ms), {} DISCOVER(s){}, lease {}{}",
+                    "DHCP from {} in {:.2} ms (exchange {:.2} ms, first answer after {:.2} ms), {} DISCOVER(s){}, lease {}{}",
                     lease.server,
                     watch.elapsed_us() as f64 / 1000.0,
                     ex.elapsed.as_secs_f64() * 1000.0,
