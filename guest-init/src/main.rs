@@ -5,6 +5,7 @@ mod cli;
 mod console;
 mod engine;
 mod netlink;
+mod nftables;
 mod panic;
 mod phases;
 mod pid1;

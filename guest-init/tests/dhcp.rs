@@ -426,3 +426,134 @@ fn expired_lease_with_no_server_falls_back_to_the_static_plan() {
     let resolv = std::fs::read_to_string(root.path().join("etc/resolv.conf")).expect("resolv");
     assert!(resolv.contains("nameserver 192.168.127.1"), "{resolv}");
 }
+
+/// Connects to `addr` from inside network namespace `ns` (a thread that joins it).
+fn connect_from(ns: &str, addr: &str) -> std::io::Result<()> {
+    let (ns, addr) = (format!("/run/netns/{ns}"), addr.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns)?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let sa: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+        std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3)).map(drop)
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
+}
+
+/// `network.blocked_tcp`: the guest and a pod routed through it get a reset from 10.77.0.1:80
+/// while 10.77.0.1:81 still answers; a second run leaves one copy of the rules.
+#[test]
+fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
+    if !can_run("busybox") || !can_run("nft") {
+        return;
+    }
+    let n = net("b");
+    let pod = format!("dp{}b", std::process::id());
+    ip(&["netns", "add", &pod]);
+    struct Pod(String);
+    impl Drop for Pod {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _pod = Pod(pod.clone());
+    ip(&[
+        "-n", &n.cli, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod,
+    ]);
+    ip(&["-n", &n.cli, "addr", "add", "10.42.0.1/24", "dev", "vpod"]);
+    ip(&["-n", &n.cli, "link", "set", "vpod", "up"]);
+    ip(&["-n", &pod, "addr", "add", "10.42.0.5/24", "dev", "eth0"]);
+    ip(&["-n", &pod, "link", "set", "eth0", "up"]);
+    ip(&["-n", &pod, "route", "add", "default", "via", "10.42.0.1"]);
+    ip(&[
+        "-n",
+        &n.srv,
+        "route",
+        "add",
+        "10.42.0.0/24",
+        "via",
+        "10.77.0.2",
+    ]);
+    let fwd = in_netns(&n.cli, "sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .expect("sysctl");
+    assert!(fwd.success());
+    // Two web servers on the "gateway": port 80 is to be refused, 81 not.
+    let www = n.dir.path().join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    struct Servers(Vec<Child>);
+    impl Drop for Servers {
+        fn drop(&mut self) {
+            for s in &mut self.0 {
+                let _ = s.kill();
+                let _ = s.wait();
+            }
+        }
+    }
+    let _servers = Servers(
+        [80, 81]
+            .iter()
+            .map(|port| {
+                in_netns(&n.srv, "busybox")
+                    .args(["httpd", "-f", "-p", &format!("10.77.0.1:{port}"), "-h"])
+                    .arg(&www)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("httpd")
+            })
+            .collect(),
+    );
+    // The server's own check below connects over its loopback.
+    ip(&["-n", &n.srv, "link", "set", "lo", "up"]);
+    let config = n.dir.path().join("init.yaml");
+    std::fs::write(
+        &config,
+        "network:\n  dhcp_timeout_ms: 100\n  fallback: {address: 10.77.0.2, prefix: 24, gateway: 10.77.0.1}\n  blocked_tcp: [\"10.77.0.1:80\"]\n",
+    )
+    .expect("config");
+    let root = tempfile::tempdir().expect("root");
+    let run = || {
+        let out = in_netns(&n.cli, BIN)
+            .args(["phase", "network", "--in-place", "--config"])
+            .arg(&config)
+            .arg("--root")
+            .arg(root.path())
+            .output()
+            .expect("phase");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let first = run();
+    assert!(first.contains("TCP to 10.77.0.1:80 refused"), "{first}");
+    let second = run();
+    assert!(second.contains("TCP to 10.77.0.1:80 refused"), "{second}");
+    // Both servers really listen (seen from their own namespace, which has no rules): a refusal
+    // below comes from the rule, not from an empty port.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while connect_from(&n.srv, "10.77.0.1:80").is_err()
+        || connect_from(&n.srv, "10.77.0.1:81").is_err()
+    {
+        assert!(Instant::now() < deadline, "httpd never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for ns in [n.cli.as_str(), pod.as_str()] {
+        let open = connect_from(ns, "10.77.0.1:81");
+        assert!(open.is_ok(), "{ns} -> :81: {open:?}");
+        let refused = connect_from(ns, "10.77.0.1:80").expect_err("port 80 must be refused");
+        assert_eq!(
+            refused.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{ns}: {refused}"
+        );
+    }
+    let listing = in_netns(&n.cli, "nft")
+        .args(["list", "table", "ip", "openshell"])
+        .output()
+        .expect("nft");
+    let rules = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert_eq!(rules.matches("reject with tcp reset").count(), 2, "{rules}");
+    assert!(rules.contains("ip daddr 10.77.0.1 tcp dport 80"), "{rules}");
+}

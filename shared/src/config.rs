@@ -64,6 +64,9 @@ pub struct Network {
     pub fallback_dns: Vec<std::net::Ipv4Addr>,
     /// With no network device at all: a dummy interface so k3s still finds a node IP and route.
     pub no_device: StaticPlan,
+    /// TCP destinations that pods and guest processes are refused (a reset): by default
+    /// gvproxy's control API, which can open ports on the user's host.
+    pub blocked_tcp: Vec<std::net::SocketAddrV4>,
 }
 
 impl Default for Network {
@@ -86,6 +89,7 @@ impl Default for Network {
                 gateway: None,
                 dns: Vec::new(),
             },
+            blocked_tcp: vec![std::net::SocketAddrV4::new(gvproxy, 80)],
         }
     }
 }

@@ -72,6 +72,9 @@ fn run(ctx: &Ctx) -> PhaseResult {
     });
     let resolv = ctx.path("/etc/resolv.conf");
     write_resolv_conf(&resolv, &dns)?;
+    let denied = deny(&cfg.blocked_tcp, |level, text| {
+        ctx.reporter.log(level, text)
+    });
     if let Some(bound) = done.lease.take() {
         let reporter = std::sync::Arc::clone(&ctx.reporter);
         let keeper = lease::Keeper {
@@ -88,7 +91,7 @@ fn run(ctx: &Ctx) -> PhaseResult {
         }
     }
     Ok(Done::Ok(Some(format!(
-        "{} {}/{} via {} dns {} ({})",
+        "{} {}/{} via {} dns {} ({}){denied}",
         done.ifname,
         done.address,
         done.prefix,
@@ -101,6 +104,25 @@ fn run(ctx: &Ctx) -> PhaseResult {
             .join(","),
         done.how
     ))))
+}
+
+/// Refuses TCP to `blocked` for pods and the guest; a kernel without nf_tables is reported, not
+/// fatal (the block protects the host, k3s runs without it). Returns a note for the phase's line.
+fn deny(blocked: &[std::net::SocketAddrV4], mut log: impl FnMut(Level, String)) -> String {
+    if blocked.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = blocked.iter().map(|d| d.to_string()).collect();
+    match crate::nftables::deny_tcp(blocked) {
+        Ok(_) => format!("; TCP to {} refused", list.join(", ")),
+        Err(e) => {
+            log(
+                Level::Warn,
+                format!("cannot refuse TCP to {}: {e}", list.join(", ")),
+            );
+            String::new()
+        }
+    }
 }
 
 /// Maps a netlink failure on `ifname` doing `what` to the phase's error.

@@ -47,6 +47,14 @@ pub fn socket_dir(run: &Path) -> Result<(PathBuf, PathBuf), PasstDirError> {
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     let sock = dir.join("passt.sock");
+    let len = sock.as_os_str().len();
+    if len > crate::rundir::MAX_SOCKET_PATH {
+        return Err(io(std::io::Error::other(format!(
+            "socket path {} is {len} bytes, over the {}-byte limit: choose a shorter --run-dir",
+            sock.display(),
+            crate::rundir::MAX_SOCKET_PATH
+        ))));
+    }
     // A live socket belongs to another VM: passt will then refuse it, and say so.
     if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
         std::fs::remove_file(&sock).map_err(io)?;
@@ -78,6 +86,15 @@ mod tests {
             line.join(" "),
             "-f -1 -s /r/passt/passt.sock -t 127.0.0.1/30051:30051 -t 127.0.0.1/8443:443"
         );
+    }
+
+    #[test]
+    fn overlong_socket_path_is_refused() {
+        let t = tempfile::tempdir().expect("tmp");
+        let deep = t.path().join("x".repeat(90));
+        std::fs::create_dir_all(&deep).expect("mkdir");
+        let e = socket_dir(&deep).expect_err("too long");
+        assert!(e.to_string().contains("byte limit"), "{e}");
     }
 
     #[test]
