@@ -24,6 +24,16 @@ pub enum What {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The state phases (kine, runtime-cleanup, manifests, capabilities) on a crashed gateway's
+    /// root, outside a VM.
+    State {
+        #[arg(long, default_value_t = 20_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 30)]
+        tasks: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Our DHCP client against busybox udhcpc, both against dnsmasq in network namespaces.
     Dhcp {
         #[arg(long, default_value_t = 20)]
@@ -51,6 +61,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         What::Boot { arch, runs, out } => boot(arch, runs.max(1), out),
         What::Kine { rows, runs } => crate::bench_kine::run(rows, runs.max(1)),
         What::Dhcp { runs } => crate::bench_dhcp::run(runs.max(1)),
+        What::State { rows, tasks, runs } => crate::bench_state::run(rows, tasks, runs.max(1)),
     }
 }
 

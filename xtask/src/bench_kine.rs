@@ -36,7 +36,7 @@ VACUUM;
 
 /// A database of `rows` rows: revision chains of pods, events, leases and long-lived objects,
 /// the mix a gateway's k3s accumulates.
-fn generate(db: &Path, rows: u64) -> Result<()> {
+pub fn generate(db: &Path, rows: u64) -> Result<()> {
     let sql = format!(
         "PRAGMA journal_mode=WAL;
          {SCHEMA}
