@@ -1,8 +1,9 @@
 //! k3s as the workload: its command line ([`args`]), its readiness stages ([`readiness`]), and
 //! [`supervise`], which PID 1 and the `k3s` command both use to start it under the supervisor.
 
-pub mod args;
 pub mod readiness;
+
+pub use openshell_init::k3s_args as args;
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
