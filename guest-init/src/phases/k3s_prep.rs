@@ -426,6 +426,55 @@ mod tests {
         assert_eq!(plugins[1]["snat"], true);
     }
 
+    fn ctx(root: &Path, k3s: bool) -> Ctx {
+        let r = Reporter::new(crate::reporter::Sink::Console, 0);
+        r.disable_channel();
+        let ctx = Ctx::new(root, r, false);
+        let mut cfg = openshell_shared::BootConfig::default();
+        if k3s {
+            cfg.k3s = Some(Default::default());
+        }
+        let _ = ctx.config.set(cfg);
+        ctx
+    }
+
+    #[test]
+    fn skipped_without_a_k3s_section() {
+        let t = tempfile::tempdir().expect("tmp");
+        assert!(matches!(run(&ctx(t.path(), false)), Ok(Done::Skipped(_))));
+        assert_eq!(std::fs::read_dir(t.path()).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn second_run_changes_nothing_and_says_so() {
+        let t = tempfile::tempdir().expect("tmp");
+        let bin = t.path().join("var/lib/rancher/k3s/data/h1/bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        for p in PLUGINS {
+            std::os::unix::fs::symlink("cni", bin.join(p)).expect("plugin link");
+        }
+        let ctx = ctx(t.path(), true);
+        match run(&ctx) {
+            Ok(Done::Ok(Some(text))) => {
+                assert!(
+                    text.contains("wrote /etc/cni/net.d/10-bridge.conflist"),
+                    "{text}"
+                );
+                assert!(text.contains("linked bridge,host-local"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            std::fs::read(t.path().join("etc/cni/net.d/10-bridge.conflist")).expect("conflist"),
+            conflist_bytes()
+        );
+        assert!(t.path().join("opt/cni/bin").is_dir());
+        match run(&ctx) {
+            Ok(Done::Ok(Some(text))) => assert_eq!(text, "nothing changed"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn data_dir_skips_extractions_and_links() {
         let t = tempfile::tempdir().expect("tmp");
