@@ -1,6 +1,7 @@
 //! The command line for use outside the VM: print the plan, run one phase against a root
 //! directory, or supervise a command the way PID 1 supervises the workload.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +59,23 @@ pub enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Run the `k3s-prep` phase against a root directory, then supervise <root><k3s.binary>
+    /// the way PID 1 does, reporting the readiness stages. Prints events as JSON lines. Runs in
+    /// the caller's namespaces except the hostname (private UTS namespace when root, so k3s
+    /// registers the configured node name); without a `k3s` section, its defaults apply.
+    K3s {
+        #[arg(long)]
+        root: PathBuf,
+        /// Configuration file (host path) instead of <root>/etc/openshell/init.yaml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The node IP the network phase would have found (default: the configured fallback).
+        #[arg(long)]
+        node_ip: Option<Ipv4Addr>,
+        /// Grace period after SIGTERM (default: the configured shutdown.grace_ms).
+        #[arg(long)]
+        grace_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +116,12 @@ pub fn main(init_entry_us: u64) -> i32 {
             }
         },
         Command::Supervise { grace_ms, command } => supervise(grace_ms, command, init_entry_us),
+        Command::K3s {
+            root,
+            config,
+            node_ip,
+            grace_ms,
+        } => run_k3s(root, config, node_ip, grace_ms, init_entry_us),
     }
 }
 
@@ -198,6 +222,64 @@ fn supervise(grace_ms: u64, command: Vec<String>, init_entry_us: u64) -> i32 {
         Scope::WorkloadGroup,
         &Arc::clone(&reporter),
     );
+    power::finish(&reporter, status, false)
+}
+
+/// `k3s --root DIR`: the phase, then k3s under the supervisor. Returns k3s's status, 1 when
+/// the phase failed, 2 on a bad root or configuration.
+fn run_k3s(
+    root: PathBuf,
+    config: Option<PathBuf>,
+    node_ip: Option<Ipv4Addr>,
+    grace_ms: Option<u64>,
+    init_entry_us: u64,
+) -> i32 {
+    // Before any thread exists (the phase may start the CNI link watcher), so all inherit it.
+    if let Err(e) = supervisor::block_signals() {
+        eprintln!("openshell-init: cannot block signals: {e}");
+        return 125;
+    }
+    let root = match std::fs::canonicalize(&root) {
+        Ok(r) => r,
+        Err(source) => {
+            eprintln!("openshell-init: {}", CliError::Root { path: root, source });
+            return 2;
+        }
+    };
+    let reporter = Reporter::new(Sink::JsonLines, init_entry_us);
+    reporter.disable_channel();
+    let mut ctx = Ctx::new(&root, Arc::clone(&reporter), false);
+    ctx.config_file = config;
+    let mut cfg = match phases::config::load(&ctx, &openshell_shared::Cmdline::default()) {
+        Ok((cfg, _)) => cfg,
+        Err(e) => {
+            eprintln!("openshell-init: {e}");
+            return 2;
+        }
+    };
+    let k3s = cfg.k3s.get_or_insert_with(Default::default).clone();
+    let hostname = cfg.hostname.clone();
+    let grace = Duration::from_millis(grace_ms.unwrap_or(cfg.shutdown.grace_ms));
+    let _ = ctx.config.set(cfg);
+    if let Some(ip) = node_ip {
+        let _ = ctx.node_ip.set(ip);
+    }
+    if nix::unistd::geteuid().is_root() {
+        let named = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
+            .and_then(|()| nix::unistd::sethostname(&hostname));
+        if let Err(e) = named {
+            reporter.log(
+                openshell_shared::Level::Warn,
+                format!("cannot set the hostname {hostname} in a private UTS namespace: {e}"),
+            );
+        }
+    }
+    // Orphans of k3s come to us, as they come to PID 1 in the VM.
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    if engine::run_one(&ctx, &phases::k3s_prep::PHASE).is_some() {
+        return 1;
+    }
+    let status = crate::k3s::supervise(&ctx, &k3s, grace, Scope::WorkloadGroup);
     power::finish(&reporter, status, false)
 }
 

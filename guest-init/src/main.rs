@@ -4,6 +4,7 @@
 mod cli;
 mod console;
 mod engine;
+mod k3s;
 mod netlink;
 mod nftables;
 mod panic;

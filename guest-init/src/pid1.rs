@@ -28,12 +28,11 @@ pub fn boot(init_entry_us: u64) -> ! {
         fail(&ctx, &reporter, fatal);
     }
     let config = ctx.config().clone();
-    let status = supervisor::run(
-        &config.workload,
-        Duration::from_millis(config.shutdown.grace_ms),
-        Scope::Everything,
-        &reporter,
-    );
+    let grace = Duration::from_millis(config.shutdown.grace_ms);
+    let status = match &config.k3s {
+        Some(k3s) => crate::k3s::supervise(&ctx, k3s, grace, Scope::Everything),
+        None => supervisor::run(&config.workload, grace, Scope::Everything, &reporter),
+    };
     reporter.wait_connected();
     power::finish(&reporter, status, true)
 }

@@ -310,6 +310,18 @@ fn millis(d: Duration) -> PollTimeout {
 
 /// Spawns the workload, reports it, and supervises it to the end. Returns its status.
 pub fn run(workload: &Workload, grace: Duration, scope: Scope, reporter: &Reporter) -> i32 {
+    run_watched(workload, grace, scope, reporter, || {})
+}
+
+/// [`run`], calling `started` once the workload is spawned and reported (k3s's readiness
+/// probes start there).
+pub fn run_watched(
+    workload: &Workload,
+    grace: Duration,
+    scope: Scope,
+    reporter: &Reporter,
+    started: impl FnOnce(),
+) -> i32 {
     let mut sup = match Supervisor::new(scope, grace) {
         Ok(s) => s,
         Err(e) => {
@@ -345,6 +357,7 @@ pub fn run(workload: &Workload, grace: Duration, scope: Scope, reporter: &Report
     reporter.emit(GuestMessage::Ready {
         stage: "workload-started".into(),
     });
+    started();
     sup.wait(pid, reporter)
 }
 

@@ -31,6 +31,10 @@ pub struct BootConfig {
     pub network: Network,
     pub manifests: Manifests,
     pub pki: Pki,
+    /// Present: PID 1 runs k3s (command line built from this) instead of `workload.argv`,
+    /// after the `k3s-prep` phase. Absent (the base profile): neither happens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k3s: Option<K3s>,
 }
 
 impl Default for BootConfig {
@@ -44,6 +48,7 @@ impl Default for BootConfig {
             network: Network::default(),
             manifests: Manifests::default(),
             pki: Pki::default(),
+            k3s: None,
         }
     }
 }
@@ -222,6 +227,97 @@ impl Default for Pki {
     fn default() -> Self {
         Self {
             renew_before_days: 30,
+        }
+    }
+}
+
+/// How init starts k3s and decides it is ready. The defaults are the command line the VM has
+/// always used (k3s server with the built-in CNI, flannel and network policy off).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct K3s {
+    /// The k3s binary, as the guest sees it.
+    pub binary: String,
+    /// Packaged components k3s must not deploy (`--disable=`).
+    pub disable: Vec<String>,
+    /// Names the API server certificate is valid for (`--tls-san=`); the node IP is added.
+    pub tls_sans: Vec<String>,
+    /// containerd snapshotter. overlayfs needs the kernel's overlay filesystem.
+    pub snapshotter: String,
+    /// kube-proxy mode: nftables, because k3s's bundled iptables cannot negotiate xt_MARK
+    /// revision 2 with the guest kernel.
+    pub kube_proxy_mode: String,
+    pub kubelet: Kubelet,
+    /// The gateway's NodePort; `gateway-ready` is a TCP connect to it on 127.0.0.1.
+    pub gateway_port: u16,
+    pub readiness: Readiness,
+    /// Appended to the command line as given.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for K3s {
+    fn default() -> Self {
+        Self {
+            binary: "/usr/local/bin/k3s".into(),
+            disable: ["traefik", "servicelb", "metrics-server"]
+                .map(String::from)
+                .to_vec(),
+            tls_sans: ["localhost", "127.0.0.1", "10.0.2.15", "192.168.127.2"]
+                .map(String::from)
+                .to_vec(),
+            snapshotter: "overlayfs".into(),
+            kube_proxy_mode: "nftables".into(),
+            kubelet: Kubelet::default(),
+            gateway_port: 30051,
+            readiness: Readiness::default(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// Kubelet settings for a VM whose disk usage the kubelet cannot judge: virtio-fs reports the
+/// host's disk, so any eviction or image GC threshold would fire on a host that is merely full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Kubelet {
+    pub eviction_hard: String,
+    pub eviction_minimum_reclaim: String,
+    pub image_gc_high_threshold: u8,
+    pub image_gc_low_threshold: u8,
+    /// CRI request timeout; the kubelet's 2m default failed CreateContainer on slow disks.
+    pub runtime_request_timeout: String,
+}
+
+impl Default for Kubelet {
+    fn default() -> Self {
+        Self {
+            eviction_hard: "imagefs.available<0%,nodefs.available<0%".into(),
+            eviction_minimum_reclaim: "imagefs.available=1%,nodefs.available=1%".into(),
+            image_gc_high_threshold: 100,
+            image_gc_low_threshold: 99,
+            runtime_request_timeout: "10m".into(),
+        }
+    }
+}
+
+/// How long each readiness stage may take, counted from the stage before it (`k3s-started`
+/// is the spawn itself). A stage that does not arrive in time is reported as an error and the
+/// later stages are not awaited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Readiness {
+    pub apiserver_ready_ms: u64,
+    pub node_ready_ms: u64,
+    /// Long: on a fresh database the gateway's chart is installed and its pod started first.
+    pub gateway_ready_ms: u64,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            apiserver_ready_ms: 120_000,
+            node_ready_ms: 120_000,
+            gateway_ready_ms: 300_000,
         }
     }
 }
@@ -504,6 +600,9 @@ impl BootConfig {
             ));
         }
         self.validate_manifests(source)?;
+        if let Some(k3s) = &self.k3s {
+            k3s.validate(source)?;
+        }
         // Certificates are issued for ten years: a margin that long would reissue every boot.
         if self.pki.renew_before_days >= 3650 {
             return Err(ConfigError::invalid(
@@ -558,6 +657,100 @@ impl BootConfig {
         }
         Ok(())
     }
+}
+
+impl K3s {
+    fn validate(&self, source: &Source) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: String| Err(ConfigError::invalid(source, field, reason));
+        if !self.binary.starts_with('/') || self.binary.contains('\0') {
+            return bad(
+                "k3s.binary",
+                format!("`{}` must be an absolute path", self.binary),
+            );
+        }
+        // Comma-joined into one flag each: an item with a comma or space would split or break it.
+        for (name, list) in [("disable", &self.disable), ("tls_sans", &self.tls_sans)] {
+            for (i, item) in list.iter().enumerate() {
+                if !is_token(item) || item.contains(',') {
+                    return bad(
+                        &format!("k3s.{name}[{i}]"),
+                        format!("`{item}` must be non-empty, without commas or spaces"),
+                    );
+                }
+            }
+        }
+        if !is_token(&self.snapshotter) {
+            return bad(
+                "k3s.snapshotter",
+                format!("`{}` is not a snapshotter name", self.snapshotter),
+            );
+        }
+        if !["iptables", "ipvs", "nftables"].contains(&self.kube_proxy_mode.as_str()) {
+            return bad(
+                "k3s.kube_proxy_mode",
+                format!(
+                    "`{}` must be iptables, ipvs or nftables",
+                    self.kube_proxy_mode
+                ),
+            );
+        }
+        let k = &self.kubelet;
+        for (field, value) in [
+            ("k3s.kubelet.eviction_hard", &k.eviction_hard),
+            (
+                "k3s.kubelet.eviction_minimum_reclaim",
+                &k.eviction_minimum_reclaim,
+            ),
+            (
+                "k3s.kubelet.runtime_request_timeout",
+                &k.runtime_request_timeout,
+            ),
+        ] {
+            if !is_token(value) {
+                return bad(field, format!("`{value}` must be non-empty without spaces"));
+            }
+        }
+        // The kubelet refuses to start unless low < high <= 100.
+        if k.image_gc_high_threshold > 100 {
+            return bad(
+                "k3s.kubelet.image_gc_high_threshold",
+                "must be at most 100".into(),
+            );
+        }
+        if k.image_gc_low_threshold >= k.image_gc_high_threshold {
+            return bad(
+                "k3s.kubelet.image_gc_low_threshold",
+                "must be below image_gc_high_threshold".into(),
+            );
+        }
+        if self.gateway_port == 0 {
+            return bad("k3s.gateway_port", "must not be 0".into());
+        }
+        let r = &self.readiness;
+        for (field, ms) in [
+            ("k3s.readiness.apiserver_ready_ms", r.apiserver_ready_ms),
+            ("k3s.readiness.node_ready_ms", r.node_ready_ms),
+            ("k3s.readiness.gateway_ready_ms", r.gateway_ready_ms),
+        ] {
+            if ms == 0 || ms > 3_600_000 {
+                return bad(field, "must be 1 to 3600000".into());
+            }
+        }
+        for (i, arg) in self.extra_args.iter().enumerate() {
+            if arg.is_empty() || arg.contains('\0') {
+                return bad(
+                    &format!("k3s.extra_args[{i}]"),
+                    "must be non-empty without NUL bytes".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Non-empty, no whitespace or control characters: safe to put in one command-line argument.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn parse_num<T: std::str::FromStr>(src: &Source, field: &str, value: &str) -> Result<T, ConfigError>
@@ -759,6 +952,32 @@ mod tests {
                 "manifests.gateway.image_tag",
             ),
             ("pki:\n  renew_before_days: 4000\n", "pki.renew_before_days"),
+            ("k3s:\n  binary: k3s\n", "k3s.binary"),
+            ("k3s:\n  disable: [traefik, 'a,b']\n", "k3s.disable[1]"),
+            ("k3s:\n  tls_sans: ['']\n", "k3s.tls_sans[0]"),
+            ("k3s:\n  snapshotter: 'over lay'\n", "k3s.snapshotter"),
+            (
+                "k3s:\n  kube_proxy_mode: userspace\n",
+                "k3s.kube_proxy_mode",
+            ),
+            (
+                "k3s:\n  kubelet:\n    image_gc_low_threshold: 100\n",
+                "k3s.kubelet.image_gc_low_threshold",
+            ),
+            (
+                "k3s:\n  kubelet:\n    image_gc_high_threshold: 101\n",
+                "k3s.kubelet.image_gc_high_threshold",
+            ),
+            (
+                "k3s:\n  kubelet:\n    runtime_request_timeout: ''\n",
+                "k3s.kubelet.runtime_request_timeout",
+            ),
+            ("k3s:\n  gateway_port: 0\n", "k3s.gateway_port"),
+            (
+                "k3s:\n  readiness:\n    node_ready_ms: 0\n",
+                "k3s.readiness.node_ready_ms",
+            ),
+            ("k3s:\n  extra_args: ['']\n", "k3s.extra_args[0]"),
         ] {
             match BootConfig::from_yaml(yaml, &file()) {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{yaml}"),
@@ -795,6 +1014,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("image_pull_policy"), "{err}");
+    }
+
+    #[test]
+    fn k3s_section_is_optional_and_defaults_to_the_vms_command_line() {
+        assert_eq!(BootConfig::default().k3s, None);
+        let base = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../rootfs/base/etc/openshell/init.yaml"
+        ))
+        .expect("base profile");
+        assert_eq!(
+            BootConfig::from_yaml(&base, &file()).expect("valid").k3s,
+            None
+        );
+        let k = BootConfig::from_yaml("k3s: {}\n", &file())
+            .expect("valid")
+            .k3s
+            .expect("present");
+        assert_eq!(k, K3s::default());
+        assert_eq!(k.binary, "/usr/local/bin/k3s");
+        assert_eq!(k.gateway_port, 30051);
+        let k = BootConfig::from_yaml(
+            "k3s:\n  gateway_port: 8080\n  readiness:\n    apiserver_ready_ms: 5\n",
+            &file(),
+        )
+        .expect("valid")
+        .k3s
+        .expect("present");
+        assert_eq!(k.gateway_port, 8080);
+        assert_eq!(k.readiness.apiserver_ready_ms, 5);
+        assert_eq!(k.readiness.node_ready_ms, 120_000);
+        let err = BootConfig::from_yaml("k3s:\n  bogus: 1\n", &file()).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
     }
 
     #[test]

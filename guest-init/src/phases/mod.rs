@@ -1,6 +1,7 @@
 //! The boot phases, one module each, and the plan that orders them. A phase is a named step with
 //! the phases it must run after; the engine runs independent phases concurrently.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -12,6 +13,7 @@ pub mod capabilities;
 pub mod channel;
 pub mod config;
 pub mod hostname;
+pub mod k3s_prep;
 pub mod kine;
 pub mod loopback;
 pub mod manifests;
@@ -34,6 +36,8 @@ pub struct Ctx {
     pub cmdline: Option<String>,
     /// Set by the `config` phase; read by the phases after it.
     pub config: OnceLock<BootConfig>,
+    /// Set by the `network` phase to the address it configured; k3s's `--node-ip`.
+    pub node_ip: OnceLock<Ipv4Addr>,
 }
 
 impl Ctx {
@@ -45,6 +49,7 @@ impl Ctx {
             config_file: None,
             cmdline: None,
             config: OnceLock::new(),
+            node_ip: OnceLock::new(),
         }
     }
 
@@ -105,6 +110,7 @@ pub const PLAN: &[&Phase] = &[
     &hostname::PHASE,
     &loopback::PHASE,
     &network::PHASE,
+    &k3s_prep::PHASE,
     &channel::PHASE,
 ];
 

@@ -67,6 +67,7 @@ pub struct Configured {
 fn run(ctx: &Ctx) -> PhaseResult {
     let cfg = &ctx.config().network;
     let mut done = configure(cfg, |level, text| ctx.reporter.log(level, text))?;
+    let _ = ctx.node_ip.set(done.address);
     let dns = usable_dns(&done.dns, &cfg.fallback_dns, |level, text| {
         ctx.reporter.log(level, text)
     });

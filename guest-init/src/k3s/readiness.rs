@@ -1,0 +1,196 @@
+//! k3s's staged readiness: a thread started once k3s is spawned that reports each stage to the
+//! host as `GuestMessage::Ready`, in order, each within its own deadline.
+//!
+//! The API server is asked through k3s's own kubectl: k3s turns anonymous auth off and init has
+//! no TLS client (nor should it carry one for this), while k3s's kubectl reads the admin
+//! kubeconfig. The gateway is a TCP connect to its NodePort on 127.0.0.1.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openshell_shared::config::K3s;
+use openshell_shared::{GuestMessage, Level};
+
+use crate::reporter::Reporter;
+
+pub const K3S_STARTED: &str = "k3s-started";
+pub const APISERVER_READY: &str = "apiserver-ready";
+pub const NODE_READY: &str = "node-ready";
+pub const GATEWAY_READY: &str = "gateway-ready";
+
+/// Time between two attempts of a probe.
+const RETRY: Duration = Duration::from_millis(250);
+/// Bounds one kubectl call, so a server that accepts and never answers cannot hold a stage
+/// far past its deadline.
+const REQUEST_TIMEOUT: &str = "--request-timeout=5s";
+/// Probe output past this is not what we wait for anyway.
+const MAX_OUTPUT: u64 = 4096;
+
+/// What the probes need, resolved against the root before the thread starts.
+#[derive(Debug, Clone)]
+pub struct Probes {
+    /// The k3s binary (its `kubectl` subcommand), as a path init can execute.
+    pub k3s: PathBuf,
+    /// The whole environment of each kubectl call.
+    pub env: BTreeMap<String, String>,
+    /// The node's name: the hostname, which k3s registers the node under.
+    pub node: String,
+    pub gateway_port: u16,
+    pub apiserver_timeout: Duration,
+    pub node_timeout: Duration,
+    pub gateway_timeout: Duration,
+}
+
+impl Probes {
+    pub fn new(
+        cfg: &K3s,
+        k3s: PathBuf,
+        kubeconfig: PathBuf,
+        path_var: Option<&str>,
+        node: &str,
+    ) -> Self {
+        let mut env = BTreeMap::new();
+        if let Some(p) = path_var {
+            env.insert("PATH".to_string(), p.to_string());
+        }
+        env.insert(
+            "KUBECONFIG".to_string(),
+            kubeconfig.to_string_lossy().into_owned(),
+        );
+        let r = &cfg.readiness;
+        Self {
+            k3s,
+            env,
+            node: node.to_string(),
+            gateway_port: cfg.gateway_port,
+            apiserver_timeout: Duration::from_millis(r.apiserver_ready_ms),
+            node_timeout: Duration::from_millis(r.node_ready_ms),
+            gateway_timeout: Duration::from_millis(r.gateway_ready_ms),
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Option<String> {
+        let mut child = Command::new(&self.k3s)
+            .arg("kubectl")
+            .args(args)
+            .arg(REQUEST_TIMEOUT)
+            .env_clear()
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut out = String::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|s| s.take(MAX_OUTPUT).read_to_string(&mut out));
+        // The answer is the output. The exit status may be gone: PID 1's reaper collects every
+        // child, this one included, so `wait` can fail with ECHILD; it only must not leak.
+        let _ = child.wait();
+        read?.ok()?;
+        Some(out)
+    }
+
+    fn apiserver_ready(&self) -> bool {
+        self.kubectl(&["get", "--raw", "/readyz"])
+            .is_some_and(|o| o.trim() == "ok")
+    }
+
+    fn node_ready(&self) -> bool {
+        self.kubectl(&[
+            "get",
+            "node",
+            &self.node,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ])
+        .is_some_and(|o| o.trim() == "True")
+    }
+
+    fn gateway_ready(&self) -> bool {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.gateway_port));
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+    }
+}
+
+/// Starts the readiness thread. It ends after the last stage, at the first stage that misses
+/// its deadline, or soon after `stop` is set (the workload has exited).
+pub fn spawn(probes: Probes, reporter: Arc<Reporter>, stop: Arc<AtomicBool>) {
+    let started = std::thread::Builder::new()
+        .name("k3s-readiness".into())
+        .spawn({
+            let reporter = Arc::clone(&reporter);
+            move || watch(&probes, &reporter, &stop)
+        });
+    if let Err(e) = started {
+        reporter.log(
+            Level::Error,
+            format!(
+                "cannot start the k3s readiness thread: {e}; no readiness stages will be reported"
+            ),
+        );
+    }
+}
+
+fn watch(probes: &Probes, reporter: &Reporter, stop: &AtomicBool) {
+    reporter.emit(GuestMessage::Ready {
+        stage: K3S_STARTED.into(),
+    });
+    type Probe = fn(&Probes) -> bool;
+    let stages: [(&str, Duration, Probe); 3] = [
+        (
+            APISERVER_READY,
+            probes.apiserver_timeout,
+            Probes::apiserver_ready,
+        ),
+        (NODE_READY, probes.node_timeout, Probes::node_ready),
+        (GATEWAY_READY, probes.gateway_timeout, Probes::gateway_ready),
+    ];
+    let k3s_started = Instant::now();
+    for (stage, timeout, probe) in stages {
+        let since = Instant::now();
+        let deadline = since + timeout;
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if probe(probes) {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                reporter.log(
+                    Level::Info,
+                    format!(
+                        "{stage} after {} ms ({} ms since k3s started)",
+                        since.elapsed().as_millis(),
+                        k3s_started.elapsed().as_millis()
+                    ),
+                );
+                reporter.emit(GuestMessage::Ready {
+                    stage: stage.into(),
+                });
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                reporter.log(
+                    Level::Error,
+                    format!(
+                        "readiness stage {stage} did not arrive within {} ms; later stages are not awaited",
+                        timeout.as_millis()
+                    ),
+                );
+                return;
+            }
+            std::thread::sleep(RETRY.min(deadline - now));
+        }
+    }
+}

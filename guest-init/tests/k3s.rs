@@ -1,0 +1,306 @@
+//! `openshell-init k3s --root DIR` against a stand-in k3s (`fixtures/fake-k3s.sh`; real k3s
+//! cannot be downloaded here): the command line and environment it was started with, the
+//! readiness stages in order, the CNI configuration and plugin links (made by the inotify
+//! watcher, since the stand-in extracts its data directory only once started), a second
+//! `k3s-prep` that changes nothing, a stage that times out, and SIGTERM within the grace period.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use openshell_shared::BootConfig;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_openshell-init");
+const FAKE_K3S: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fake-k3s.sh");
+const HASH: &str = "0123456789abcdef";
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const GRACE_MS: u64 = 3000;
+
+fn have_busybox() -> bool {
+    let ok = Command::new("busybox")
+        .arg("true")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: the stand-in k3s needs busybox (for nc)");
+    }
+    ok
+}
+
+/// A port nothing listens on now (the gateway's 30051 may belong to a VM on this host).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A root with the stand-in as its k3s and a configuration with a k3s section.
+struct Root {
+    dir: tempfile::TempDir,
+    config: BootConfig,
+}
+
+impl Root {
+    fn new(apiserver_ready_ms: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let bin = dir.path().join("usr/local/bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        std::fs::copy(FAKE_K3S, bin.join("k3s")).expect("install stand-in");
+        let state = dir.path().join("fake-k3s");
+        std::fs::create_dir_all(&state).expect("mkdir");
+        let port = free_port();
+        std::fs::write(state.join("gateway-port"), port.to_string()).expect("port");
+        // Stale configurations k3s-prep must remove.
+        for stale in [
+            "etc/cni/net.d/10-ptp.conflist",
+            "var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist",
+        ] {
+            let p = dir.path().join(stale);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, "{}").expect("stale");
+        }
+        let yaml = format!(
+            "hostname: k3s-test\nworkload:\n  argv: [/bin/sh]\n  env:\n    PATH: {PATH}\n    HOME: /root\n  cwd: /\nshutdown:\n  grace_ms: {GRACE_MS}\nk3s:\n  gateway_port: {port}\n  readiness:\n    apiserver_ready_ms: {apiserver_ready_ms}\n    node_ready_ms: 10000\n    gateway_ready_ms: 10000\n"
+        );
+        let cfg_path = dir.path().join("etc/openshell/init.yaml");
+        std::fs::create_dir_all(cfg_path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&cfg_path, &yaml).expect("config");
+        let config = BootConfig::from_yaml(&yaml, &cfg_path).expect("valid config");
+        Self { dir, config }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p.trim_start_matches('/'))
+    }
+
+    fn state(&self, name: &str) -> PathBuf {
+        self.path("fake-k3s").join(name)
+    }
+}
+
+/// The CLI running k3s, with its JSON events arriving on a channel.
+struct Running {
+    child: Child,
+    events: mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+}
+
+impl Running {
+    fn start(root: &Root) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["k3s", "--node-ip", "192.168.127.9", "--root"])
+            .arg(root.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start openshell-init k3s");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let v: Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            events,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Collects events until one matches or `timeout` passes; returns whether one matched.
+    fn until(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        if self.seen.iter().any(&pred) {
+            return true;
+        }
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok(v) => {
+                    let hit = pred(&v);
+                    self.seen.push(v);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    fn ready_stages(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter(|e| e["msg"]["type"] == "ready")
+            .filter_map(|e| e["msg"]["stage"].as_str().map(String::from))
+            .collect()
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter(|e| e["msg"]["type"] == "log")
+            .map(|e| format!("{} {}", e["msg"]["level"], e["msg"]["text"]))
+            .collect()
+    }
+
+    /// SIGTERM to the CLI; returns its exit status and how long it took to exit.
+    fn terminate(mut self) -> (Option<i32>, Duration, Vec<Value>) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let sent = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+        let status = self.child.wait().expect("wait");
+        let took = sent.elapsed();
+        self.seen.extend(self.events.try_iter());
+        // The reader thread ends at EOF; what it still had is collected here.
+        std::thread::sleep(Duration::from_millis(100));
+        self.seen.extend(self.events.try_iter());
+        (status.code(), took, self.seen)
+    }
+}
+
+fn is_stage(stage: &'static str) -> impl Fn(&Value) -> bool {
+    move |e| e["msg"]["type"] == "ready" && e["msg"]["stage"] == stage
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
+    if !have_busybox() {
+        return;
+    }
+    let root = Root::new(10_000);
+    let mut run = Running::start(&root);
+    let all_ready = run.until(Duration::from_secs(20), is_stage("gateway-ready"));
+    assert!(all_ready, "no gateway-ready: {:#?}", run.seen);
+    assert_eq!(
+        run.ready_stages(),
+        [
+            "workload-started",
+            "k3s-started",
+            "apiserver-ready",
+            "node-ready",
+            "gateway-ready"
+        ]
+    );
+    // The watcher links the plugins once the stand-in has renamed its data directory.
+    let linked = run.until(Duration::from_secs(5), |e| {
+        e["msg"]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("cni-links: "))
+    });
+    assert!(linked, "no cni-links report: {:#?}", run.logs());
+
+    // Command line and environment: what the builder makes of this configuration.
+    let k3s_cfg = root.config.k3s.clone().expect("k3s section");
+    let expected = openshell_init::k3s_args::argv(&k3s_cfg, Ipv4Addr::new(192, 168, 127, 9));
+    assert_eq!(lines_of(&root.state("argv")), expected[1..]);
+    assert!(expected.contains(&"--node-ip=192.168.127.9".to_string()));
+    let env: BTreeMap<String, String> = lines_of(&root.state("env"))
+        .iter()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())))
+        .collect();
+    assert_eq!(env, root.config.workload.env);
+
+    // CNI configuration.
+    let conflist: Value = serde_json::from_slice(
+        &std::fs::read(root.path("/etc/cni/net.d/10-bridge.conflist")).expect("conflist"),
+    )
+    .expect("conflist is JSON");
+    assert_eq!(conflist["cniVersion"], "1.0.0");
+    assert_eq!(conflist["plugins"][0]["bridge"], "cni0");
+    assert_eq!(
+        conflist["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+        "10.42.0.0/24"
+    );
+    assert_eq!(conflist["plugins"][1]["type"], "portmap");
+    assert_eq!(conflist["plugins"][2]["type"], "loopback");
+    assert!(!root.path("/etc/cni/net.d/10-ptp.conflist").exists());
+    assert!(!root
+        .path("/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist")
+        .exists());
+    for plugin in ["bridge", "host-local", "loopback", "bandwidth", "portmap"] {
+        let target = std::fs::read_link(root.path("/opt/cni/bin").join(plugin))
+            .unwrap_or_else(|e| panic!("{plugin}: {e}"));
+        assert_eq!(
+            target,
+            PathBuf::from(format!("/var/lib/rancher/k3s/data/{HASH}/bin/{plugin}"))
+        );
+    }
+    assert!(!root.path("/opt/cni/bin/flannel").exists());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(root.path(&format!("/var/lib/rancher/k3s/data/{HASH}/bin/cni")))
+            .expect("cni")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o111, 0o111, "made executable");
+
+    // SIGTERM: the stand-in gets it and exits 0, well within the grace period.
+    let (code, took, events) = run.terminate();
+    assert_eq!(code, Some(0), "{events:#?}");
+    assert!(
+        took < Duration::from_millis(GRACE_MS),
+        "took {took:?} to stop"
+    );
+    assert_eq!(lines_of(&root.state("log")), ["term"]);
+    assert!(
+        !events.iter().any(|e| e["msg"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("killing"))),
+        "{events:#?}"
+    );
+
+    // A second k3s-prep changes nothing and says so (the `phase` command needs root for its
+    // private namespaces).
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("second k3s-prep run skipped: `phase` needs root");
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["phase", "k3s-prep", "--root"])
+        .arg(root.dir.path())
+        .output()
+        .expect("run phase");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("k3s-prep: nothing changed"), "{text}");
+}
+
+#[test]
+fn a_stage_that_never_arrives_is_reported_by_name_and_later_ones_not_awaited() {
+    if !have_busybox() {
+        return;
+    }
+    let root = Root::new(1500);
+    std::fs::write(root.state("never-ready"), "").expect("knob");
+    let mut run = Running::start(&root);
+    let timed_out = run.until(Duration::from_secs(10), |e| {
+        e["msg"]["type"] == "log"
+            && e["msg"]["level"] == "error"
+            && e["msg"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("apiserver-ready"))
+    });
+    assert!(timed_out, "no timeout error: {:#?}", run.logs());
+    // Long enough for the stand-in's node and gateway to be up: still no later stage.
+    run.until(Duration::from_secs(2), is_stage("node-ready"));
+    assert_eq!(run.ready_stages(), ["workload-started", "k3s-started"]);
+    let (code, _, _) = run.terminate();
+    assert_eq!(code, Some(0));
+}
