@@ -27,7 +27,9 @@ pub enum What {
     /// The state phases (kine, runtime-cleanup, manifests, capabilities) on a crashed gateway's
     /// root, outside a VM.
     State {
-        #[arg(long, default_value_t = 20_000)]
+        /// kine rows: k3s compacts every 5 minutes and keeps about 1000 old revisions, so a small
+        /// single-node cluster's database holds a few thousand rows.
+        #[arg(long, default_value_t = 3_000)]
         rows: u64,
         #[arg(long, default_value_t = 30)]
         tasks: usize,

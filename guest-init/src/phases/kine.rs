@@ -158,19 +158,22 @@ pub fn maintain(db: &Path, cfg: &Kine) -> Result<KineReport, KineError> {
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql("begin transaction (is k3s running?)"))?;
     for prefix in &cfg.prune_prefixes {
+        // A range on kine's name index where the prefix allows one; a scan otherwise.
+        let (filter, params) = match prefix_end(prefix) {
+            Some(end) => ("name >= ?1 AND name < ?2", vec![prefix.clone(), end]),
+            None => ("substr(name, 1, length(?1)) = ?1", vec![prefix.clone()]),
+        };
+        let params = rusqlite::params_from_iter(params.iter());
         let (rows, keys): (u64, u64) = tx
             .query_row(
-                "SELECT count(*), count(DISTINCT name) FROM kine WHERE substr(name, 1, length(?1)) = ?1",
-                [prefix],
+                &format!("SELECT count(*), count(DISTINCT name) FROM kine WHERE {filter}"),
+                params.clone(),
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(sql("count stale rows"))?;
         if rows > 0 {
-            tx.execute(
-                "DELETE FROM kine WHERE substr(name, 1, length(?1)) = ?1",
-                [prefix],
-            )
-            .map_err(sql("prune"))?;
+            tx.execute(&format!("DELETE FROM kine WHERE {filter}"), params)
+                .map_err(sql("prune"))?;
         }
         report.pruned.push((prefix.clone(), rows, keys));
     }
@@ -191,6 +194,19 @@ pub fn maintain(db: &Path, cfg: &Kine) -> Result<KineReport, KineError> {
     drop(conn);
     report.bytes_after = files_size(db);
     Ok(report)
+}
+
+/// The smallest string above every string that starts with `prefix`, under SQLite's binary
+/// collation: the prefix with its last byte raised by one. Only for a last byte that stays ASCII
+/// when raised (every key prefix k3s uses ends in `/`); `None` means scan instead.
+pub fn prefix_end(prefix: &str) -> Option<String> {
+    let last = *prefix.as_bytes().last()?;
+    if last >= 0x7e {
+        return None;
+    }
+    let mut end = prefix[..prefix.len() - 1].to_string();
+    end.push(char::from(last + 1));
+    Some(end)
 }
 
 fn open(db: &Path) -> rusqlite::Result<Connection> {
@@ -387,6 +403,27 @@ mod tests {
             .expect("query")
             .map(|r| r.expect("row"))
             .collect()
+    }
+
+    #[test]
+    fn prefix_ranges_cover_exactly_the_prefix() {
+        assert_eq!(
+            prefix_end("/registry/pods/").as_deref(),
+            Some("/registry/pods0")
+        );
+        assert_eq!(prefix_end("a~"), None, "0x7f is not a printable bound");
+        assert_eq!(prefix_end("é"), None, "non-ASCII last byte: scan");
+        assert_eq!(prefix_end(""), None);
+        let end = prefix_end("/bootstrap/").expect("end");
+        for inside in ["/bootstrap/", "/bootstrap/x", "/bootstrap/\u{10ffff}"] {
+            assert!(inside >= "/bootstrap/" && inside < end.as_str(), "{inside}");
+        }
+        for outside in ["/bootstrap", "/bootstrap0", "/bootstrapx", "/bootstrap0/x"] {
+            assert!(
+                !(outside >= "/bootstrap/" && outside < end.as_str()),
+                "{outside}"
+            );
+        }
     }
 
     #[test]
