@@ -109,6 +109,25 @@ impl Attrs<'_> {
             self.0.push(0);
         }
     }
+    /// Loads `len` bytes at `offset` of the packet's `base` header into register 1.
+    fn payload(&mut self, base: u32, offset: u32, len: u32) -> &mut Self {
+        self.expr("payload", |d| {
+            d.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
+                .be32(NFTA_PAYLOAD_BASE, base)
+                .be32(NFTA_PAYLOAD_OFFSET, offset)
+                .be32(NFTA_PAYLOAD_LEN, len);
+        })
+    }
+    /// Goes on with the rule only if register 1 holds `value`.
+    fn equals(&mut self, value: &[u8]) -> &mut Self {
+        self.expr("cmp", |d| {
+            d.be32(NFTA_CMP_SREG, NFT_REG_1)
+                .be32(NFTA_CMP_OP, NFT_CMP_EQ)
+                .nest(NFTA_CMP_DATA, |v| {
+                    v.put(NFTA_DATA_VALUE, value);
+                });
+        })
+    }
     /// One expression: `{ name, data { ... } }` inside the rule's list.
     fn expr(&mut self, name: &str, data: impl FnOnce(&mut Attrs<'_>)) -> &mut Self {
         self.nest(NFTA_LIST_ELEM, |e| {
@@ -213,45 +232,17 @@ fn deny_batch(blocked: &[SocketAddrV4]) -> (Vec<u8>, Vec<(u32, String)>) {
                         .str(NFTA_RULE_CHAIN, chain)
                         .nest(NFTA_RULE_EXPRESSIONS, |l| {
                             // ip daddr == dest.ip
-                            l.expr("payload", |d| {
-                                d.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-                                    .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER)
-                                    .be32(NFTA_PAYLOAD_OFFSET, 16)
-                                    .be32(NFTA_PAYLOAD_LEN, 4);
-                            });
-                            l.expr("cmp", |d| {
-                                d.be32(NFTA_CMP_SREG, NFT_REG_1)
-                                    .be32(NFTA_CMP_OP, NFT_CMP_EQ)
-                                    .nest(NFTA_CMP_DATA, |v| {
-                                        v.put(NFTA_DATA_VALUE, &dest.ip().octets());
-                                    });
-                            });
+                            l.payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4)
+                                .equals(&dest.ip().octets());
                             // meta l4proto == tcp
                             l.expr("meta", |d| {
                                 d.be32(NFTA_META_DREG, NFT_REG_1)
                                     .be32(NFTA_META_KEY, NFT_META_L4PROTO);
                             });
-                            l.expr("cmp", |d| {
-                                d.be32(NFTA_CMP_SREG, NFT_REG_1)
-                                    .be32(NFTA_CMP_OP, NFT_CMP_EQ)
-                                    .nest(NFTA_CMP_DATA, |v| {
-                                        v.put(NFTA_DATA_VALUE, &[libc::IPPROTO_TCP as u8]);
-                                    });
-                            });
+                            l.equals(&[libc::IPPROTO_TCP as u8]);
                             // tcp dport == dest.port
-                            l.expr("payload", |d| {
-                                d.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-                                    .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER)
-                                    .be32(NFTA_PAYLOAD_OFFSET, 2)
-                                    .be32(NFTA_PAYLOAD_LEN, 2);
-                            });
-                            l.expr("cmp", |d| {
-                                d.be32(NFTA_CMP_SREG, NFT_REG_1)
-                                    .be32(NFTA_CMP_OP, NFT_CMP_EQ)
-                                    .nest(NFTA_CMP_DATA, |v| {
-                                        v.put(NFTA_DATA_VALUE, &dest.port().to_be_bytes());
-                                    });
-                            });
+                            l.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)
+                                .equals(&dest.port().to_be_bytes());
                             // A reset, not a drop: the caller fails at once instead of hanging.
                             l.expr("reject", |d| {
                                 d.be32(NFTA_REJECT_TYPE, NFT_REJECT_TCP_RST);

@@ -272,6 +272,18 @@ fn no_server_means_the_static_plan_said_out_loud() {
     assert!(resolv.contains("nameserver 192.168.127.1"), "{resolv}");
 }
 
+/// Starts the phase in the background, staying `linger_ms` after it, events piped.
+fn spawn_phase(n: &Net, root: &Path, cmdline: &str, linger_ms: u64) -> Child {
+    in_netns(&n.cli, BIN)
+        .args(["phase", "network", "--in-place", "--linger-ms"])
+        .arg(linger_ms.to_string())
+        .args(["--cmdline", cmdline, "--root"])
+        .arg(root)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("phase")
+}
+
 /// The address dnsmasq's lease file records for our client, with its expiry time.
 fn leased(n: &Net) -> Vec<(u64, String)> {
     std::fs::read_to_string(n.dir.path().join("leases"))
@@ -330,13 +342,7 @@ fn nak_on_renewal_means_a_new_lease() {
     let t = ["--dhcp-option=option:T1,2", "--dhcp-option=option:T2,4"];
     dnsmasq_with(&mut n, "10.77.0.50,10.77.0.60", &t);
     let root = tempfile::tempdir().expect("root");
-    let cli = in_netns(&n.cli, BIN)
-        .args(["phase", "network", "--in-place", "--linger-ms", "11000"])
-        .args(["--cmdline", "openshell.dhcp_timeout_ms=5000", "--root"])
-        .arg(root.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("phase");
+    let cli = spawn_phase(&n, root.path(), "openshell.dhcp_timeout_ms=5000", 11000);
     // Wait for the first lease, then replace the server, before T1 unless the machine is slow:
     // then the next renewal meets the new server. The linger leaves room for that.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -378,13 +384,7 @@ fn expired_lease_with_no_server_falls_back_to_the_static_plan() {
     let mut n = net("e");
     udhcpd_leasing(&mut n, 6, 100);
     let root = tempfile::tempdir().expect("root");
-    let cli = in_netns(&n.cli, BIN)
-        .args(["phase", "network", "--in-place", "--linger-ms", "14000"])
-        .args(["--cmdline", "openshell.dhcp_timeout_ms=2000", "--root"])
-        .arg(root.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("phase");
+    let cli = spawn_phase(&n, root.path(), "openshell.dhcp_timeout_ms=2000", 14000);
     // The first lease, then the server is gone (before T1 at 3 s, or one renewal later on a
     // loaded machine: the linger leaves room for that).
     let deadline = Instant::now() + Duration::from_secs(15);
