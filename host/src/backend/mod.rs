@@ -1,8 +1,9 @@
-//! VMM backends: each turns a [`VmSpec`] into the process that runs the VM. qemu today; libkrun
-//! joins as a sibling module.
+//! VMM backends: each turns a [`VmSpec`] into the process that runs the VM (qemu as a program,
+//! libkrun as a library in a forked child), and the choice between them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+pub mod libkrun;
 pub mod qemu;
 
 pub use openshell_shared::Arch;
@@ -60,6 +61,72 @@ pub fn kernel_cmdline(arch: Arch, exec: &[String], extra: Option<&str>) -> Strin
         parts.push(extra.trim().to_string());
     }
     parts.join(" ")
+}
+
+/// Which VMM `up` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// libkrun when it loads and (Linux) `/dev/kvm` opens read-write, else qemu.
+    Auto,
+    Qemu,
+    Libkrun,
+}
+
+/// The VMM picked for one run.
+#[derive(Debug)]
+pub enum Chosen {
+    Qemu,
+    Libkrun(libkrun::Libkrun),
+}
+
+/// Resolves `choice`; the note says what `auto` picked and why. An explicit `libkrun` that does
+/// not load is an error, not a fallback.
+pub fn choose(
+    choice: BackendChoice,
+    libkrun_flag: Option<&Path>,
+) -> Result<(Chosen, Option<String>), libkrun::LibkrunError> {
+    match choice {
+        BackendChoice::Qemu => Ok((Chosen::Qemu, None)),
+        BackendChoice::Libkrun => {
+            Ok((Chosen::Libkrun(libkrun::Libkrun::load(libkrun_flag)?), None))
+        }
+        BackendChoice::Auto => Ok(match libkrun::Libkrun::load(libkrun_flag) {
+            Err(e) => (Chosen::Qemu, Some(format!("backend auto: qemu, since {e}"))),
+            Ok(krun) => match kvm_usable() {
+                Err(e) => (
+                    Chosen::Qemu,
+                    Some(format!(
+                        "backend auto: qemu, since /dev/kvm does not open read-write ({e}); \
+                         libkrun loaded from {}",
+                        krun.origin
+                    )),
+                ),
+                Ok(()) => {
+                    let note = format!(
+                        "backend auto: libkrun from {} (/dev/kvm opens read-write)",
+                        krun.origin
+                    );
+                    (Chosen::Libkrun(krun), Some(note))
+                }
+            },
+        }),
+    }
+}
+
+/// libkrun on Linux needs KVM, and panics opaquely without it: check first.
+fn kvm_usable() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(drop)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
