@@ -71,10 +71,14 @@ impl std::fmt::Display for Origin {
 impl Origin {
     /// `--libkrun`, then `OPENSHELL_LIBKRUN`, then the loader.
     pub fn find(flag: Option<&Path>) -> Self {
+        Self::pick(flag, std::env::var_os(ENV_VAR))
+    }
+
+    fn pick(flag: Option<&Path>, env: Option<std::ffi::OsString>) -> Self {
         if let Some(p) = flag {
             return Origin::Flag(p.to_path_buf());
         }
-        match std::env::var_os(ENV_VAR).filter(|v| !v.is_empty()) {
+        match env.filter(|v| !v.is_empty()) {
             Some(p) => Origin::Env(PathBuf::from(p)),
             None => Origin::Loader,
         }
@@ -581,4 +585,255 @@ fn failure_message(ret: i32, buf: &mut [u8; 64]) -> usize {
     len += d.len();
     buf[len] = b'\n';
     len + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// The libkrun.so `cargo xtask test` built (`cargo xtask libkrun`). Its own variable, not
+    /// OPENSHELL_LIBKRUN: the VM tests' hosts must not pick it up. Skips outside CI, fails in CI.
+    fn built_library() -> Option<PathBuf> {
+        const VAR: &str = "OPENSHELL_TEST_LIBKRUN";
+        match std::env::var_os(VAR) {
+            Some(p) => Some(PathBuf::from(p)),
+            None => {
+                let why = format!(
+                    "{VAR} is not set: libkrun tests run through `cargo xtask test` \
+                     (or point it at the output of `cargo xtask libkrun`)"
+                );
+                assert!(std::env::var_os("CI").is_none(), "{why}");
+                eprintln!("skipped: {why}");
+                None
+            }
+        }
+    }
+
+    /// A VmSpec whose files are all fake: enough for every configuration call, which only
+    /// records settings; `krun_start_enter` is the first to read the kernel.
+    fn fake_vm(dir: &Path, cpus: u32) -> (VmSpec, PathBuf, PathBuf) {
+        let kernel = dir.join("vmlinux");
+        // ELF magic, then nothing a loader accepts.
+        std::fs::write(&kernel, b"\x7fELF not a kernel").expect("kernel");
+        let rootfs = dir.join("root");
+        std::fs::create_dir_all(&rootfs).expect("rootfs");
+        let spec = VmSpec {
+            arch: Arch::host(),
+            kernel,
+            cmdline: super::super::kernel_cmdline(Arch::host(), &[], None),
+            memory_mib: 128,
+            cpus,
+            virtiofs_socket: dir.join("unused-virtiofs.sock"),
+            vsock_socket: dir.join("unused-vsock.sock"),
+            console_log: dir.join("console.log"),
+            net_socket: None,
+        };
+        (spec, rootfs, dir.join("vsock.sock_10700"))
+    }
+
+    #[test]
+    fn cmdline_is_adapted_for_libkrun() {
+        let ours = super::super::kernel_cmdline(Arch::X86_64, &["/bin/true".into()], None);
+        let line = adapt_cmdline(&ours);
+        assert!(
+            line.starts_with(
+                "console=hvc0 rootfstype=virtiofs root=/dev/root rw \
+                 init=/sbin/openshell-init panic=-1 reboot=k quiet"
+            ),
+            "{line}"
+        );
+        assert!(line.ends_with(" openshell.exec=/bin/true"), "{line}");
+    }
+
+    #[test]
+    fn search_order_is_flag_then_env_then_loader() {
+        let env = Some(std::ffi::OsString::from("/e/libkrun.so"));
+        assert_eq!(
+            Origin::pick(Some(Path::new("/f/libkrun.so")), env.clone()),
+            Origin::Flag("/f/libkrun.so".into())
+        );
+        assert_eq!(Origin::pick(None, env), Origin::Env("/e/libkrun.so".into()));
+        assert_eq!(Origin::pick(None, Some("".into())), Origin::Loader);
+        assert_eq!(Origin::pick(None, None), Origin::Loader);
+        assert!(Origin::Loader.to_string().contains(PLATFORM_NAME));
+    }
+
+    #[test]
+    fn small_helpers() {
+        assert_eq!(
+            mac_bytes(super::super::GUEST_MAC),
+            Some([0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee])
+        );
+        assert_eq!(mac_bytes("5a:94"), None);
+        assert_eq!(mac_bytes("5a:94:ef:e4:0c:ee:00"), None);
+        let mut buf = [0u8; 64];
+        let n = failure_message(-22, &mut buf);
+        assert_eq!(
+            &buf[..n],
+            b"openshell-host: krun_start_enter returned -22\n".as_slice()
+        );
+        let n = failure_message(i32::MIN, &mut buf);
+        assert!(std::str::from_utf8(&buf[..n])
+            .expect("ascii")
+            .ends_with("-2147483648\n"));
+        // The compat offload set of spec 2.2.
+        assert_eq!(NET_FEATURES, 0b100_1100_1000_0011);
+    }
+
+    #[test]
+    fn kernel_format_per_arch() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let bz = tmp.path().join("bzImage");
+        std::fs::write(&bz, b"MZ not elf").expect("bz");
+        let err = kernel(Arch::X86_64, &bz).unwrap_err();
+        assert!(
+            matches!(&err, LibkrunError::NoElfKernel { sibling, .. } if sibling.ends_with("vmlinux")),
+            "{err}"
+        );
+        std::fs::write(tmp.path().join("vmlinux"), b"\x7fELF...").expect("vmlinux");
+        assert_eq!(
+            kernel(Arch::X86_64, &bz).expect("sibling"),
+            (tmp.path().join("vmlinux"), KERNEL_FORMAT_ELF)
+        );
+        let image = tmp.path().join("Image");
+        assert_eq!(
+            kernel(Arch::Aarch64, &image).expect("raw"),
+            (image, KERNEL_FORMAT_RAW)
+        );
+        let gone = kernel(Arch::X86_64, &tmp.path().join("nothing")).unwrap_err();
+        assert!(matches!(gone, LibkrunError::Kernel { .. }), "{gone}");
+    }
+
+    #[test]
+    fn missing_library_names_the_path_and_where_it_came_from() {
+        let err = Libkrun::load(Some(Path::new("/nonexistent/dir/libkrun.so"))).unwrap_err();
+        assert!(matches!(err, LibkrunError::Load { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/nonexistent/dir/libkrun.so (--libkrun)"),
+            "{msg}"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn library_without_the_api_names_the_missing_symbol() {
+        let err = Libkrun::load_from(&Origin::Flag("libc.so.6".into())).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LibkrunError::Symbol {
+                    symbol: "krun_create_ctx",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("libc.so.6") && msg.contains("krun_create_ctx"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn every_configuration_call_succeeds_on_the_real_library() {
+        let Some(lib) = built_library() else { return };
+        let krun = Libkrun::load(Some(&lib)).expect("load the built libkrun");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (spec, rootfs, channel) = fake_vm(tmp.path(), 2);
+        for net in [
+            None,
+            Some(Net::UnixStream(tmp.path().join("passt.sock"))),
+            Some(Net::VfkitDatagram(tmp.path().join("gvproxy.sock"))),
+        ] {
+            let vm = Vm {
+                spec: &spec,
+                rootfs: &rootfs,
+                channel_socket: &channel,
+                net,
+            };
+            let ctx = krun.configure(&vm).expect("configure");
+            drop(ctx);
+        }
+    }
+
+    #[test]
+    fn a_failing_call_is_named_with_its_errno() {
+        let Some(lib) = built_library() else { return };
+        let krun = Libkrun::load(Some(&lib)).expect("load the built libkrun");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (spec, rootfs, channel) = fake_vm(tmp.path(), 0);
+        let vm = Vm {
+            spec: &spec,
+            rootfs: &rootfs,
+            channel_socket: &channel,
+            net: None,
+        };
+        let err = krun.configure(&vm).err().expect("0 vCPUs is refused");
+        assert!(
+            matches!(
+                err,
+                LibkrunError::Call {
+                    call: "krun_set_vm_config",
+                    errno: nix::errno::Errno::EINVAL
+                }
+            ),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .starts_with("krun_set_vm_config failed: EINVAL"));
+    }
+
+    /// KVM cannot run full guests on these machines, so the child is given a kernel that does
+    /// not load: krun_start_enter must fail, and the child must say so and exit with
+    /// START_FAILED, which the parent sees.
+    #[test]
+    fn forked_child_reports_a_failed_start() {
+        let Some(lib) = built_library() else { return };
+        let krun = Libkrun::load(Some(&lib)).expect("load the built libkrun");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (spec, rootfs, channel) = fake_vm(tmp.path(), 1);
+        let vm = Vm {
+            spec: &spec,
+            rootfs: &rootfs,
+            channel_socket: &channel,
+            net: None,
+        };
+        let log = tmp.path().join("libkrun.log");
+        let pid = krun
+            .configure(&vm)
+            .expect("configure")
+            .start(&log)
+            .expect("fork");
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    if Instant::now() >= deadline {
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::wait::waitpid(pid, None);
+                        panic!("the libkrun child did not exit within 30 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(s) => break s,
+                Err(e) => panic!("waitpid: {e}"),
+            }
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        eprintln!("VMM log:\n{text}");
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Exited(pid, START_FAILED),
+            "log: {text}"
+        );
+        assert!(
+            text.contains("openshell-host: krun_start_enter returned -"),
+            "log: {text}"
+        );
+    }
 }
