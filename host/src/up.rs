@@ -484,8 +484,9 @@ fn boot(
                     (None, false, Some(status)) => status,
                     (None, false, None) => {
                         progress.error(&format!(
-                            "the VM ended without reporting an exit ({} status {status:?}); console: {}",
+                            "the VM ended without reporting an exit ({} status {status:?}, log {}); console: {}",
                             vmm.name,
+                            vmm.log.display(),
                             console_log.display()
                         ));
                         code::NO_EXIT
@@ -561,6 +562,8 @@ struct StartedVmm {
     name: &'static str,
     pid: u32,
     helper: Option<usize>,
+    /// The VMM's own stdout and stderr.
+    log: PathBuf,
 }
 
 /// Starts the chosen VMM for `spec`. Called on the main thread: the VMM's parent-death signal is
@@ -580,13 +583,15 @@ fn start_vmm(
             };
             let mut cmd = Command::new(qemu.program(args.arch));
             cmd.args(qemu.args(spec));
-            let vmm = Helper::spawn("qemu", cmd, &dir.path.join("qemu.log"))?;
+            let log = dir.path.join("qemu.log");
+            let vmm = Helper::spawn("qemu", cmd, &log)?;
             let pid = vmm.child.id();
             helpers.push(vmm);
             Ok(StartedVmm {
                 name: "qemu",
                 pid,
                 helper: Some(helpers.len() - 1),
+                log,
             })
         }
         Chosen::Libkrun(krun) => {
@@ -605,11 +610,13 @@ fn start_vmm(
                         _ => libkrun::Net::UnixStream(path),
                     }),
             };
-            let pid = krun.configure(&vm)?.start(&dir.path.join("libkrun.log"))?;
+            let log = dir.path.join("libkrun.log");
+            let pid = krun.configure(&vm)?.start(&log)?;
             Ok(StartedVmm {
                 name: "libkrun",
                 pid,
                 helper: None,
+                log,
             })
         }
     }

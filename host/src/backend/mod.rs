@@ -134,6 +134,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn auto_falls_back_to_qemu_and_says_why() {
+        let missing = Path::new("/nonexistent/libkrun.so");
+        let (chosen, note) = choose(BackendChoice::Auto, Some(missing)).expect("auto never fails");
+        assert!(matches!(chosen, Chosen::Qemu));
+        let note = note.expect("a note");
+        assert!(
+            note.starts_with(
+                "backend auto: qemu, since cannot load libkrun from /nonexistent/libkrun.so"
+            ),
+            "{note}"
+        );
+        assert!(matches!(
+            choose(BackendChoice::Qemu, Some(missing)),
+            Ok((Chosen::Qemu, None))
+        ));
+    }
+
+    #[test]
+    fn explicit_libkrun_that_does_not_load_is_an_error() {
+        let err = choose(
+            BackendChoice::Libkrun,
+            Some(Path::new("/nonexistent/libkrun.so")),
+        )
+        .expect_err("no fallback");
+        assert!(matches!(err, libkrun::LibkrunError::Load { .. }), "{err}");
+    }
+
+    #[test]
     fn cmdline_carries_the_workload_encoded() {
         let line = kernel_cmdline(
             Arch::Aarch64,
