@@ -501,7 +501,15 @@ impl Context {
     /// Must be called from the main thread: the parent-death signal fires when the forking
     /// thread exits. Returns the child's pid; the caller reaps it.
     pub fn start(self, log: &Path) -> Result<u32, LibkrunError> {
-        use std::os::fd::AsRawFd;
+        // The parent's copy of the context is freed by Drop; the child owns its own copy.
+        fork_vmm(log, self.api.start_enter, self.id)
+    }
+}
+
+/// Forks a child that runs `entry(id)` as described at [`Context::start`].
+fn fork_vmm(log: &Path, entry: ffi::Ctx, id: u32) -> Result<u32, LibkrunError> {
+    use std::os::fd::AsRawFd;
+    {
         let open_err = |source| LibkrunError::Log {
             path: log.to_path_buf(),
             source,
@@ -514,13 +522,11 @@ impl Context {
         let null = std::fs::File::open("/dev/null").map_err(open_err)?;
         let parent = std::process::id() as libc::pid_t;
         let (out_fd, null_fd) = (out.as_raw_fd(), null.as_raw_fd());
-        let (start_enter, id) = (self.api.start_enter, self.id);
         // SAFETY: the child runs only child_main, which calls no Rust code that allocates or
         // unwinds before handing over to libkrun, and ends in _exit.
         match unsafe { libc::fork() } {
             -1 => Err(LibkrunError::Fork(nix::errno::Errno::last())),
-            0 => child_main(parent, out_fd, null_fd, start_enter, id),
-            // The parent's copy of the context is freed by Drop; the child owns its own copy.
+            0 => child_main(parent, out_fd, null_fd, entry, id),
             pid => Ok(pid as u32),
         }
     }
@@ -787,6 +793,104 @@ mod tests {
             .starts_with("krun_set_vm_config failed: EINVAL"));
     }
 
+    fn wait_with_deadline(pid: nix::unistd::Pid, limit: Duration) -> nix::sys::wait::WaitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    if Instant::now() >= deadline {
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::wait::waitpid(pid, None);
+                        panic!("child {pid} did not exit within {limit:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(s) => return s,
+                Err(e) => panic!("waitpid: {e}"),
+            }
+        }
+    }
+
+    unsafe extern "C" fn fails_with_eio(_: u32) -> i32 {
+        -libc::EIO
+    }
+
+    unsafe extern "C" fn runs_forever(_: u32) -> i32 {
+        loop {
+            libc::pause();
+        }
+    }
+
+    /// The child's path without libkrun: an entry point that returns is reported in the log and
+    /// as START_FAILED.
+    #[test]
+    fn child_reports_an_entry_point_that_returns() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let log = tmp.path().join("vmm.log");
+        let pid = fork_vmm(&log, fails_with_eio, 7).expect("fork");
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let status = wait_with_deadline(pid, Duration::from_secs(10));
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Exited(pid, START_FAILED)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&log).expect("log"),
+            "openshell-host: krun_start_enter returned -5\n"
+        );
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    }
+
+    /// A VMM child whose host is SIGKILLed dies too (PR_SET_PDEATHSIG).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn vmm_child_dies_with_its_host() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let pidfile = tmp.path().join("pid");
+        let log = tmp.path().join("vmm.log");
+        // SAFETY: the forked "host" only forks the VMM, writes a file and sleeps; the test thread
+        // waits on it.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                let code = match fork_vmm(&log, runs_forever, 0) {
+                    Ok(pid) => {
+                        let _ = std::fs::write(&pidfile, pid.to_string());
+                        std::thread::sleep(Duration::from_secs(100));
+                        0
+                    }
+                    Err(_) => 1,
+                };
+                unsafe { libc::_exit(code) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let vmm = loop {
+                    if let Some(p) = std::fs::read_to_string(&pidfile)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<i32>().ok())
+                    {
+                        break p;
+                    }
+                    assert!(Instant::now() < deadline, "the VMM child never started");
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                assert!(alive(vmm));
+                nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).expect("kill");
+                nix::sys::wait::waitpid(child, None).expect("reap host");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while alive(vmm) {
+                    assert!(Instant::now() < deadline, "VMM {vmm} outlived its host");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
     /// KVM cannot run full guests on these machines, so the child is given a kernel that does
     /// not load: krun_start_enter must fail, and the child must say so and exit with
     /// START_FAILED, which the parent sees.
@@ -809,21 +913,7 @@ mod tests {
             .start(&log)
             .expect("fork");
         let pid = nix::unistd::Pid::from_raw(pid as i32);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                    if Instant::now() >= deadline {
-                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                        let _ = nix::sys::wait::waitpid(pid, None);
-                        panic!("the libkrun child did not exit within 30 s");
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Ok(s) => break s,
-                Err(e) => panic!("waitpid: {e}"),
-            }
-        };
+        let status = wait_with_deadline(pid, Duration::from_secs(30));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         eprintln!("VMM log:\n{text}");
         assert_eq!(
