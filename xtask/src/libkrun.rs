@@ -52,6 +52,8 @@ pub fn build() -> Result<PathBuf> {
             ])
             .args(["--features", FEATURES, "--lib", "--manifest-path"])
             .arg(src.join("Cargo.toml"))
+            // Outside the checkout: our .cargo/config.toml does not apply.
+            .current_dir(&src)
             // Its own target dir: the workspace's must not be locked or polluted.
             .env("CARGO_TARGET_DIR", &target))?;
         let built = target.join("release").join(LIB_FILE);
