@@ -17,7 +17,12 @@
 //! error where it can be reported (no error channel out of the child needed) and keeps the child
 //! to `prctl`, `dup2` and `krun_start_enter`. The configuration calls only record settings (the
 //! devices, sockets and console file are opened inside `krun_start_enter`), and only the main
-//! thread calls into libkrun, so no libkrun lock is held by another thread at fork time.
+//! thread calls into libkrun, so no libkrun lock is held by another thread at fork time. The
+//! child then runs `krun_start_enter`, which allocates and starts threads: that is sound after a
+//! fork of our multi-threaded host because glibc resets malloc's locks in the child and libkrun,
+//! a cdylib with its own copy of std, shares no lock with our other threads (signal waiter, boot
+//! channel). The child closes every inherited fd above stderr: no exec follows, so CLOEXEC would
+//! not.
 
 use std::ffi::{CString, NulError};
 use std::path::{Path, PathBuf};
