@@ -258,7 +258,7 @@ fn boot(
         ));
     }
     session.run_dir = Some(dir.clone());
-    let (backend, note) = crate::backend::choose(args.backend, args.libkrun.as_deref())?;
+    let (backend, note) = crate::backend::choose(args.backend, args.arch, args.libkrun.as_deref())?;
     if let Some(note) = note {
         progress.note(&note);
     }

@@ -130,6 +130,8 @@ pub enum LibkrunError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("libkrun runs only guests of this machine's architecture, not {}", .0.name())]
+    ForeignArch(Arch),
     #[error("cannot fork the libkrun VMM: {0}")]
     Fork(nix::errno::Errno),
 }

@@ -79,13 +79,24 @@ pub enum Chosen {
     Libkrun(libkrun::Libkrun),
 }
 
-/// Resolves `choice`; the note says what `auto` picked and why. An explicit `libkrun` that does
-/// not load is an error, not a fallback.
+/// Resolves `choice` for a guest of `arch`; the note says what `auto` picked and why. An
+/// explicit `libkrun` that cannot be used is an error, not a fallback.
 pub fn choose(
     choice: BackendChoice,
+    arch: Arch,
     libkrun_flag: Option<&Path>,
 ) -> Result<(Chosen, Option<String>), libkrun::LibkrunError> {
+    // libkrun runs guests of the host's architecture only (KVM or Hypervisor.framework).
+    let foreign = arch != Arch::host();
     match choice {
+        BackendChoice::Libkrun if foreign => Err(libkrun::LibkrunError::ForeignArch(arch)),
+        BackendChoice::Auto if foreign => Ok((
+            Chosen::Qemu,
+            Some(format!(
+                "backend auto: qemu, since libkrun runs only {} guests here",
+                Arch::host().name()
+            )),
+        )),
         BackendChoice::Qemu => Ok((Chosen::Qemu, None)),
         BackendChoice::Libkrun => {
             Ok((Chosen::Libkrun(libkrun::Libkrun::load(libkrun_flag)?), None))
@@ -136,7 +147,8 @@ mod tests {
     #[test]
     fn auto_falls_back_to_qemu_and_says_why() {
         let missing = Path::new("/nonexistent/libkrun.so");
-        let (chosen, note) = choose(BackendChoice::Auto, Some(missing)).expect("auto never fails");
+        let (chosen, note) =
+            choose(BackendChoice::Auto, Arch::host(), Some(missing)).expect("auto never fails");
         assert!(matches!(chosen, Chosen::Qemu));
         let note = note.expect("a note");
         assert!(
@@ -146,7 +158,7 @@ mod tests {
             "{note}"
         );
         assert!(matches!(
-            choose(BackendChoice::Qemu, Some(missing)),
+            choose(BackendChoice::Qemu, Arch::host(), Some(missing)),
             Ok((Chosen::Qemu, None))
         ));
     }
@@ -155,10 +167,23 @@ mod tests {
     fn explicit_libkrun_that_does_not_load_is_an_error() {
         let err = choose(
             BackendChoice::Libkrun,
+            Arch::host(),
             Some(Path::new("/nonexistent/libkrun.so")),
         )
         .expect_err("no fallback");
         assert!(matches!(err, libkrun::LibkrunError::Load { .. }), "{err}");
+        let other = match Arch::host() {
+            Arch::X86_64 => Arch::Aarch64,
+            Arch::Aarch64 => Arch::X86_64,
+        };
+        let err = choose(BackendChoice::Libkrun, other, None).expect_err("foreign arch");
+        assert!(
+            matches!(err, libkrun::LibkrunError::ForeignArch(a) if a == other),
+            "{err}"
+        );
+        let (chosen, note) = choose(BackendChoice::Auto, other, None).expect("auto");
+        assert!(matches!(chosen, Chosen::Qemu));
+        assert!(note.is_some_and(|n| n.contains("libkrun runs only")));
     }
 
     #[test]
