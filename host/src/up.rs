@@ -15,8 +15,9 @@ use nix::sys::signal::{SigSet, Signal};
 use openshell_shared::{GuestMessage, HostMessage};
 use serde_json::json;
 
+use crate::backend::libkrun::{self, LibkrunError};
 use crate::backend::qemu::{Accel, Qemu};
-use crate::backend::{kernel_cmdline, Arch, VmSpec};
+use crate::backend::{kernel_cmdline, Arch, BackendChoice, Chosen, VmSpec};
 use crate::channel::{self, Channel, ChannelEvent};
 use crate::children::{ChildError, Helper};
 use crate::net::gvproxy::{self, ExposeError, Framing};
@@ -66,6 +67,14 @@ pub struct UpArgs {
     /// virtio-fs daemon (Debian's by default).
     #[arg(long, default_value = "/usr/lib/qemu/virtiofsd")]
     pub virtiofsd: PathBuf,
+    /// VMM: qemu, libkrun, or auto (libkrun when it loads and /dev/kvm opens read-write, else
+    /// qemu). qemu by default: KVM fails on full guests on some machines.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Qemu)]
+    pub backend: BackendChoice,
+    /// libkrun library to load; else `OPENSHELL_LIBKRUN`, else `libkrun.so.1` (macOS:
+    /// `libkrun.1.dylib`) through the dynamic loader.
+    #[arg(long, value_name = "PATH")]
+    pub libkrun: Option<PathBuf>,
     /// Emulator binary; `qemu-system-<arch>` by default.
     #[arg(long)]
     pub qemu: Option<PathBuf>,
@@ -128,6 +137,8 @@ pub enum UpError {
     Expose(#[from] ExposeError),
     #[error("cannot set up signal handling: {0}")]
     Signals(nix::errno::Errno),
+    #[error(transparent)]
+    Libkrun(#[from] LibkrunError),
 }
 
 enum Event {
@@ -247,36 +258,19 @@ fn boot(
         ));
     }
     session.run_dir = Some(dir.clone());
+    let (backend, note) = crate::backend::choose(args.backend, args.arch, args.libkrun.as_deref())?;
+    if let Some(note) = note {
+        progress.note(&note);
+    }
 
     // Listen first: the guest connects as soon as its config phase is done.
     let channel = Channel::listen(&dir.channel_socket())?;
     let writer: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
     channel.serve(start, tx.clone(), wrap_channel, Arc::clone(&writer));
 
-    let mut virtiofsd = Command::new(&args.virtiofsd);
-    virtiofsd
-        .arg(format!("--socket-path={}", dir.virtiofs_socket().display()))
-        .arg("-o")
-        .arg(format!("source={}", args.rootfs.display()))
-        .arg("-o")
-        .arg("cache=auto");
-    let mut fs = Helper::spawn("virtiofsd", virtiofsd, &dir.path.join("virtiofsd.log"))?;
-    let mut vsock = Command::new(&args.vsock_helper);
-    vsock
-        .arg("--guest-cid")
-        .arg("3")
-        .arg("--socket")
-        .arg(dir.vsock_vhost_socket())
-        .arg("--uds-path")
-        .arg(dir.vsock_uds());
-    let vsock = Helper::spawn("vhost-device-vsock", vsock, &dir.path.join("vsock.log"));
-    let fs_ready = fs.wait_for_socket(&dir.virtiofs_socket(), Duration::from_secs(10));
-    session.helpers.push(fs);
-    let mut vsock = vsock?;
-    let vsock_ready = vsock.wait_for_socket(&dir.vsock_vhost_socket(), Duration::from_secs(10));
-    session.helpers.push(vsock);
-    fs_ready?;
-    vsock_ready?;
+    if matches!(backend, Chosen::Qemu) {
+        start_vhost_helpers(args, &dir, session)?;
+    }
     let forwards = crate::net::forwards(args.net, &args.ports)?;
     let net_socket = match args.net {
         NetBackend::None => None,
@@ -293,7 +287,7 @@ fn boot(
         NetBackend::Gvproxy => {
             let (sock, api) = (dir.gvproxy_socket(), dir.gvproxy_api_socket());
             let mut cmd = Command::new(&args.gvproxy);
-            cmd.args(gvproxy::args(Framing::QemuStream, &sock, &api));
+            cmd.args(gvproxy::args(gvproxy_framing(&backend), &sock, &api));
             let mut gv = Helper::spawn("gvproxy", cmd, &dir.path.join("gvproxy.log"))?;
             let ready = gv.wait_for_socket(&sock, Duration::from_secs(5));
             session.helpers.push(gv);
@@ -322,14 +316,8 @@ fn boot(
         console_log: console_log.clone(),
         net_socket,
     };
-    let qemu = Qemu {
-        program: args.qemu.clone(),
-        accel: args.accel,
-    };
-    let mut cmd = Command::new(qemu.program(args.arch));
-    cmd.args(qemu.args(&spec));
-    let vmm = Helper::spawn("qemu", cmd, &dir.path.join("qemu.log"))?;
-    let vmm_pid = vmm.child.id();
+    let vmm = start_vmm(&backend, args, &spec, &dir, &mut session.helpers)?;
+    let vmm_pid = vmm.pid;
     let vmm_started = now();
     timeline.summary.vmm_started_us = Some(vmm_started);
     timeline.host(
@@ -338,14 +326,13 @@ fn boot(
         json!({ "pid": vmm_pid, "cmdline": spec.cmdline }),
     );
     progress.note(&format!(
-        "{} VM starting (qemu pid {vmm_pid}, {:.1} ms after start); console: {}",
+        "{} VM starting ({} pid {vmm_pid}, {:.1} ms after start); console: {}",
         args.arch.name(),
+        vmm.name,
         vmm_started as f64 / 1000.0,
         console_log.display()
     ));
     // Reap the VMM on its own thread so its exit is an event like any other.
-    let vmm_index = session.helpers.len();
-    session.helpers.push(vmm);
     let vmm_waiter = {
         let tx = tx.clone();
         let pid = nix::unistd::Pid::from_raw(vmm_pid as i32);
@@ -497,7 +484,9 @@ fn boot(
                     (None, false, Some(status)) => status,
                     (None, false, None) => {
                         progress.error(&format!(
-                            "the VM ended without reporting an exit (qemu status {status:?}); console: {}",
+                            "the VM ended without reporting an exit ({} status {status:?}, log {}); console: {}",
+                            vmm.name,
+                            vmm.log.display(),
                             console_log.display()
                         ));
                         code::NO_EXIT
@@ -508,7 +497,9 @@ fn boot(
     };
     let _ = vmm_waiter.join();
     // Already reaped by the waiter: stop() must not signal a pid that may be reused.
-    drop(session.helpers.remove(vmm_index));
+    if let Some(index) = vmm.helper {
+        drop(session.helpers.remove(index));
+    }
     progress.finish(&timeline.summary, outcome);
     Ok(outcome)
 }
@@ -534,4 +525,109 @@ impl LoopState {
 
 fn kill_vmm(pid: u32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// virtio-fs and vsock daemons for qemu's vhost-user devices (libkrun has its own).
+fn start_vhost_helpers(args: &UpArgs, dir: &RunDir, session: &mut Session) -> Result<(), UpError> {
+    let mut virtiofsd = Command::new(&args.virtiofsd);
+    virtiofsd
+        .arg(format!("--socket-path={}", dir.virtiofs_socket().display()))
+        .arg("-o")
+        .arg(format!("source={}", args.rootfs.display()))
+        .arg("-o")
+        .arg("cache=auto");
+    let mut fs = Helper::spawn("virtiofsd", virtiofsd, &dir.path.join("virtiofsd.log"))?;
+    let mut vsock = Command::new(&args.vsock_helper);
+    vsock
+        .arg("--guest-cid")
+        .arg("3")
+        .arg("--socket")
+        .arg(dir.vsock_vhost_socket())
+        .arg("--uds-path")
+        .arg(dir.vsock_uds());
+    let vsock = Helper::spawn("vhost-device-vsock", vsock, &dir.path.join("vsock.log"));
+    let fs_ready = fs.wait_for_socket(&dir.virtiofs_socket(), Duration::from_secs(10));
+    session.helpers.push(fs);
+    let mut vsock = vsock?;
+    let vsock_ready = vsock.wait_for_socket(&dir.vsock_vhost_socket(), Duration::from_secs(10));
+    session.helpers.push(vsock);
+    fs_ready?;
+    vsock_ready?;
+    Ok(())
+}
+
+/// The started VMM: its pid for signals and the waiter, and its index in `helpers` when it is a
+/// [`Helper`] (qemu); a forked libkrun child is reaped by the waiter alone.
+struct StartedVmm {
+    name: &'static str,
+    pid: u32,
+    helper: Option<usize>,
+    /// The VMM's own stdout and stderr.
+    log: PathBuf,
+}
+
+/// Starts the chosen VMM for `spec`. Called on the main thread: the VMM's parent-death signal is
+/// tied to the thread that forks it.
+fn start_vmm(
+    backend: &Chosen,
+    args: &UpArgs,
+    spec: &VmSpec,
+    dir: &RunDir,
+    helpers: &mut Vec<Helper>,
+) -> Result<StartedVmm, UpError> {
+    match backend {
+        Chosen::Qemu => {
+            let qemu = Qemu {
+                program: args.qemu.clone(),
+                accel: args.accel,
+            };
+            let mut cmd = Command::new(qemu.program(args.arch));
+            cmd.args(qemu.args(spec));
+            let log = dir.path.join("qemu.log");
+            let vmm = Helper::spawn("qemu", cmd, &log)?;
+            let pid = vmm.child.id();
+            helpers.push(vmm);
+            Ok(StartedVmm {
+                name: "qemu",
+                pid,
+                helper: Some(helpers.len() - 1),
+                log,
+            })
+        }
+        Chosen::Libkrun(krun) => {
+            let channel = dir.channel_socket();
+            let vm = libkrun::Vm {
+                spec,
+                rootfs: &args.rootfs,
+                channel_socket: &channel,
+                net: spec
+                    .net_socket
+                    .clone()
+                    .map(|path| match gvproxy_framing(backend) {
+                        Framing::VfkitDatagram if args.net == NetBackend::Gvproxy => {
+                            libkrun::Net::VfkitDatagram(path)
+                        }
+                        _ => libkrun::Net::UnixStream(path),
+                    }),
+            };
+            let log = dir.path.join("libkrun.log");
+            let pid = krun.configure(&vm)?.start(&log)?;
+            Ok(StartedVmm {
+                name: "libkrun",
+                pid,
+                helper: None,
+                log,
+            })
+        }
+    }
+}
+
+/// gvproxy's framing: libkrun on macOS speaks vfkit's datagrams (with offloads, much faster);
+/// everything else qemu's stream framing.
+fn gvproxy_framing(backend: &Chosen) -> Framing {
+    if cfg!(target_os = "macos") && matches!(backend, Chosen::Libkrun(_)) {
+        Framing::VfkitDatagram
+    } else {
+        Framing::QemuStream
+    }
 }

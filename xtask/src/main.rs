@@ -7,6 +7,7 @@ mod bench_kine;
 mod bench_state;
 mod cache;
 mod kernel;
+mod libkrun;
 mod rootfs;
 mod test;
 mod tools;
@@ -105,6 +106,8 @@ enum Cmd {
     },
     /// Install vhost-device-vsock into the cache; prints its path.
     VsockHelper,
+    /// Build libkrun's shared library from crates.io into the cache; prints its path.
+    Libkrun,
     /// Build whatever is missing for one arch and print the artifact paths.
     Artifacts {
         #[arg(long, default_value_t = Arch::host())]
@@ -131,6 +134,7 @@ fn main() {
             copy_to,
         } => rootfs_cmd(&profile, arch, copy_to),
         Cmd::VsockHelper => tools::vsock_helper().map(|p| println!("{}", p.display())),
+        Cmd::Libkrun => libkrun::build().map(|p| println!("{}", p.display())),
         Cmd::Artifacts { arch, json } => artifacts(arch).map(|a| {
             if json {
                 println!("{}", a.to_json());

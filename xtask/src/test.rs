@@ -123,6 +123,10 @@ pub fn run(args: TestArgs) -> Result<()> {
     }
     let host = tools::host(false)?;
     cmd.env("OPENSHELL_HOST_BIN", host);
+    // For the host's libkrun unit tests only: OPENSHELL_LIBKRUN itself would reach the hosts the
+    // VM tests start.
+    eprintln!("xtask test: libkrun");
+    cmd.env("OPENSHELL_TEST_LIBKRUN", crate::libkrun::build()?);
     let mut tally = Tally::default();
     test_step(
         "cargo test --workspace (unit, property and VM tests)",
