@@ -32,6 +32,11 @@ fn passt_gives_the_guest_a_lease(arch: &str) {
         network.contains("eth0") && network.contains("DHCP from"),
         "{network}"
     );
+    // The guest kernel took the nftables batch that keeps pods off gvproxy's control API.
+    assert!(
+        network.contains("TCP to 192.168.127.1:80 refused"),
+        "{network}"
+    );
 }
 both_arches!(passt_gives_the_guest_a_lease);
 
