@@ -275,10 +275,10 @@ fn boot(
     let net_socket = match args.net {
         NetBackend::None => None,
         NetBackend::Passt => {
-            let (pdir, sock) = passt::socket_dir(&dir.path)?;
+            let (_, sock) = passt::socket_dir(&dir.path)?;
             let mut cmd = Command::new(&args.passt);
             cmd.args(passt::args(&sock, &forwards));
-            let mut passt = Helper::spawn("passt", cmd, &pdir.join("passt.log"))?;
+            let mut passt = Helper::spawn("passt", cmd, &dir.path.join("passt.log"))?;
             let ready = passt.wait_for_socket(&sock, Duration::from_secs(10));
             session.helpers.push(passt);
             ready?;

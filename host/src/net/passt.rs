@@ -2,8 +2,12 @@
 //! over one unix stream socket that qemu (`-netdev stream`) or libkrun
 //! (`krun_add_net_unixstream`) connects to, and listens on the host for the port forwards.
 //!
-//! passt refuses to keep root and switches to `nobody`, so its socket lives in a directory that
-//! user owns, inside the run directory (which must then be traversable).
+//! passt refuses to keep root and switches to `nobody`, which must then reach its socket: every
+//! directory above it has to let others through. A run directory may sit below a private one
+//! (`/tmp/openshell-0` is 0700, and so is any `mktemp -d`), so as root the socket lives in a
+//! directory of its own under the system's temporary directory, named by a hash of the run
+//! directory, owned by `nobody` and closed to everyone else. Without root, passt runs as the user
+//! and its socket stays inside the run directory.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -30,17 +34,24 @@ pub fn args(socket: &Path, forwards: &[Forward]) -> Vec<OsString> {
     args
 }
 
-/// Creates `<run>/passt` for the unprivileged passt user and returns it with the socket path; a
-/// socket left there by a killed run is removed once nothing answers on it.
+/// The directory for passt's socket (see the module doc) and the socket's path; a socket left
+/// there by a killed run is removed once nothing answers on it.
 pub fn socket_dir(run: &Path) -> Result<(PathBuf, PathBuf), PasstDirError> {
-    let dir = run.join("passt");
+    let root = nix::unistd::geteuid().is_root();
+    let dir = if root {
+        shared_base()?.join(format!(
+            "{:012x}",
+            fnv1a(run.as_os_str().as_encoded_bytes()) >> 16
+        ))
+    } else {
+        run.join("passt")
+    };
     let io = |source| PasstDirError {
         path: dir.clone(),
         source,
     };
     std::fs::create_dir_all(&dir).map_err(io)?;
-    std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
-    if nix::unistd::geteuid().is_root() {
+    if root {
         if let Some(user) = nix::unistd::User::from_name("nobody").ok().flatten() {
             nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).map_err(|e| io(e.into()))?;
         }
@@ -60,6 +71,37 @@ pub fn socket_dir(run: &Path) -> Result<(PathBuf, PathBuf), PasstDirError> {
         std::fs::remove_file(&sock).map_err(io)?;
     }
     Ok((dir, sock))
+}
+
+/// `<tmp>/openshell-passt`: root's, traversable by others, not listable; refused when it is a
+/// link or someone else's, since passt's sockets are made below it.
+fn shared_base() -> Result<PathBuf, PasstDirError> {
+    use std::os::unix::fs::MetadataExt;
+    let base = std::env::temp_dir().join("openshell-passt");
+    let err = |source| PasstDirError {
+        path: base.clone(),
+        source,
+    };
+    match std::fs::create_dir(&base) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err(e)),
+    }
+    let meta = std::fs::symlink_metadata(&base).map_err(err)?;
+    if !meta.is_dir() || meta.uid() != 0 {
+        return Err(err(std::io::Error::other(
+            "not a directory owned by root (a link, or someone else's): remove it",
+        )));
+    }
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
+    Ok(base)
+}
+
+/// FNV-1a: a short, stable name for a run directory.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -90,11 +132,45 @@ mod tests {
 
     #[test]
     fn overlong_socket_path_is_refused() {
+        if nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: as root the socket lives under the temporary directory");
+            return;
+        }
         let t = tempfile::tempdir().expect("tmp");
         let deep = t.path().join("x".repeat(90));
         std::fs::create_dir_all(&deep).expect("mkdir");
         let e = socket_dir(&deep).expect_err("too long");
         assert!(e.to_string().contains("byte limit"), "{e}");
+    }
+
+    /// As root, passt (dropped to `nobody`) reaches its socket even when the run directory sits
+    /// below a private one, and two run directories get two socket directories.
+    #[test]
+    fn root_puts_the_socket_where_nobody_can_reach_it() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let (dir, sock) = socket_dir(&t.path().join("run")).expect("dir");
+        let (other, _) = socket_dir(&t.path().join("run2")).expect("dir");
+        assert_ne!(dir, other);
+        assert!(!dir.starts_with(t.path()), "{}", dir.display());
+        let nobody = nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .expect("nobody");
+        assert_eq!(
+            std::fs::metadata(&dir).expect("meta").uid(),
+            nobody.uid.as_raw()
+        );
+        for a in dir.ancestors().skip(1) {
+            let mode = std::fs::metadata(a).expect("meta").mode();
+            assert!(mode & 0o001 != 0, "{} not traversable", a.display());
+        }
+        assert!(sock.as_os_str().len() <= crate::rundir::MAX_SOCKET_PATH);
     }
 
     #[test]
