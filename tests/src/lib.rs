@@ -84,6 +84,29 @@ pub fn host_bin() -> PathBuf {
     bin
 }
 
+/// Every process of the host's (qemu, virtiofsd, vhost-device-vsock) whose command line mentions
+/// the run directory.
+pub fn processes_using(dir: &std::path::Path) -> Vec<(i32, String)> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        if cmdline.contains(&needle) && !zombie {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
 /// Full VM boots under TCG each want a whole core; running them one at a time keeps their timing
 /// (and the deadlines inside the guest) sane on small machines.
 pub fn vm_slot() -> MutexGuard<'static, ()> {

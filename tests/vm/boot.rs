@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use openshell_shared::{GuestMessage, Outcome, PROTOCOL_VERSION};
-use openshell_tests::{both_arches, vm_slot, Boot, BOOT_DEADLINE};
+use openshell_tests::{both_arches, processes_using, vm_slot, Boot, BOOT_DEADLINE};
 
 fn phases_in(msgs: &[GuestMessage]) -> Vec<String> {
     msgs.iter()
@@ -208,29 +208,6 @@ fn malformed_config_is_reported_and_powers_off(arch: &str) {
     );
 }
 both_arches!(malformed_config_is_reported_and_powers_off);
-
-/// Every process of the host's (qemu, virtiofsd, vhost-device-vsock) whose command line mentions
-/// the run directory.
-fn processes_using(dir: &std::path::Path) -> Vec<(i32, String)> {
-    let needle = dir.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .map(|s| s.contains(") Z "))
-            .unwrap_or(true);
-        if cmdline.contains(&needle) && !zombie {
-            found.push((pid, cmdline));
-        }
-    }
-    found
-}
 
 /// SIGKILL to the host takes its helpers down with it, and the next start on the same run
 /// directory clears the stale sockets and boots.
