@@ -2,6 +2,7 @@
 //! runs the test suite and benchmarks. See README.md for the two commands that matter.
 
 mod bench;
+mod bench_chart;
 mod bench_dhcp;
 mod bench_kine;
 mod bench_state;

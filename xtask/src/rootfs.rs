@@ -12,7 +12,7 @@ use std::process::Command;
 use crate::cache::{self, Key};
 use crate::{run, run_output, workspace, Arch, BuildNames, Error, Result};
 
-const RECIPE: &str = "rootfs-base-v1";
+const RECIPE: &str = "rootfs-base-v2";
 
 /// Directories every root needs (mount points and the like), with their modes.
 const DIRS: &[(&str, u32)] = &[
@@ -152,7 +152,11 @@ pub fn build_base(arch: Arch, init: &Path) -> Result<PathBuf> {
             if let Some(parent) = to.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
             }
-            copy(path, &to, 0o644)?;
+            // Executable in the tree (git keeps the bit), executable in the guest.
+            let exec = std::fs::metadata(path)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+                .map_err(|e| Error::io("stat", path, e))?;
+            copy(path, &to, if exec { 0o755 } else { 0o644 })?;
         }
         // The kernel opens /dev/console for PID 1 before devtmpfs exists.
         for (name, major, minor, mode) in [("console", 5, 1, 0o600), ("null", 1, 3, 0o666)] {
