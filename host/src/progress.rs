@@ -9,17 +9,40 @@ use crate::report::Summary;
 
 pub struct Progress {
     json: bool,
+    /// On a terminal: a spinner naming the phase that runs, with finished lines printed above it.
+    live: Option<indicatif::ProgressBar>,
 }
 
 impl Progress {
     pub fn new(json: bool) -> Self {
-        Self { json }
+        use std::io::IsTerminal;
+        let live = (!json && std::io::stdout().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            let style = indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            bar.set_style(style);
+            bar.set_message("starting the VM");
+            bar.enable_steady_tick(std::time::Duration::from_millis(100));
+            bar
+        });
+        Self { json, live }
     }
 
     fn line(&self, text: &str) {
+        if let Some(bar) = &self.live {
+            bar.println(text);
+            return;
+        }
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{text}");
         let _ = out.flush();
+    }
+
+    /// What the spinner says, on a terminal.
+    fn status(&self, text: String) {
+        if let Some(bar) = &self.live {
+            bar.set_message(text);
+        }
     }
 
     pub fn note(&self, text: &str) {
@@ -33,6 +56,8 @@ impl Progress {
     pub fn error(&self, text: &str) {
         if self.json {
             self.line(&serde_json::json!({ "type": "host_error", "text": text }).to_string());
+        } else if let Some(bar) = &self.live {
+            bar.suspend(|| eprintln!("openshell-host: {text}"));
         } else {
             eprintln!("openshell-host: {text}");
         }
@@ -56,7 +81,7 @@ impl Progress {
                 "  guest: openshell-init {init_version}, kernel {kernel_release}, init entered {:.1} ms after kernel start",
                 *init_entry_us as f64 / 1000.0
             )),
-            GuestMessage::PhaseStarted { .. } => {}
+            GuestMessage::PhaseStarted { phase } => self.status(format!("booting: {phase}")),
             GuestMessage::PhaseFinished {
                 phase,
                 duration_us,
@@ -78,10 +103,11 @@ impl Progress {
                 }
             }
             GuestMessage::Ready { stage } => {
+                self.status(format!("running (ready: {stage})"));
                 self.line(&format!("ready: {stage} ({since_vmm:.1} ms after VM start)"))
             }
             GuestMessage::Fatal { phase, error } => {
-                eprintln!("openshell-host: guest boot failed in phase {phase}: {error}")
+                self.error(&format!("guest boot failed in phase {phase}: {error}"))
             }
             GuestMessage::Exit {
                 status,
@@ -95,6 +121,9 @@ impl Progress {
     }
 
     pub fn finish(&self, summary: &Summary, code: i32) {
+        if let Some(bar) = &self.live {
+            bar.finish_and_clear();
+        }
         if self.json {
             return;
         }
