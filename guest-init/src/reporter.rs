@@ -383,6 +383,8 @@ pub fn human(msg: &GuestMessage) -> String {
         GuestMessage::Log { level, text } => format!("{level}: {text}"),
         GuestMessage::Ready { stage } => format!("ready: {stage}"),
         GuestMessage::Fatal { phase, error } => format!("FATAL in phase {phase}: {error}"),
+        // The key stays off the console.
+        GuestMessage::Credentials { .. } => "credentials: client bundle sent to the host".into(),
         GuestMessage::Exit {
             status,
             peak_rss_kib,

@@ -3,6 +3,7 @@
 mod backend;
 mod channel;
 mod children;
+mod credentials;
 mod net;
 mod progress;
 mod report;

@@ -65,7 +65,7 @@ impl Progress {
 
     pub fn guest(&self, msg: &GuestMessage, host_us: u64, vmm_started_us: u64) {
         if self.json {
-            if let Ok(v) = serde_json::to_value(msg) {
+            if let Ok(v) = serde_json::to_value(&*msg.redacted()) {
                 self.line(&serde_json::json!({ "host_us": host_us, "guest": v }).to_string());
             }
             return;
@@ -109,6 +109,8 @@ impl Progress {
             GuestMessage::Fatal { phase, error } => {
                 self.error(&format!("guest boot failed in phase {phase}: {error}"))
             }
+            // `up` stores them and says where.
+            GuestMessage::Credentials { .. } => {}
             GuestMessage::Exit {
                 status,
                 peak_rss_kib,

@@ -100,7 +100,7 @@ impl Timeline {
             guest_us: Some(guest_us),
             seq: Some(seq),
             source: "guest",
-            event: serde_json::to_value(msg).unwrap_or(Value::Null),
+            event: serde_json::to_value(&*msg.redacted()).unwrap_or(Value::Null),
         });
     }
 

@@ -272,6 +272,11 @@ fn boot(
         start_vhost_helpers(args, &dir, session)?;
     }
     let forwards = crate::net::forwards(args.net, &args.ports)?;
+    // The host port users reach the gateway on, for the stored metadata.
+    let gateway_forward = forwards
+        .iter()
+        .find(|f| f.guest == crate::net::GATEWAY_PORT)
+        .map(|f| f.host);
     let net_socket = match args.net {
         NetBackend::None => None,
         NetBackend::Passt => {
@@ -410,6 +415,16 @@ fn boot(
                 match &envelope.msg {
                     GuestMessage::Hello { .. } => state.hello_deadline = None,
                     GuestMessage::Fatal { .. } => state.fatal = true,
+                    GuestMessage::Credentials {
+                        ca_crt,
+                        client_crt,
+                        client_key,
+                    } => store_credentials(
+                        &args.name,
+                        (ca_crt, client_crt, client_key),
+                        gateway_forward,
+                        progress,
+                    ),
                     GuestMessage::Exit { status, .. } => {
                         state.exit = Some(*status);
                         // Tell the guest we have everything: it waits for this close.
@@ -629,5 +644,29 @@ fn gvproxy_framing(backend: &Chosen) -> Framing {
         Framing::VfkitDatagram
     } else {
         Framing::QemuStream
+    }
+}
+
+/// Keeps the guest's client bundle where the user's tools find it; a failure is reported, not
+/// fatal (the gateway runs without it, only the CLI cannot connect).
+fn store_credentials(
+    instance: &str,
+    (ca, cert, key): (&str, &str, &str),
+    gateway_port: Option<u16>,
+    progress: &Progress,
+) {
+    use crate::credentials::{gateway_dir, store, Stored};
+    let result = gateway_dir(instance)
+        .and_then(|dir| store(&dir, ca, cert, key, gateway_port).map(|stored| (dir, stored)));
+    match result {
+        Ok((dir, Stored::New)) => {
+            progress.note(&format!("client credentials stored in {}", dir.display()))
+        }
+        Ok((_, Stored::Unchanged)) => {}
+        Ok((dir, Stored::Replaced)) => progress.note(&format!(
+            "the gateway's CA changed: client credentials in {} replaced",
+            dir.display()
+        )),
+        Err(e) => progress.error(&format!("client credentials not stored: {e}")),
     }
 }

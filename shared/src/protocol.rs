@@ -68,6 +68,13 @@ pub enum GuestMessage {
         phase: String,
         error: String,
     },
+    /// The gateway's mTLS client bundle (PEM), sent once the PKI is in place, so the host can
+    /// store it for the user's tools without asking the guest again.
+    Credentials {
+        ca_crt: String,
+        client_crt: String,
+        client_key: String,
+    },
     /// Init is about to power off.
     Exit {
         /// Shell convention: the workload's exit code, or 128 + signal number.
@@ -80,6 +87,21 @@ pub enum GuestMessage {
 }
 
 impl GuestMessage {
+    /// The message as it may be logged or shown: a private key never leaves the process that
+    /// received it except into the file meant for it.
+    pub fn redacted(&self) -> std::borrow::Cow<'_, GuestMessage> {
+        match self {
+            GuestMessage::Credentials {
+                ca_crt, client_crt, ..
+            } => std::borrow::Cow::Owned(GuestMessage::Credentials {
+                ca_crt: ca_crt.clone(),
+                client_crt: client_crt.clone(),
+                client_key: "<redacted>".into(),
+            }),
+            other => std::borrow::Cow::Borrowed(other),
+        }
+    }
+
     /// Short name of the message kind, as it appears in the `type` field.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -89,6 +111,7 @@ impl GuestMessage {
             GuestMessage::Log { .. } => "log",
             GuestMessage::Ready { .. } => "ready",
             GuestMessage::Fatal { .. } => "fatal",
+            GuestMessage::Credentials { .. } => "credentials",
             GuestMessage::Exit { .. } => "exit",
         }
     }
@@ -386,6 +409,13 @@ mod tests {
             (arb_level(), ".*").prop_map(|(level, text)| GuestMessage::Log { level, text }),
             ".*".prop_map(|stage| GuestMessage::Ready { stage }),
             (".*", ".*").prop_map(|(phase, error)| GuestMessage::Fatal { phase, error }),
+            (".*", ".*", ".*").prop_map(|(ca_crt, client_crt, client_key)| {
+                GuestMessage::Credentials {
+                    ca_crt,
+                    client_crt,
+                    client_key,
+                }
+            }),
             (any::<i32>(), any::<u64>(), any::<bool>()).prop_map(
                 |(status, peak_rss_kib, synced)| GuestMessage::Exit {
                     status,
@@ -394,6 +424,22 @@ mod tests {
                 }
             ),
         ]
+    }
+
+    #[test]
+    fn keys_are_redacted_and_nothing_else() {
+        let c = GuestMessage::Credentials {
+            ca_crt: "ca".into(),
+            client_crt: "crt".into(),
+            client_key: "secret".into(),
+        };
+        let shown = serde_json::to_string(&*c.redacted()).expect("json");
+        assert!(
+            !shown.contains("secret") && shown.contains("crt"),
+            "{shown}"
+        );
+        let r = GuestMessage::Ready { stage: "s".into() };
+        assert_eq!(*r.redacted(), r);
     }
 
     proptest! {

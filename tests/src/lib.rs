@@ -183,6 +183,11 @@ impl Boot {
         self.root.path().join(rel.trim_start_matches('/'))
     }
 
+    /// `XDG_CONFIG_HOME` of the boot's host.
+    pub fn config_dir(&self) -> PathBuf {
+        self.run_dir.path().join("config")
+    }
+
     pub fn report_path(&self) -> PathBuf {
         self.run_dir.path().join("report.json")
     }
@@ -205,7 +210,10 @@ impl Boot {
             .arg(self.report_path())
             .arg("--net")
             .arg(&self.net)
-            .args(&self.extra_args);
+            .args(&self.extra_args)
+            // The host stores the guest's client credentials under the configuration directory:
+            // the test's own, never the user's.
+            .env("XDG_CONFIG_HOME", self.config_dir());
         if !self.exec.is_empty() {
             cmd.arg("--exec").args(&self.exec);
         }

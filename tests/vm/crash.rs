@@ -308,6 +308,30 @@ fn survives_being_killed_during_boot(arch: &str) {
             .is_file(),
         "manifests not deployed"
     );
+    // The client bundle came over the boot channel and is stored privately on the host.
+    let mtls = done
+        .boot
+        .config_dir()
+        .join("openshell/gateways/openshell-vm-default/mtls");
+    assert_eq!(
+        std::fs::read(mtls.join("ca.crt")).expect("stored CA"),
+        std::fs::read(root.join("opt/openshell/pki/ca.crt")).expect("guest CA"),
+    );
+    assert_eq!(
+        std::fs::read(mtls.join("tls.key")).expect("stored key"),
+        std::fs::read(root.join("opt/openshell/pki/client.key")).expect("guest key"),
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(mtls.join("tls.key"))
+            .expect("meta")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let report = std::fs::read_to_string(done.boot.report_path()).expect("report");
+    assert!(
+        !report.contains("PRIVATE KEY"),
+        "the key leaked into the report"
+    );
 }
 both_arches!(survives_being_killed_during_boot);
 

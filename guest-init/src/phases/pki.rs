@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use openshell_shared::fsutil::write_atomic_mode;
+use openshell_shared::GuestMessage;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
@@ -158,6 +159,21 @@ fn run(ctx: &Ctx) -> PhaseResult {
     let days = u64::from(ctx.config().pki.renew_before_days);
     let margin = Duration::from_secs(days * 24 * 3600);
     let report = ensure(&ctx.root, margin, SystemTime::now())?;
+    // The host stores the client bundle for the user's tools (issue: no exec-agent polling).
+    let dir = ctx.path(PKI_DIR);
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|source| PkiError::Io {
+            path,
+            what: "read for the host",
+            source,
+        })
+    };
+    ctx.reporter.emit(GuestMessage::Credentials {
+        ca_crt: read("ca.crt")?,
+        client_crt: read("client.crt")?,
+        client_key: read("client.key")?,
+    });
     Ok(Done::Ok(Some(report.describe())))
 }
 
