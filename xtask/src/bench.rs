@@ -36,6 +36,13 @@ pub enum What {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// The host's own cost: `up` start to VMM start.
+    Host {
+        #[arg(long, default_value_t = Arch::host())]
+        arch: Arch,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Our DHCP client against busybox udhcpc, both against dnsmasq in network namespaces.
     Dhcp {
         #[arg(long, default_value_t = 20)]
@@ -95,6 +102,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         What::Kine { rows, runs } => crate::bench_kine::run(rows, runs.max(1)),
         What::Dhcp { runs } => crate::bench_dhcp::run(runs.max(1)),
+        What::Host { arch, runs } => crate::bench_host::run(arch, runs.max(1)),
         What::State { rows, tasks, runs } => crate::bench_state::run(rows, tasks, runs.max(1)),
     }
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_chart;
 mod bench_dhcp;
+mod bench_host;
 mod bench_kine;
 mod bench_state;
 mod cache;
