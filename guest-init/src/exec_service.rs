@@ -55,7 +55,11 @@ impl Listener for UnixListener {
         Ok(File::from(OwnedFd::from(stream)))
     }
     fn describe(&self) -> String {
-        match self.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.to_path_buf())) {
+        match self
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
+        {
             Some(p) => format!("unix socket {}", p.display()),
             None => "unix socket".into(),
         }
@@ -80,8 +84,8 @@ impl VsockListener {
     /// Binds (VMADDR_CID_ANY, `port`).
     pub fn bind(port: u32) -> Result<Self, VsockError> {
         use nix::sys::socket::{
-            bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
-            SockType, VsockAddr,
+            bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+            VsockAddr,
         };
         let err = |call| move |errno| VsockError { port, call, errno };
         let fd = socket(
@@ -121,7 +125,9 @@ pub fn serve(listener: impl Listener, reaping: Reaping, log: fn(&str)) {
                     .name("exec-conn".into())
                     .spawn(move || serve_conn(conn, reaping, log));
                 if let Err(e) = spawned {
-                    log(&format!("exec service: cannot start a connection thread: {e}"));
+                    log(&format!(
+                        "exec service: cannot start a connection thread: {e}"
+                    ));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -188,7 +194,9 @@ fn serve_conn(conn: File, reaping: Reaping, log: fn(&str)) {
     let mut input = match conn.try_clone() {
         Ok(c) => c,
         Err(e) => {
-            log(&format!("exec service: cannot duplicate the connection: {e}"));
+            log(&format!(
+                "exec service: cannot duplicate the connection: {e}"
+            ));
             return;
         }
     };
@@ -303,7 +311,8 @@ struct Running {
 /// The environment a command sees: ours, the defaults, then the request's.
 fn environment(req: &ExecRequest) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
-    env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.into());
     env.entry("KUBECONFIG".into())
         .or_insert_with(|| KUBECONFIG.into());
     if req.tty {
@@ -497,4 +506,176 @@ fn resize(master: &File, cols: u16, rows: u16) {
     };
     // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer; the fd is a live pty master.
     unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// A service on a fresh unix socket, as `exec-serve --unix` runs it.
+    fn server() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exec.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || serve(listener, Reaping::Own, |_| {}));
+        (dir, path)
+    }
+
+    #[derive(Debug, Default)]
+    struct Outcome {
+        stdout: String,
+        stderr: String,
+        exit: Option<i32>,
+        errors: Vec<String>,
+    }
+
+    /// Sends `raw` bytes, then reads every frame until the service closes.
+    fn exchange(raw: &[u8]) -> Outcome {
+        let (_dir, path) = server();
+        let mut conn = UnixStream::connect(&path).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        conn.write_all(raw).unwrap();
+        let mut decoder = ExecDecoder::new();
+        let mut out = Outcome::default();
+        while let Some(frame) = decoder.read_frame::<GuestFrame>(&mut conn).unwrap() {
+            match frame {
+                GuestFrame::Stdout(d) => out.stdout.push_str(&String::from_utf8_lossy(&d)),
+                GuestFrame::Stderr(d) => out.stderr.push_str(&String::from_utf8_lossy(&d)),
+                GuestFrame::Exit { code } => out.exit = Some(code),
+                GuestFrame::Error { message } => out.errors.push(message),
+            }
+        }
+        out
+    }
+
+    fn frames(frames: &[HostFrame]) -> Vec<u8> {
+        frames.iter().flat_map(|f| f.encode().unwrap()).collect()
+    }
+
+    fn request(argv: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn run(argv: &[&str]) -> Outcome {
+        exchange(&frames(&[
+            HostFrame::Request(request(argv)),
+            HostFrame::StdinClose,
+        ]))
+    }
+
+    #[test]
+    fn pipes_carry_output_and_the_exit_code() {
+        let o = run(&["sh", "-c", "echo out; echo err >&2; exit 7"]);
+        assert_eq!(o.stdout, "out\n");
+        assert_eq!(o.stderr, "err\n");
+        assert_eq!(o.exit, Some(7));
+        assert!(o.errors.is_empty(), "{o:?}");
+    }
+
+    #[test]
+    fn signals_follow_the_shell_convention() {
+        assert_eq!(run(&["sh", "-c", "kill -9 $$"]).exit, Some(137));
+    }
+
+    #[test]
+    fn stdin_reaches_the_command() {
+        let o = exchange(&frames(&[
+            HostFrame::Request(request(&["cat"])),
+            HostFrame::Stdin(b"hello ".to_vec()),
+            HostFrame::Stdin(b"world\n".to_vec()),
+            HostFrame::StdinClose,
+        ]));
+        assert_eq!(o.stdout, "hello world\n");
+        assert_eq!(o.exit, Some(0));
+    }
+
+    #[test]
+    fn environment_cwd_and_defaults_apply() {
+        let mut req = request(&["sh", "-c", "echo $FOO $KUBECONFIG; pwd"]);
+        req.env.insert("FOO".into(), "bar".into());
+        req.cwd = Some("/tmp".into());
+        let o = exchange(&frames(&[HostFrame::Request(req), HostFrame::StdinClose]));
+        let kubeconfig = std::env::var("KUBECONFIG").unwrap_or_else(|_| KUBECONFIG.into());
+        assert_eq!(o.stdout, format!("bar {kubeconfig}\n/tmp\n"));
+    }
+
+    #[test]
+    fn empty_argv_runs_sh() {
+        let o = exchange(&frames(&[
+            HostFrame::Request(ExecRequest::default()),
+            HostFrame::Stdin(b"echo from-sh\n".to_vec()),
+            HostFrame::StdinClose,
+        ]));
+        assert_eq!(o.stdout, "from-sh\n");
+        assert_eq!(o.exit, Some(0));
+    }
+
+    #[test]
+    fn a_missing_program_is_an_error_and_127() {
+        let o = run(&["/nonexistent/prog"]);
+        assert_eq!(o.exit, Some(127));
+        assert!(o.errors[0].contains("/nonexistent/prog"), "{o:?}");
+    }
+
+    #[test]
+    fn invalid_env_names_are_refused_by_the_service() {
+        // Built by hand: the encoder would refuse it already.
+        let json = br#"{"argv":["true"],"env":{"BAD-NAME":"x"}}"#;
+        let mut raw = ((json.len() + 1) as u32).to_be_bytes().to_vec();
+        raw.push(0x01);
+        raw.extend_from_slice(json);
+        let o = exchange(&raw);
+        assert_eq!(o.exit, None);
+        assert!(o.errors[0].contains("BAD-NAME"), "{o:?}");
+    }
+
+    #[test]
+    fn garbage_gets_an_error_frame_and_the_connection_closes() {
+        let mut raw = frames(&[HostFrame::Request(request(&["sleep", "30"]))]);
+        raw.extend_from_slice(&[0, 0, 0, 2, 0x42, 0x42]);
+        let started = Instant::now();
+        let o = exchange(&raw);
+        assert!(o.errors[0].contains("unknown kind 0x42"), "{o:?}");
+        assert_eq!(o.exit, None);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // A first frame that is not a request.
+        let o = exchange(&frames(&[HostFrame::StdinClose]));
+        assert!(o.errors[0].contains("request"), "{o:?}");
+    }
+
+    #[test]
+    fn tty_mode_gives_a_pty_with_the_size_and_term() {
+        let mut req = request(&["sh", "-c", "tty; echo $TERM; stty size"]);
+        req.tty = true;
+        req.cols = 91;
+        req.rows = 17;
+        let o = exchange(&frames(&[HostFrame::Request(req)]));
+        assert!(o.stdout.contains("/dev/pts/"), "{o:?}");
+        assert!(o.stdout.contains("xterm-256color"), "{o:?}");
+        assert!(o.stdout.contains("17 91"), "{o:?}");
+        assert_eq!(o.exit, Some(0));
+    }
+
+    #[test]
+    fn resize_reaches_the_pty() {
+        let mut req = request(&["sh", "-c", "read x; stty size"]);
+        req.tty = true;
+        req.cols = 80;
+        req.rows = 24;
+        let o = exchange(&frames(&[
+            HostFrame::Request(req),
+            HostFrame::Resize {
+                cols: 120,
+                rows: 40,
+            },
+            HostFrame::Stdin(b"go\n".to_vec()),
+        ]));
+        assert!(o.stdout.contains("40 120"), "{o:?}");
+        assert_eq!(o.exit, Some(0));
+    }
 }

@@ -5,10 +5,10 @@
 //! here, which is also how PID 1 receives them at all (unblocked default-action signals to PID 1
 //! are dropped by the kernel). The host's `shutdown` message arrives through a pipe.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -69,14 +69,14 @@ pub fn host_handler() -> HostHandler {
 static CLAIMS: Mutex<Option<HashMap<i32, Sender<i32>>>> = Mutex::new(None);
 
 fn claims() -> MutexGuard<'static, Option<HashMap<i32, Sender<i32>>>> {
-    CLAIMS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    CLAIMS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Spawns `cmd` while the reaper is held off, and returns the child with a receiver for its
 /// status (shell convention), delivered by PID 1's reaper.
-pub fn spawn_claimed(
-    cmd: &mut Command,
-) -> std::io::Result<(std::process::Child, Receiver<i32>)> {
+pub fn spawn_claimed(cmd: &mut Command) -> std::io::Result<(std::process::Child, Receiver<i32>)> {
     let mut claims = claims();
     let child = cmd.spawn()?;
     let (tx, rx) = mpsc::channel();

@@ -25,8 +25,8 @@ fn run(ctx: &Ctx) -> PhaseResult {
     let listener = VsockListener::bind(EXEC_PORT)?;
     std::thread::Builder::new()
         .name("exec-service".into())
-        .spawn(move || {
-            exec_service::serve(listener, Reaping::Supervisor, crate::console::log)
-        })?;
-    Ok(Done::Ok(Some(format!("listening on vsock port {EXEC_PORT}"))))
+        .spawn(move || exec_service::serve(listener, Reaping::Supervisor, crate::console::log))?;
+    Ok(Done::Ok(Some(format!(
+        "listening on vsock port {EXEC_PORT}"
+    ))))
 }
