@@ -133,7 +133,7 @@ pub fn serve(listener: impl Listener, reaping: Reaping, log: fn(&str)) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 100 == 0 {
+                if failures == 1 || failures.is_multiple_of(100) {
                     log(&format!(
                         "exec service: accept on {} failed: {e}",
                         listener.describe()
