@@ -133,6 +133,8 @@ fn exec(args: ExecArgs) -> Result<i32, HostExecError> {
     if tty {
         enter_raw_mode();
     }
+    // Unwinding out of here (a panic) restores the terminal too.
+    let _restore = RestoreOnDrop;
     {
         let out = Arc::clone(&conn_out);
         std::thread::Builder::new()
@@ -294,6 +296,14 @@ fn terminal_size() -> Option<(u16, u16)> {
         }
     }
     None
+}
+
+struct RestoreOnDrop;
+
+impl Drop for RestoreOnDrop {
+    fn drop(&mut self) {
+        restore_terminal();
+    }
 }
 
 /// The terminal settings to put back, while raw mode is on.
