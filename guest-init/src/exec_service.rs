@@ -7,6 +7,7 @@
 //! the pid is claimed before it can be reaped) or, outside the VM, `Child::wait`.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -308,9 +309,10 @@ struct Running {
     outputs: Vec<(File, bool)>,
 }
 
-/// The environment a command sees: ours, the defaults, then the request's.
-fn environment(req: &ExecRequest) -> BTreeMap<String, String> {
-    let mut env: BTreeMap<String, String> = std::env::vars().collect();
+/// The environment a command sees: ours, the defaults, then the request's. Ours is taken as
+/// bytes: PID 1's comes from the kernel command line and need not be UTF-8.
+fn environment(req: &ExecRequest) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
     env.entry("PATH".into())
         .or_insert_with(|| DEFAULT_PATH.into());
     env.entry("KUBECONFIG".into())
@@ -318,7 +320,7 @@ fn environment(req: &ExecRequest) -> BTreeMap<String, String> {
     if req.tty {
         env.insert("TERM".into(), DEFAULT_TERM.into());
     }
-    env.extend(req.env.clone());
+    env.extend(req.env.iter().map(|(k, v)| (k.into(), v.into())));
     env
 }
 
