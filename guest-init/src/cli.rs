@@ -76,6 +76,12 @@ pub enum Command {
         #[arg(long)]
         grace_ms: Option<u64>,
     },
+    /// Serve the exec protocol (what PID 1 serves on vsock port 10777) on a unix socket, so
+    /// `openshell-host exec` and the tests can drive it on a host.
+    ExecServe {
+        #[arg(long, value_name = "PATH")]
+        unix: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +128,22 @@ pub fn main(init_entry_us: u64) -> i32 {
             node_ip,
             grace_ms,
         } => run_k3s(root, config, node_ip, grace_ms, init_entry_us),
+        Command::ExecServe { unix } => exec_serve(&unix),
+    }
+}
+
+fn exec_serve(path: &std::path::Path) -> i32 {
+    match std::os::unix::net::UnixListener::bind(path) {
+        Ok(listener) => {
+            crate::exec_service::serve(listener, crate::exec_service::Reaping::Own, |line| {
+                eprintln!("openshell-init: {line}")
+            });
+            0
+        }
+        Err(e) => {
+            eprintln!("openshell-init: cannot listen on {}: {e}", path.display());
+            2
+        }
     }
 }
 

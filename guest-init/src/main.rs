@@ -4,6 +4,7 @@
 mod cli;
 mod console;
 mod engine;
+mod exec_service;
 mod k3s;
 mod netlink;
 mod nftables;

@@ -5,10 +5,12 @@
 //! here, which is also how PID 1 receives them at all (unblocked default-action signals to PID 1
 //! are dropped by the kernel). The host's `shutdown` message arrives through a pipe.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -57,6 +59,31 @@ pub fn host_handler() -> HostHandler {
             }
         }
     })
+}
+
+/// Children other threads started and want the status of (the exec service's commands). The
+/// reaper below collects every child with `waitpid(-1)`, so their `Child::wait` would never see
+/// it; instead the reaper hands the status of a claimed pid to its claimant. The lock is held
+/// across the claimant's spawn and across each reap, so a child cannot be reaped before it is
+/// claimed, and std's spawn (which waits for a child whose exec failed) never races the reaper.
+static CLAIMS: Mutex<Option<HashMap<i32, Sender<i32>>>> = Mutex::new(None);
+
+fn claims() -> MutexGuard<'static, Option<HashMap<i32, Sender<i32>>>> {
+    CLAIMS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Spawns `cmd` while the reaper is held off, and returns the child with a receiver for its
+/// status (shell convention), delivered by PID 1's reaper.
+pub fn spawn_claimed(cmd: &mut Command) -> std::io::Result<(std::process::Child, Receiver<i32>)> {
+    let mut claims = claims();
+    let child = cmd.spawn()?;
+    let (tx, rx) = mpsc::channel();
+    claims
+        .get_or_insert_with(HashMap::new)
+        .insert(child.id() as i32, tx);
+    Ok((child, rx))
 }
 
 /// Which processes shutdown may signal.
@@ -262,12 +289,18 @@ impl Supervisor {
     /// Reaps every child that has ended, calling `ended` for each. Returns whether children are
     /// still running.
     fn reap(&self, mut ended: impl FnMut(Pid, i32)) -> bool {
+        let mut claims = claims();
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return true,
                 Ok(status) => {
                     if let (Some(pid), Some(code)) = (status.pid(), status_code(status)) {
-                        ended(pid, code);
+                        match claims.as_mut().and_then(|c| c.remove(&pid.as_raw())) {
+                            Some(claimant) => {
+                                let _ = claimant.send(code);
+                            }
+                            None => ended(pid, code),
+                        }
                     }
                 }
                 Err(Errno::EINTR) => continue,

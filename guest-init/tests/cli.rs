@@ -42,8 +42,14 @@ fn plan_is_printed_in_order() {
         .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
     assert_eq!(names[..2], ["mounts", "config"]);
-    assert_eq!(names.len(), 13, "{text}");
-    for name in ["runtime-cleanup", "manifests", "pki", "k3s-prep"] {
+    assert_eq!(names.len(), 14, "{text}");
+    for name in [
+        "runtime-cleanup",
+        "manifests",
+        "pki",
+        "k3s-prep",
+        "exec-service",
+    ] {
         assert!(names.contains(&name), "{text}");
     }
 }

@@ -60,6 +60,7 @@ impl RunDir {
             dir.channel_socket(),
             dir.gvproxy_socket(),
             dir.gvproxy_api_socket(),
+            dir.exec_socket(),
         ] {
             let len = s.as_os_str().len();
             if len > MAX_SOCKET_PATH {
@@ -84,6 +85,11 @@ impl RunDir {
             "vsock.sock_{}",
             openshell_shared::BOOT_CHANNEL_PORT
         ))
+    }
+    /// libkrun's listening socket for the guest's exec service (qemu has none: `exec` goes
+    /// through [`RunDir::vsock_uds`] with a `CONNECT` line instead).
+    pub fn exec_socket(&self) -> PathBuf {
+        self.path.join("exec.sock")
     }
     /// gvproxy's data socket (the VMM connects to it).
     pub fn gvproxy_socket(&self) -> PathBuf {
@@ -130,6 +136,7 @@ impl RunDir {
             self.channel_socket(),
             self.gvproxy_socket(),
             self.gvproxy_api_socket(),
+            self.exec_socket(),
         ] {
             let _ = std::fs::remove_file(s);
         }

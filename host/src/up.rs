@@ -611,10 +611,12 @@ fn start_vmm(
         }
         Chosen::Libkrun(krun) => {
             let channel = dir.channel_socket();
+            let exec = dir.exec_socket();
             let vm = libkrun::Vm {
                 spec,
                 rootfs: &args.rootfs,
                 channel_socket: &channel,
+                exec_socket: &exec,
                 net: spec
                     .net_socket
                     .clone()

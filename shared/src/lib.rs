@@ -1,9 +1,10 @@
-//! Types both sides of the gateway VM agree on: the boot channel protocol spoken over vsock and
-//! the boot configuration openshell-init reads. Kept free of I/O so the host, the guest and the
+//! Types both sides of the gateway VM agree on: the boot channel protocol spoken over vsock, the
+//! exec service protocol, and the boot configuration openshell-init reads. Kept free of I/O so the host, the guest and the
 //! fuzzers all use the exact same decoding code.
 
 pub mod arch;
 pub mod config;
+pub mod exec;
 pub mod fsutil;
 pub mod protocol;
 

@@ -12,6 +12,7 @@ use crate::reporter::Reporter;
 pub mod capabilities;
 pub mod channel;
 pub mod config;
+pub mod exec_service;
 pub mod hostname;
 pub mod k3s_prep;
 pub mod kine;
@@ -101,6 +102,7 @@ impl std::fmt::Debug for Phase {
 pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
+    &exec_service::PHASE,
     &manifests::PHASE,
     &pki::PHASE,
     &runtime_cleanup::PHASE,

@@ -264,6 +264,9 @@ pub struct Vm<'a> {
     /// Unix socket the host listens on; libkrun dials it when the guest connects to the boot
     /// channel port.
     pub channel_socket: &'a Path,
+    /// Unix socket libkrun listens on and forwards to the guest's exec service port (host-initiated
+    /// connections, which libkrun has no `CONNECT` handshake for).
+    pub exec_socket: &'a Path,
     pub net: Option<Net>,
 }
 
@@ -387,6 +390,7 @@ impl Libkrun {
         let cmdline = cstring("kernel command line", adapt_cmdline(&spec.cmdline))?;
         let workdir = cstring("workdir", "/")?;
         let channel = cpath("boot channel socket", vm.channel_socket)?;
+        let exec = cpath("exec socket", vm.exec_socket)?;
         let console = cpath("console log", &spec.console_log)?;
         let init = cstring("init path", INIT)?;
         let env: Vec<CString> = GUEST_ENV
@@ -456,6 +460,11 @@ impl Libkrun {
                     channel.as_ptr(),
                     false,
                 ),
+            )?;
+            // listen=true: libkrun listens on the socket and connects to the guest's port.
+            check(
+                "krun_add_vsock_port2",
+                (api.add_vsock_port2)(id, openshell_shared::exec::EXEC_PORT, exec.as_ptr(), true),
             )?;
             match &net {
                 Some((path, false)) => check(
@@ -765,6 +774,7 @@ mod tests {
                 spec: &spec,
                 rootfs: &rootfs,
                 channel_socket: &channel,
+                exec_socket: &channel.with_file_name("exec.sock"),
                 net,
             };
             let ctx = krun.configure(&vm).expect("configure");
@@ -782,6 +792,7 @@ mod tests {
             spec: &spec,
             rootfs: &rootfs,
             channel_socket: &channel,
+            exec_socket: &channel.with_file_name("exec.sock"),
             net: None,
         };
         let err = krun.configure(&vm).err().expect("0 vCPUs is refused");
@@ -911,6 +922,7 @@ mod tests {
             spec: &spec,
             rootfs: &rootfs,
             channel_socket: &channel,
+            exec_socket: &channel.with_file_name("exec.sock"),
             net: None,
         };
         let log = tmp.path().join("libkrun.log");
