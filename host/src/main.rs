@@ -3,6 +3,7 @@
 mod backend;
 mod channel;
 mod children;
+mod lifecycle;
 mod net;
 mod progress;
 mod report;
@@ -26,12 +27,21 @@ struct Cli {
 enum Cmd {
     /// Boot the VM, show each boot phase, and exit with the workload's status.
     Up(Box<up::UpArgs>),
+    /// Stop a running instance: ask the guest to shut down, kill it past the deadline.
+    Down(lifecycle::down::DownArgs),
+    /// Show whether an instance runs and its last boot (exit 0 running, 3 not running).
+    Status(lifecycle::status::StatusArgs),
+    /// Show the last boot's events and the guest console log.
+    Logs(lifecycle::logs::LogsArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Cmd::Up(args) => up::run(*args),
+        Cmd::Down(args) => lifecycle::down::run(&args),
+        Cmd::Status(args) => lifecycle::status::run(&args),
+        Cmd::Logs(args) => lifecycle::logs::run(&args),
     };
     std::process::exit(code);
 }
