@@ -160,6 +160,11 @@ impl Boot {
         self.root.path().join(rel.trim_start_matches('/'))
     }
 
+    /// `XDG_STATE_HOME` of this boot: the instance's state directory lives under it.
+    pub fn state_home(&self) -> PathBuf {
+        self.run_dir.path().join("state")
+    }
+
     pub fn report_path(&self) -> PathBuf {
         self.run_dir.path().join("report.json")
     }
@@ -183,6 +188,8 @@ impl Boot {
             .arg("--net")
             .arg(&self.net)
             .args(&self.extra_args);
+        // Private instance state (lock, state file): boots never contend for an instance name.
+        cmd.env("XDG_STATE_HOME", self.state_home());
         if !self.exec.is_empty() {
             cmd.arg("--exec").args(&self.exec);
         }
