@@ -5,6 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use openshell_shared::{GuestMessage, Outcome};
 use serde_json::Value;
 
 use super::state::{self, StateDir, StateError};
@@ -38,43 +39,45 @@ pub fn event_line(e: &Value) -> String {
             d => format!("{} {d}", ev["type"].as_str().unwrap_or("?")),
         }
     } else {
-        let s = |k: &str| ev[k].as_str().unwrap_or("").to_string();
-        match ev["type"].as_str().unwrap_or("?") {
-            "hello" => format!(
-                "hello: openshell-init {}, kernel {}",
-                s("init_version"),
-                s("kernel_release")
-            ),
-            "phase_started" => format!("phase {} started", s("phase")),
-            "phase_finished" => format!(
-                "phase {} {} {:.3} ms",
-                s("phase"),
-                match &ev["outcome"] {
-                    Value::String(o) => o.clone(),
-                    Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-                    other => other.to_string(),
-                },
-                ev["duration_us"].as_u64().unwrap_or(0) as f64 / 1000.0
-            ),
-            "log" => format!("{}: {}", s("level"), s("text")),
-            "ready" => format!("ready: {}", s("stage")),
-            "fatal" => format!("FATAL in phase {}: {}", s("phase"), s("error")),
-            "exit" => format!(
-                "exit: status {}, filesystems {}",
-                ev["status"],
-                if ev["synced"] == true {
-                    "synced"
-                } else {
-                    "NOT synced"
-                }
-            ),
-            other => format!("{other} {ev}"),
+        match serde_json::from_value::<GuestMessage>(ev.clone()) {
+            Ok(msg) => guest_text(&msg),
+            Err(_) => format!("unrecognised {ev}"),
         }
     };
     format!(
         "+{ms:>10.1} ms {:<5} {what}",
         e["source"].as_str().unwrap_or("?")
     )
+}
+
+fn guest_text(msg: &GuestMessage) -> String {
+    match msg {
+        GuestMessage::Hello {
+            init_version,
+            kernel_release,
+            ..
+        } => format!("hello: openshell-init {init_version}, kernel {kernel_release}"),
+        GuestMessage::PhaseStarted { phase } => format!("phase {phase} started"),
+        GuestMessage::PhaseFinished {
+            phase,
+            duration_us,
+            outcome,
+        } => {
+            let ms = *duration_us as f64 / 1000.0;
+            match outcome {
+                Outcome::Ok => format!("phase {phase} ok {ms:.3} ms"),
+                Outcome::Skipped(why) => format!("phase {phase} skipped {ms:.3} ms ({why})"),
+                Outcome::Failed(e) => format!("phase {phase} FAILED {ms:.3} ms: {e}"),
+            }
+        }
+        GuestMessage::Log { level, text } => format!("{level}: {text}"),
+        GuestMessage::Ready { stage } => format!("ready: {stage}"),
+        GuestMessage::Fatal { phase, error } => format!("FATAL in phase {phase}: {error}"),
+        GuestMessage::Exit { status, synced, .. } => format!(
+            "exit: status {status}, filesystems {}",
+            if *synced { "synced" } else { "NOT synced" }
+        ),
+    }
 }
 
 fn logs(args: &LogsArgs) -> Result<i32, StateError> {
@@ -146,7 +149,7 @@ mod tests {
     #[test]
     fn events_read_as_lines() {
         let phase = json!({"host_us": 1500, "source": "guest", "event":
-            {"type": "phase_finished", "phase": "mounts", "duration_us": 2000, "outcome": "ok"}});
+            {"type": "phase_finished", "phase": "mounts", "duration_us": 2000, "outcome": {"kind": "ok"}}});
         assert_eq!(
             event_line(&phase),
             "+       1.5 ms guest phase mounts ok 2.000 ms"

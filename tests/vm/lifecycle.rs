@@ -1,0 +1,262 @@
+//! Instance lifecycle against real VMs: `up --detach` returns once the guest is ready, `status`,
+//! `logs` and a refused second `up` see the running instance, `down` stops it with a synced guest
+//! exit and leaves no process behind, and a SIGKILLed `up` leaves nothing running and only stale
+//! state that the next `up` clears.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use openshell_tests::{both_arches, host_bin, vm_slot, Boot, BOOT_DEADLINE};
+
+/// A `openshell-host <sub>` command for this boot's instance with its private state home.
+fn host(boot: &Boot, name: &str, sub: &str) -> Command {
+    let mut cmd = Command::new(host_bin());
+    cmd.arg(sub)
+        .arg("--name")
+        .arg(name)
+        .env("XDG_STATE_HOME", boot.state_home())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// `up` for this boot: a workload that runs until stopped, no network.
+fn up(boot: &Boot, name: &str, detach: bool) -> Command {
+    let mut cmd = host(boot, name, "up");
+    if detach {
+        cmd.arg("--detach");
+    }
+    cmd.arg("--arch")
+        .arg(&boot.arch)
+        .arg("--kernel")
+        .arg(&boot.artifacts.kernel)
+        .arg("--rootfs")
+        .arg(boot.root.path())
+        .arg("--vsock-helper")
+        .arg(&boot.artifacts.vsock_helper)
+        .arg("--run-dir")
+        .arg(run_dir(boot))
+        .args(["--net", "none", "--exec", "/bin/sleep", "3600"]);
+    cmd
+}
+
+fn run_dir(boot: &Boot) -> PathBuf {
+    boot.run_dir.path().join("run")
+}
+
+fn state_dir(boot: &Boot, name: &str) -> PathBuf {
+    boot.state_home().join("openshell").join(name)
+}
+
+/// Runs `cmd` to the end; past `timeout` kills it and fails.
+fn run(mut cmd: Command, timeout: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start openshell-host");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: o.join().unwrap_or_default(),
+        stderr: e.join().unwrap_or_default(),
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn state_json(boot: &Boot, name: &str) -> serde_json::Value {
+    let path = state_dir(boot, name).join("state.json");
+    let t = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&t).expect("state.json")
+}
+
+/// Processes whose command line mentions `needle` (the instance's run dir): VMM and helpers.
+fn processes_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(format!("{name}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// Live (non-zombie) process with this pid.
+fn alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn detached_up_status_logs_down(arch: &str) {
+    let Some(boot) = Boot::new(arch) else { return };
+    let _slot = vm_slot();
+    let name = format!("lc-{arch}");
+
+    let started = run(up(&boot, &name, true), BOOT_DEADLINE);
+    assert!(started.status.success(), "{}", text(&started));
+    assert!(
+        String::from_utf8_lossy(&started.stdout).contains("ready: workload-started"),
+        "{}",
+        text(&started)
+    );
+    let st = state_json(&boot, &name);
+    let host_pid = st["host_pid"].as_u64().expect("host_pid");
+    let vmm_pid = st["vmm_pid"].as_u64().expect("vmm_pid");
+    assert!(alive(host_pid) && alive(vmm_pid), "{st}");
+    assert_eq!(st["arch"], arch);
+    assert_eq!(st["backend"], "qemu");
+
+    let status = run(host(&boot, &name, "status"), Duration::from_secs(10));
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        out.contains("running") && out.contains(&format!("pid {host_pid}")),
+        "{out}"
+    );
+    assert!(out.contains("mounts"), "last boot phases shown: {out}");
+    let mut json_cmd = host(&boot, &name, "status");
+    json_cmd.arg("--json");
+    let js = run(json_cmd, Duration::from_secs(10));
+    let v: serde_json::Value = serde_json::from_slice(&js.stdout).expect("status --json");
+    assert_eq!(v["running"], true);
+    assert_eq!(v["pid"], host_pid);
+
+    // A second up of the same instance is refused at once, naming the running pid.
+    let second = run(up(&boot, &name, false), Duration::from_secs(20));
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("already running") && err.contains(&host_pid.to_string()),
+        "{err}"
+    );
+    assert!(
+        alive(host_pid),
+        "the refused up must not disturb the running one"
+    );
+
+    let logs = run(host(&boot, &name, "logs"), Duration::from_secs(10));
+    assert!(logs.status.success(), "{}", text(&logs));
+    let out = String::from_utf8_lossy(&logs.stdout);
+    for want in [
+        "hello: openshell-init",
+        "phase mounts ok",
+        "ready: workload-started",
+        "== console",
+    ] {
+        assert!(out.contains(want), "logs lack {want:?}:\n{out}");
+    }
+
+    let down = run(host(&boot, &name, "down"), Duration::from_secs(60));
+    assert!(down.status.success(), "{}", text(&down));
+    let out = String::from_utf8_lossy(&down.stdout);
+    assert!(
+        out.contains("is down") && out.contains("filesystems synced"),
+        "{out}"
+    );
+    wait_until("up and VMM gone", Duration::from_secs(10), || {
+        !alive(host_pid) && !alive(vmm_pid)
+    });
+    let left = processes_mentioning(&run_dir(&boot));
+    assert!(left.is_empty(), "processes of the instance left: {left:?}");
+    assert!(!state_dir(&boot, &name).join("state.json").exists());
+
+    let status = run(host(&boot, &name, "status"), Duration::from_secs(10));
+    assert_eq!(status.status.code(), Some(3), "{}", text(&status));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("not running"));
+
+    // Down of a stopped instance is fine and says so.
+    let again = run(host(&boot, &name, "down"), Duration::from_secs(10));
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("not running"));
+}
+both_arches!(detached_up_status_logs_down);
+
+fn sigkilled_up_leaves_nothing_and_next_up_clears_stale_state(arch: &str) {
+    let Some(boot) = Boot::new(arch) else { return };
+    let _slot = vm_slot();
+    let name = format!("lk-{arch}");
+
+    let started = run(up(&boot, &name, true), BOOT_DEADLINE);
+    assert!(started.status.success(), "{}", text(&started));
+    let st = state_json(&boot, &name);
+    let host_pid = st["host_pid"].as_u64().expect("host_pid");
+    let vmm_pid = st["vmm_pid"].as_u64().expect("vmm_pid");
+    // SAFETY: kill(2) with a pid we just read; no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(host_pid as i32, libc::SIGKILL) }, 0);
+    wait_until(
+        "killed up and its VMM gone",
+        Duration::from_secs(10),
+        || !alive(host_pid) && !alive(vmm_pid),
+    );
+    wait_until("no helper left", Duration::from_secs(10), || {
+        processes_mentioning(&run_dir(&boot)).is_empty()
+    });
+    assert!(
+        state_dir(&boot, &name).join("state.json").exists(),
+        "a SIGKILLed up cannot clean up"
+    );
+    let status = run(host(&boot, &name, "status"), Duration::from_secs(10));
+    assert_eq!(status.status.code(), Some(3), "{}", text(&status));
+
+    let restarted = run(up(&boot, &name, true), BOOT_DEADLINE);
+    assert!(restarted.status.success(), "{}", text(&restarted));
+    let out = String::from_utf8_lossy(&restarted.stdout);
+    assert!(
+        out.contains("cleared stale state") && out.contains(&host_pid.to_string()),
+        "{out}"
+    );
+    let down = run(host(&boot, &name, "down"), Duration::from_secs(60));
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(processes_mentioning(&run_dir(&boot)).is_empty());
+}
+both_arches!(sigkilled_up_leaves_nothing_and_next_up_clears_stale_state);
