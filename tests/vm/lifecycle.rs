@@ -21,13 +21,11 @@ fn host(boot: &Boot, name: &str, sub: &str) -> Command {
     cmd
 }
 
-/// `up` for this boot: a workload that runs until stopped, no network.
-fn up(boot: &Boot, name: &str, detach: bool) -> Command {
+/// `up` for this boot with `flags`: a workload that runs until stopped, no network.
+fn up(boot: &Boot, name: &str, flags: &[&str]) -> Command {
     let mut cmd = host(boot, name, "up");
-    if detach {
-        cmd.arg("--detach");
-    }
-    cmd.arg("--arch")
+    cmd.args(flags)
+        .arg("--arch")
         .arg(&boot.arch)
         .arg("--kernel")
         .arg(&boot.artifacts.kernel)
@@ -142,7 +140,7 @@ fn detached_up_status_logs_down(arch: &str) {
     let _slot = vm_slot();
     let name = format!("lc-{arch}");
 
-    let started = run(up(&boot, &name, true), BOOT_DEADLINE);
+    let started = run(up(&boot, &name, &["--detach"]), BOOT_DEADLINE);
     assert!(started.status.success(), "{}", text(&started));
     assert!(
         String::from_utf8_lossy(&started.stdout).contains("ready: workload-started"),
@@ -172,7 +170,7 @@ fn detached_up_status_logs_down(arch: &str) {
     assert_eq!(v["pid"], host_pid);
 
     // A second up of the same instance is refused at once, naming the running pid.
-    let second = run(up(&boot, &name, false), Duration::from_secs(20));
+    let second = run(up(&boot, &name, &[]), Duration::from_secs(20));
     assert_eq!(second.status.code(), Some(1), "{}", text(&second));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(
@@ -226,7 +224,47 @@ fn sigkilled_up_leaves_nothing_and_next_up_clears_stale_state(arch: &str) {
     let _slot = vm_slot();
     let name = format!("lk-{arch}");
 
-    let started = run(up(&boot, &name, true), BOOT_DEADLINE);
+    // Runtime state for `--reset`, with a link out of the rootfs whose target must survive.
+    let outside = tempfile::tempdir().expect("outside");
+    std::fs::write(outside.path().join("precious"), b"keep").expect("precious");
+    let seeded = [
+        "var/lib/kubelet/pods/p1/volumes/v",
+        "var/lib/cni/networks/cbr0/10.42.0.2",
+        "var/lib/rancher/k3s/server/db/state.db",
+        "var/lib/rancher/k3s/server/db/state.db-wal",
+    ];
+    let seed = || {
+        for rel in seeded {
+            let p = boot.root_path(rel);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, b"x").expect("seed");
+        }
+        let link = boot.root_path("var/lib/kubelet/pods/p1/escape");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(outside.path(), link).expect("escape link");
+    };
+    seed();
+    if std::fs::symlink_metadata(boot.root_path("var/run")).is_err() {
+        std::os::unix::fs::symlink("../run", boot.root_path("var/run")).expect("var/run");
+    }
+    // Not on a terminal: --reset without --yes refuses and removes nothing.
+    let refused = run(
+        up(&boot, &name, &["--detach", "--reset"]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--yes"),
+        "{}",
+        text(&refused)
+    );
+    assert!(seeded.iter().all(|rel| boot.root_path(rel).exists()));
+    // The guest's kine phase rightly refuses a database that is not one: boot without them.
+    for rel in &seeded[2..] {
+        std::fs::remove_file(boot.root_path(rel)).expect("unseed");
+    }
+
+    let started = run(up(&boot, &name, &["--detach"]), BOOT_DEADLINE);
     assert!(started.status.success(), "{}", text(&started));
     let st = state_json(&boot, &name);
     let host_pid = st["host_pid"].as_u64().expect("host_pid");
@@ -248,13 +286,28 @@ fn sigkilled_up_leaves_nothing_and_next_up_clears_stale_state(arch: &str) {
     let status = run(host(&boot, &name, "status"), Duration::from_secs(10));
     assert_eq!(status.status.code(), Some(3), "{}", text(&status));
 
-    let restarted = run(up(&boot, &name, true), BOOT_DEADLINE);
+    seed();
+    let restarted = run(
+        up(&boot, &name, &["--detach", "--reset", "--yes"]),
+        BOOT_DEADLINE,
+    );
     assert!(restarted.status.success(), "{}", text(&restarted));
     let out = String::from_utf8_lossy(&restarted.stdout);
     assert!(
         out.contains("cleared stale state") && out.contains(&host_pid.to_string()),
         "{out}"
     );
+    assert!(out.contains("reset: removed"), "{out}");
+    for rel in seeded {
+        assert!(!boot.root_path(rel).exists(), "{rel} survived the reset");
+    }
+    assert!(!boot.root_path("var/lib/kubelet/pods").exists());
+    assert!(
+        outside.path().join("precious").exists(),
+        "link target survives"
+    );
+    let run_link = std::fs::symlink_metadata(boot.root_path("var/run")).expect("var/run kept");
+    assert!(run_link.file_type().is_symlink());
     let down = run(host(&boot, &name, "down"), Duration::from_secs(60));
     assert!(down.status.success(), "{}", text(&down));
     assert!(processes_mentioning(&run_dir(&boot)).is_empty());
