@@ -76,12 +76,11 @@ fn down(args: &DownArgs) -> Result<i32, StateError> {
         return Ok(0);
     }
     let record = sdir.read_state()?;
-    // `up` writes the state file once the VMM runs; before that the lock file names it.
-    let host_pid = record.as_ref().map(|r| r.host_pid).or_else(|| {
-        std::fs::read_to_string(sdir.lock_path())
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-    });
+    // The lock's holder writes its pid into the lock file; the state file comes later.
+    let host_pid = std::fs::read_to_string(sdir.lock_path())
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .or(record.as_ref().map(|r| r.host_pid));
     let Some(host_pid) = host_pid else {
         eprintln!(
             "openshell-host: instance {:?} holds its lock but names no pid in {}",

@@ -7,7 +7,7 @@
 //! state file found then is stale. The state file only describes a run, it never decides.
 
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -167,51 +167,54 @@ impl StateDir {
             })
     }
 
+    /// Tries the lock without waiting: `Some` when we got it, `None` when someone holds it.
+    fn try_flock(&self) -> Result<Option<Flock<File>>, StateError> {
+        match Flock::lock(self.open_lock()?, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(StateError::Lock {
+                path: self.lock_path(),
+                source: errno.into(),
+            }),
+        }
+    }
+
+    /// The pid of the lock's holder: the lock file names it (the holder writes it right after
+    /// locking); the state file is the fallback for that instant.
+    fn holder_pid(&self) -> String {
+        let text = std::fs::read_to_string(self.lock_path()).unwrap_or_default();
+        match (text.trim(), self.read_state()) {
+            (t, _) if !t.is_empty() => t.to_string(),
+            (_, Ok(Some(s))) => s.host_pid.to_string(),
+            _ => "unknown".into(),
+        }
+    }
+
     /// Takes the instance lock without waiting and records our pid in it (information only:
     /// the lock itself is what counts). Fails with [`StateError::Busy`] naming the holder's pid.
     pub fn lock(&self) -> Result<InstanceLock, StateError> {
         self.create()?;
-        let file = self.open_lock()?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(mut lock) => {
+        match self.try_flock()? {
+            Some(mut lock) => {
                 let _ = lock.set_len(0);
                 let _ = lock.rewind();
                 let _ = writeln!(lock, "{}", std::process::id());
                 Ok(InstanceLock { _lock: lock })
             }
-            Err((mut file, errno)) => {
-                if errno != nix::errno::Errno::EWOULDBLOCK {
-                    return Err(StateError::Lock {
-                        path: self.lock_path(),
-                        source: errno.into(),
-                    });
-                }
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                let pid = match self.read_state() {
-                    Ok(Some(s)) => s.host_pid.to_string(),
-                    _ if !text.trim().is_empty() => text.trim().to_string(),
-                    _ => "unknown".into(),
-                };
-                Err(StateError::Busy {
-                    name: self.name.clone(),
-                    pid,
-                })
-            }
+            None => Err(StateError::Busy {
+                name: self.name.clone(),
+                pid: self.holder_pid(),
+            }),
         }
     }
 
-    /// Whether a live `up` holds the lock. Probes by taking and releasing it; a missing
-    /// directory means never started.
+    /// Whether a live `up` holds the lock. Probes by taking and releasing it, without writing
+    /// to it; no lock file means never started.
     pub fn is_running(&self) -> Result<bool, StateError> {
         if !self.lock_path().exists() {
             return Ok(false);
         }
-        match self.lock() {
-            Ok(_) => Ok(false),
-            Err(StateError::Busy { .. }) => Ok(true),
-            Err(e) => Err(e),
-        }
+        Ok(self.try_flock()?.is_none())
     }
 
     pub fn read_state(&self) -> Result<Option<InstanceState>, StateError> {
