@@ -23,6 +23,10 @@ fn host(boot: &Boot, name: &str, sub: &str) -> Command {
 
 /// `up` for this boot with `flags`: a workload that runs until stopped, no network.
 fn up(boot: &Boot, name: &str, flags: &[&str]) -> Command {
+    up_exec(boot, name, flags, &["/bin/sleep", "3600"])
+}
+
+fn up_exec(boot: &Boot, name: &str, flags: &[&str], exec: &[&str]) -> Command {
     let mut cmd = host(boot, name, "up");
     cmd.args(flags)
         .arg("--arch")
@@ -35,7 +39,8 @@ fn up(boot: &Boot, name: &str, flags: &[&str]) -> Command {
         .arg(&boot.artifacts.vsock_helper)
         .arg("--run-dir")
         .arg(run_dir(boot))
-        .args(["--net", "none", "--exec", "/bin/sleep", "3600"]);
+        .args(["--net", "none", "--exec"])
+        .args(exec);
     cmd
 }
 
@@ -194,6 +199,25 @@ fn detached_up_status_logs_down(arch: &str) {
         assert!(out.contains(want), "logs lack {want:?}:\n{out}");
     }
 
+    // `logs -f` follows until the instance stops, then ends by itself.
+    let mut follow = host(&boot, &name, "logs");
+    follow
+        .arg("-f")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut follower = follow.spawn().expect("logs -f");
+    let mut follow_out = follower.stdout.take().expect("stdout");
+    let follow_text = std::thread::spawn(move || {
+        let mut t = String::new();
+        let _ = follow_out.read_to_string(&mut t);
+        t
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        matches!(follower.try_wait(), Ok(None)),
+        "logs -f runs while the instance does"
+    );
+
     let down = run(host(&boot, &name, "down"), Duration::from_secs(60));
     assert!(down.status.success(), "{}", text(&down));
     let out = String::from_utf8_lossy(&down.stdout);
@@ -204,6 +228,14 @@ fn detached_up_status_logs_down(arch: &str) {
     wait_until("up and VMM gone", Duration::from_secs(10), || {
         !alive(host_pid) && !alive(vmm_pid)
     });
+    wait_until("logs -f ended", Duration::from_secs(10), || {
+        matches!(follower.try_wait(), Ok(Some(_)))
+    });
+    let followed = follow_text.join().unwrap_or_default();
+    assert!(
+        followed.contains("== console") && followed.contains("stopped"),
+        "{followed}"
+    );
     let left = processes_mentioning(&run_dir(&boot));
     assert!(left.is_empty(), "processes of the instance left: {left:?}");
     assert!(!state_dir(&boot, &name).join("state.json").exists());
@@ -313,3 +345,23 @@ fn sigkilled_up_leaves_nothing_and_next_up_clears_stale_state(arch: &str) {
     assert!(processes_mentioning(&run_dir(&boot)).is_empty());
 }
 both_arches!(sigkilled_up_leaves_nothing_and_next_up_clears_stale_state);
+
+fn detached_boot_that_fails_returns_its_error(arch: &str) {
+    let Some(boot) = Boot::new(arch) else { return };
+    let _slot = vm_slot();
+    let name = format!("lf-{arch}");
+    let failed = run(
+        up_exec(&boot, &name, &["--detach"], &["/no/such/program"]),
+        BOOT_DEADLINE,
+    );
+    assert!(!failed.status.success(), "{}", text(&failed));
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("stopped before workload-started"),
+        "{}",
+        text(&failed)
+    );
+    let status = run(host(&boot, &name, "status"), Duration::from_secs(10));
+    assert_eq!(status.status.code(), Some(3), "{}", text(&status));
+    assert!(processes_mentioning(&run_dir(&boot)).is_empty());
+}
+both_arches!(detached_boot_that_fails_returns_its_error);
