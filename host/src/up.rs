@@ -205,14 +205,21 @@ pub fn run(args: UpArgs) -> i32 {
         return crate::lifecycle::detach::run(&args);
     }
     let start = Instant::now();
+    let mut progress = Progress::new(args.json);
+    let mut timeline = Timeline::new();
+    let mut session = Session::default();
+    // Before signals are blocked: Ctrl+C must still end a `--reset` (y/N) prompt.
+    if let Err(e) = claim(&args, &progress, &mut session) {
+        eprintln!("openshell-host: {e}");
+        return code::SETUP;
+    }
     let (tx, rx) = mpsc::channel();
     if let Err(e) = watch_signals(tx.clone()) {
         eprintln!("openshell-host: {e}");
         return code::SETUP;
     }
-    let mut progress = Progress::new(args.json);
-    let mut timeline = Timeline::new();
-    let mut session = Session::default();
+    // Replace the previous boot's timeline at once: `status` must not show it as this one's.
+    session.publish(&timeline, &progress);
     let code = match boot(
         &args,
         start,
@@ -286,6 +293,21 @@ impl Session {
     }
 }
 
+/// Takes the instance: its lock (held until the process ends), stale state cleared, and the
+/// rootfs reset when asked.
+fn claim(args: &UpArgs, progress: &Progress, session: &mut Session) -> Result<(), UpError> {
+    let sdir = StateDir::for_name(&args.name)?;
+    session.lock = Some(sdir.lock()?);
+    if let Some(note) = sdir.clear_stale() {
+        progress.note(&note);
+    }
+    if args.reset && !crate::lifecycle::detach::is_child() {
+        progress.note(&reset::run(&args.rootfs, args.yes)?);
+    }
+    session.state = Some(sdir);
+    Ok(())
+}
+
 fn boot(
     args: &UpArgs,
     start: Instant,
@@ -301,17 +323,6 @@ fn boot(
     }
     if !args.rootfs.is_dir() {
         return Err(UpError::NoRootfs(args.rootfs.clone()));
-    }
-    let sdir = StateDir::for_name(&args.name)?;
-    session.lock = Some(sdir.lock()?);
-    if let Some(note) = sdir.clear_stale() {
-        progress.note(&note);
-    }
-    session.state = Some(sdir.clone());
-    // Replace the previous boot's timeline at once: `status` must not show it as this one's.
-    session.publish(timeline, progress);
-    if args.reset && !crate::lifecycle::detach::is_child() {
-        progress.note(&reset::run(&args.rootfs, args.yes)?);
     }
     let dir = RunDir::create(
         &args
@@ -402,7 +413,7 @@ fn boot(
         ready_stages: Vec::new(),
         failed: None,
     };
-    if let Err(e) = sdir.write_state(&record) {
+    if let Some(Err(e)) = session.state.as_ref().map(|s| s.write_state(&record)) {
         // Without a state file `down` could not find the VM: do not leave one running.
         kill_vmm(vmm_pid);
         return Err(e.into());
