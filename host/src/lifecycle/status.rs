@@ -132,6 +132,9 @@ fn print_boot(boot: &Value) {
             p["duration_us"].as_u64().unwrap_or(0) as f64 / 1000.0
         );
     }
+    if let Some(status) = boot["exit_status"].as_i64() {
+        println!("  guest exit status: {status}");
+    }
     if let Some(e) = boot["error"].as_str() {
         println!("  error: {e}");
     }
