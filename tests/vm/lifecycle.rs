@@ -376,5 +376,17 @@ fn detached_boot_that_fails_returns_its_error(arch: &str) {
     let status = run(host(&boot, &name, "status"), Duration::from_secs(10));
     assert_eq!(status.status.code(), Some(3), "{}", text(&status));
     assert!(processes_mentioning(&run_dir(&boot)).is_empty());
+
+    // A workload that ends at once: ready was reached, so the workload's status is returned.
+    let quick = run(
+        up_exec(&boot, &name, &["--detach"], &["/bin/true"]),
+        BOOT_DEADLINE,
+    );
+    assert!(quick.status.success(), "{}", text(&quick));
+    assert!(
+        String::from_utf8_lossy(&quick.stdout).contains("ready: workload-started"),
+        "{}",
+        text(&quick)
+    );
 }
 both_arches!(detached_boot_that_fails_returns_its_error);

@@ -111,6 +111,7 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
             Ok(())
         });
     }
+    let spawned_ms = super::state::unix_ms();
     let mut child = cmd.spawn().map_err(DetachError::Spawn)?;
     let pid = child.id();
     println!(
@@ -122,6 +123,18 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
     let mut reported_failure = false;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
+            let code = status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(code::SETUP);
+            // A short workload can reach the stage and end between two polls.
+            if reached_then_ended(&sdir, spawned_ms, &args.ready_stage) {
+                println!(
+                    "ready: {} (instance {:?}), then the instance ended with exit {code}",
+                    args.ready_stage, args.name
+                );
+                return Ok(code);
+            }
             eprintln!(
                 "openshell-host: instance {:?} stopped before {}; end of {}:",
                 args.name,
@@ -129,10 +142,6 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
                 log_path.display()
             );
             print_tail(&log_path, 20);
-            let code = status
-                .code()
-                .or_else(|| status.signal().map(|s| 128 + s))
-                .unwrap_or(code::SETUP);
             return Ok(if code == 0 { code::NO_EXIT } else { code });
         }
         if let Ok(Some(state)) = sdir.read_state() {
@@ -163,6 +172,19 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether the last boot, started by our child (not before `spawned_ms`), reported `stage`.
+fn reached_then_ended(sdir: &StateDir, spawned_ms: u64, stage: &str) -> bool {
+    let Some(boot) = super::state::read_json(&sdir.last_boot_path()) else {
+        return false;
+    };
+    let ours = boot["host_start_unix_ms"]
+        .as_u64()
+        .is_some_and(|t| t >= spawned_ms);
+    ours && boot["events"].as_array().into_iter().flatten().any(|e| {
+        e["source"] == "guest" && e["event"]["type"] == "ready" && e["event"]["stage"] == stage
+    })
 }
 
 fn print_tail(path: &std::path::Path, lines: usize) {
