@@ -360,40 +360,7 @@ fn read_host(mut stream: File, on_host: HostHandler, closed: Arc<(Mutex<bool>, C
 
 /// One console line per event.
 pub fn human(msg: &GuestMessage) -> String {
-    match msg {
-        GuestMessage::Hello {
-            init_version,
-            arch,
-            kernel_release,
-            ..
-        } => format!("openshell-init {init_version} on {arch}, kernel {kernel_release}"),
-        GuestMessage::PhaseStarted { phase } => format!("phase {phase}: started"),
-        GuestMessage::PhaseFinished {
-            phase,
-            duration_us,
-            outcome,
-        } => {
-            let ms = *duration_us as f64 / 1000.0;
-            match outcome {
-                Outcome::Ok => format!("phase {phase}: ok in {ms:.3} ms"),
-                Outcome::Skipped(why) => format!("phase {phase}: skipped ({why})"),
-                Outcome::Failed(err) => format!("phase {phase}: FAILED after {ms:.3} ms: {err}"),
-            }
-        }
-        GuestMessage::Log { level, text } => format!("{level}: {text}"),
-        GuestMessage::Ready { stage } => format!("ready: {stage}"),
-        GuestMessage::Fatal { phase, error } => format!("FATAL in phase {phase}: {error}"),
-        // The key stays off the console.
-        GuestMessage::Credentials { .. } => "credentials: client bundle sent to the host".into(),
-        GuestMessage::Exit {
-            status,
-            peak_rss_kib,
-            synced,
-        } => format!(
-            "exit status {status}, init peak RSS {peak_rss_kib} KiB, filesystems {}",
-            if *synced { "synced" } else { "NOT synced" }
-        ),
-    }
+    msg.describe()
 }
 
 #[cfg(test)]

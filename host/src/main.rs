@@ -5,6 +5,7 @@ mod channel;
 mod children;
 mod credentials;
 mod exec;
+mod lifecycle;
 mod net;
 mod progress;
 mod report;
@@ -30,6 +31,12 @@ enum Cmd {
     Up(Box<up::UpArgs>),
     /// Run a command in a running VM (default: sh) and exit with its status.
     Exec(exec::ExecArgs),
+    /// Stop a running instance: ask the guest to shut down, kill it past the deadline.
+    Down(lifecycle::down::DownArgs),
+    /// Show whether an instance runs and its last boot (exit 0 running, 3 not running).
+    Status(lifecycle::status::StatusArgs),
+    /// Show the last boot's events and the guest console log.
+    Logs(lifecycle::logs::LogsArgs),
 }
 
 fn main() {
@@ -37,6 +44,9 @@ fn main() {
     let code = match cli.command {
         Cmd::Up(args) => up::run(*args),
         Cmd::Exec(args) => exec::run(args),
+        Cmd::Down(args) => lifecycle::down::run(&args),
+        Cmd::Status(args) => lifecycle::status::run(&args),
+        Cmd::Logs(args) => lifecycle::logs::run(&args),
     };
     std::process::exit(code);
 }

@@ -40,6 +40,9 @@ pub struct PhaseSummary {
 #[derive(Debug, Default, Serialize)]
 pub struct Timeline {
     pub host_start_unix_ms: u128,
+    /// Where the guest console of this boot went, so `logs` finds it after the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_log: Option<PathBuf>,
     pub events: Vec<Entry>,
     pub summary: Summary,
 }

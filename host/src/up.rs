@@ -20,6 +20,10 @@ use crate::backend::qemu::{Accel, Qemu};
 use crate::backend::{kernel_cmdline, Arch, BackendChoice, Chosen, VmSpec};
 use crate::channel::{self, Channel, ChannelEvent};
 use crate::children::{ChildError, Helper};
+use crate::lifecycle::reset::{self, ResetError};
+use crate::lifecycle::state::{
+    self as instance, InstanceLock, InstanceState, StateDir, StateError,
+};
 use crate::net::gvproxy::{self, ExposeError, Framing};
 use crate::net::passt::{self, PasstDirError};
 use crate::net::{Forward, ForwardError, NetBackend};
@@ -56,9 +60,26 @@ pub struct UpArgs {
     pub memory: u32,
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
-    /// Instance name: one run directory per instance.
+    /// Instance name (letters, digits, '_', '-'): one state and one run directory per instance.
     #[arg(long, default_value = "default")]
     pub name: String,
+    /// Run in the background (output to `<state>/host.log`); return once the guest reports
+    /// `--ready-stage`, non-zero if the boot fails first.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Ready stage `--detach` waits for: `workload-started` for a plain workload, `gateway-ready`
+    /// for the k3s gateway (the host cannot know which stage a guest config reports last).
+    #[arg(long, default_value = "workload-started", value_name = "STAGE")]
+    pub ready_stage: String,
+    /// Seconds `--detach` waits for the ready stage before giving up (the VM keeps running).
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub ready_timeout: u64,
+    /// Remove the guest's runtime state (pods, CNI state, k3s database) from the rootfs first.
+    #[arg(long)]
+    pub reset: bool,
+    /// Do not ask before `--reset` (needed when not on a terminal).
+    #[arg(short = 'y', long)]
+    pub yes: bool,
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// vhost-device-vsock binary.
@@ -139,6 +160,10 @@ pub enum UpError {
     Signals(nix::errno::Errno),
     #[error(transparent)]
     Libkrun(#[from] LibkrunError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Reset(#[from] ResetError),
 }
 
 enum Event {
@@ -175,15 +200,26 @@ fn watch_signals(tx: Sender<Event>) -> Result<(), UpError> {
 }
 
 pub fn run(args: UpArgs) -> i32 {
+    if args.detach && !crate::lifecycle::detach::is_child() {
+        // Before any signal mask or thread: the background process starts from a clean slate.
+        return crate::lifecycle::detach::run(&args);
+    }
     let start = Instant::now();
+    let mut progress = Progress::new(args.json);
+    let mut timeline = Timeline::new();
+    let mut session = Session::default();
+    // Before signals are blocked: Ctrl+C must still end a `--reset` (y/N) prompt.
+    if let Err(e) = claim(&args, &progress, &mut session) {
+        eprintln!("openshell-host: {e}");
+        return code::SETUP;
+    }
     let (tx, rx) = mpsc::channel();
     if let Err(e) = watch_signals(tx.clone()) {
         eprintln!("openshell-host: {e}");
         return code::SETUP;
     }
-    let mut progress = Progress::new(args.json);
-    let mut timeline = Timeline::new();
-    let mut session = Session::default();
+    // Replace the previous boot's timeline at once: `status` must not show it as this one's.
+    session.publish(&timeline, &progress);
     let code = match boot(
         &args,
         start,
@@ -208,6 +244,14 @@ pub fn run(args: UpArgs) -> i32 {
             eprintln!("openshell-host: {e}");
         }
     }
+    if let Some(state) = &session.state {
+        if let Err(e) = timeline.write(&state.last_boot_path()) {
+            eprintln!("openshell-host: {e}");
+        }
+        state.remove_state();
+    }
+    // The lock goes last: until here another `up` of this instance must wait.
+    drop(session.lock.take());
     code
 }
 
@@ -216,6 +260,26 @@ pub fn run(args: UpArgs) -> i32 {
 struct Session {
     helpers: Vec<Helper>,
     run_dir: Option<RunDir>,
+    /// Held for the whole run: a second `up` of the instance fails while it is.
+    lock: Option<InstanceLock>,
+    state: Option<StateDir>,
+    /// The state file as last written, updated as ready stages arrive.
+    record: Option<InstanceState>,
+}
+
+impl Session {
+    /// Rewrites the state file and the last-boot timeline; a failure is reported, not fatal.
+    fn publish(&self, timeline: &Timeline, progress: &Progress) {
+        let Some(state) = &self.state else { return };
+        if let Some(record) = &self.record {
+            if let Err(e) = state.write_state(record) {
+                progress.error(&e.to_string());
+            }
+        }
+        if let Err(e) = timeline.write(&state.last_boot_path()) {
+            progress.error(&e.to_string());
+        }
+    }
 }
 
 impl Session {
@@ -227,6 +291,21 @@ impl Session {
             dir.remove_sockets();
         }
     }
+}
+
+/// Takes the instance: its lock (held until the process ends), stale state cleared, and the
+/// rootfs reset when asked.
+fn claim(args: &UpArgs, progress: &Progress, session: &mut Session) -> Result<(), UpError> {
+    let sdir = StateDir::for_name(&args.name)?;
+    session.lock = Some(sdir.lock()?);
+    if let Some(note) = sdir.clear_stale() {
+        progress.note(&note);
+    }
+    if args.reset && !crate::lifecycle::detach::is_child() {
+        progress.note(&reset::run(&args.rootfs, args.yes)?);
+    }
+    session.state = Some(sdir);
+    Ok(())
 }
 
 fn boot(
@@ -310,6 +389,7 @@ fn boot(
         .console_log
         .clone()
         .unwrap_or_else(|| dir.console_log());
+    timeline.console_log = Some(console_log.clone());
     let spec = VmSpec {
         arch: args.arch,
         kernel: args.kernel.clone(),
@@ -324,6 +404,26 @@ fn boot(
     let vmm = start_vmm(&backend, args, &spec, &dir, &mut session.helpers)?;
     let vmm_pid = vmm.pid;
     let vmm_started = now();
+    let record = InstanceState {
+        name: args.name.clone(),
+        host_pid: std::process::id(),
+        vmm_pid: Some(vmm_pid),
+        backend: vmm.name.to_string(),
+        arch: args.arch.name().to_string(),
+        started_at_unix_ms: instance::unix_ms(),
+        ports: forwards.iter().map(|f| f.to_string()).collect(),
+        run_dir: dir.path.clone(),
+        console_log: console_log.clone(),
+        report: args.report.clone(),
+        ready_stages: Vec::new(),
+        failed: None,
+    };
+    if let Some(Err(e)) = session.state.as_ref().map(|s| s.write_state(&record)) {
+        // Without a state file `down` could not find the VM: do not leave one running.
+        kill_vmm(vmm_pid);
+        return Err(e.into());
+    }
+    session.record = Some(record);
     timeline.summary.vmm_started_us = Some(vmm_started);
     timeline.host(
         vmm_started,
@@ -414,7 +514,19 @@ fn boot(
                 progress.guest(&envelope.msg, host_us, vmm_started);
                 match &envelope.msg {
                     GuestMessage::Hello { .. } => state.hello_deadline = None,
-                    GuestMessage::Fatal { .. } => state.fatal = true,
+                    GuestMessage::Ready { stage } => {
+                        if let Some(r) = session.record.as_mut() {
+                            r.ready_stages.push(stage.clone());
+                        }
+                        session.publish(timeline, progress);
+                    }
+                    GuestMessage::Fatal { phase, error } => {
+                        state.fatal = true;
+                        if let Some(r) = session.record.as_mut() {
+                            r.failed = Some(format!("guest boot failed in phase {phase}: {error}"));
+                        }
+                        session.publish(timeline, progress);
+                    }
                     GuestMessage::Credentials {
                         ca_crt,
                         client_crt,

@@ -27,6 +27,8 @@ fn up(dir: &Path, libkrun: &Path, kernel: &Path) -> Output {
         .arg(&rootfs)
         .arg("--run-dir")
         .arg(dir.join("run"))
+        // Private instance state: the tests run in parallel under the same instance name.
+        .env("XDG_STATE_HOME", dir.join("state"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

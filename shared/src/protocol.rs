@@ -102,6 +102,48 @@ impl GuestMessage {
         }
     }
 
+    /// One line for people (the guest console, `openshell-host logs`); the key stays out.
+    pub fn describe(&self) -> String {
+        match self {
+            GuestMessage::Hello {
+                init_version,
+                arch,
+                kernel_release,
+                ..
+            } => format!("openshell-init {init_version} on {arch}, kernel {kernel_release}"),
+            GuestMessage::PhaseStarted { phase } => format!("phase {phase}: started"),
+            GuestMessage::PhaseFinished {
+                phase,
+                duration_us,
+                outcome,
+            } => {
+                let ms = *duration_us as f64 / 1000.0;
+                match outcome {
+                    Outcome::Ok => format!("phase {phase}: ok in {ms:.3} ms"),
+                    Outcome::Skipped(why) => format!("phase {phase}: skipped ({why})"),
+                    Outcome::Failed(err) => {
+                        format!("phase {phase}: FAILED after {ms:.3} ms: {err}")
+                    }
+                }
+            }
+            GuestMessage::Log { level, text } => format!("{level}: {text}"),
+            GuestMessage::Ready { stage } => format!("ready: {stage}"),
+            GuestMessage::Fatal { phase, error } => format!("FATAL in phase {phase}: {error}"),
+            // The key stays off the console.
+            GuestMessage::Credentials { .. } => {
+                "credentials: client bundle sent to the host".into()
+            }
+            GuestMessage::Exit {
+                status,
+                peak_rss_kib,
+                synced,
+            } => format!(
+                "exit status {status}, init peak RSS {peak_rss_kib} KiB, filesystems {}",
+                if *synced { "synced" } else { "NOT synced" }
+            ),
+        }
+    }
+
     /// Short name of the message kind, as it appears in the `type` field.
     pub fn kind(&self) -> &'static str {
         match self {

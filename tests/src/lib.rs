@@ -188,6 +188,11 @@ impl Boot {
         self.run_dir.path().join("config")
     }
 
+    /// `XDG_STATE_HOME` of this boot: the instance's state directory lives under it.
+    pub fn state_home(&self) -> PathBuf {
+        self.run_dir.path().join("state")
+    }
+
     pub fn report_path(&self) -> PathBuf {
         self.run_dir.path().join("report.json")
     }
@@ -214,6 +219,8 @@ impl Boot {
             // The host stores the guest's client credentials under the configuration directory:
             // the test's own, never the user's.
             .env("XDG_CONFIG_HOME", self.config_dir());
+        // Private instance state (lock, state file): boots never contend for an instance name.
+        cmd.env("XDG_STATE_HOME", self.state_home());
         if !self.exec.is_empty() {
             cmd.arg("--exec").args(&self.exec);
         }

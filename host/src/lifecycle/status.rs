@@ -1,0 +1,161 @@
+//! `openshell-host status`: whether an instance runs (by its lock), what the state file says
+//! about it, and the phase timings of its last boot. Exit 0 running, 3 not running, 1 on error.
+
+use serde_json::{json, Value};
+
+use super::state::{self, StateDir, StateError};
+
+/// Exit code of `status` when the instance is not running (LSB's "program is not running").
+pub const NOT_RUNNING: i32 = 3;
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &StatusArgs) -> i32 {
+    match status(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("openshell-host: {e}");
+            1
+        }
+    }
+}
+
+/// The `summary` of last-boot.json, reduced to what status shows.
+fn last_boot(sdir: &StateDir) -> Value {
+    let Some(boot) = state::read_json(&sdir.last_boot_path()) else {
+        return Value::Null;
+    };
+    let s = &boot["summary"];
+    let ms = |v: &Value| v.as_u64().map(|us| us as f64 / 1000.0);
+    let to_ready = match (s["vmm_started_us"].as_u64(), s["ready_us"].as_u64()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1000.0),
+        _ => None,
+    };
+    json!({
+        "started_at_unix_ms": boot["host_start_unix_ms"],
+        "vm_start_to_ready_ms": to_ready,
+        "kernel_ms": ms(&s["init_entry_guest_us"]),
+        "phases": s["phases"],
+        "exit_status": s["exit_status"],
+        "error": s["error"],
+    })
+}
+
+fn status(args: &StatusArgs) -> Result<i32, StateError> {
+    let sdir = StateDir::for_name(&args.name)?;
+    let running = sdir.is_running()?;
+    let record = if running { sdir.read_state()? } else { None };
+    let boot = last_boot(&sdir);
+    let uptime_s = record
+        .as_ref()
+        .map(|r| state::unix_ms().saturating_sub(r.started_at_unix_ms) / 1000);
+    if args.json {
+        let v = json!({
+            "name": args.name,
+            "running": running,
+            "state_dir": sdir.path,
+            "pid": record.as_ref().map(|r| r.host_pid),
+            "vmm_pid": record.as_ref().and_then(|r| r.vmm_pid),
+            "uptime_s": uptime_s,
+            "backend": record.as_ref().map(|r| r.backend.clone()),
+            "arch": record.as_ref().map(|r| r.arch.clone()),
+            "ports": record.as_ref().map(|r| r.ports.clone()),
+            "ready_stages": record.as_ref().map(|r| r.ready_stages.clone()),
+            "console_log": record.as_ref().map(|r| r.console_log.clone()),
+            "last_boot": boot,
+        });
+        println!("{v}");
+    } else {
+        match &record {
+            Some(r) => {
+                println!(
+                    "instance {:?}: running (openshell-host up pid {}, {} pid {}), up {}",
+                    args.name,
+                    r.host_pid,
+                    r.backend,
+                    r.vmm_pid.map(|p| p.to_string()).unwrap_or("-".into()),
+                    human_duration(uptime_s.unwrap_or(0))
+                );
+                println!("  arch: {}", r.arch);
+                println!(
+                    "  ports: {}",
+                    if r.ports.is_empty() {
+                        "none".into()
+                    } else {
+                        r.ports.join(", ")
+                    }
+                );
+                println!(
+                    "  ready: {}",
+                    if r.ready_stages.is_empty() {
+                        "not yet".into()
+                    } else {
+                        r.ready_stages.join(", ")
+                    }
+                );
+                println!("  console: {}", r.console_log.display());
+            }
+            None if running => println!("instance {:?}: starting", args.name),
+            None => println!("instance {:?}: not running", args.name),
+        }
+        print_boot(&boot);
+    }
+    Ok(if running { 0 } else { NOT_RUNNING })
+}
+
+fn print_boot(boot: &Value) {
+    if boot.is_null() {
+        return;
+    }
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map(|m| format!("{m:.1} ms"))
+            .unwrap_or("-".into())
+    };
+    println!(
+        "last boot: kernel {}, VM start to ready {}",
+        ms(&boot["kernel_ms"]),
+        ms(&boot["vm_start_to_ready_ms"])
+    );
+    for p in boot["phases"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} {:<8} {:>9.3} ms",
+            p["name"].as_str().unwrap_or("?"),
+            p["outcome"].as_str().unwrap_or("?"),
+            p["duration_us"].as_u64().unwrap_or(0) as f64 / 1000.0
+        );
+    }
+    if let Some(status) = boot["exit_status"].as_i64() {
+        println!("  guest exit status: {status}");
+    }
+    if let Some(e) = boot["error"].as_str() {
+        println!("  error: {e}");
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min {} s", s / 60, s % 60),
+        s => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_duration(5), "5 s");
+        assert_eq!(human_duration(125), "2 min 5 s");
+        assert_eq!(human_duration(7260), "2 h 1 min");
+    }
+}
