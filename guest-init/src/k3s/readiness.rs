@@ -76,25 +76,25 @@ impl Probes {
     }
 
     fn kubectl(&self, args: &[&str]) -> Option<String> {
-        let mut child = Command::new(&self.k3s)
-            .arg("kubectl")
+        let mut cmd = Command::new(&self.k3s);
+        cmd.arg("kubectl")
             .args(args)
             .arg(REQUEST_TIMEOUT)
             .env_clear()
             .envs(&self.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
+            .stderr(Stdio::null());
+        // PID 1's reaper collects every child: claimed, this one's status comes back to us
+        // instead of being waited for (a wait could race the reaper, or a reused pid).
+        let (mut child, exited) = crate::supervisor::spawn_claimed(&mut cmd).ok()?;
         let mut out = String::new();
         let read = child
             .stdout
             .take()
             .map(|s| s.take(MAX_OUTPUT).read_to_string(&mut out));
-        // The answer is the output. The exit status may be gone: PID 1's reaper collects every
-        // child, this one included, so `wait` can fail with ECHILD; it only must not leak.
-        let _ = child.wait();
+        // The answer is the output; the status only tells the reaper is done with it.
+        let _ = exited.recv_timeout(Duration::from_secs(10));
         read?.ok()?;
         Some(out)
     }
