@@ -57,6 +57,7 @@ pub struct Reporter {
     inner: Mutex<Inner>,
     connector: Mutex<Option<JoinHandle<()>>>,
     host_closed: Arc<(Mutex<bool>, Condvar)>,
+    ready_stages: Mutex<Vec<String>>,
 }
 
 impl Reporter {
@@ -72,6 +73,7 @@ impl Reporter {
             }),
             connector: Mutex::new(None),
             host_closed: Arc::new((Mutex::new(false), Condvar::new())),
+            ready_stages: Mutex::new(Vec::new()),
         })
     }
 
@@ -241,6 +243,18 @@ impl Reporter {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
             init_entry_us: self.init_entry_us,
+            ready_stages: self
+                .ready_stages
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The readiness stages `hello` announces: set from the configuration before connecting.
+    pub fn set_ready_stages(&self, stages: Vec<String>) {
+        if let Ok(mut s) = self.ready_stages.lock() {
+            *s = stages;
         }
     }
 

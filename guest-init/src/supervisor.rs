@@ -388,7 +388,7 @@ pub fn run_watched(
         format!("workload started as pid {pid}: {}", workload.argv.join(" ")),
     );
     reporter.emit(GuestMessage::Ready {
-        stage: "workload-started".into(),
+        stage: openshell_shared::protocol::stage::WORKLOAD_STARTED.into(),
     });
     started();
     sup.wait(pid, reporter)

@@ -155,6 +155,7 @@ mod tests {
             kernel_release: "6.1".into(),
             boot_id: "b".into(),
             init_entry_us: 1,
+            ready_stages: Vec::new(),
         }
     }
 

@@ -8,6 +8,7 @@ mod exec;
 mod lifecycle;
 mod net;
 mod progress;
+mod readiness;
 mod report;
 mod rundir;
 mod up;

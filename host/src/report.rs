@@ -94,7 +94,6 @@ impl Timeline {
                 self.summary.hello_us = Some(host_us);
                 self.summary.init_entry_guest_us = Some(*init_entry_us);
             }
-            GuestMessage::Ready { .. } => self.summary.ready_us = Some(host_us),
             GuestMessage::Exit { status, .. } => self.summary.exit_status = Some(*status),
             _ => {}
         }

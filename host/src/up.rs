@@ -28,6 +28,7 @@ use crate::net::gvproxy::{self, ExposeError, Framing};
 use crate::net::passt::{self, PasstDirError};
 use crate::net::{Forward, ForwardError, NetBackend};
 use crate::progress::Progress;
+use crate::readiness::{Readiness, Step};
 use crate::report::Timeline;
 use crate::rundir::{RunDir, RunDirError};
 
@@ -67,10 +68,14 @@ pub struct UpArgs {
     /// `--ready-stage`, non-zero if the boot fails first.
     #[arg(short = 'd', long)]
     pub detach: bool,
-    /// Ready stage `--detach` waits for: `workload-started` for a plain workload, `gateway-ready`
-    /// for the k3s gateway (the host cannot know which stage a guest config reports last).
-    #[arg(long, default_value = "workload-started", value_name = "STAGE")]
+    /// Ready stage `--detach` waits for: by default `ready`, the host's own mark once the last
+    /// stage the guest announced (and, for the gateway, the host's probe of its port) arrived.
+    #[arg(long, default_value = "ready", value_name = "STAGE")]
     pub ready_stage: String,
+    /// Seconds each readiness stage the guest announced may take after the one before; one that
+    /// does not come in time is named and the VM stopped.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub stage_timeout: u64,
     /// Seconds `--detach` waits for the ready stage before giving up (the VM keeps running).
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub ready_timeout: u64,
@@ -172,6 +177,8 @@ enum Event {
     VmmExited(Option<i32>),
     /// Port forwards made through the network backend's API after the VMM started.
     Forwarded(Result<Vec<(Forward, u32)>, ExposeError>),
+    /// The host's probe of the forwarded gateway port: answered or not in time.
+    GatewayProbed(bool),
 }
 
 fn wrap_channel(e: ChannelEvent) -> Event {
@@ -472,12 +479,16 @@ fn boot(
             let _ = tx.send(Event::Forwarded(result));
         });
     }
+    // Kept for the gateway probe, which starts only once the guest says the gateway is up.
+    let probe_sender = tx.clone();
     drop(tx);
 
     let mut state = LoopState {
         hello_deadline: Some(Instant::now() + Duration::from_secs(args.timeout)),
+        readiness: Some(Readiness::new(Duration::from_secs(args.stage_timeout))),
         ..LoopState::default()
     };
+    let probe_tx = probe_sender;
     let outcome = loop {
         let timeout = state
             .deadline()
@@ -502,6 +513,22 @@ fn boot(
                     progress.error("guest did not power off in time: killing the VM");
                     kill_vmm(vmm_pid);
                 }
+                let late = state.readiness.as_mut().and_then(|r| {
+                    let late = r.deadline().is_some_and(|d| Instant::now() >= d);
+                    late.then(|| {
+                        r.stop();
+                        (r.awaited().unwrap_or("?").to_string(), r.timeout())
+                    })
+                });
+                if let Some((stage, within)) = late {
+                    state.error = Some(code::TIMEOUT);
+                    progress.error(&format!(
+                        "readiness stage `{stage}` did not arrive within {} s: stopping the VM (console: {})",
+                        within.as_secs(),
+                        console_log.display()
+                    ));
+                    kill_vmm(vmm_pid);
+                }
                 continue;
             }
         };
@@ -513,10 +540,34 @@ fn boot(
                 timeline.guest(host_us, envelope.seq, envelope.t_us, &envelope.msg);
                 progress.guest(&envelope.msg, host_us, vmm_started);
                 match &envelope.msg {
-                    GuestMessage::Hello { .. } => state.hello_deadline = None,
+                    GuestMessage::Hello { ready_stages, .. } => {
+                        state.hello_deadline = None;
+                        if let Some(r) = state.readiness.as_mut() {
+                            r.hello(ready_stages, Instant::now());
+                        }
+                    }
                     GuestMessage::Ready { stage } => {
                         if let Some(r) = session.record.as_mut() {
                             r.ready_stages.push(stage.clone());
+                        }
+                        let step = state
+                            .readiness
+                            .as_mut()
+                            .map(|r| r.stage(stage, Instant::now()));
+                        match (step, gateway_forward) {
+                            (Some(Step::Ready), _) | (Some(Step::Probe), None) => {
+                                state.readiness = None;
+                                declare_ready(now(), timeline, session, progress);
+                            }
+                            (Some(Step::Probe), Some(port)) => {
+                                let within = Duration::from_secs(args.stage_timeout);
+                                let tx = probe_tx.clone();
+                                std::thread::spawn(move || {
+                                    let ok = crate::readiness::wait_for_gateway(port, within);
+                                    let _ = tx.send(Event::GatewayProbed(ok));
+                                });
+                            }
+                            _ => {}
                         }
                         session.publish(timeline, progress);
                     }
@@ -594,6 +645,19 @@ fn boot(
                     }
                 }
             }
+            Event::GatewayProbed(true) => {
+                state.readiness = None;
+                declare_ready(now(), timeline, session, progress);
+            }
+            Event::GatewayProbed(false) => {
+                state.error = Some(code::TIMEOUT);
+                progress.error(&format!(
+                    "the guest reported the gateway up, but 127.0.0.1:{} did not answer within {} s: stopping the VM",
+                    gateway_forward.unwrap_or_default(),
+                    args.stage_timeout
+                ));
+                kill_vmm(vmm_pid);
+            }
             Event::Forwarded(Ok(done)) => {
                 timeline.host(now(), "forwards-exposed", json!(done.len()));
             }
@@ -634,6 +698,8 @@ fn boot(
 #[derive(Default)]
 struct LoopState {
     hello_deadline: Option<Instant>,
+    /// Until the VM is ready; `None` after.
+    readiness: Option<Readiness>,
     kill_deadline: Option<Instant>,
     shutdown_sent: bool,
     fatal: bool,
@@ -643,10 +709,14 @@ struct LoopState {
 
 impl LoopState {
     fn deadline(&self) -> Option<Instant> {
-        match (self.hello_deadline, self.kill_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.hello_deadline,
+            self.kill_deadline,
+            self.readiness.as_ref().and_then(Readiness::deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
@@ -783,4 +853,17 @@ fn store_credentials(
         )),
         Err(e) => progress.error(&format!("client credentials not stored: {e}")),
     }
+}
+
+/// The last readiness stage (and the host's own probe, for the gateway) is in: the boot is done.
+fn declare_ready(now_us: u64, timeline: &mut Timeline, session: &mut Session, progress: &Progress) {
+    timeline.summary.ready_us = Some(now_us);
+    timeline.host(now_us, "ready", json!(null));
+    if let Some(r) = session.record.as_mut() {
+        r.ready_stages.push("ready".into());
+    }
+    progress.note(&format!(
+        "ready ({:.1} ms after openshell-host started)",
+        now_us as f64 / 1000.0
+    ));
 }

@@ -416,6 +416,22 @@ impl ConfigError {
 }
 
 impl BootConfig {
+    /// The readiness stages a boot with this configuration reports, in order: the workload's
+    /// start, and with k3s as the workload, k3s's own stages up to the gateway's port.
+    pub fn ready_stages(&self) -> Vec<String> {
+        use crate::protocol::stage;
+        let mut stages = vec![stage::WORKLOAD_STARTED];
+        if self.k3s.is_some() {
+            stages.extend([
+                stage::K3S_STARTED,
+                stage::APISERVER_READY,
+                stage::NODE_READY,
+                stage::GATEWAY_READY,
+            ]);
+        }
+        stages.into_iter().map(String::from).collect()
+    }
+
     /// Parses YAML text; `path` is only used to name the file in errors.
     pub fn from_yaml(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let source = Source::File(path.to_path_buf());

@@ -33,6 +33,17 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// Size of the length prefix in front of every frame body.
 pub const HEADER_LEN: usize = 4;
 
+/// Readiness stages, in the order a boot reports them: the workload started, and with k3s as the
+/// workload, the API server, the node and the gateway's port. The host learns in `hello` which of
+/// them this boot will report; the last one is "ready".
+pub mod stage {
+    pub const WORKLOAD_STARTED: &str = "workload-started";
+    pub const K3S_STARTED: &str = "k3s-started";
+    pub const APISERVER_READY: &str = "apiserver-ready";
+    pub const NODE_READY: &str = "node-ready";
+    pub const GATEWAY_READY: &str = "gateway-ready";
+}
+
 /// A message from the guest (openshell-init) to the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -46,6 +57,10 @@ pub enum GuestMessage {
         boot_id: String,
         /// CLOCK_BOOTTIME at the first instruction of init, in microseconds: kernel boot time.
         init_entry_us: u64,
+        /// The readiness stages this boot will report, in order (see [`stage`]); the host takes
+        /// the last one as "ready". Empty from a guest that does not say: then the first is.
+        #[serde(default)]
+        ready_stages: Vec<String>,
     },
     PhaseStarted {
         phase: String,
@@ -405,6 +420,7 @@ mod tests {
                 kernel_release: "6.1.0".into(),
                 boot_id: "b".into(),
                 init_entry_us: 5,
+                ready_stages: vec!["workload-started".into()],
             },
         }
     }
@@ -428,18 +444,36 @@ mod tests {
 
     fn arb_guest() -> impl Strategy<Value = GuestMessage> {
         prop_oneof![
-            (any::<u16>(), ".*", ".*", ".*", ".*", any::<u64>()).prop_map(
-                |(protocol, init_version, arch, kernel_release, boot_id, init_entry_us)| {
-                    GuestMessage::Hello {
+            (
+                any::<u16>(),
+                ".*",
+                ".*",
+                ".*",
+                ".*",
+                any::<u64>(),
+                proptest::collection::vec(".*", 0..4)
+            )
+                .prop_map(
+                    |(
                         protocol,
                         init_version,
                         arch,
                         kernel_release,
                         boot_id,
                         init_entry_us,
+                        ready_stages,
+                    )| {
+                        GuestMessage::Hello {
+                            protocol,
+                            init_version,
+                            arch,
+                            kernel_release,
+                            boot_id,
+                            init_entry_us,
+                            ready_stages,
+                        }
                     }
-                }
-            ),
+                ),
             ".*".prop_map(|phase| GuestMessage::PhaseStarted { phase }),
             (".*", any::<u64>(), arb_outcome()).prop_map(|(phase, duration_us, outcome)| {
                 GuestMessage::PhaseFinished {

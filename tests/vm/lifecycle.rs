@@ -148,7 +148,7 @@ fn detached_up_status_logs_down(arch: &str) {
     let started = run(up(&boot, &name, &["--detach"]), BOOT_DEADLINE);
     assert!(started.status.success(), "{}", text(&started));
     assert!(
-        String::from_utf8_lossy(&started.stdout).contains("ready: workload-started"),
+        String::from_utf8_lossy(&started.stdout).contains("ready (instance"),
         "{}",
         text(&started)
     );
@@ -369,7 +369,7 @@ fn detached_boot_that_fails_returns_its_error(arch: &str) {
     );
     assert!(!failed.status.success(), "{}", text(&failed));
     assert!(
-        String::from_utf8_lossy(&failed.stderr).contains("stopped before workload-started"),
+        String::from_utf8_lossy(&failed.stderr).contains("stopped before ready"),
         "{}",
         text(&failed)
     );
@@ -384,7 +384,7 @@ fn detached_boot_that_fails_returns_its_error(arch: &str) {
     );
     assert!(quick.status.success(), "{}", text(&quick));
     assert!(
-        String::from_utf8_lossy(&quick.stdout).contains("ready: workload-started"),
+        String::from_utf8_lossy(&quick.stdout).contains("ready (instance"),
         "{}",
         text(&quick)
     );

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use openshell_shared::GuestMessage;
@@ -132,3 +133,128 @@ fn forwarded_port_reaches_a_guest_service(arch: &str) {
     assert!(synced);
 }
 both_arches!(forwarded_port_reaches_a_guest_service);
+
+/// Installs the test's stand-in k3s in the guest's root and makes it the workload (a `k3s`
+/// section in the boot configuration), serving the gateway on `port` inside the guest.
+fn with_stand_in_k3s(boot: &Boot, port: u16, never_ready: bool) {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-init/tests/fixtures/fake-k3s.sh");
+    let k3s = boot.root_path("usr/local/bin/k3s");
+    std::fs::create_dir_all(k3s.parent().expect("dir")).expect("mkdir");
+    std::fs::copy(&fixture, &k3s).expect("install the stand-in k3s");
+    let state = boot.root_path("fake-k3s");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(state.join("gateway-port"), port.to_string()).expect("port");
+    if never_ready {
+        std::fs::write(state.join("never-ready"), "").expect("never-ready");
+    }
+    let config = boot.root_path("etc/openshell/init.yaml");
+    let mut text = std::fs::read_to_string(&config).expect("init.yaml");
+    text.push_str(&format!("k3s:\n  gateway_port: {port}\n"));
+    std::fs::write(&config, text).expect("write init.yaml");
+}
+
+/// The guest announces k3s's stages in `hello`; the host prints `ready` only after the last one,
+/// `gateway-ready`, and after its own probe of the forwarded gateway port answered like a TLS
+/// server (accept, then silence). A stand-in k3s plays k3s (it cannot be downloaded here).
+fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
+    let Some(boot) = Boot::new(arch) else { return };
+    let _slot = vm_slot();
+    let host_port = free_port();
+    with_stand_in_k3s(&boot, 30051, false);
+    let mut running = boot
+        .net("passt")
+        .arg("-p")
+        .arg(&format!("{host_port}:30051"))
+        .start();
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    while !running.boot.root_path("fake-k3s/node").exists() || !running.is_running() {
+        assert!(
+            running.is_running(),
+            "host exited before the stand-in k3s ran"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the stand-in k3s never got going"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Give the host time to see gateway-ready and probe; then stop the VM.
+    let report_ready = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let log = std::fs::read_to_string(running.boot.run_dir.path().join("run/console.log"))
+            .unwrap_or_default();
+        if log.contains("ready: gateway-ready") || Instant::now() > deadline {
+            break log.contains("ready: gateway-ready");
+        }
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    running.signal(libc::SIGTERM);
+    let done = running.wait(BOOT_DEADLINE);
+    assert!(
+        report_ready,
+        "no gateway-ready on the console\n{}",
+        done.output()
+    );
+    let stages: Vec<String> = done
+        .guest_messages()
+        .into_iter()
+        .filter_map(|m| match m {
+            GuestMessage::Ready { stage } => Some(stage),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "workload-started",
+            "k3s-started",
+            "apiserver-ready",
+            "node-ready",
+            "gateway-ready"
+        ],
+        "{}",
+        done.output()
+    );
+    let out = &done.stdout;
+    let gateway = out
+        .find("ready: gateway-ready")
+        .expect("gateway-ready shown");
+    let ready = out
+        .find("\nready (")
+        .unwrap_or_else(|| panic!("no host ready\n{}", done.output()));
+    assert!(
+        ready > gateway,
+        "ready before the last stage\n{}",
+        done.output()
+    );
+    let (status, _, synced) = done.exit_message();
+    assert_eq!(
+        status,
+        0,
+        "the stand-in exits 0 on SIGTERM\n{}",
+        done.output()
+    );
+    assert!(synced);
+}
+both_arches!(ready_waits_for_the_gateway_and_the_hosts_probe);
+
+/// A stage that never comes is named, and the host stops the VM instead of waiting forever.
+fn a_missing_stage_is_named_and_the_vm_stopped(arch: &str) {
+    let Some(boot) = Boot::new(arch) else { return };
+    let _slot = vm_slot();
+    with_stand_in_k3s(&boot, 30051, true);
+    let done = boot
+        .arg("--stage-timeout")
+        .arg("8")
+        .start()
+        .wait(BOOT_DEADLINE);
+    assert_eq!(done.status.code(), Some(5), "{}", done.output());
+    assert!(
+        done.stderr
+            .contains("readiness stage `apiserver-ready` did not arrive within 8 s"),
+        "{}",
+        done.output()
+    );
+}
+both_arches!(a_missing_stage_is_named_and_the_vm_stopped);

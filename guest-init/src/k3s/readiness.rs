@@ -19,10 +19,9 @@ use openshell_shared::{GuestMessage, Level};
 
 use crate::reporter::Reporter;
 
-pub const K3S_STARTED: &str = "k3s-started";
-pub const APISERVER_READY: &str = "apiserver-ready";
-pub const NODE_READY: &str = "node-ready";
-pub const GATEWAY_READY: &str = "gateway-ready";
+pub use openshell_shared::protocol::stage::{
+    APISERVER_READY, GATEWAY_READY, K3S_STARTED, NODE_READY,
+};
 
 /// Time between two attempts of a probe.
 const RETRY: Duration = Duration::from_millis(250);

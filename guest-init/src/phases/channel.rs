@@ -23,6 +23,8 @@ pub struct NoHost {
 fn run(ctx: &Ctx) -> PhaseResult {
     let channel = &ctx.config().channel;
     let timeout = Duration::from_millis(channel.connect_timeout_ms);
+    // `hello` tells the host which readiness stage this boot ends on.
+    ctx.reporter.set_ready_stages(ctx.config().ready_stages());
     ctx.reporter
         .connect(channel.port, timeout, crate::supervisor::host_handler());
     if ctx.pid1 {

@@ -130,8 +130,9 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
             // A short workload can reach the stage and end between two polls.
             if reached_then_ended(&sdir, spawned_ms, &args.ready_stage) {
                 println!(
-                    "ready: {} (instance {:?}), then the instance ended with exit {code}",
-                    args.ready_stage, args.name
+                    "{} (instance {:?}), then the instance ended with exit {code}",
+                    reached(&args.ready_stage),
+                    args.name
                 );
                 return Ok(code);
             }
@@ -148,8 +149,8 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
             if state.host_pid == pid {
                 if state.ready_stages.contains(&args.ready_stage) {
                     println!(
-                        "ready: {} (instance {:?}, openshell-host pid {pid}, {} pid {}); stop it with `openshell-host down --name {}`",
-                        args.ready_stage,
+                        "{} (instance {:?}, openshell-host pid {pid}, {} pid {}); stop it with `openshell-host down --name {}`",
+                        reached(&args.ready_stage),
                         args.name,
                         state.backend,
                         state.vmm_pid.map(|p| p.to_string()).unwrap_or_default(),
@@ -193,6 +194,15 @@ fn print_tail(path: &std::path::Path, lines: usize) {
     let mut err = std::io::stderr().lock();
     for l in &all[all.len().saturating_sub(lines)..] {
         let _ = writeln!(err, "  {l}");
+    }
+}
+
+/// How reaching `stage` reads: the host's own `ready` mark, or a guest stage by name.
+fn reached(stage: &str) -> String {
+    if stage == "ready" {
+        "ready".into()
+    } else {
+        format!("ready: {stage}")
     }
 }
 
