@@ -93,9 +93,10 @@ pub struct UpArgs {
     /// virtio-fs daemon (Debian's by default).
     #[arg(long, default_value = "/usr/lib/qemu/virtiofsd")]
     pub virtiofsd: PathBuf,
-    /// VMM: qemu, libkrun, or auto (libkrun when it loads and /dev/kvm opens read-write, else
-    /// qemu). qemu by default: KVM fails on full guests on some machines.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Qemu)]
+    /// VMM: qemu, libkrun, or auto (libkrun when it loads, runs the guest's arch and /dev/kvm
+    /// opens read-write; else qemu, saying why). On machines where KVM fails on full guests even
+    /// so, pick `--backend qemu`.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// libkrun library to load; else `OPENSHELL_LIBKRUN`, else `libkrun.so.1` (macOS:
     /// `libkrun.1.dylib`) through the dynamic loader.
