@@ -358,6 +358,26 @@ users:
         assert_eq!(v["kind"], "Config");
     }
 
+    /// The kubeconfig the guest's stand-in k3s writes (and the guest test sees sent) is one the
+    /// host accepts: both sides agree on the format.
+    #[test]
+    fn the_stand_in_k3s_kubeconfig_is_accepted() {
+        let script = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../guest-init/tests/fixtures/fake-k3s.sh"
+        ))
+        .expect("stand-in");
+        let start = script.find("<<'EOF'\n").expect("heredoc") + "<<'EOF'\n".len();
+        let len = script[start..].find("\nEOF\n").expect("heredoc end") + 1;
+        let v =
+            parsed(&render(&script[start..start + len], "default", Some(6443)).expect("render"));
+        assert_eq!(
+            v["clusters"][0]["cluster"]["server"],
+            "https://127.0.0.1:6443"
+        );
+        assert_eq!(v["current-context"], "openshell-default");
+    }
+
     #[test]
     fn without_a_forward_the_guests_server_is_kept() {
         let v = parsed(&render(K3S_YAML, "default", None).expect("render"));
