@@ -1,6 +1,6 @@
 //! `openshell-init k3s --root DIR` against a stand-in k3s (`fixtures/fake-k3s.sh`; real k3s
 //! cannot be downloaded here): the command line and environment it was started with, the
-//! readiness stages in order, the CNI configuration and plugin links (made by the inotify
+//! readiness stages in order, k3s's admin kubeconfig sent after `apiserver-ready`, the CNI configuration and plugin links (made by the inotify
 //! watcher, since the stand-in extracts its data directory only once started), a second
 //! `k3s-prep` that changes nothing, a stage that times out, and SIGTERM within the grace period.
 
@@ -199,6 +199,27 @@ fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
             "gateway-ready"
         ]
     );
+    // The admin kubeconfig the stand-in wrote reaches the host once, after apiserver-ready.
+    let kubeconfig = std::fs::read_to_string(root.path("/etc/rancher/k3s/k3s.yaml"))
+        .expect("the stand-in writes k3s.yaml");
+    assert!(kubeconfig.contains("client-key-data: "), "{kubeconfig}");
+    let pos = |pred: &dyn Fn(&Value) -> bool| run.seen.iter().position(pred);
+    let sent = pos(&|e| e["msg"]["type"] == "kubeconfig").expect("kubeconfig event");
+    let api = pos(&is_stage("apiserver-ready")).expect("apiserver-ready");
+    assert!(
+        api < sent,
+        "kubeconfig before apiserver-ready: {:#?}",
+        run.seen
+    );
+    assert_eq!(run.seen[sent]["msg"]["yaml"], kubeconfig.as_str());
+    assert_eq!(
+        run.seen
+            .iter()
+            .filter(|e| e["msg"]["type"] == "kubeconfig")
+            .count(),
+        1
+    );
+
     // The watcher links the plugins once the stand-in has renamed its data directory.
     let linked = run.until(Duration::from_secs(5), |e| {
         e["msg"]["text"]

@@ -5,6 +5,7 @@ mod channel;
 mod children;
 mod credentials;
 mod exec;
+mod kubeconfig;
 mod lifecycle;
 mod net;
 mod progress;

@@ -110,7 +110,7 @@ impl Progress {
                 self.error(&format!("guest boot failed in phase {phase}: {error}"))
             }
             // `up` stores them and says where.
-            GuestMessage::Credentials { .. } => {}
+            GuestMessage::Credentials { .. } | GuestMessage::Kubeconfig { .. } => {}
             GuestMessage::Exit {
                 status,
                 peak_rss_kib,

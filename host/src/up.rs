@@ -364,6 +364,11 @@ fn boot(
         .iter()
         .find(|f| f.guest == crate::net::GATEWAY_PORT)
         .map(|f| f.host);
+    // The host port kubectl reaches k3s's API server on, for the written kubeconfig.
+    let api_forward = forwards
+        .iter()
+        .find(|f| f.guest == crate::kubeconfig::API_PORT)
+        .map(|f| f.host);
     let net_socket = match args.net {
         NetBackend::None => None,
         NetBackend::Passt => {
@@ -589,6 +594,9 @@ fn boot(
                         gateway_forward,
                         progress,
                     ),
+                    GuestMessage::Kubeconfig { yaml } => {
+                        store_kubeconfig(&args.name, yaml, api_forward, progress)
+                    }
                     GuestMessage::Exit { status, .. } => {
                         state.exit = Some(*status);
                         // Tell the guest we have everything: it waits for this close.
@@ -834,6 +842,28 @@ fn gvproxy_framing(backend: &Chosen) -> Framing {
 
 /// Keeps the guest's client bundle where the user's tools find it; a failure is reported, not
 /// fatal (the gateway runs without it, only the CLI cannot connect).
+/// Writes the cluster's kubeconfig for the user; a refused or unwritable one is an error line,
+/// not the end of the boot (the gateway itself works without it).
+fn store_kubeconfig(instance: &str, yaml: &str, api_forward: Option<u16>, progress: &Progress) {
+    use crate::kubeconfig::{path, store, Written, API_PORT};
+    let result =
+        path(instance).and_then(|p| store(&p, yaml, instance, api_forward).map(|w| (p, w)));
+    match result {
+        Ok((p, written)) => {
+            if written != Written::Unchanged {
+                progress.note(&format!("kubeconfig written to {}", p.display()));
+            }
+            if api_forward.is_none() {
+                progress.note(&format!(
+                    "the API port {API_PORT} is not forwarded: {} reaches the cluster only with `-p {API_PORT}:{API_PORT}`",
+                    p.display()
+                ));
+            }
+        }
+        Err(e) => progress.error(&format!("kubeconfig not written: {e}")),
+    }
+}
+
 fn store_credentials(
     instance: &str,
     (ca, cert, key): (&str, &str, &str),

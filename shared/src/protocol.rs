@@ -90,6 +90,12 @@ pub enum GuestMessage {
         client_crt: String,
         client_key: String,
     },
+    /// k3s's admin kubeconfig (`/etc/rancher/k3s/k3s.yaml`), sent once the API server is ready,
+    /// so the host can write one for the user's kubectl without an exec agent. It embeds the
+    /// admin client key: [`GuestMessage::redacted`] hides it whole.
+    Kubeconfig {
+        yaml: String,
+    },
     /// Init is about to power off.
     Exit {
         /// Shell convention: the workload's exit code, or 128 + signal number.
@@ -112,6 +118,10 @@ impl GuestMessage {
                 ca_crt: ca_crt.clone(),
                 client_crt: client_crt.clone(),
                 client_key: "<redacted>".into(),
+            }),
+            // The key sits inside the YAML; hiding the whole file is the only safe cut.
+            GuestMessage::Kubeconfig { .. } => std::borrow::Cow::Owned(GuestMessage::Kubeconfig {
+                yaml: "<redacted>".into(),
             }),
             other => std::borrow::Cow::Borrowed(other),
         }
@@ -148,6 +158,9 @@ impl GuestMessage {
             GuestMessage::Credentials { .. } => {
                 "credentials: client bundle sent to the host".into()
             }
+            GuestMessage::Kubeconfig { yaml } => {
+                format!("kubeconfig: {} bytes sent to the host", yaml.len())
+            }
             GuestMessage::Exit {
                 status,
                 peak_rss_kib,
@@ -169,6 +182,7 @@ impl GuestMessage {
             GuestMessage::Ready { .. } => "ready",
             GuestMessage::Fatal { .. } => "fatal",
             GuestMessage::Credentials { .. } => "credentials",
+            GuestMessage::Kubeconfig { .. } => "kubeconfig",
             GuestMessage::Exit { .. } => "exit",
         }
     }
@@ -492,6 +506,7 @@ mod tests {
                     client_key,
                 }
             }),
+            ".*".prop_map(|yaml| GuestMessage::Kubeconfig { yaml }),
             (any::<i32>(), any::<u64>(), any::<bool>()).prop_map(
                 |(status, peak_rss_kib, synced)| GuestMessage::Exit {
                     status,
@@ -514,6 +529,13 @@ mod tests {
             !shown.contains("secret") && shown.contains("crt"),
             "{shown}"
         );
+        let k = GuestMessage::Kubeconfig {
+            yaml: "client-key-data: c2VjcmV0".into(),
+        };
+        let shown = serde_json::to_string(&*k.redacted()).expect("json");
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(!k.describe().contains("c2VjcmV0"));
+        assert_eq!(k.redacted().kind(), "kubeconfig");
         let r = GuestMessage::Ready { stage: "s".into() };
         assert_eq!(*r.redacted(), r);
     }

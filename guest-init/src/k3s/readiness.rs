@@ -30,6 +30,8 @@ const RETRY: Duration = Duration::from_millis(250);
 const REQUEST_TIMEOUT: &str = "--request-timeout=5s";
 /// Probe output past this is not what we wait for anyway.
 const MAX_OUTPUT: u64 = 4096;
+/// k3s's admin kubeconfig is about 3 KiB; the bound keeps the message well inside a frame.
+pub const MAX_KUBECONFIG: u64 = 32 * 1024;
 
 /// What the probes need, resolved against the root before the thread starts.
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub struct Probes {
     pub k3s: PathBuf,
     /// The whole environment of each kubectl call.
     pub env: BTreeMap<String, String>,
+    /// k3s's admin kubeconfig under the root, sent to the host once the API server is ready.
+    pub kubeconfig: PathBuf,
     /// The node's name: the hostname, which k3s registers the node under.
     pub node: String,
     pub gateway_port: u16,
@@ -66,6 +70,7 @@ impl Probes {
         Self {
             k3s,
             env,
+            kubeconfig,
             node: node.to_string(),
             gateway_port: cfg.gateway_port,
             apiserver_timeout: Duration::from_millis(r.apiserver_ready_ms),
@@ -176,6 +181,9 @@ fn watch(probes: &Probes, reporter: &Reporter, stop: &AtomicBool) {
                 reporter.emit(GuestMessage::Ready {
                     stage: stage.into(),
                 });
+                if stage == APISERVER_READY {
+                    send_kubeconfig(&probes.kubeconfig, reporter);
+                }
                 break;
             }
             let now = Instant::now();
@@ -191,5 +199,48 @@ fn watch(probes: &Probes, reporter: &Reporter, stop: &AtomicBool) {
             }
             std::thread::sleep(RETRY.min(deadline - now));
         }
+    }
+}
+
+/// Reads k3s's admin kubeconfig (k3s writes it before its API server answers) for the host.
+/// Missing, unreadable or oversized is a warning: the cluster works, only the host's copy is
+/// missing.
+pub fn read_kubeconfig(path: &std::path::Path) -> Result<String, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut yaml = String::new();
+    file.take(MAX_KUBECONFIG + 1)
+        .read_to_string(&mut yaml)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if yaml.len() as u64 > MAX_KUBECONFIG {
+        return Err(format!(
+            "{}: larger than {MAX_KUBECONFIG} bytes",
+            path.display()
+        ));
+    }
+    Ok(yaml)
+}
+
+fn send_kubeconfig(path: &std::path::Path, reporter: &Reporter) {
+    match read_kubeconfig(path) {
+        Ok(yaml) => reporter.emit(GuestMessage::Kubeconfig { yaml }),
+        Err(e) => reporter.log(Level::Warn, format!("kubeconfig not sent to the host: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubeconfig_read_bounded_and_missing_is_an_error_naming_the_path() {
+        let t = tempfile::tempdir().expect("tmp");
+        let p = t.path().join("k3s.yaml");
+        let missing = read_kubeconfig(&p).expect_err("missing");
+        assert!(missing.contains("k3s.yaml"), "{missing}");
+        std::fs::write(&p, "apiVersion: v1\n").expect("write");
+        assert_eq!(read_kubeconfig(&p).expect("read"), "apiVersion: v1\n");
+        std::fs::write(&p, "a".repeat(MAX_KUBECONFIG as usize + 1)).expect("write");
+        let big = read_kubeconfig(&p).expect_err("oversized");
+        assert!(big.contains("larger than"), "{big}");
     }
 }
