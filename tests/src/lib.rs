@@ -188,6 +188,11 @@ impl Boot {
         self.run_dir.path().join("config")
     }
 
+    /// `HOME` of the boot's host.
+    pub fn home_dir(&self) -> PathBuf {
+        self.run_dir.path().join("home")
+    }
+
     /// `XDG_STATE_HOME` of this boot: the instance's state directory lives under it.
     pub fn state_home(&self) -> PathBuf {
         self.run_dir.path().join("state")
@@ -218,7 +223,9 @@ impl Boot {
             .args(&self.extra_args)
             // The host stores the guest's client credentials under the configuration directory:
             // the test's own, never the user's.
-            .env("XDG_CONFIG_HOME", self.config_dir());
+            .env("XDG_CONFIG_HOME", self.config_dir())
+            // ~/.kube/openshell-<name>.yaml goes to the test's own home, never the user's.
+            .env("HOME", self.home_dir());
         // Private instance state (lock, state file): boots never contend for an instance name.
         cmd.env("XDG_STATE_HOME", self.state_home());
         if !self.exec.is_empty() {

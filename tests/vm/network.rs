@@ -161,11 +161,14 @@ fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
     let Some(boot) = Boot::new(arch) else { return };
     let _slot = vm_slot();
     let host_port = free_port();
+    let api_port = free_port();
     with_stand_in_k3s(&boot, 30051, false);
     let mut running = boot
         .net("passt")
         .arg("-p")
         .arg(&format!("{host_port}:30051"))
+        .arg("-p")
+        .arg(&format!("{api_port}:6443"))
         .start();
     let deadline = Instant::now() + BOOT_DEADLINE;
     while !running.boot.root_path("fake-k3s/node").exists() || !running.is_running() {
@@ -236,6 +239,18 @@ fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
         done.output()
     );
     assert!(synced);
+    // The cluster's kubeconfig came over the boot channel and points at the forwarded API port.
+    let kubeconfig = done.boot.home_dir().join(".kube/openshell-default.yaml");
+    let text = std::fs::read_to_string(&kubeconfig)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", kubeconfig.display(), done.output()));
+    assert!(
+        text.contains(&format!("server: https://127.0.0.1:{api_port}")),
+        "{text}"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&kubeconfig).expect("meta").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
 }
 both_arches!(ready_waits_for_the_gateway_and_the_hosts_probe);
 
