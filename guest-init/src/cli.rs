@@ -167,7 +167,7 @@ fn vsock_send(port: u32, hex: &str) -> i32 {
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
     let digits = hex.as_bytes();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
     digits
@@ -370,11 +370,6 @@ mod tests {
         assert!(pos("config") < pos("channel"));
         assert!(text.contains("[fatal]"));
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::decode_hex;
 
     #[test]
     fn hex_decodes_and_rejects_bad_digits() {
