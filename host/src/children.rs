@@ -242,7 +242,8 @@ mod mac_guard {
             for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
                 libc::signal(sig, libc::SIG_IGN);
             }
-            let max = libc::getdtablesize();
+            // Capped: with an unlimited descriptor limit the table size can be huge.
+            let max = libc::getdtablesize().clamp(0, 65_536);
             for fd in 0..max {
                 if fd != rfd {
                     libc::close(fd);
