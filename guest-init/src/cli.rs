@@ -82,6 +82,16 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         unix: PathBuf,
     },
+    /// Debugging aid, in the guest only: connect to the host (vsock CID 2) on PORT, write the
+    /// bytes given in hex, then wait until the host closes. For testing the host's handling of
+    /// a guest that breaks the boot channel protocol.
+    #[command(hide = true)]
+    VsockSend {
+        #[arg(long, default_value_t = openshell_shared::BOOT_CHANNEL_PORT)]
+        port: u32,
+        #[arg(long)]
+        hex: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +139,45 @@ pub fn main(init_entry_us: u64) -> i32 {
             grace_ms,
         } => run_k3s(root, config, node_ip, grace_ms, init_entry_us),
         Command::ExecServe { unix } => exec_serve(&unix),
+        Command::VsockSend { port, hex } => vsock_send(port, &hex),
     }
+}
+
+fn vsock_send(port: u32, hex: &str) -> i32 {
+    use std::io::{Read, Write};
+    let Some(bytes) = decode_hex(hex) else {
+        eprintln!("openshell-init: --hex: not an even number of hex digits");
+        return 2;
+    };
+    let mut stream = match crate::reporter::connect_vsock(port) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("openshell-init: vsock connect to port {port}: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = stream.write_all(&bytes) {
+        eprintln!("openshell-init: vsock write: {e}");
+        return 1;
+    }
+    // Stay connected until the host reacts (closes): closing first could race its reading.
+    let _ = stream.read_to_end(&mut Vec::new());
+    0
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    let digits = hex.as_bytes();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let hi = char::from(pair[0]).to_digit(16)?;
+            let lo = char::from(pair[1]).to_digit(16)?;
+            u8::try_from(hi * 16 + lo).ok()
+        })
+        .collect()
 }
 
 fn exec_serve(path: &std::path::Path) -> i32 {
@@ -321,5 +369,13 @@ mod tests {
         assert!(pos("config") < pos("loopback"));
         assert!(pos("config") < pos("channel"));
         assert!(text.contains("[fatal]"));
+    }
+
+    #[test]
+    fn hex_decodes_and_rejects_bad_digits() {
+        assert_eq!(decode_hex("ffFF00"), Some(vec![0xff, 0xff, 0]));
+        assert_eq!(decode_hex(""), Some(vec![]));
+        assert_eq!(decode_hex("f"), None);
+        assert_eq!(decode_hex("zz"), None);
     }
 }

@@ -331,7 +331,7 @@ fn send(inner: &mut Inner, t_us: u64, msg: GuestMessage) {
     inner.next_seq += 1;
 }
 
-fn connect_vsock(port: u32) -> nix::Result<File> {
+pub(crate) fn connect_vsock(port: u32) -> nix::Result<File> {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     let fd = socket(
         AddressFamily::Vsock,

@@ -2,8 +2,18 @@
 //! host, even when the host is killed with SIGKILL, and stopped and reaped on every way out.
 //!
 //! Linux: PR_SET_PDEATHSIG(SIGKILL) in the child. It fires when the *thread* that forked exits,
-//! so children are spawned from the main thread only. macOS has no equivalent; there the children
-//! are stopped on normal exit only (a kqueue exit watcher is the planned replacement).
+//! so children are spawned from the main thread only.
+//!
+//! macOS has no parent-death signal, so a guard process does the job (compile-checked only: no
+//! macOS machine here). Before the first helper starts, the host forks a watcher (fork without
+//! exec: after the fork it runs only async-signal-safe system calls on stack memory). The watcher
+//! closes every inherited descriptor but the read end of a pipe (so it holds no lock, socket or
+//! output pipe of the host), ignores the terminal's and `down`'s signals, and waits on a kqueue
+//! for `EVFILT_PROC`/`NOTE_EXIT` of the host's pid and for input on the pipe. The host writes each
+//! helper's pid to the pipe as it is spawned ([`guard_child`]) and its negation once the helper
+//! is reaped ([`release_child`]), so a reused pid is never killed. When the host exits, however it
+//! dies, the watcher SIGKILLs every pid still registered and exits. Left open: a host killed in
+//! the microseconds between a helper's spawn and the write of its pid leaves that helper running.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -86,7 +96,9 @@ impl Helper {
         let err = out.try_clone().map_err(spawn_err)?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         die_with_parent(&mut cmd);
+        start_guard();
         let child = cmd.spawn().map_err(spawn_err)?;
+        guard_child(child.id());
         Ok(Self {
             name,
             child,
@@ -137,6 +149,166 @@ impl Helper {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        release_child(self.child.id());
+    }
+}
+
+/// Starts the exit watcher that kills the helpers when the host dies (macOS; a no-op elsewhere,
+/// where the kernel's parent-death signal does it). Idempotent; a failure is reported once and
+/// helpers then die with a normal exit only.
+pub fn start_guard() {
+    #[cfg(target_os = "macos")]
+    mac_guard::start();
+}
+
+/// Registers a helper with the exit watcher (macOS; a no-op elsewhere).
+pub fn guard_child(pid: u32) {
+    #[cfg(target_os = "macos")]
+    mac_guard::send(pid as i32);
+    #[cfg(not(target_os = "macos"))]
+    let _ = pid;
+}
+
+/// Unregisters a reaped helper, so the watcher never kills a process that reuses its pid.
+pub fn release_child(pid: u32) {
+    #[cfg(target_os = "macos")]
+    mac_guard::send(-(pid as i32));
+    #[cfg(not(target_os = "macos"))]
+    let _ = pid;
+}
+
+#[cfg(target_os = "macos")]
+mod mac_guard {
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::{Mutex, OnceLock};
+
+    /// Most helpers a host runs at once, with room to spare; more are not guarded.
+    const MAX_PIDS: usize = 64;
+
+    /// Write end of the pipe to the watcher; `None` when it could not be started.
+    static PIPE: OnceLock<Mutex<Option<std::fs::File>>> = OnceLock::new();
+
+    pub fn start() {
+        PIPE.get_or_init(|| match fork_watcher() {
+            Ok(f) => Mutex::new(Some(f)),
+            Err(e) => {
+                eprintln!("openshell-host: cannot start the helper exit watcher: {e}; helpers may outlive a killed host");
+                Mutex::new(None)
+            }
+        });
+    }
+
+    pub fn send(value: i32) {
+        start();
+        if let Some(lock) = PIPE.get() {
+            let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = w.as_mut() {
+                // 4 bytes are below PIPE_BUF: the write is atomic.
+                let _ = f.write_all(&value.to_ne_bytes());
+            }
+        }
+    }
+
+    fn fork_watcher() -> std::io::Result<std::fs::File> {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe writes two descriptors into the array it is given.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned here alone.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // Helpers must not inherit the write end, or they would keep it open.
+        // SAFETY: fcntl on a descriptor this function owns.
+        unsafe { libc::fcntl(fds[1], libc::F_SETFD, libc::FD_CLOEXEC) };
+        let host = std::process::id() as libc::pid_t;
+        // SAFETY: the child runs only `watch`, which makes async-signal-safe system calls on
+        // stack memory and ends in _exit.
+        match unsafe { libc::fork() } {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => watch(host, fds[0]),
+            _ => {
+                drop(read);
+                Ok(std::fs::File::from(write))
+            }
+        }
+    }
+
+    /// The watcher process: never returns, never allocates.
+    fn watch(host: libc::pid_t, rfd: i32) -> ! {
+        // SAFETY: only async-signal-safe system calls on this process's own descriptors and
+        // stack, as required in the child of a multi-threaded process.
+        unsafe {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::signal(sig, libc::SIG_IGN);
+            }
+            // Capped: with an unlimited descriptor limit the table size can be huge.
+            let max = libc::getdtablesize().clamp(0, 65_536);
+            for fd in 0..max {
+                if fd != rfd {
+                    libc::close(fd);
+                }
+            }
+            let kq = libc::kqueue();
+            if kq < 0 {
+                libc::_exit(1);
+            }
+            let mut changes: [libc::kevent; 2] = std::mem::zeroed();
+            changes[0].ident = host as libc::uintptr_t;
+            changes[0].filter = libc::EVFILT_PROC;
+            changes[0].flags = libc::EV_ADD;
+            changes[0].fflags = libc::NOTE_EXIT;
+            changes[1].ident = rfd as libc::uintptr_t;
+            changes[1].filter = libc::EVFILT_READ;
+            changes[1].flags = libc::EV_ADD;
+            let mut pids = [0 as libc::pid_t; MAX_PIDS];
+            // ESRCH: the host is gone already; nothing is registered yet either way.
+            if libc::kevent(
+                kq,
+                changes.as_ptr(),
+                2,
+                std::ptr::null_mut(),
+                0,
+                std::ptr::null(),
+            ) < 0
+                || libc::getppid() != host
+            {
+                libc::_exit(0);
+            }
+            let mut event: libc::kevent = std::mem::zeroed();
+            loop {
+                let n = libc::kevent(kq, std::ptr::null(), 0, &mut event, 1, std::ptr::null());
+                if n < 0 {
+                    if *libc::__error() == libc::EINTR {
+                        continue;
+                    }
+                    break;
+                }
+                if n == 0 || event.filter == libc::EVFILT_PROC {
+                    break;
+                }
+                let mut buf = [0u8; 4];
+                let got = libc::read(rfd, buf.as_mut_ptr().cast(), 4);
+                if got != 4 {
+                    // End of file: the host closed the pipe, so it is exiting.
+                    break;
+                }
+                let v = i32::from_ne_bytes(buf);
+                if v > 0 {
+                    if let Some(slot) = pids.iter_mut().find(|p| **p == 0) {
+                        *slot = v;
+                    }
+                } else if let Some(slot) = pids.iter_mut().find(|p| **p == -v) {
+                    *slot = 0;
+                }
+            }
+            for &pid in &pids {
+                if pid > 0 {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            libc::_exit(0)
+        }
     }
 }
 

@@ -249,3 +249,44 @@ fn killed_host_leaves_nothing_running(arch: &str) {
     assert!(done.stdout.contains("stale sockets"), "{}", done.output());
 }
 both_arches!(killed_host_leaves_nothing_running);
+
+/// A guest that sends garbage on the boot channel is stopped with a protocol error (exit 4),
+/// named, and nothing is left running. The host serves one connection, the first, so garbage on
+/// a second connection would never reach its decoder: init's own reporter is pointed at a port
+/// nobody listens on (`openshell.channel_port`), and the workload makes the first connection to
+/// the real port with `openshell-init vsock-send`, an oversized length prefix then garbage.
+fn garbage_on_the_boot_channel_is_a_protocol_error(arch: &str) {
+    let Some(boot) = Boot::new(arch) else { return };
+    let _slot = vm_slot();
+    let running = boot
+        .arg("--cmdline-extra=openshell.channel_port=10799 openshell.connect_timeout_ms=100")
+        .exec(&[
+            "/sbin/openshell-init",
+            "vsock-send",
+            "--port",
+            &openshell_shared::BOOT_CHANNEL_PORT.to_string(),
+            "--hex",
+            "ffffffff67617262616765",
+        ])
+        .start();
+    let run_dir = running.boot.run_dir.path().join("run");
+    let done = running.wait(BOOT_DEADLINE);
+    assert_eq!(done.status.code(), Some(4), "{}", done.output());
+    let text = format!("{}{}", done.stdout, done.stderr);
+    assert!(
+        text.contains("announces 4294967295 bytes, more than the limit")
+            && text.contains("stopping the VM"),
+        "{}",
+        done.output()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !processes_using(&run_dir).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left running after the protocol error: {:?}",
+            processes_using(&run_dir)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+both_arches!(garbage_on_the_boot_channel_is_a_protocol_error);

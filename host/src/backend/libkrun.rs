@@ -543,7 +543,10 @@ fn fork_vmm(log: &Path, entry: ffi::Ctx, id: u32) -> Result<u32, LibkrunError> {
         match unsafe { libc::fork() } {
             -1 => Err(LibkrunError::Fork(nix::errno::Errno::last())),
             0 => child_main(parent, out_fd, null_fd, entry, id),
-            pid => Ok(pid as u32),
+            pid => {
+                crate::children::guard_child(pid as u32);
+                Ok(pid as u32)
+            }
         }
     }
 }
