@@ -355,9 +355,6 @@ fn boot(
     let writer: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
     channel.serve(start, tx.clone(), wrap_channel, Arc::clone(&writer));
 
-    if matches!(backend, Chosen::Qemu) {
-        start_vhost_helpers(args, &dir, session)?;
-    }
     let forwards = crate::net::forwards(args.net, &args.ports)?;
     // The host port users reach the gateway on, for the stored metadata.
     let gateway_forward = forwards
@@ -369,29 +366,40 @@ fn boot(
         .iter()
         .find(|f| f.guest == crate::kubeconfig::API_PORT)
         .map(|f| f.host);
-    let net_socket = match args.net {
+    // The network helper starts first and the vhost-user helpers start while it comes up: each
+    // takes milliseconds to create its socket, and waiting for them one after the other adds up.
+    let net = match args.net {
         NetBackend::None => None,
         NetBackend::Passt => {
             let (_, sock) = passt::socket_dir(&dir.path)?;
             let mut cmd = Command::new(&args.passt);
             cmd.args(passt::args(&sock, &forwards));
-            let mut passt = Helper::spawn("passt", cmd, &dir.path.join("passt.log"))?;
-            let ready = passt.wait_for_socket(&sock, Duration::from_secs(10));
-            session.helpers.push(passt);
-            ready?;
-            Some(sock)
+            let passt = Helper::spawn("passt", cmd, &dir.path.join("passt.log"))?;
+            Some((passt, sock, Duration::from_secs(10)))
         }
         NetBackend::Gvproxy => {
             let (sock, api) = (dir.gvproxy_socket(), dir.gvproxy_api_socket());
             let mut cmd = Command::new(&args.gvproxy);
             cmd.args(gvproxy::args(gvproxy_framing(&backend), &sock, &api));
-            let mut gv = Helper::spawn("gvproxy", cmd, &dir.path.join("gvproxy.log"))?;
-            let ready = gv.wait_for_socket(&sock, Duration::from_secs(5));
-            session.helpers.push(gv);
+            let gv = Helper::spawn("gvproxy", cmd, &dir.path.join("gvproxy.log"))?;
+            Some((gv, sock, Duration::from_secs(5)))
+        }
+    };
+    let vhost = if matches!(backend, Chosen::Qemu) {
+        start_vhost_helpers(args, &dir, session)
+    } else {
+        Ok(())
+    };
+    let net_socket = match net {
+        None => None,
+        Some((mut helper, sock, within)) => {
+            let ready = helper.wait_for_socket(&sock, within);
+            session.helpers.push(helper);
             ready?;
             Some(sock)
         }
     };
+    vhost?;
     if !forwards.is_empty() {
         let list: Vec<String> = forwards.iter().map(|f| f.to_string()).collect();
         progress.note(&format!("forwarding {} ({})", list.join(", "), args.net));
