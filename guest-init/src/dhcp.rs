@@ -179,6 +179,11 @@ pub fn encode(msg: &Message) -> std::io::Result<Vec<u8>> {
 /// Decodes `bytes` and keeps it only if it answers our transaction.
 pub fn classify(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
     let msg = Message::from_bytes(bytes).ok()?;
+    // dhcproto's `chaddr()` slices its 16-byte field by the packet's own `hlen`, which a
+    // hostile reply sets past 16 (found by the fuzzer): check it before asking.
+    if !(6..=16).contains(&msg.hlen()) {
+        return None;
+    }
     if msg.opcode() != Opcode::BootReply || msg.xid() != xid || msg.chaddr().get(..6)? != mac {
         return None;
     }
@@ -687,6 +692,10 @@ mod tests {
             let _ = classify(&good[..cut], 9, &MAC); // must not panic
         }
         assert_eq!(classify(&[0xff; 600], 9, &MAC), None);
+        // A hardware address length past chaddr's 16 bytes (the fuzzer's find).
+        let mut long_hlen = bytes(&reply(MessageType::Offer, 9, &MAC));
+        long_hlen[2] = 255;
+        assert_eq!(classify(&long_hlen, 9, &MAC), None);
     }
 
     fn lease(secs: u32, t1: Option<u32>, t2: Option<u32>) -> Lease {
