@@ -411,10 +411,18 @@ fn boot(
         .clone()
         .unwrap_or_else(|| dir.console_log());
     timeline.console_log = Some(console_log.clone());
+    let mut extra: Vec<String> = Vec::new();
+    if matches!(backend, Chosen::Qemu) && args.accel == Accel::Tcg && args.arch == Arch::X86_64 {
+        let cache = crate::lifecycle::state::state_root().ok();
+        if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
+            extra.push(tsc);
+        }
+    }
+    extra.extend(args.cmdline_extra.clone());
     let spec = VmSpec {
         arch: args.arch,
         kernel: args.kernel.clone(),
-        cmdline: kernel_cmdline(args.arch, &args.exec, args.cmdline_extra.as_deref()),
+        cmdline: kernel_cmdline(args.arch, &args.exec, Some(&extra.join(" "))),
         memory_mib: args.memory,
         cpus: args.cpus,
         virtiofs_socket: dir.virtiofs_socket(),

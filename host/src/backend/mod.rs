@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 pub mod libkrun;
 pub mod qemu;
+pub mod tsc;
 
 pub use openshell_shared::Arch;
 
