@@ -88,25 +88,32 @@ pub fn run(ctx: &Ctx, plan: &[&'static Phase]) -> Result<(), Fatal> {
     for wave in waves {
         // Threads only pay with a second CPU to run them on: on one vCPU under emulation, a
         // thread's creation costs more than the phases it would overlap.
-        let failures: Vec<(&'static Phase, Option<String>)> = if wave.len() == 1 || !parallel() {
-            wave.iter().map(|p| (*p, run_one(ctx, p))).collect()
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = wave
-                    .iter()
-                    .map(|p| (*p, s.spawn(move || run_one(ctx, p))))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|(p, h)| {
+        let threaded = wave.len() > 1 && parallel();
+        let failures: Vec<(&'static Phase, Option<String>)> =
+            if wave.len() == 1 || !wave.iter().any(|p| threaded || p.waits) {
+                wave.iter().map(|p| (*p, run_one(ctx, p))).collect()
+            } else {
+                std::thread::scope(|s| {
+                    // Threads first, so a waiting phase's wait overlaps the inline ones' work.
+                    let handles: Vec<_> = wave
+                        .iter()
+                        .filter(|p| threaded || p.waits)
+                        .map(|p| (*p, s.spawn(move || run_one(ctx, p))))
+                        .collect();
+                    let mut results: Vec<_> = wave
+                        .iter()
+                        .filter(|p| !(threaded || p.waits))
+                        .map(|p| (*p, run_one(ctx, p)))
+                        .collect();
+                    results.extend(handles.into_iter().map(|(p, h)| {
                         let r = h
                             .join()
                             .unwrap_or_else(|_| Some("phase panicked".to_string()));
                         (p, r)
-                    })
-                    .collect()
-            })
-        };
+                    }));
+                    results
+                })
+            };
         if let Some((phase, Some(error))) =
             failures.into_iter().find(|(p, f)| p.fatal && f.is_some())
         {
@@ -127,6 +134,8 @@ mod tests {
     use std::sync::Mutex;
 
     static ORDER: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    /// The tests that read ORDER run one at a time.
+    static SERIAL: Mutex<()> = Mutex::new(());
 
     fn record(name: &'static str) -> PhaseResult {
         ORDER.lock().expect("order").push(name);
@@ -160,6 +169,7 @@ mod tests {
         name: "a",
         after: &[],
         fatal: true,
+        waits: false,
         purpose: "",
         run: a,
     };
@@ -167,6 +177,7 @@ mod tests {
         name: "b",
         after: &["a"],
         fatal: true,
+        waits: false,
         purpose: "",
         run: b,
     };
@@ -174,6 +185,7 @@ mod tests {
         name: "c",
         after: &["a"],
         fatal: true,
+        waits: false,
         purpose: "",
         run: c,
     };
@@ -181,6 +193,7 @@ mod tests {
         name: "d",
         after: &["b", "c"],
         fatal: true,
+        waits: false,
         purpose: "",
         run: d,
     };
@@ -188,6 +201,7 @@ mod tests {
         name: "soft",
         after: &[],
         fatal: false,
+        waits: false,
         purpose: "",
         run: boom,
     };
@@ -195,6 +209,7 @@ mod tests {
         name: "hard",
         after: &["soft"],
         fatal: true,
+        waits: false,
         purpose: "",
         run: boom,
     };
@@ -202,8 +217,19 @@ mod tests {
         name: "after",
         after: &["hard"],
         fatal: true,
+        waits: false,
         purpose: "",
         run: after_hard,
+    };
+
+    /// Like `c`, but declared as waiting: it sleeps 50 ms outside the CPU.
+    const C_WAITS: Phase = Phase {
+        name: "c",
+        after: &["a"],
+        fatal: true,
+        waits: true,
+        purpose: "",
+        run: c,
     };
 
     fn ctx() -> Ctx {
@@ -228,6 +254,7 @@ mod tests {
             name: "x",
             after: &["y"],
             fatal: true,
+            waits: false,
             purpose: "",
             run: a,
         };
@@ -235,6 +262,7 @@ mod tests {
             name: "y",
             after: &["x"],
             fatal: true,
+            waits: false,
             purpose: "",
             run: a,
         };
@@ -244,6 +272,7 @@ mod tests {
 
     #[test]
     fn independent_phases_run_concurrently() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         if !parallel() {
             eprintln!("skipped: one CPU, the engine runs phases in sequence");
             return;
@@ -252,6 +281,29 @@ mod tests {
         let watch = Stopwatch::start();
         run(&ctx(), &[&A, &B, &C, &D]).expect("runs");
         // b and c sleep 50 ms each; run one after the other they would take 100 ms.
+        assert!(
+            watch.elapsed_us() < 95_000,
+            "took {} us",
+            watch.elapsed_us()
+        );
+        let order = ORDER.lock().expect("order").clone();
+        assert_eq!(order.first(), Some(&"a"));
+        assert_eq!(order.last(), Some(&"d"));
+    }
+
+    /// Whatever the CPU count, a waiting phase does not hold up the rest of its wave: b and c
+    /// sleep 50 ms each, in sequence they would take 100 ms.
+    #[test]
+    fn a_waiting_phase_overlaps_its_wave() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        // One CPU for this thread (and the threads it starts), as in a 1-vCPU guest.
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0).expect("cpu 0");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("affinity");
+        assert!(!parallel(), "pinned to one CPU");
+        ORDER.lock().expect("order").clear();
+        let watch = Stopwatch::start();
+        run(&ctx(), &[&A, &B, &C_WAITS, &D]).expect("runs");
         assert!(
             watch.elapsed_us() < 95_000,
             "took {} us",

@@ -91,6 +91,27 @@ pub fn create_link(name: &str, kind: InfoKind, peer: Option<&str>) -> Result<(),
     )
 }
 
+/// Whether rtnetlink knows link type `kind`, without creating anything. The request names a
+/// link that does not exist, without NLM_F_CREATE, and carries a multicast MAC: a registered
+/// type's own validator refuses that address (EADDRNOTAVAIL) before the kernel looks for the
+/// device, while an unknown type gets as far as "no such device" (ENODEV). `Some(true)` only for
+/// EADDRNOTAVAIL; `Some(false)` for ENODEV; `None` for anything else. ENODEV is not proof of
+/// absence (a modular kernel loads the type's module only on creation), so callers treat
+/// anything but `Some(true)` as "create one to find out".
+pub fn link_kind_known(kind: InfoKind) -> Result<Option<bool>, NetlinkError> {
+    let mut link = named_link("_osh_kindprobe");
+    link.attributes
+        .push(LinkAttribute::Address(vec![0x01, 0, 0x5e, 0, 0, 1]));
+    link.attributes
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind)]));
+    match request(RouteNetlinkMessage::NewLink(link), 0) {
+        Err(NetlinkError::Refused(nix::errno::Errno::EADDRNOTAVAIL)) => Ok(Some(true)),
+        Err(NetlinkError::Refused(nix::errno::Errno::ENODEV)) => Ok(Some(false)),
+        Err(NetlinkError::Refused(_)) | Ok(()) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn delete_link(name: &str) -> Result<(), NetlinkError> {
     request(RouteNetlinkMessage::DelLink(named_link(name)), 0)
 }

@@ -7,16 +7,28 @@ use std::path::Path;
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`. A
 /// symlink at `path` is replaced, not followed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic_inner(path, bytes, None)
+    write_atomic_inner(path, bytes, None, true)
+}
+
+/// [`write_atomic`] without the sync, for files rewritten on every boot (resolv.conf): readers
+/// still see old or new, never half, but a crash may lose the new content, which the next boot
+/// writes again. On virtio-fs a sync is a round trip to the host's disk, during boot.
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_inner(path, bytes, None, false)
 }
 
 /// [`write_atomic`] for secrets: the file has exactly `mode` (umask aside) from its creation on,
 /// so the content is never readable under a wider mode, not even as the temporary file.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    write_atomic_inner(path, bytes, Some(mode))
+    write_atomic_inner(path, bytes, Some(mode), true)
 }
 
-fn write_atomic_inner(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+fn write_atomic_inner(
+    path: &Path,
+    bytes: &[u8],
+    mode: Option<u32>,
+    sync: bool,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp-{}", std::process::id()));
@@ -33,7 +45,9 @@ fn write_atomic_inner(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::
             f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         }
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {

@@ -1,6 +1,6 @@
 //! The boot benchmark as a picture: for each arch, the median boot from host start to ready as a
 //! stacked bar (host, VMM and kernel, openshell-init's phases), and beside it the same boot with
-//! the shell way in init's place. Drawn with plotters into a PNG the README shows.
+//! a busybox shell init in its place. Drawn with plotters into a PNG the README shows.
 
 use std::path::Path;
 
@@ -32,8 +32,12 @@ fn bars(docs: &[Value]) -> Result<Vec<Bar>> {
             m[k].as_f64()
                 .ok_or_else(|| Error::msg(format!("benchmark result for {arch} lacks {k}")))
         };
-        let (host, init, ready, shell) =
-            (get("host")?, get("init")?, get("ready")?, get("shell_way")?);
+        let (host, init, ready, shell) = (
+            get("host")?,
+            get("init")?,
+            get("ready")?,
+            get("shell_init")?,
+        );
         let kernel = (ready - host - init).max(0.0);
         out.push(Bar {
             label: format!("{arch}: openshell-init"),
@@ -44,11 +48,11 @@ fn bars(docs: &[Value]) -> Result<Vec<Bar>> {
             ],
         });
         out.push(Bar {
-            label: format!("{arch}: shell way"),
+            label: format!("{arch}: shell init"),
             parts: vec![
                 ("host", host, HOST),
                 ("VMM + kernel", kernel, KERNEL),
-                ("shell way", shell, SHELL),
+                ("shell init", shell, SHELL),
             ],
         });
     }
@@ -136,7 +140,7 @@ mod tests {
     #[test]
     fn kernel_time_is_what_host_and_init_leave_of_the_total() {
         let doc = serde_json::json!({"arch": "x86_64", "runs": 1,
-            "medians_ms": {"host": 10.0, "init": 200.0, "ready": 1200.0, "shell_way": 900.0}});
+            "medians_ms": {"host": 10.0, "init": 200.0, "ready": 1200.0, "shell_init": 900.0}});
         let b = bars(&[doc]).expect("bars");
         assert_eq!(b.len(), 2);
         assert_eq!(b[0].parts[1].1, 990.0);

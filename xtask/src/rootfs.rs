@@ -12,7 +12,7 @@ use std::process::Command;
 use crate::cache::{self, Key};
 use crate::{run, run_output, workspace, Arch, BuildNames, Error, Result};
 
-const RECIPE: &str = "rootfs-base-v2";
+const RECIPE: &str = "rootfs-base-v3";
 
 /// Directories every root needs (mount points and the like), with their modes.
 const DIRS: &[(&str, u32)] = &[
@@ -158,8 +158,13 @@ pub fn build_base(arch: Arch, init: &Path) -> Result<PathBuf> {
                 .map_err(|e| Error::io("stat", path, e))?;
             copy(path, &to, if exec { 0o755 } else { 0o644 })?;
         }
-        // The kernel opens /dev/console for PID 1 before devtmpfs exists.
-        for (name, major, minor, mode) in [("console", 5, 1, 0o600), ("null", 1, 3, 0o666)] {
+        // The kernel opens /dev/console for PID 1 before devtmpfs exists; the benchmark's shell
+        // init logs to /dev/kmsg before it mounts anything.
+        for (name, major, minor, mode) in [
+            ("console", 5, 1, 0o600),
+            ("null", 1, 3, 0o666),
+            ("kmsg", 1, 11, 0o644),
+        ] {
             let p = root.join("dev").join(name);
             nix::sys::stat::mknod(
                 &p,

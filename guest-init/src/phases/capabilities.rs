@@ -19,6 +19,7 @@ pub const PHASE: Phase = Phase {
     name: "capabilities",
     after: &["mounts"],
     fatal: true,
+    waits: false,
     purpose: "check the kernel has what k3s needs (the kernel-config/ list), by using each feature",
     run,
 };
@@ -213,6 +214,34 @@ fn link_probes_in_scratch_netns(probes: Vec<Probe>) -> Option<Vec<Result<(), Str
         .flatten()
 }
 
+/// The link probes rtnetlink confirms without creating anything (see
+/// [`netlink::link_kind_known`]): creating a bridge and a veth pair in a scratch namespace costs
+/// tens of milliseconds of emulated kernel work at boot, asking costs one request each. The
+/// answer is trusted only when a made-up type is refused the way an unknown type must be;
+/// whatever is not confirmed is created for real.
+fn kinds_known(probes: &[Probe]) -> Vec<Probe> {
+    let discriminates = matches!(
+        netlink::link_kind_known(InfoKind::Other("_osh_nokind".into())),
+        Ok(Some(false))
+    );
+    if !discriminates {
+        return Vec::new();
+    }
+    let mut known: Vec<Probe> = Vec::new();
+    for p in probes {
+        let kind = match p {
+            Probe::Link("bridge") => InfoKind::Bridge,
+            Probe::Link(_) => InfoKind::Dummy,
+            Probe::Veth => InfoKind::Veth,
+            _ => continue,
+        };
+        if !known.contains(p) && matches!(netlink::link_kind_known(kind), Ok(Some(true))) {
+            known.push(*p);
+        }
+    }
+    known
+}
+
 fn is_link_probe(p: &Probe) -> bool {
     matches!(p, Probe::Link(_) | Probe::Veth)
 }
@@ -247,7 +276,17 @@ pub fn check(root: &Path, groups: &[Group]) -> Report {
         .filter_map(|opt| PROBES.iter().find(|(o, _)| o == opt).map(|(_, p)| *p))
         .filter(is_link_probe)
         .collect();
-    let mut scratch = link_probes_in_scratch_netns(link_probes).map(Vec::into_iter);
+    let known = kinds_known(&link_probes);
+    let unconfirmed: Vec<Probe> = link_probes
+        .iter()
+        .copied()
+        .filter(|p| !known.contains(p))
+        .collect();
+    let mut scratch = if unconfirmed.is_empty() {
+        Some(Vec::new().into_iter())
+    } else {
+        link_probes_in_scratch_netns(unconfirmed).map(Vec::into_iter)
+    };
     let mut report = Report::default();
     for g in groups {
         for opt in &g.required {
@@ -257,6 +296,7 @@ pub fn check(root: &Path, groups: &[Group]) -> Report {
             };
             report.probed += 1;
             let result = match scratch.as_mut() {
+                _ if known.contains(probe) => Ok(()),
                 Some(done) if is_link_probe(probe) => done
                     .next()
                     .unwrap_or_else(|| Err("link probe result missing".into())),
@@ -503,6 +543,37 @@ mod tests {
             assert_eq!(report.probed, 3);
             assert!(report.missing.is_empty(), "{:?}", report.missing);
             assert_eq!(links, vec!["lo".to_string()], "probe links leaked");
+        }
+    }
+
+    /// The kind question against the real kernel: a type it has (veth, once a creation has
+    /// loaded it on a modular kernel) is confirmed, a made-up one is not, and nothing is created.
+    #[test]
+    fn link_kinds_are_confirmed_without_creating_links() {
+        let result = std::thread::spawn(|| {
+            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                eprintln!("skipped: cannot create a network namespace here ({e})");
+                return None;
+            }
+            let created = run_probe(Path::new("/"), Probe::Veth, "", "");
+            let veth = netlink::link_kind_known(InfoKind::Veth);
+            let made_up = netlink::link_kind_known(InfoKind::Other("_osh_nokind".into()));
+            let links: Vec<String> = netlink::links()
+                .expect("links")
+                .into_iter()
+                .map(|l| l.name)
+                .collect();
+            let known = kinds_known(&[Probe::Veth, Probe::Veth]);
+            Some((created, veth, made_up, links, known))
+        })
+        .join()
+        .expect("thread");
+        if let Some((created, veth, made_up, links, known)) = result {
+            assert_eq!(created, Ok(()));
+            assert_eq!(veth.expect("veth asked"), Some(true));
+            assert_eq!(made_up.expect("made-up kind asked"), Some(false));
+            assert_eq!(links, vec!["lo".to_string()], "the question created a link");
+            assert_eq!(known, vec![Probe::Veth]);
         }
     }
 

@@ -10,6 +10,7 @@ pub const PHASE: Phase = Phase {
     name: "channel",
     after: &["config"],
     fatal: false,
+    waits: false,
     purpose: "connect the vsock boot channel to the host (buffered until connected)",
     run,
 };

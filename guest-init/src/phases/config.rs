@@ -12,6 +12,7 @@ pub const PHASE: Phase = Phase {
     name: "config",
     after: &["mounts"],
     fatal: true,
+    waits: false,
     purpose: "read the boot configuration file and kernel command-line overrides",
     run,
 };

@@ -11,6 +11,7 @@ pub const PHASE: Phase = Phase {
     name: "exec-service",
     after: &["mounts", "config"],
     fatal: false,
+    waits: false,
     purpose: "serve `openshell-host exec` on vsock port 10777 (in the background)",
     run,
 };

@@ -6,6 +6,7 @@ pub const PHASE: Phase = Phase {
     name: "hostname",
     after: &["config"],
     fatal: false,
+    waits: false,
     purpose: "set the hostname from the configuration",
     run,
 };

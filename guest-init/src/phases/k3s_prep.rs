@@ -41,6 +41,7 @@ pub const PHASE: Phase = Phase {
     // Only IPv4 forwarding fails the phase (pods could reach nothing without it); every other
     // problem is reported and carried past.
     fatal: true,
+    waits: false,
     purpose: "CNI config and plugin links, IPv4 forwarding, for k3s",
     run,
 };

@@ -20,6 +20,7 @@ pub const PHASE: Phase = Phase {
     name: "kine",
     after: &["config"],
     fatal: true,
+    waits: false,
     purpose:
         "check the k3s database, keep a copy if corrupt, prune stale objects and bootstrap locks",
     run,

@@ -12,6 +12,7 @@ pub const PHASE: Phase = Phase {
     name: "loopback",
     after: &["config"],
     fatal: false,
+    waits: false,
     purpose: "bring the loopback interface up over netlink",
     run,
 };

@@ -30,6 +30,7 @@ pub const PHASE: Phase = Phase {
     name: "manifests",
     after: &["config"],
     fatal: false,
+    waits: false,
     purpose: "deploy the bundled manifests and charts for k3s, HelmChart values from the config",
     run,
 };

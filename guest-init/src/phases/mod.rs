@@ -82,6 +82,9 @@ pub struct Phase {
     /// A failure stops the boot (nothing after it can work) instead of being reported and
     /// carried past.
     pub fatal: bool,
+    /// Spends its time waiting on the world outside the guest's CPU (a DHCP server): on one CPU
+    /// it runs on a thread of its own while the rest of its wave runs inline.
+    pub waits: bool,
     pub purpose: &'static str,
     pub run: fn(&Ctx) -> PhaseResult,
 }

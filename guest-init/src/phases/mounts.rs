@@ -15,6 +15,7 @@ pub const PHASE: Phase = Phase {
     name: "mounts",
     after: &[],
     fatal: true,
+    waits: false,
     purpose: "mount proc, sys, dev, devpts, shm, run, tmp and cgroup2",
     run,
 };

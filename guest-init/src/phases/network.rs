@@ -27,6 +27,7 @@ pub const PHASE: Phase = Phase {
     name: "network",
     after: &["config"],
     fatal: false,
+    waits: true,
     purpose:
         "address, route, MTU and DNS by DHCP (static plan when no lease, dummy without a device)",
     run,
@@ -325,7 +326,7 @@ pub fn usable_dns(
     good
 }
 
-/// Replaces `path` atomically (write, fsync, rename).
+/// Replaces `path` atomically (write, rename; not synced: every boot and renewal rewrites it).
 pub fn write_resolv_conf(path: &Path, servers: &[Ipv4Addr]) -> Result<(), NetworkError> {
     let err = |source| NetworkError::Resolv {
         path: path.to_path_buf(),
@@ -339,7 +340,7 @@ pub fn write_resolv_conf(path: &Path, servers: &[Ipv4Addr]) -> Result<(), Networ
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     // A dangling /etc/resolv.conf link (to a resolver's /run file) is replaced, not followed.
-    openshell_shared::fsutil::write_atomic(path, text.as_bytes()).map_err(err)
+    openshell_shared::fsutil::write_atomic_unsynced(path, text.as_bytes()).map_err(err)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub const PHASE: Phase = Phase {
     name: "network-cleanup",
     after: &["mounts"],
     fatal: false,
+    waits: false,
     purpose: "remove stale IPAM leases, CNI results, netns files and pod links",
     run,
 };

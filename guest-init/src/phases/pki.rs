@@ -41,6 +41,7 @@ pub const PHASE: Phase = Phase {
     name: "pki",
     after: &["config"],
     fatal: false,
+    waits: false,
     purpose: "keep or issue the gateway's CA, server and client certificates; write their Secrets",
     run,
 };

@@ -15,6 +15,7 @@ pub const PHASE: Phase = Phase {
     name: "runtime-cleanup",
     after: &["mounts"],
     fatal: false,
+    waits: false,
     purpose: "remove stale containerd task/shim state, sockets and the k3s node password",
     run,
 };
