@@ -237,6 +237,32 @@ fn supervise_passes_the_exit_status_through() {
     assert!(events.iter().any(|e| e["msg"]["type"] == "ready"));
 }
 
+/// The workload starts with no signal blocked (init blocks its handled signals for a signalfd)
+/// and leads a process group of its own, which is what shutdown signals outside PID 1.
+#[test]
+fn supervise_starts_the_workload_unblocked_in_its_own_group() {
+    let script = r#"
+        read -r line < /proc/self/stat
+        rest=${line##*) }
+        set -- $rest
+        pgid=$3
+        blocked=$(awk '/^SigBlk/ {print $2}' /proc/self/status)
+        [ "$pgid" = "$$" ] || { echo "pgid $pgid, pid $$"; exit 3; }
+        [ "$blocked" = 0000000000000000 ] || { echo "blocked $blocked"; exit 4; }
+        exit 0
+    "#;
+    let out = Command::new(BIN)
+        .args(["supervise", "--", "/bin/sh", "-c", script])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 #[test]
 fn supervise_reaps_orphans() {
     // Orphans re-parent to the supervisor (a subreaper, like PID 1); after they end, none of
