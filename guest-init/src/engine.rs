@@ -1,5 +1,5 @@
-//! The phase engine: runs a plan in waves, each wave being the phases whose dependencies are all
-//! done, concurrently when a wave holds more than one. Reports start and finish of every phase.
+//! The phase engine: runs a plan, each phase once the phases it runs after are done, on threads
+//! where that pays. Reports start and finish of every phase.
 
 use std::collections::HashSet;
 
@@ -78,52 +78,96 @@ fn parallel() -> bool {
     std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
 }
 
-/// Runs the plan. Non-fatal failures are reported and boot goes on; the first fatal one stops
-/// the plan after its wave.
+/// Runs the plan, starting each phase as soon as the phases it runs after are done (not wave by
+/// wave: a phase that waits on the network should not wait for unrelated phases first).
+/// Non-fatal failures are reported and boot goes on; after the first fatal one nothing new
+/// starts, phases already running finish, and the failure is returned.
+///
+/// With more than one CPU every phase gets a thread. On one vCPU under emulation a thread's
+/// creation costs more than the phases it would overlap, so only phases that wait (`waits`) get
+/// one, and the rest run inline in plan order.
 pub fn run(ctx: &Ctx, plan: &[&'static Phase]) -> Result<(), Fatal> {
-    let waves = waves(plan).map_err(|error| Fatal {
+    waves(plan).map_err(|error| Fatal {
         phase: "plan",
         error,
     })?;
-    for wave in waves {
-        // Threads only pay with a second CPU to run them on: on one vCPU under emulation, a
-        // thread's creation costs more than the phases it would overlap.
-        let threaded = wave.len() > 1 && parallel();
-        let failures: Vec<(&'static Phase, Option<String>)> =
-            if wave.len() == 1 || !wave.iter().any(|p| threaded || p.waits) {
-                wave.iter().map(|p| (*p, run_one(ctx, p))).collect()
-            } else {
-                std::thread::scope(|s| {
-                    // Threads first, so a waiting phase's wait overlaps the inline ones' work.
-                    let handles: Vec<_> = wave
-                        .iter()
-                        .filter(|p| threaded || p.waits)
-                        .map(|p| (*p, s.spawn(move || run_one(ctx, p))))
-                        .collect();
-                    let mut results: Vec<_> = wave
-                        .iter()
-                        .filter(|p| !(threaded || p.waits))
-                        .map(|p| (*p, run_one(ctx, p)))
-                        .collect();
-                    results.extend(handles.into_iter().map(|(p, h)| {
-                        let r = h
-                            .join()
-                            .unwrap_or_else(|_| Some("phase panicked".to_string()));
-                        (p, r)
-                    }));
-                    results
-                })
-            };
-        if let Some((phase, Some(error))) =
-            failures.into_iter().find(|(p, f)| p.fatal && f.is_some())
-        {
-            return Err(Fatal {
+    let threaded = parallel();
+    let mut progress = Progress::default();
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel::<(&'static Phase, Option<String>)>();
+        let mut running = 0usize;
+        loop {
+            while let Ok((phase, failure)) = rx.try_recv() {
+                running -= 1;
+                progress.finish(phase, failure);
+            }
+            if progress.fatal.is_none() {
+                // Threads first, so their waits overlap the inline phases' work.
+                let spawn: Vec<&'static Phase> = plan
+                    .iter()
+                    .copied()
+                    .filter(|p| progress.ready(p) && (threaded || p.waits))
+                    .collect();
+                for phase in spawn {
+                    progress.started.insert(phase.name);
+                    running += 1;
+                    let tx = tx.clone();
+                    s.spawn(move || {
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            run_one(ctx, phase)
+                        }))
+                        .unwrap_or_else(|_| Some("phase panicked".to_string()));
+                        let _ = tx.send((phase, result));
+                    });
+                }
+                if let Some(phase) = plan.iter().copied().find(|p| progress.ready(p)) {
+                    progress.started.insert(phase.name);
+                    let failure = run_one(ctx, phase);
+                    progress.finish(phase, failure);
+                    continue;
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            match rx.recv() {
+                Ok((phase, failure)) => {
+                    running -= 1;
+                    progress.finish(phase, failure);
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    match progress.fatal {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}
+
+/// Where a run of the plan stands.
+#[derive(Default)]
+struct Progress {
+    started: HashSet<&'static str>,
+    done: HashSet<&'static str>,
+    /// The first fatal failure.
+    fatal: Option<Fatal>,
+}
+
+impl Progress {
+    fn ready(&self, p: &Phase) -> bool {
+        !self.started.contains(p.name) && p.after.iter().all(|d| self.done.contains(d))
+    }
+
+    fn finish(&mut self, phase: &'static Phase, failure: Option<String>) {
+        self.done.insert(phase.name);
+        if let (true, Some(error), None) = (phase.fatal, failure, &self.fatal) {
+            self.fatal = Some(Fatal {
                 phase: phase.name,
                 error,
             });
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -312,6 +356,46 @@ mod tests {
         let order = ORDER.lock().expect("order").clone();
         assert_eq!(order.first(), Some(&"a"));
         assert_eq!(order.last(), Some(&"d"));
+    }
+
+    fn long_wait(_: &Ctx) -> PhaseResult {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        record("w")
+    }
+    /// Waits 100 ms, after b only.
+    const W: Phase = Phase {
+        name: "w",
+        after: &["b"],
+        fatal: true,
+        waits: true,
+        purpose: "",
+        run: long_wait,
+    };
+    const D_AFTER_C: Phase = Phase {
+        name: "d",
+        after: &["c"],
+        fatal: true,
+        waits: false,
+        purpose: "",
+        run: c,
+    };
+
+    /// A waiting phase starts the moment its own dependencies are done: w (100 ms, after b)
+    /// overlaps c and d (50 ms each, after a and c), 150 ms in all. Run wave by wave (b and c,
+    /// then w beside d) it would take 200 ms.
+    #[test]
+    fn a_waiting_phase_starts_as_soon_as_it_can() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0).expect("cpu 0");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("affinity");
+        ORDER.lock().expect("order").clear();
+        let watch = Stopwatch::start();
+        run(&ctx(), &[&A, &B, &C, &D_AFTER_C, &W]).expect("runs");
+        let took = watch.elapsed_us();
+        assert!((150_000..185_000).contains(&took), "took {took} us");
+        let order = ORDER.lock().expect("order").clone();
+        assert!(order.contains(&"w"), "{order:?}");
     }
 
     #[test]

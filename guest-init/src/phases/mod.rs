@@ -99,9 +99,10 @@ impl std::fmt::Debug for Phase {
     }
 }
 
-/// The boot plan, in a valid order; the engine derives concurrency from `after`. Run in
-/// sequence (one CPU), phases of a wave go in this order: `channel` last, because once connected
-/// the boot channel sends its backlog from a thread that would compete with the phases after it.
+/// The boot plan, in a valid order; the engine derives concurrency from `after`. On one CPU,
+/// phases that are ready at the same time run in this order (a waiting phase such as `network`
+/// starts on its own thread as soon as it is ready): `channel` last, because once connected the
+/// boot channel sends its backlog from a thread that would compete with the phases after it.
 pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
