@@ -321,18 +321,28 @@ mod tests {
             eprintln!("skipped: one CPU, the engine runs phases in sequence");
             return;
         }
-        ORDER.lock().expect("order").clear();
-        let watch = Stopwatch::start();
-        run(&ctx(), &[&A, &B, &C, &D]).expect("runs");
         // b and c sleep 50 ms each; run one after the other they would take 100 ms.
-        assert!(
-            watch.elapsed_us() < 95_000,
-            "took {} us",
-            watch.elapsed_us()
-        );
-        let order = ORDER.lock().expect("order").clone();
+        let (took, order) = timed_run(&[&A, &B, &C, &D]);
+        assert!(took < 95_000, "took {took} us");
         assert_eq!(order.first(), Some(&"a"));
         assert_eq!(order.last(), Some(&"d"));
+    }
+
+    /// Runs `plan`, returning how long it took (us) and the order phases recorded themselves in.
+    fn timed_run(plan: &[&'static Phase]) -> (u64, Vec<&'static str>) {
+        ORDER.lock().expect("order").clear();
+        let watch = Stopwatch::start();
+        run(&ctx(), plan).expect("runs");
+        let took = watch.elapsed_us();
+        (took, ORDER.lock().expect("order").clone())
+    }
+
+    /// One CPU for this thread (and the threads it starts), as in a 1-vCPU guest.
+    fn pin_to_one_cpu() {
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0).expect("cpu 0");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("affinity");
+        assert!(!parallel(), "pinned to one CPU");
     }
 
     /// Whatever the CPU count, a waiting phase does not hold up the rest of its wave: b and c
@@ -340,20 +350,9 @@ mod tests {
     #[test]
     fn a_waiting_phase_overlaps_its_wave() {
         let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        // One CPU for this thread (and the threads it starts), as in a 1-vCPU guest.
-        let mut one = nix::sched::CpuSet::new();
-        one.set(0).expect("cpu 0");
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("affinity");
-        assert!(!parallel(), "pinned to one CPU");
-        ORDER.lock().expect("order").clear();
-        let watch = Stopwatch::start();
-        run(&ctx(), &[&A, &B, &C_WAITS, &D]).expect("runs");
-        assert!(
-            watch.elapsed_us() < 95_000,
-            "took {} us",
-            watch.elapsed_us()
-        );
-        let order = ORDER.lock().expect("order").clone();
+        pin_to_one_cpu();
+        let (took, order) = timed_run(&[&A, &B, &C_WAITS, &D]);
+        assert!(took < 95_000, "took {took} us");
         assert_eq!(order.first(), Some(&"a"));
         assert_eq!(order.last(), Some(&"d"));
     }
@@ -386,15 +385,9 @@ mod tests {
     #[test]
     fn a_waiting_phase_starts_as_soon_as_it_can() {
         let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let mut one = nix::sched::CpuSet::new();
-        one.set(0).expect("cpu 0");
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("affinity");
-        ORDER.lock().expect("order").clear();
-        let watch = Stopwatch::start();
-        run(&ctx(), &[&A, &B, &C, &D_AFTER_C, &W]).expect("runs");
-        let took = watch.elapsed_us();
+        pin_to_one_cpu();
+        let (took, order) = timed_run(&[&A, &B, &C, &D_AFTER_C, &W]);
         assert!((150_000..185_000).contains(&took), "took {took} us");
-        let order = ORDER.lock().expect("order").clone();
         assert!(order.contains(&"w"), "{order:?}");
     }
 

@@ -289,3 +289,20 @@ pub fn set_up_with_mtu(name: &str, mtu: Option<u16>) -> Result<(), NetlinkError>
     }
     request(RouteNetlinkMessage::SetLink(link), 0)
 }
+
+/// Runs `f` on a thread of its own in a new network namespace, for tests against the real
+/// kernel; `None` (said on stderr) where no namespace can be made.
+#[cfg(test)]
+pub fn in_new_netns<T: Send + 'static>(
+    f: impl FnOnce() -> Option<T> + Send + 'static,
+) -> Option<T> {
+    std::thread::spawn(move || {
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+            eprintln!("skipped: cannot create a network namespace here ({e})");
+            return None;
+        }
+        f()
+    })
+    .join()
+    .expect("netns test thread")
+}

@@ -251,16 +251,21 @@ fn supervise_starts_the_workload_unblocked_in_its_own_group() {
         [ "$blocked" = 0000000000000000 ] || { echo "blocked $blocked"; exit 4; }
         exit 0
     "#;
-    let out = Command::new(BIN)
-        .args(["supervise", "--", "/bin/sh", "-c", script])
-        .output()
-        .expect("run");
+    let out = supervise_sh(script);
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// `openshell-init supervise -- /bin/sh -c SCRIPT`, to its end.
+fn supervise_sh(script: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args(["supervise", "--", "/bin/sh", "-c", script])
+        .output()
+        .expect("run")
 }
 
 #[test]
@@ -279,10 +284,7 @@ fn supervise_reaps_orphans() {
         done
         exit $n
     "#;
-    let out = Command::new(BIN)
-        .args(["supervise", "--", "/bin/sh", "-c", script])
-        .output()
-        .expect("run");
+    let out = supervise_sh(script);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -147,9 +147,7 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
     let mut rss = Vec::new();
     for i in 0..runs {
         eprintln!("xtask bench: boot {}/{runs} ({})", i + 1, arch.name());
-        let mut ours = up::host_up(&host, arch, "bench", &a, &root);
-        with_network(&mut ours)?;
-        let status = ours
+        let status = bench_up(&host, arch, &a, &root)?
             .arg("--report")
             .arg(&report)
             .args(["--json", "--exec", "/bin/true"])
@@ -168,9 +166,7 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
         // hello on the boot channel, so `up` ends with the VM and an error; the kernel log has
         // the timings.
         let _ = std::fs::remove_file(&shell_console);
-        let mut shell = up::host_up(&host, arch, "bench", &a, &root);
-        with_network(&mut shell)?;
-        let _ = shell
+        let _ = bench_up(&host, arch, &a, &root)?
             .arg("--console-log")
             .arg(&shell_console)
             .args(["--timeout", "60", "--cmdline-extra"])
@@ -191,14 +187,21 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
     Ok(print_and_judge(arch, runs, &samples, init_size, &rss))
 }
 
-/// A network as users boot with it: passt, the guest's DHCP, one forward.
-fn with_network(cmd: &mut std::process::Command) -> Result<()> {
+/// `openshell-host up` of the bench instance with a network as users boot with it: passt, the
+/// guest's DHCP, one forward.
+fn bench_up(
+    host: &Path,
+    arch: Arch,
+    a: &crate::Artifacts,
+    root: &Path,
+) -> Result<std::process::Command> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| Error::msg(format!("no free port: {e}")))?;
+    let mut cmd = up::host_up(host, arch, "bench", a, root);
     cmd.args(["--net", "passt", "--port", &format!("{port}:30051")]);
-    Ok(())
+    Ok(cmd)
 }
 
 /// The shell init's entry-to-workload time from its two kernel-log lines, in milliseconds.

@@ -521,11 +521,7 @@ mod tests {
     /// probe asked for by two groups does not collide with itself.
     #[test]
     fn link_probes_leave_the_callers_namespace_untouched() {
-        let result = std::thread::spawn(|| {
-            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-                eprintln!("skipped: cannot create a network namespace here ({e})");
-                return None;
-            }
+        let result = crate::netlink::in_new_netns(|| {
             let groups = parse_groups(
                 "# group: net - x\nCONFIG_BRIDGE=y\nCONFIG_VETH=y\n# group: again - y\nCONFIG_VETH=y\n",
             );
@@ -536,9 +532,7 @@ mod tests {
                 .map(|l| l.name)
                 .collect();
             Some((report, links))
-        })
-        .join()
-        .expect("thread");
+        });
         if let Some((report, links)) = result {
             assert_eq!(report.probed, 3);
             assert!(report.missing.is_empty(), "{:?}", report.missing);
@@ -550,11 +544,7 @@ mod tests {
     /// loaded it on a modular kernel) is confirmed, a made-up one is not, and nothing is created.
     #[test]
     fn link_kinds_are_confirmed_without_creating_links() {
-        let result = std::thread::spawn(|| {
-            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-                eprintln!("skipped: cannot create a network namespace here ({e})");
-                return None;
-            }
+        let result = crate::netlink::in_new_netns(|| {
             let created = run_probe(Path::new("/"), Probe::Veth, "", "");
             let veth = netlink::link_kind_known(InfoKind::Veth);
             let made_up = netlink::link_kind_known(InfoKind::Other("_osh_nokind".into()));
@@ -565,9 +555,7 @@ mod tests {
                 .collect();
             let known = kinds_known(&[Probe::Veth, Probe::Veth]);
             Some((created, veth, made_up, links, known))
-        })
-        .join()
-        .expect("thread");
+        });
         if let Some((created, veth, made_up, links, known)) = result {
             assert_eq!(created, Ok(()));
             assert_eq!(veth.expect("veth asked"), Some(true));
@@ -580,11 +568,7 @@ mod tests {
     /// The netlink probes against the real kernel, in a private network namespace.
     #[test]
     fn link_and_nftables_probes_work_on_this_kernel() {
-        let result = std::thread::spawn(|| {
-            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-                eprintln!("skipped: cannot create a network namespace here ({e})");
-                return None;
-            }
+        let result = crate::netlink::in_new_netns(|| {
             let root = Path::new("/");
             Some([
                 run_probe(root, Probe::Link("dummy"), "", ""),
@@ -593,9 +577,7 @@ mod tests {
                 run_probe(root, Probe::Veth, "", ""), // again: the first left nothing behind
                 run_probe(root, Probe::NfTables, "", ""),
             ])
-        })
-        .join()
-        .expect("thread");
+        });
         if let Some(results) = result {
             let [dummy, links @ .., nftables] = results;
             for r in links {

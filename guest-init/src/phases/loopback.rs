@@ -114,11 +114,7 @@ mod tests {
     /// Real kernel round trip in a private network namespace, where lo starts down.
     #[test]
     fn brings_lo_up_in_a_new_netns() {
-        let child = std::thread::spawn(|| {
-            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-                eprintln!("skipped: cannot create a network namespace here ({e})");
-                return None;
-            }
+        let child = crate::netlink::in_new_netns(|| {
             // In a fresh namespace lo is down.
             let before = lo_is_up();
             // A link that does not exist is the kernel's ENODEV, named.
@@ -135,7 +131,7 @@ mod tests {
             set_up("lo").expect("lo up");
             Some((before, lo_is_up()))
         });
-        if let Some((before, after)) = child.join().expect("thread") {
+        if let Some((before, after)) = child {
             assert!(!before, "lo already up in a fresh namespace");
             assert!(after, "lo not up after the phase");
         }
