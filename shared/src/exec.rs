@@ -402,12 +402,7 @@ impl ExecDecoder {
         if self.failed || self.buf.is_empty() {
             return Ok(());
         }
-        let need = if self.buf.len() < HEADER_LEN {
-            HEADER_LEN
-        } else {
-            HEADER_LEN
-                + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
-        };
+        let need = crate::protocol::partial_frame_needs(&self.buf);
         Err(ExecError::Truncated {
             frame: self.frames,
             have: self.buf.len(),

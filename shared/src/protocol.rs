@@ -366,12 +366,7 @@ impl FrameDecoder {
         if self.failed || self.buf.is_empty() {
             return Ok(());
         }
-        let need = if self.buf.len() < HEADER_LEN {
-            HEADER_LEN
-        } else {
-            HEADER_LEN
-                + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
-        };
+        let need = partial_frame_needs(&self.buf);
         Err(ProtocolError::Truncated {
             seq_hint: self.frames_seen,
             have: self.buf.len(),
@@ -383,6 +378,16 @@ impl FrameDecoder {
         self.failed = true;
         self.buf = Vec::new();
         err
+    }
+}
+
+/// How many bytes the frame starting `buf` needs in all (header and body): what a truncation
+/// error reports for a stream that ended inside a frame. Both framings on vsock (boot channel
+/// and exec) share the 4-byte big-endian length header.
+pub(crate) fn partial_frame_needs(buf: &[u8]) -> usize {
+    match buf {
+        [a, b, c, d, ..] => HEADER_LEN + u32::from_be_bytes([*a, *b, *c, *d]) as usize,
+        _ => HEADER_LEN,
     }
 }
 
@@ -421,6 +426,13 @@ impl StreamValidator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_frame_needs_its_header_then_its_declared_length() {
+        assert_eq!(partial_frame_needs(&[]), 4);
+        assert_eq!(partial_frame_needs(&[0, 0]), 4);
+        assert_eq!(partial_frame_needs(&[0, 0, 1, 0, b'{']), 4 + 256);
+    }
     use proptest::prelude::*;
 
     fn hello(seq: u64) -> Envelope<GuestMessage> {
