@@ -15,6 +15,7 @@ mod libkrun;
 mod progress;
 mod rootfs;
 mod test;
+mod test_gateway;
 mod tools;
 mod up;
 

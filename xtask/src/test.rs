@@ -149,6 +149,10 @@ pub fn run(args: TestArgs) -> Result<()> {
             )?;
         }
     }
+    // After the VM tests: a Debian root, built twice and booted with the stand-in k3s.
+    eprintln!("xtask test: gateway root filesystem (x86_64, stand-in k3s)");
+    crate::test_gateway::run()
+        .map_err(|e| Error::msg(format!("step `gateway root filesystem` failed: {e}")))?;
     step(
         "openshell-host builds for macOS",
         Command::new(cargo()).args([
