@@ -68,13 +68,10 @@ pub struct Built {
 
 /// Builds (or finds) the gateway root for `arch` with openshell-init (built by `init`, once the
 /// inputs are known to be there) as PID 1.
-pub fn build(
-    arch: Arch,
-    init: impl FnOnce() -> Result<PathBuf>,
-    inputs: &Inputs,
-) -> Result<Built> {
+pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs) -> Result<Built> {
     // Everything that can be missing is checked before debootstrap runs.
-    let k3s = k3s::resolve_k3s(arch, inputs.k3s.as_deref()).map_err(|e| Error::msg(e.to_string()))?;
+    let k3s =
+        k3s::resolve_k3s(arch, inputs.k3s.as_deref()).map_err(|e| Error::msg(e.to_string()))?;
     if !k3s.pinned {
         eprintln!(
             "xtask: warning: k3s {} (SHA-256 {}) is not the pinned {} {}: the root is marked unpinned",
@@ -147,7 +144,10 @@ struct Assembly<'a> {
 }
 
 fn assemble(root: &Path, a: &Assembly) -> Result<()> {
-    eprintln!("xtask: assembling gateway root filesystem for {}", a.arch.name());
+    eprintln!(
+        "xtask: assembling gateway root filesystem for {}",
+        a.arch.name()
+    );
     rootfs::copy_tree(&a.stage.join("root"), root)?;
     for dir in [
         "usr/local/bin",
@@ -245,7 +245,9 @@ fn copy_with_progress(from: &Path, to: &Path) -> Result<()> {
         Some(len),
         &format!(
             "copy {}",
-            from.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            from.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
         ),
     );
     let mut src = std::fs::File::open(from).map_err(|e| Error::io("open", from, e))?;
@@ -284,14 +286,23 @@ pub fn debootstrap(arch: Arch) -> Result<PathBuf> {
     for c in CLEANUP {
         key.str(&format!("{c:?}"));
     }
-    let dest = cache::root()
-        .join("debootstrap")
-        .join(format!("{SUITE}-{}-{}", arch.debian(), key.finish()));
+    let dest = cache::root().join("debootstrap").join(format!(
+        "{SUITE}-{}-{}",
+        arch.debian(),
+        key.finish()
+    ));
     cache::entry(&dest, |tmp| {
-        let tool = run_output(Command::new("dpkg-query").args(["-W", "-f", "${Version}", "debootstrap"]))
-            .map_err(|_| {
-                Error::msg("debootstrap is not installed: apt-get install debootstrap (as .ci/run does)")
-            })?;
+        let tool = run_output(Command::new("dpkg-query").args([
+            "-W",
+            "-f",
+            "${Version}",
+            "debootstrap",
+        ]))
+        .map_err(|_| {
+            Error::msg(
+                "debootstrap is not installed: apt-get install debootstrap (as .ci/run does)",
+            )
+        })?;
         if arch != Arch::host() {
             ensure_binfmt(arch)?;
         }
@@ -300,7 +311,10 @@ pub fn debootstrap(arch: Arch) -> Result<PathBuf> {
         cleanup(&root)?;
         let list = run_output(
             Command::new("dpkg-query")
-                .arg(format!("--admindir={}", root.join("var/lib/dpkg").display()))
+                .arg(format!(
+                    "--admindir={}",
+                    root.join("var/lib/dpkg").display()
+                ))
                 .args(["-W", "-f", "${Package}\t${Version}\t${Architecture}\n"]),
         )?;
         let mut lines: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
@@ -385,9 +399,10 @@ fn run_debootstrap(arch: Arch, root: &Path) -> Result<()> {
 fn stage_of(detail: &str) -> String {
     let first = detail.split_whitespace().next().unwrap_or("");
     match first {
-        "Retrieving" | "Validating" | "Extracting" | "Unpacking" | "Configuring" => {
-            first.to_string()
-        }
+        // One line each off a terminal, not one per package.
+        "Retrieving" | "Validating" => "Retrieving packages".into(),
+        "Extracting" => "Extracting packages".into(),
+        "Unpacking" | "Configuring" => "Unpacking and configuring packages".into(),
         _ => detail.trim_end_matches("...").to_string(),
     }
 }
@@ -399,9 +414,8 @@ fn stage_of(detail: &str) -> String {
 pub fn ensure_binfmt(arch: Arch) -> Result<()> {
     let dir = Path::new("/proc/sys/fs/binfmt_misc");
     let entry = dir.join(format!("qemu-{}", arch.name()));
-    let enabled = || {
-        std::fs::read_to_string(&entry).is_ok_and(|t| t.lines().next() == Some("enabled"))
-    };
+    let enabled =
+        || std::fs::read_to_string(&entry).is_ok_and(|t| t.lines().next() == Some("enabled"));
     if enabled() {
         return Ok(());
     }
@@ -562,7 +576,12 @@ pub fn parse_packages(tsv: &str) -> BTreeMap<String, String> {
         .filter_map(|l| {
             let mut f = l.split('\t');
             let (name, version, arch) = (f.next()?, f.next()?, f.next().unwrap_or(""));
-            (!name.is_empty()).then(|| (name.to_string(), format!("{version} {arch}").trim().to_string()))
+            (!name.is_empty()).then(|| {
+                (
+                    name.to_string(),
+                    format!("{version} {arch}").trim().to_string(),
+                )
+            })
         })
         .collect()
 }
@@ -583,7 +602,10 @@ pub fn tree_hash(root: &Path) -> Result<String> {
         let m = std::fs::symlink_metadata(&p).map_err(|e| Error::io("stat", &p, e))?;
         let ft = m.file_type();
         let what = if ft.is_file() {
-            format!("f {}", k3s::sha256_of(&p).map_err(|e| Error::msg(e.to_string()))?)
+            format!(
+                "f {}",
+                k3s::sha256_of(&p).map_err(|e| Error::msg(e.to_string()))?
+            )
         } else if ft.is_symlink() {
             let t = std::fs::read_link(&p).map_err(|e| Error::io("readlink", &p, e))?;
             format!("l {}", t.display())
@@ -784,8 +806,11 @@ mod tests {
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(&p, f).expect("write");
         }
-        std::fs::write(r.join("etc/shadow"), "root:*:20781:0:99999:7:::\nnobody:*:20781:0:99999:7:::\n")
-            .expect("shadow");
+        std::fs::write(
+            r.join("etc/shadow"),
+            "root:*:20781:0:99999:7:::\nnobody:*:20781:0:99999:7:::\n",
+        )
+        .expect("shadow");
         std::os::unix::fs::symlink("/etc/passwd", r.join("var/log/link")).expect("link");
         cleanup(r).expect("cleanup");
         for gone in &files[..15] {
@@ -795,7 +820,12 @@ mod tests {
         for kept in &files[15..] {
             assert!(r.join(kept).is_file(), "{kept} should stay");
         }
-        for dir in ["var/log/apt", "var/cache/apt/archives", "var/lib/apt/lists", "tmp"] {
+        for dir in [
+            "var/log/apt",
+            "var/cache/apt/archives",
+            "var/lib/apt/lists",
+            "tmp",
+        ] {
             assert!(r.join(dir).is_dir(), "{dir} stays a directory");
         }
         assert_eq!(
@@ -808,9 +838,16 @@ mod tests {
 
     #[test]
     fn debootstrap_stages_are_named() {
-        assert_eq!(stage_of("Retrieving libc6 2.36-9"), "Retrieving");
-        assert_eq!(stage_of("Installing core packages..."), "Installing core packages");
-        assert_eq!(stage_of("Base system installed successfully."), "Base system installed successfully.");
+        assert_eq!(stage_of("Retrieving libc6 2.36-9"), "Retrieving packages");
+        assert_eq!(stage_of("Validating libc6 2.36-9"), "Retrieving packages");
+        assert_eq!(
+            stage_of("Installing core packages..."),
+            "Installing core packages"
+        );
+        assert_eq!(
+            stage_of("Base system installed successfully."),
+            "Base system installed successfully."
+        );
     }
 
     #[test]

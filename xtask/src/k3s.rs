@@ -239,7 +239,8 @@ pub fn fetch(pin: Pin) -> Result<Input, PinError> {
     }
     match verify(&part, pin.asset, expected) {
         Ok(sha256) => {
-            std::fs::rename(&part, &dest).map_err(|e| failed(format!("{}: {e}", dest.display())))?;
+            std::fs::rename(&part, &dest)
+                .map_err(|e| failed(format!("{}: {e}", dest.display())))?;
             Ok(Input {
                 path: dest,
                 name: pin.asset.to_string(),
@@ -326,7 +327,10 @@ pub fn available(arch: Arch) -> bool {
 
 /// Airgap images for a build: every regular file of `--images DIR` (sorted by name), else a
 /// verified download; `Ok(empty)` when there are none (the first boot then pulls images).
-pub fn resolve_images(arch: Arch, dir: Option<&Path>) -> Result<(Vec<Input>, Option<String>), PinError> {
+pub fn resolve_images(
+    arch: Arch,
+    dir: Option<&Path>,
+) -> Result<(Vec<Input>, Option<String>), PinError> {
     let pin = images_pin(arch);
     if let Some(dir) = dir {
         let read = |source| PinError::Read {
@@ -409,7 +413,7 @@ mod tests {
         for part in [
             "k3s v1.35.2+k3s1 for x86_64",
             "download failed: no network",
-            "https://github.com/k3s-io/k3s/releases/download/v1.35.2%2Bk3s1/k3s ",
+            "https://github.com/k3s-io/k3s/releases/download/v1.35.2%2Bk3s1/k3s, expected SHA-256",
             "3ae8e35a62ac83e8e197c117858a564134057a7b8703cf73e67ce60d19f4a22b",
             "--k3s FILE",
             "--images DIR",

@@ -16,6 +16,9 @@ pub struct TestArgs {
     /// Seconds of fuzzing (0 skips it).
     #[arg(long, default_value_t = 30)]
     pub fuzz_seconds: u32,
+    /// Run only the gateway root filesystem step (build twice, manifest checks, boot).
+    #[arg(long)]
+    pub gateway_only: bool,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -88,6 +91,9 @@ fn test_step(name: &str, cmd: &mut Command, tally: &mut Tally) -> Result<()> {
 }
 
 pub fn run(args: TestArgs) -> Result<()> {
+    if args.gateway_only {
+        return crate::test_gateway::run();
+    }
     step(
         "cargo fmt --check",
         Command::new(cargo()).args(["fmt", "--all", "--", "--check"]),

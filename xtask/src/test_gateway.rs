@@ -36,7 +36,10 @@ pub fn run() -> Result<()> {
     let init = tools::init(arch)?;
     let first = gateway::build(arch, || Ok(init.clone()), &inputs)?;
     let text = check_manifest(&first.root, &fake, &image, &init)?;
-    eprintln!("xtask test: gateway manifest checked ({})", first.root.display());
+    eprintln!(
+        "xtask test: gateway manifest checked ({})",
+        first.root.display()
+    );
 
     // Same inputs, fresh cache: debootstrap and assembly run again.
     let other = tempfile::Builder::new()
@@ -66,11 +69,17 @@ pub fn run() -> Result<()> {
             second.root.display()
         )));
     }
-    let (h1, h2) = (gateway::tree_hash(&first.root)?, gateway::tree_hash(&second.root)?);
+    let (h1, h2) = (
+        gateway::tree_hash(&first.root)?,
+        gateway::tree_hash(&second.root)?,
+    );
     if h1 != h2 {
         return Err(fail(format!("tree hashes differ: {h1} and {h2}")));
     }
-    eprintln!("xtask test: gateway root rebuilt from scratch: same key {}, identical manifest, tree {h1}", first.key);
+    eprintln!(
+        "xtask test: gateway root rebuilt from scratch: same key {}, identical manifest, tree {h1}",
+        first.key
+    );
     drop(other);
 
     boot(arch, &first.root)
@@ -94,7 +103,13 @@ fn check_manifest(root: &Path, fake: &Path, image: &Path, init: &Path) -> Result
     let text = read(&root.join("manifest.json"))?;
     let m: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| fail(format!("manifest.json: {e}")))?;
-    let want = |ok: bool, what: &str| if ok { Ok(()) } else { Err(fail(what.to_string())) };
+    let want = |ok: bool, what: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(fail(what.to_string()))
+        }
+    };
     let packages = &m["debian"]["packages"];
     for p in gateway::PACKAGES.iter().chain(&["dpkg", "libc6"]) {
         want(
@@ -103,11 +118,20 @@ fn check_manifest(root: &Path, fake: &Path, image: &Path, init: &Path) -> Result
         )?;
     }
     for p in ["python3", "sqlite3", "systemd"] {
-        want(packages.get(p).is_none(), &format!("{p} must not be in the root"))?;
+        want(
+            packages.get(p).is_none(),
+            &format!("{p} must not be in the root"),
+        )?;
     }
     let fake_sha = cache::sha256_file(fake)?;
-    want(m["k3s"]["sha256"] == fake_sha.as_str(), "k3s.sha256 is not the stand-in's")?;
-    want(m["k3s"]["pinned"] == false, "the stand-in k3s is not flagged unpinned")?;
+    want(
+        m["k3s"]["sha256"] == fake_sha.as_str(),
+        "k3s.sha256 is not the stand-in's",
+    )?;
+    want(
+        m["k3s"]["pinned"] == false,
+        "the stand-in k3s is not flagged unpinned",
+    )?;
     want(
         m["unpinned"]
             .as_array()
@@ -146,10 +170,20 @@ fn check_manifest(root: &Path, fake: &Path, image: &Path, init: &Path) -> Result
         "usr/sbin/nft",
         "usr/sbin/iptables",
     ] {
-        want(root.join(f).exists(), &format!("{f} is missing from the root"))?;
+        want(
+            root.join(f).exists(),
+            &format!("{f} is missing from the root"),
+        )?;
     }
-    for gone in ["var/log/dpkg.log", "var/cache/ldconfig/aux-cache", "etc/resolv.conf"] {
-        want(!root.join(gone).exists(), &format!("{gone} should have been removed"))?;
+    for gone in [
+        "var/log/dpkg.log",
+        "var/cache/ldconfig/aux-cache",
+        "etc/resolv.conf",
+    ] {
+        want(
+            !root.join(gone).exists(),
+            &format!("{gone} should have been removed"),
+        )?;
     }
     let lists = root.join("var/lib/apt/lists");
     want(
@@ -185,26 +219,37 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
     let report = work.path().join("report.json");
     let log = work.path().join("up.log");
     let mut up = Command::new(&host);
-    up.args(["up", "--arch", arch.name(), "--name", "gateway-test", "--net", "none"])
-        .arg("--kernel")
-        .arg(&a.kernel)
-        .arg("--rootfs")
-        .arg(&root)
-        .arg("--vsock-helper")
-        .arg(&a.vsock_helper)
-        .arg("--run-dir")
-        .arg(work.path().join("run"))
-        .arg("--report")
-        .arg(&report)
-        .args(["--detach", "--ready-timeout", "600"]);
+    up.args([
+        "up",
+        "--arch",
+        arch.name(),
+        "--name",
+        "gateway-test",
+        "--net",
+        "none",
+    ])
+    .arg("--kernel")
+    .arg(&a.kernel)
+    .arg("--rootfs")
+    .arg(&root)
+    .arg("--vsock-helper")
+    .arg(&a.vsock_helper)
+    .arg("--run-dir")
+    .arg(work.path().join("run"))
+    .arg("--report")
+    .arg(&report)
+    .args(["--detach", "--ready-timeout", "600"]);
     env(&mut up);
     let started = Instant::now();
     let out = up
         .output()
         .map_err(|e| fail(format!("cannot run {}: {e}", host.display())))?;
     let took = started.elapsed();
-    std::fs::write(&log, [out.stdout.as_slice(), out.stderr.as_slice()].concat())
-        .map_err(|e| Error::io("write", &log, e))?;
+    std::fs::write(
+        &log,
+        [out.stdout.as_slice(), out.stderr.as_slice()].concat(),
+    )
+    .map_err(|e| Error::io("write", &log, e))?;
     let mut down = Command::new(&host);
     down.args(["down", "--name", "gateway-test", "--timeout", "60"]);
     env(&mut down);
@@ -219,9 +264,13 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
             tail(&console, 40)
         )));
     }
-    let stages = read(&work.path().join("state/openshell/gateway-test/last-boot.json"))
-        .or_else(|_| read(&report))
-        .unwrap_or_default();
+    let stages = read(
+        &work
+            .path()
+            .join("state/openshell/gateway-test/last-boot.json"),
+    )
+    .or_else(|_| read(&report))
+    .unwrap_or_default();
     if !stages.contains("gateway-ready") {
         return Err(fail(format!(
             "ready without a gateway-ready stage in the boot report:\n{}",

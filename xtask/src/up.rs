@@ -77,11 +77,17 @@ pub fn run(args: UpArgs) -> Result<i32> {
     // other's state (a gateway keeps its cluster in its root).
     let copy_name = match profile {
         Profile::Base => {
-            eprintln!("xtask: booting profile `base` ({}): {why}", args.arch.name());
+            eprintln!(
+                "xtask: booting profile `base` ({}): {why}",
+                args.arch.name()
+            );
             args.name.clone()
         }
         Profile::Gateway => {
-            eprintln!("xtask: booting profile `gateway` ({}): {why}", args.arch.name());
+            eprintln!(
+                "xtask: booting profile `gateway` ({}): {why}",
+                args.arch.name()
+            );
             let init = a.init.clone();
             a.rootfs = gateway::build(args.arch, || Ok(init), &args.gateway)?.root;
             format!("{}-gateway", args.name)
@@ -148,9 +154,18 @@ mod tests {
     fn gateway_when_k3s_is_available_base_otherwise() {
         let pick = |forced, k, i, cached| choose(forced, &inputs(k, i), cached).map(|c| c.0);
         assert_eq!(pick(None, false, false, false).expect("ok"), Profile::Base);
-        assert_eq!(pick(None, true, false, false).expect("ok"), Profile::Gateway);
-        assert_eq!(pick(None, false, true, false).expect("ok"), Profile::Gateway);
-        assert_eq!(pick(None, false, false, true).expect("ok"), Profile::Gateway);
+        assert_eq!(
+            pick(None, true, false, false).expect("ok"),
+            Profile::Gateway
+        );
+        assert_eq!(
+            pick(None, false, true, false).expect("ok"),
+            Profile::Gateway
+        );
+        assert_eq!(
+            pick(None, false, false, true).expect("ok"),
+            Profile::Gateway
+        );
         assert_eq!(
             pick(Some(Profile::Base), false, false, true).expect("ok"),
             Profile::Base
