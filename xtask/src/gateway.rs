@@ -292,17 +292,13 @@ pub fn debootstrap(arch: Arch) -> Result<PathBuf> {
         key.finish()
     ));
     cache::entry(&dest, |tmp| {
-        let tool = run_output(Command::new("dpkg-query").args([
-            "-W",
-            "-f",
-            "${Version}",
-            "debootstrap",
-        ]))
-        .map_err(|_| {
-            Error::msg(
+        let tool =
+            run_output(Command::new("dpkg-query").args(["-W", "-f", "${Version}", "debootstrap"]))
+                .map_err(|_| {
+                    Error::msg(
                 "debootstrap is not installed: apt-get install debootstrap (as .ci/run does)",
             )
-        })?;
+                })?;
         if arch != Arch::host() {
             ensure_binfmt(arch)?;
         }
@@ -590,6 +586,15 @@ pub fn parse_packages(tsv: &str) -> BTreeMap<String, String> {
 /// content (files), target (links) or device number, in sorted order.
 pub fn tree_hash(root: &Path) -> Result<String> {
     let mut h = Sha256::new();
+    for (rel, what) in tree_entries(root)? {
+        h.update(format!("{rel}\0{what}\n").as_bytes());
+    }
+    Ok(cache::hex(&h.finalize()))
+}
+
+/// Each entry of the tree (but `manifest.json`) with its mode, owner and content digest.
+pub fn tree_entries(root: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
     for p in rootfs::walk(root)? {
         let rel = p
             .strip_prefix(root)
@@ -616,9 +621,12 @@ pub fn tree_hash(root: &Path) -> Result<String> {
         } else {
             "o".to_string()
         };
-        h.update(format!("{rel}\0{:o}\0{}:{}\0{what}\n", m.mode(), m.uid(), m.gid()).as_bytes());
+        out.insert(
+            rel,
+            format!("{:o} {}:{} {what}", m.mode(), m.uid(), m.gid()),
+        );
     }
-    Ok(cache::hex(&h.finalize()))
+    Ok(out)
 }
 
 /// What `manifest.json` records.

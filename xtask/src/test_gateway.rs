@@ -61,20 +61,32 @@ pub fn run() -> Result<()> {
         )));
     }
     let text2 = read(&second.root.join("manifest.json"))?;
-    if text2 != text {
-        let diff = first_difference(&text, &text2);
-        return Err(fail(format!(
-            "two builds from the same inputs differ in manifest.json ({} and {}): {diff}",
-            first.root.display(),
-            second.root.display()
-        )));
-    }
     let (h1, h2) = (
         gateway::tree_hash(&first.root)?,
         gateway::tree_hash(&second.root)?,
     );
-    if h1 != h2 {
-        return Err(fail(format!("tree hashes differ: {h1} and {h2}")));
+    if text2 != text || h1 != h2 {
+        let (ea, eb) = (
+            gateway::tree_entries(&first.root)?,
+            gateway::tree_entries(&second.root)?,
+        );
+        let differ: Vec<String> = ea
+            .keys()
+            .chain(eb.keys())
+            .filter(|k| ea.get(*k) != eb.get(*k))
+            .take(20)
+            .cloned()
+            .collect();
+        // Kept for inspection.
+        let kept = other.into_path();
+        return Err(fail(format!(
+            "two builds from the same inputs differ ({} and {}, under {}): manifest.json {}; files: {}",
+            first.root.display(),
+            second.root.display(),
+            kept.display(),
+            first_difference(&text, &text2),
+            differ.join(", ")
+        )));
     }
     eprintln!(
         "xtask test: gateway root rebuilt from scratch: same key {}, identical manifest, tree {h1}",
