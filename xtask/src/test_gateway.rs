@@ -78,7 +78,7 @@ pub fn run() -> Result<()> {
             .cloned()
             .collect();
         // Kept for inspection.
-        let kept = other.into_path();
+        let kept = other.keep();
         return Err(fail(format!(
             "two builds from the same inputs differ ({} and {}, under {}): manifest.json {}; files: {}",
             first.root.display(),
