@@ -72,6 +72,11 @@ pub fn choose(
 
 pub fn run(args: UpArgs) -> Result<i32> {
     let (profile, why) = choose(args.profile, &args.gateway, k3s::available(args.arch))?;
+    if profile == Profile::Gateway {
+        // Before anything is built: no k3s is the same clear error as `rootfs` gives.
+        k3s::resolve_k3s(args.arch, args.gateway.k3s.as_deref())
+            .map_err(|e| Error::msg(e.to_string()))?;
+    }
     let mut a = artifacts(args.arch)?;
     // The writable copies of the two profiles live apart, so booting one never wipes the
     // other's state (a gateway keeps its cluster in its root).
