@@ -183,6 +183,11 @@ fn assemble(root: &Path, a: &Assembly) -> Result<()> {
     let hostname = root.join("etc/hostname");
     std::fs::write(&hostname, format!("{}\n", cfg.hostname))
         .map_err(|e| Error::io("write", &hostname, e))?;
+    if a.arch != Arch::host() {
+        // The root's own init runs here: a foreign one through binfmt_misc, which a cached
+        // debootstrap stage did not need to set up on this boot of the machine.
+        ensure_binfmt(a.arch)?;
+    }
     predeploy_manifests(root, a.init)?;
     let packages = std::fs::read_to_string(a.stage.join("packages.tsv"))
         .map_err(|e| Error::io("read", &a.stage.join("packages.tsv"), e))?;

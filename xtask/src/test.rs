@@ -91,8 +91,12 @@ fn test_step(name: &str, cmd: &mut Command, tally: &mut Tally) -> Result<()> {
 }
 
 pub fn run(args: TestArgs) -> Result<()> {
+    let arches: Vec<Arch> = Arch::ALL
+        .into_iter()
+        .filter(|a| !(args.skip_aarch64 && *a == Arch::Aarch64))
+        .collect();
     if args.gateway_only {
-        return crate::test_gateway::run();
+        return crate::test_gateway::run(&arches);
     }
     step(
         "cargo fmt --check",
@@ -110,10 +114,6 @@ pub fn run(args: TestArgs) -> Result<()> {
             "warnings",
         ]),
     )?;
-    let arches: Vec<Arch> = Arch::ALL
-        .into_iter()
-        .filter(|a| !(args.skip_aarch64 && *a == Arch::Aarch64))
-        .collect();
     let mut cmd = Command::new(cargo());
     cmd.args(["test", "--workspace"])
         .args(&args.cargo_test_args);
@@ -156,8 +156,8 @@ pub fn run(args: TestArgs) -> Result<()> {
         }
     }
     // After the VM tests: a Debian root, built twice and booted with the stand-in k3s.
-    eprintln!("xtask test: gateway root filesystem (x86_64, stand-in k3s)");
-    crate::test_gateway::run()
+    eprintln!("xtask test: gateway root filesystem (stand-in k3s)");
+    crate::test_gateway::run(&arches)
         .map_err(|e| Error::msg(format!("step `gateway root filesystem` failed: {e}")))?;
     step(
         "openshell-host builds for macOS",
