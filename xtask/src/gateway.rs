@@ -25,7 +25,7 @@ use crate::k3s::{self, Input};
 use crate::{progress, rootfs, run_output, Arch, BuildNames, Error, Result};
 
 const DEBOOTSTRAP_RECIPE: &str = "debootstrap-v1";
-const RECIPE: &str = "rootfs-gateway-v1";
+const RECIPE: &str = "rootfs-gateway-v2";
 pub const SUITE: &str = "bookworm";
 pub const VARIANT: &str = "minbase";
 pub const MIRROR: &str = "http://deb.debian.org/debian";
@@ -308,7 +308,12 @@ pub fn debootstrap(arch: Arch) -> Result<PathBuf> {
             ensure_binfmt(arch)?;
         }
         let root = tmp.join("root");
-        run_debootstrap(arch, &root)?;
+        let result = run_debootstrap(arch, &root);
+        // debootstrap mounts proc and sys (and binds /dev nodes in some containers) in the
+        // target and unmounts them on exit; a killed one may not have. Nothing may stay mounted
+        // before the tree is removed or kept.
+        unmount_below(&root)?;
+        result?;
         cleanup(&root)?;
         let list = run_output(
             Command::new("dpkg-query")
@@ -393,6 +398,33 @@ fn run_debootstrap(arch: Arch, root: &Path) -> Result<()> {
         elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+fn unmount_below(dir: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| Error::io("read", Path::new("/proc/self/mounts"), e))?;
+    let mut points = mounts_below(&mounts, dir);
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+            Error::msg(format!(
+                "unmount {} (left by debootstrap): {e}",
+                p.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Mount points in a `/proc/self/mounts` text at or below `dir` (octal escapes decoded).
+fn mounts_below(mounts: &str, dir: &Path) -> Vec<PathBuf> {
+    mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|m| PathBuf::from(m.replace("\\040", " ").replace("\\011", "\t")))
+        .filter(|p| p.starts_with(dir))
+        .collect()
 }
 
 /// debootstrap's current stage from one of its `I:` lines ("Retrieving libc6 2.36" ->
@@ -847,6 +879,25 @@ mod tests {
         );
         // Idempotent: a second run changes nothing and does not fail.
         cleanup(r).expect("again");
+    }
+
+    #[test]
+    fn mounts_left_below_the_target_are_found() {
+        let text = "proc /proc proc rw 0 0\n\
+                    proc /c/.x.tmp-1/root/proc proc rw 0 0\n\
+                    sysfs /c/.x.tmp-1/root/sys sysfs rw 0 0\n\
+                    /dev/vda /c/.x.tmp-1/root/dev/a\\040b ext4 rw 0 0\n\
+                    tmpfs /c/.x.tmp-1/rootfs tmpfs rw 0 0\n";
+        let found = mounts_below(text, Path::new("/c/.x.tmp-1/root"));
+        assert_eq!(
+            found,
+            [
+                "/c/.x.tmp-1/root/proc",
+                "/c/.x.tmp-1/root/sys",
+                "/c/.x.tmp-1/root/dev/a b"
+            ]
+            .map(PathBuf::from)
+        );
     }
 
     #[test]

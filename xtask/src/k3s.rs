@@ -7,7 +7,7 @@
 //! the only way in for it. A local copy that differs from the pin (or has none) is accepted but
 //! recorded as unpinned, in the manifest and on the terminal.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -285,7 +285,6 @@ fn download(url: &str, part: &Path) -> Result<(), String> {
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);
     }
-    let _ = std::io::stderr().flush();
     Err(format!("curl {status}: {}", err.trim()))
 }
 
