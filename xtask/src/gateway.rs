@@ -441,9 +441,10 @@ fn stage_of(detail: &str) -> String {
 }
 
 /// Makes the kernel run `arch`'s binaries through qemu-user (debootstrap's second stage runs the
-/// target's maintainer scripts in a chroot): mounts binfmt_misc when it is not, enables Debian's
-/// qemu-user-static entry with update-binfmts, or registers qemu-<arch>-static directly with the
-/// F flag (the interpreter is opened at registration, so it works inside the chroot).
+/// target's maintainer scripts in a chroot): mounts binfmt_misc when it is not, switches on an
+/// entry that is registered but disabled, enables Debian's qemu-user-static entry with
+/// update-binfmts, or registers qemu-<arch>-static directly with the F flag (the interpreter is
+/// opened at registration, so it works inside the chroot).
 pub fn ensure_binfmt(arch: Arch) -> Result<()> {
     let dir = Path::new("/proc/sys/fs/binfmt_misc");
     let entry = dir.join(format!("qemu-{}", arch.name()));
@@ -464,6 +465,13 @@ pub fn ensure_binfmt(arch: Arch) -> Result<()> {
                 arch.name(),
                 dir.display()
             )));
+        }
+    }
+    // Registered but switched off: switch it on.
+    if entry.exists() {
+        let _ = std::fs::write(&entry, "1");
+        if enabled() {
+            return Ok(());
         }
     }
     let _ = Command::new("update-binfmts")
