@@ -309,6 +309,18 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
             tail(&stages, 40)
         )));
     }
+    // The build pre-deployed the manifests with the root's own init: the boot must find them
+    // byte for byte as it would write them (a rewrite would make k3s redeploy them).
+    let line = console
+        .lines()
+        .find(|l| l.contains("manifests:") && l.contains("manifests unchanged"))
+        .unwrap_or("");
+    if !line.contains(" 0 written, 0 removed") {
+        return Err(fail(format!(
+            "the boot rewrote the pre-deployed manifests (console: `{}`)",
+            line.trim()
+        )));
+    }
     if !down_ok {
         return Err(fail("`openshell-host down` failed after the boot"));
     }
