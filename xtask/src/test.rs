@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every check, in the order that fails fastest: formatting, lints, unit and
 //! property tests, artifacts for both arches, VM tests, guest tests on aarch64 under qemu-user,
-//! the macOS build of the host, and short fuzzing runs of the boot channel decoder and the DHCP
+//! the gateway root filesystem (built, rebuilt from scratch, booted with the stand-in k3s; see
+//! test_gateway.rs), the macOS build of the host, and short fuzzing runs of the boot channel decoder and the DHCP
 //! reply parser.
 
 use std::process::Command;
