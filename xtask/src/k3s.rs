@@ -76,6 +76,13 @@ pub enum PinError {
         expected: String,
         actual: String,
     },
+    #[error("download of {url}: SHA-256 {actual} does not match the pin {expected} for {asset} {VERSION}; refused and not kept")]
+    DownloadMismatch {
+        url: String,
+        asset: &'static str,
+        expected: String,
+        actual: String,
+    },
     #[error("cannot read {file}: {source}")]
     Read {
         file: PathBuf,
@@ -223,37 +230,61 @@ pub fn fetch(pin: Pin) -> Result<Input, PinError> {
     };
     let url = pin.url();
     let dest = cached_path(pin);
+    if dest.exists() {
+        // In the cache but not what the pin says (damaged, or a pin that changed): never used.
+        if let Err(e) = verify(&dest, pin.asset, expected) {
+            eprintln!("xtask: warning: {e}; removing it and downloading again");
+            let _ = std::fs::remove_file(&dest);
+        }
+    }
+    fetch_into(pin.asset, expected, &url, &dest)
+}
+
+/// Downloads `url` next to `dest`, and renames it to `dest` only when its SHA-256 is `expected`.
+fn fetch_into(
+    asset: &'static str,
+    expected: &str,
+    url: &str,
+    dest: &Path,
+) -> Result<Input, PinError> {
     let failed = |reason: String| PinError::Download {
-        url: url.clone(),
+        url: url.to_string(),
         reason,
     };
     let dir = dest
         .parent()
         .ok_or_else(|| failed("no cache directory".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
-    let part = dir.join(format!(".{}.part-{}", pin.asset, std::process::id()));
-    let result = download(&url, &part);
+    let part = dir.join(format!(".{asset}.part-{}", std::process::id()));
+    let result = download(url, &part);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&part);
         return Err(failed(e));
     }
-    match verify(&part, pin.asset, expected) {
-        Ok(sha256) => {
-            std::fs::rename(&part, &dest)
-                .map_err(|e| failed(format!("{}: {e}", dest.display())))?;
-            Ok(Input {
-                path: dest,
-                name: pin.asset.to_string(),
-                sha256,
-                pinned: true,
-                origin: "download",
-            })
-        }
+    let actual = match sha256_of(&part) {
+        Ok(a) => a,
         Err(e) => {
             let _ = std::fs::remove_file(&part);
-            Err(e)
+            return Err(e);
         }
+    };
+    if !actual.eq_ignore_ascii_case(expected) {
+        let _ = std::fs::remove_file(&part);
+        return Err(PinError::DownloadMismatch {
+            url: url.to_string(),
+            asset,
+            expected: expected.to_string(),
+            actual,
+        });
     }
+    std::fs::rename(&part, dest).map_err(|e| failed(format!("{}: {e}", dest.display())))?;
+    Ok(Input {
+        path: dest.to_path_buf(),
+        name: asset.to_string(),
+        sha256: actual,
+        pinned: true,
+        origin: "download",
+    })
 }
 
 /// curl into `part`, with a byte progress bar fed by the growing file.
@@ -378,6 +409,34 @@ mod tests {
         assert!(text.contains("refusing"), "{text}");
         // The right one passes and returns its hash.
         assert_eq!(verify(&f, pin.asset, &actual).expect("matches"), actual);
+    }
+
+    #[test]
+    fn a_download_that_does_not_match_the_pin_is_refused_and_not_kept() {
+        let t = tempfile::tempdir().expect("tmp");
+        let release = t.path().join("release-k3s");
+        std::fs::write(&release, b"tampered").expect("write");
+        let url = format!("file://{}", release.display());
+        let dest = t.path().join("cache/k3s");
+        let pin = k3s_pin(Arch::X86_64);
+        let expected = pin.sha256.expect("pinned");
+        let err = fetch_into(pin.asset, expected, &url, &dest).expect_err("refused");
+        let text = err.to_string();
+        assert!(text.contains(&url), "{text}");
+        assert!(text.contains(expected), "{text}");
+        assert!(
+            text.contains(&cache::hex(&Sha256::digest(b"tampered"))),
+            "{text}"
+        );
+        assert!(!dest.exists());
+        let left: Vec<_> = std::fs::read_dir(t.path().join("cache"))
+            .expect("list")
+            .collect();
+        assert!(left.is_empty(), "the partial download must go");
+        // The same file with its real hash as the pin is kept.
+        let good = cache::hex(&Sha256::digest(b"tampered"));
+        let got = fetch_into(pin.asset, &good, &url, &dest).expect("kept");
+        assert!(got.pinned && dest.is_file());
     }
 
     #[test]
