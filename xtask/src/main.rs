@@ -8,10 +8,14 @@ mod bench_host;
 mod bench_kine;
 mod bench_state;
 mod cache;
+mod gateway;
+mod k3s;
 mod kernel;
 mod libkrun;
+mod progress;
 mod rootfs;
 mod test;
+mod test_gateway;
 mod tools;
 mod up;
 
@@ -105,6 +109,8 @@ enum Cmd {
         /// Also copy the tree here, for a boot that writes to it.
         #[arg(long)]
         copy_to: Option<PathBuf>,
+        #[command(flatten)]
+        gateway: gateway::Inputs,
     },
     /// Install vhost-device-vsock into the cache; prints its path.
     VsockHelper,
@@ -134,7 +140,8 @@ fn main() {
             profile,
             arch,
             copy_to,
-        } => rootfs_cmd(&profile, arch, copy_to),
+            gateway,
+        } => rootfs_cmd(&profile, arch, copy_to, &gateway),
         Cmd::VsockHelper => tools::vsock_helper().map(|p| println!("{}", p.display())),
         Cmd::Libkrun => libkrun::build().map(|p| println!("{}", p.display())),
         Cmd::Artifacts { arch, json } => artifacts(arch).map(|a| {
@@ -160,14 +167,28 @@ fn main() {
     }
 }
 
-fn rootfs_cmd(profile: &str, arch: Arch, copy_to: Option<PathBuf>) -> Result<()> {
-    if profile != "base" {
-        return Err(Error::msg(format!(
-            "profile `{profile}` is not built yet: only `base` exists so far (the `gateway` profile with k3s comes with the gateway issue)"
-        )));
-    }
-    let init = tools::init(arch)?;
-    let root = rootfs::build_base(arch, &init)?;
+fn rootfs_cmd(
+    profile: &str,
+    arch: Arch,
+    copy_to: Option<PathBuf>,
+    inputs: &gateway::Inputs,
+) -> Result<()> {
+    let root = match profile {
+        "base" => {
+            if inputs.given() {
+                return Err(Error::msg(
+                    "--k3s and --images are for the gateway profile (--profile gateway)",
+                ));
+            }
+            rootfs::build_base(arch, &tools::init(arch)?)?
+        }
+        "gateway" => gateway::build(arch, || tools::init(arch), inputs)?.root,
+        other => {
+            return Err(Error::msg(format!(
+                "unknown profile `{other}`: `base` or `gateway`"
+            )))
+        }
+    };
     if let Some(dest) = copy_to {
         rootfs::copy_tree(&root, &dest)?;
         println!("{}", dest.display());

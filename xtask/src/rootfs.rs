@@ -103,7 +103,7 @@ pub fn filter_applets(list: &str) -> Vec<String> {
 }
 
 /// Files under `rootfs/<profile>/`, sorted, as (relative path, absolute path).
-fn overlay_files(profile: &str) -> Result<Vec<(String, PathBuf)>> {
+pub fn overlay_files(profile: &str) -> Result<Vec<(String, PathBuf)>> {
     let base = workspace().join("rootfs").join(profile);
     let mut out = Vec::new();
     for p in walk(&base)? {
@@ -147,17 +147,7 @@ pub fn build_base(arch: Arch, init: &Path) -> Result<PathBuf> {
             }
         }
         copy(init, &root.join("sbin/openshell-init"), 0o755)?;
-        for (rel, path) in &overlay {
-            let to = root.join(rel);
-            if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
-            }
-            // Executable in the tree (git keeps the bit), executable in the guest.
-            let exec = std::fs::metadata(path)
-                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
-                .map_err(|e| Error::io("stat", path, e))?;
-            copy(path, &to, if exec { 0o755 } else { 0o644 })?;
-        }
+        install_overlay(root, &overlay)?;
         // The kernel opens /dev/console for PID 1 before devtmpfs exists; the benchmark's shell
         // init logs to /dev/kmsg before it mounts anything.
         for (name, major, minor, mode) in [
@@ -179,6 +169,22 @@ pub fn build_base(arch: Arch, init: &Path) -> Result<PathBuf> {
         std::fs::write(&mpath, manifest).map_err(|e| Error::io("write", &mpath, e))?;
         fix_mtimes(root)
     })
+}
+
+/// Copies overlay files (from [`overlay_files`]) into `root`, 0755 when executable in the
+/// checkout (git keeps the bit), else 0644.
+pub fn install_overlay(root: &Path, overlay: &[(String, PathBuf)]) -> Result<()> {
+    for (rel, path) in overlay {
+        let to = root.join(rel);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+        }
+        let exec = std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+            .map_err(|e| Error::io("stat", path, e))?;
+        copy(path, &to, if exec { 0o755 } else { 0o644 })?;
+    }
+    Ok(())
 }
 
 fn manifest(root: &Path, arch: Arch, bb_version: &str) -> Result<String> {
@@ -209,7 +215,7 @@ fn manifest(root: &Path, arch: Arch, bb_version: &str) -> Result<String> {
 }
 
 /// Every path under `root`, sorted, without following symlinks.
-fn walk(root: &Path) -> Result<Vec<PathBuf>> {
+pub fn walk(root: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -229,7 +235,7 @@ fn walk(root: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Timestamp 0 on everything, symlinks included, so two builds of the same inputs are identical.
-fn fix_mtimes(root: &Path) -> Result<()> {
+pub fn fix_mtimes(root: &Path) -> Result<()> {
     let zero = nix::sys::time::TimeSpec::new(0, 0);
     let mut all = walk(root)?;
     all.push(root.to_path_buf());
@@ -248,12 +254,12 @@ fn fix_mtimes(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn copy(from: &Path, to: &Path, mode: u32) -> Result<()> {
+pub fn copy(from: &Path, to: &Path, mode: u32) -> Result<()> {
     std::fs::copy(from, to).map_err(|e| Error::io("copy", from, e))?;
     set_mode(to, mode)
 }
 
-fn set_mode(p: &Path, mode: u32) -> Result<()> {
+pub fn set_mode(p: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io("chmod", p, e))

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every check, in the order that fails fastest: formatting, lints, unit and
 //! property tests, artifacts for both arches, VM tests, guest tests on aarch64 under qemu-user,
-//! the macOS build of the host, and short fuzzing runs of the boot channel decoder and the DHCP
+//! the gateway root filesystem (built, rebuilt from scratch, booted with the stand-in k3s; see
+//! test_gateway.rs), the macOS build of the host, and short fuzzing runs of the boot channel decoder and the DHCP
 //! reply parser.
 
 use std::process::Command;
@@ -16,6 +17,9 @@ pub struct TestArgs {
     /// Seconds of fuzzing (0 skips it).
     #[arg(long, default_value_t = 30)]
     pub fuzz_seconds: u32,
+    /// Run only the gateway root filesystem step (build twice, manifest checks, boot).
+    #[arg(long)]
+    pub gateway_only: bool,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -88,6 +92,13 @@ fn test_step(name: &str, cmd: &mut Command, tally: &mut Tally) -> Result<()> {
 }
 
 pub fn run(args: TestArgs) -> Result<()> {
+    let arches: Vec<Arch> = Arch::ALL
+        .into_iter()
+        .filter(|a| !(args.skip_aarch64 && *a == Arch::Aarch64))
+        .collect();
+    if args.gateway_only {
+        return crate::test_gateway::run(&arches);
+    }
     step(
         "cargo fmt --check",
         Command::new(cargo()).args(["fmt", "--all", "--", "--check"]),
@@ -104,10 +115,6 @@ pub fn run(args: TestArgs) -> Result<()> {
             "warnings",
         ]),
     )?;
-    let arches: Vec<Arch> = Arch::ALL
-        .into_iter()
-        .filter(|a| !(args.skip_aarch64 && *a == Arch::Aarch64))
-        .collect();
     let mut cmd = Command::new(cargo());
     cmd.args(["test", "--workspace"])
         .args(&args.cargo_test_args);
@@ -149,6 +156,10 @@ pub fn run(args: TestArgs) -> Result<()> {
             )?;
         }
     }
+    // After the VM tests: a Debian root, built twice and booted with the stand-in k3s.
+    eprintln!("xtask test: gateway root filesystem (stand-in k3s)");
+    crate::test_gateway::run(&arches)
+        .map_err(|e| Error::msg(format!("step `gateway root filesystem` failed: {e}")))?;
     step(
         "openshell-host builds for macOS",
         Command::new(cargo()).args([

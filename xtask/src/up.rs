@@ -6,7 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{artifacts, cache, rootfs, tools, Arch, Artifacts, Error, Result};
+use crate::{artifacts, cache, gateway, k3s, rootfs, tools, Arch, Artifacts, Error, Result};
+
+/// Which root filesystem `up` boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    Base,
+    Gateway,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -17,19 +24,82 @@ pub struct UpArgs {
     /// Extra options for `openshell-host up` (e.g. `--host-arg=--report=/tmp/r.json`).
     #[arg(long = "host-arg", allow_hyphen_values = true)]
     pub host_args: Vec<String>,
+    /// Force a profile (default: `gateway` when k3s is available, else `base`).
+    #[arg(long, value_enum)]
+    pub profile: Option<Profile>,
+    #[command(flatten)]
+    pub gateway: gateway::Inputs,
     /// Command to run in the guest instead of the configured workload.
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
     pub exec: Vec<String>,
 }
 
+/// The profile to boot and the one-line reason, from the flags and whether a verified k3s
+/// download is already in the cache.
+pub fn choose(
+    forced: Option<Profile>,
+    inputs: &gateway::Inputs,
+    cached_k3s: bool,
+) -> Result<(Profile, String)> {
+    Ok(match forced {
+        Some(Profile::Base) => {
+            if inputs.given() {
+                return Err(Error::msg(
+                    "--k3s and --images are for the gateway profile, not --profile base",
+                ));
+            }
+            (Profile::Base, "asked for with --profile base".into())
+        }
+        Some(Profile::Gateway) => (Profile::Gateway, "asked for with --profile gateway".into()),
+        None if inputs.k3s.is_some() => (Profile::Gateway, "k3s given with --k3s".into()),
+        None if cached_k3s => (
+            Profile::Gateway,
+            format!("a verified k3s {} is in the cache", k3s::VERSION),
+        ),
+        None if inputs.images.is_some() => (
+            Profile::Gateway,
+            "images given with --images (k3s must come from the pinned download)".into(),
+        ),
+        None => (
+            Profile::Base,
+            format!(
+                "no k3s: neither --k3s FILE nor a verified k3s {} download in the cache",
+                k3s::VERSION
+            ),
+        ),
+    })
+}
+
 pub fn run(args: UpArgs) -> Result<i32> {
-    let a = artifacts(args.arch)?;
+    let (profile, why) = choose(args.profile, &args.gateway, k3s::available(args.arch))?;
+    if profile == Profile::Gateway {
+        // Before anything is built: no k3s is the same clear error as `rootfs` gives.
+        k3s::resolve_k3s(args.arch, args.gateway.k3s.as_deref())
+            .map_err(|e| Error::msg(e.to_string()))?;
+    }
+    let mut a = artifacts(args.arch)?;
+    // The writable copies of the two profiles live apart, so booting one never wipes the
+    // other's state (a gateway keeps its cluster in its root).
+    let copy_name = match profile {
+        Profile::Base => {
+            eprintln!(
+                "xtask: booting profile `base` ({}): {why}",
+                args.arch.name()
+            );
+            args.name.clone()
+        }
+        Profile::Gateway => {
+            eprintln!(
+                "xtask: booting profile `gateway` ({}): {why}",
+                args.arch.name()
+            );
+            let init = a.init.clone();
+            a.rootfs = gateway::build(args.arch, || Ok(init), &args.gateway)?.root;
+            format!("{}-gateway", args.name)
+        }
+    };
     let host = tools::host(true)?;
-    let root = instance_root(&args.name, args.arch, &a.rootfs)?;
-    eprintln!(
-        "xtask: booting profile `base` ({}): k3s cannot be downloaded on this machine, so the gateway profile is not built yet",
-        args.arch.name()
-    );
+    let root = instance_root(&copy_name, args.arch, &a.rootfs)?;
     let mut cmd = host_up(&host, args.arch, &args.name, &a, &root);
     cmd.args(&args.host_args);
     if !args.exec.is_empty() {
@@ -71,4 +141,46 @@ pub fn instance_root(name: &str, arch: Arch, base: &Path) -> Result<PathBuf> {
     rootfs::copy_tree(base, &root)?;
     std::fs::write(&marker, from).map_err(|e| Error::io("write", &marker, e))?;
     Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn inputs(k3s: bool, images: bool) -> gateway::Inputs {
+        gateway::Inputs {
+            k3s: k3s.then(|| PathBuf::from("/x/k3s")),
+            images: images.then(|| PathBuf::from("/x/images")),
+        }
+    }
+
+    #[test]
+    fn gateway_when_k3s_is_available_base_otherwise() {
+        let pick = |forced, k, i, cached| choose(forced, &inputs(k, i), cached).map(|c| c.0);
+        assert_eq!(pick(None, false, false, false).expect("ok"), Profile::Base);
+        assert_eq!(
+            pick(None, true, false, false).expect("ok"),
+            Profile::Gateway
+        );
+        assert_eq!(
+            pick(None, false, true, false).expect("ok"),
+            Profile::Gateway
+        );
+        assert_eq!(
+            pick(None, false, false, true).expect("ok"),
+            Profile::Gateway
+        );
+        assert_eq!(
+            pick(Some(Profile::Base), false, false, true).expect("ok"),
+            Profile::Base
+        );
+        assert_eq!(
+            pick(Some(Profile::Gateway), false, false, false).expect("ok"),
+            Profile::Gateway
+        );
+        assert!(pick(Some(Profile::Base), true, false, false).is_err());
+        let (_, why) = choose(None, &inputs(false, false), false).expect("ok");
+        assert!(why.contains("--k3s FILE"), "{why}");
+    }
 }

@@ -1,0 +1,950 @@
+//! `cargo xtask rootfs --profile gateway`: a Debian bookworm root (debootstrap, variant minbase)
+//! with what k3s needs at run time, k3s and its airgap images, the bundled gateway manifests
+//! (pre-deployed by this root's own openshell-init), openshell-init as PID 1 and the boot
+//! configuration with a `k3s` section.
+//!
+//! Two cache entries: the debootstrap stage (keyed by suite, arch, mirror, package list and its
+//! recipe), so a new openshell-init does not run debootstrap again; and the assembled root
+//! (keyed by that stage and every other input). Reproducible as far as debootstrap allows: the
+//! files that differ from run to run (logs, apt lists and caches, the ldconfig aux-cache,
+//! machine-id, `*-old` backups, the host's resolv.conf and hostname, password-change dates) are
+//! removed or normalised, Perl's hash order is fixed while debconf writes its databases, and every
+//! mtime is set to 0. `manifest.json` records the Debian package versions (the snapshot used),
+//! k3s, the images, openshell-init and the overlay with their SHA-256, and a hash of the tree.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::cache::{self, Key};
+use crate::k3s::{self, Input};
+use crate::{progress, rootfs, run_output, Arch, BuildNames, Error, Result};
+
+const DEBOOTSTRAP_RECIPE: &str = "debootstrap-v1";
+const RECIPE: &str = "rootfs-gateway-v2";
+pub const SUITE: &str = "bookworm";
+pub const VARIANT: &str = "minbase";
+pub const MIRROR: &str = "http://deb.debian.org/debian";
+/// What k3s needs at run time beyond minbase (the legacy list without python3, sqlite3 and
+/// busybox-static, which openshell-init replaces; plus nftables for kube-proxy's nftables mode).
+pub const PACKAGES: &[&str] = &[
+    "ca-certificates",
+    "e2fsprogs",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "util-linux",
+    "zstd",
+];
+pub const IMAGES_DIR: &str = "var/lib/rancher/k3s/agent/images";
+
+/// Local inputs for the gateway profile (`--k3s`, `--images`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Inputs {
+    /// A local k3s binary instead of the pinned download (its SHA-256 goes into the manifest;
+    /// one that differs from the pin is marked unpinned).
+    #[arg(long, value_name = "FILE")]
+    pub k3s: Option<PathBuf>,
+    /// A directory whose files are k3s airgap image tarballs, copied into the root.
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+}
+
+impl Inputs {
+    pub fn given(&self) -> bool {
+        self.k3s.is_some() || self.images.is_some()
+    }
+}
+
+/// A built gateway root.
+pub struct Built {
+    pub root: PathBuf,
+    pub key: String,
+}
+
+/// Builds (or finds) the gateway root for `arch` with openshell-init (built by `init`, once the
+/// inputs are known to be there) as PID 1.
+pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs) -> Result<Built> {
+    // Everything that can be missing is checked before debootstrap runs.
+    let k3s =
+        k3s::resolve_k3s(arch, inputs.k3s.as_deref()).map_err(|e| Error::msg(e.to_string()))?;
+    if !k3s.pinned {
+        eprintln!(
+            "xtask: warning: k3s {} (SHA-256 {}) is not the pinned {} {}: the root is marked unpinned",
+            k3s.path.display(),
+            k3s.sha256,
+            k3s::k3s_pin(arch).asset,
+            k3s::VERSION
+        );
+    }
+    let (images, images_note) = k3s::resolve_images(arch, inputs.images.as_deref())
+        .map_err(|e| Error::msg(e.to_string()))?;
+    if let Some(note) = &images_note {
+        eprintln!(
+            "xtask: warning: no airgap images ({note}); the first boot pulls k3s's images from the network (give --images DIR to bake them in)"
+        );
+    }
+    for i in images.iter().filter(|i| !i.pinned) {
+        eprintln!(
+            "xtask: note: image tarball {} (SHA-256 {}) is unpinned",
+            i.path.display(),
+            i.sha256
+        );
+    }
+    let overlay = rootfs::overlay_files("gateway")?;
+    let init = init()?;
+    let init = init.as_path();
+    let stage = debootstrap(arch)?;
+    let stage_name = stage
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut key = Key::new(RECIPE);
+    key.str(arch.name()).str(&stage_name).file(init)?;
+    key.str(&k3s.sha256);
+    for i in &images {
+        key.str(&i.name).str(&i.sha256);
+    }
+    for (rel, path) in &overlay {
+        key.str(rel).file(path)?;
+    }
+    let key = key.finish();
+    let dest = cache::root()
+        .join("rootfs")
+        .join(format!("gateway-{}-{key}", arch.name()));
+    let root = cache::entry(&dest, |tmp| {
+        assemble(
+            tmp,
+            &Assembly {
+                arch,
+                stage: &stage,
+                init,
+                k3s: &k3s,
+                images: &images,
+                images_note: images_note.as_deref(),
+                overlay: &overlay,
+            },
+        )
+    })?;
+    Ok(Built { root, key })
+}
+
+struct Assembly<'a> {
+    arch: Arch,
+    stage: &'a Path,
+    init: &'a Path,
+    k3s: &'a Input,
+    images: &'a [Input],
+    images_note: Option<&'a str>,
+    overlay: &'a [(String, PathBuf)],
+}
+
+fn assemble(root: &Path, a: &Assembly) -> Result<()> {
+    eprintln!(
+        "xtask: assembling gateway root filesystem for {}",
+        a.arch.name()
+    );
+    rootfs::copy_tree(&a.stage.join("root"), root)?;
+    for dir in [
+        "usr/local/bin",
+        IMAGES_DIR,
+        "var/lib/rancher/k3s/server/manifests",
+        "etc/rancher/k3s",
+        "opt/openshell/manifests",
+        "opt/openshell/charts",
+    ] {
+        let p = root.join(dir);
+        std::fs::create_dir_all(&p).map_err(|e| Error::io("create", &p, e))?;
+    }
+    rootfs::copy(&a.k3s.path, &root.join("usr/local/bin/k3s"), 0o755)?;
+    let kubectl = root.join("usr/local/bin/kubectl");
+    std::os::unix::fs::symlink("k3s", &kubectl).map_err(|e| Error::io("symlink", &kubectl, e))?;
+    for i in a.images {
+        copy_with_progress(&i.path, &root.join(IMAGES_DIR).join(&i.name))?;
+    }
+    rootfs::install_overlay(root, a.overlay)?;
+    rootfs::copy(a.init, &root.join("sbin/openshell-init"), 0o755)?;
+    // The configuration must be one init accepts, and its hostname is the root's.
+    let cfg_path = root.join("etc/openshell/init.yaml");
+    let cfg_text =
+        std::fs::read_to_string(&cfg_path).map_err(|e| Error::io("read", &cfg_path, e))?;
+    let cfg = openshell_shared::config::BootConfig::from_yaml(&cfg_text, &cfg_path)
+        .map_err(|e| Error::msg(e.to_string()))?;
+    if cfg.k3s.is_none() {
+        return Err(Error::msg(format!(
+            "{}: the gateway profile's configuration has no `k3s` section",
+            cfg_path.display()
+        )));
+    }
+    let hostname = root.join("etc/hostname");
+    std::fs::write(&hostname, format!("{}\n", cfg.hostname))
+        .map_err(|e| Error::io("write", &hostname, e))?;
+    if a.arch != Arch::host() {
+        // The root's own init runs here: a foreign one through binfmt_misc, which a cached
+        // debootstrap stage did not need to set up on this boot of the machine.
+        ensure_binfmt(a.arch)?;
+    }
+    predeploy_manifests(root, a.init)?;
+    let packages = std::fs::read_to_string(a.stage.join("packages.tsv"))
+        .map_err(|e| Error::io("read", &a.stage.join("packages.tsv"), e))?;
+    let debootstrap_version = std::fs::read_to_string(a.stage.join("debootstrap-version"))
+        .map_err(|e| Error::io("read", &a.stage.join("debootstrap-version"), e))?;
+    let mut overlay = BTreeMap::new();
+    for (rel, path) in a.overlay {
+        overlay.insert(rel.clone(), cache::sha256_file(path)?);
+    }
+    let doc = Manifest {
+        arch: a.arch,
+        debootstrap_version: debootstrap_version.trim(),
+        packages: parse_packages(&packages),
+        k3s: a.k3s,
+        k3s_pin: k3s::k3s_pin(a.arch),
+        images: a.images,
+        images_pin: k3s::images_pin(a.arch),
+        images_note: a.images_note,
+        init_sha256: &cache::sha256_file(a.init)?,
+        overlay: &overlay,
+        tree_sha256: &tree_hash(root)?,
+    }
+    .to_json()?;
+    let mpath = root.join("manifest.json");
+    std::fs::write(&mpath, doc).map_err(|e| Error::io("write", &mpath, e))?;
+    rootfs::fix_mtimes(root)
+}
+
+/// Deploys the bundled manifests into k3s's auto-deploy directory with the root's own init and
+/// configuration (`openshell-init phase manifests --root`), the function and values the guest
+/// uses at boot, so the deployed files are byte for byte what the boot would write.
+fn predeploy_manifests(root: &Path, init: &Path) -> Result<()> {
+    let out = Command::new(init)
+        .args(["phase", "manifests", "--root"])
+        .arg(root)
+        .output()
+        .map_err(|e| Error::msg(format!("cannot run {}: {e}", init.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let finished = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| v["msg"]["type"] == "phase_finished");
+    if !out.status.success() || !finished {
+        return Err(Error::msg(format!(
+            "pre-deploying the manifests ({} phase manifests --root {}) failed ({}):\n{text}{}",
+            init.display(),
+            root.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+fn copy_with_progress(from: &Path, to: &Path) -> Result<()> {
+    let len = std::fs::metadata(from)
+        .map_err(|e| Error::io("stat", from, e))?
+        .len();
+    let bar = progress::bytes(
+        Some(len),
+        &format!(
+            "copy {}",
+            from.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ),
+    );
+    let mut src = std::fs::File::open(from).map_err(|e| Error::io("open", from, e))?;
+    let mut dst = std::fs::File::create(to).map_err(|e| Error::io("create", to, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = src.read(&mut buf).map_err(|e| Error::io("read", from, e))?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all(&buf[..n])
+            .map_err(|e| Error::io("write", to, e))?;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    rootfs::set_mode(to, 0o644)
+}
+
+/// Whether debootstrap can reach the mirror (the xtask test skips the build when not).
+pub fn mirror_reachable() -> bool {
+    Command::new("curl")
+        .args(["-fsI", "--connect-timeout", "10", "-o", "/dev/null"])
+        .arg(format!("{MIRROR}/dists/{SUITE}/Release"))
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The debootstrap stage for `arch`: `<entry>/root`, `<entry>/packages.tsv` (package, version,
+/// architecture), `<entry>/debootstrap-version`.
+pub fn debootstrap(arch: Arch) -> Result<PathBuf> {
+    let mut key = Key::new(DEBOOTSTRAP_RECIPE);
+    key.str(SUITE).str(VARIANT).str(arch.debian()).str(MIRROR);
+    for p in PACKAGES {
+        key.str(p);
+    }
+    for c in CLEANUP {
+        key.str(&format!("{c:?}"));
+    }
+    let dest = cache::root().join("debootstrap").join(format!(
+        "{SUITE}-{}-{}",
+        arch.debian(),
+        key.finish()
+    ));
+    cache::entry(&dest, |tmp| {
+        let tool =
+            run_output(Command::new("dpkg-query").args(["-W", "-f", "${Version}", "debootstrap"]))
+                .map_err(|_| {
+                    Error::msg(
+                "debootstrap is not installed: apt-get install debootstrap (as .ci/run does)",
+            )
+                })?;
+        if arch != Arch::host() {
+            ensure_binfmt(arch)?;
+        }
+        let root = tmp.join("root");
+        let result = run_debootstrap(arch, &root);
+        // debootstrap mounts proc and sys (and binds /dev nodes in some containers) in the
+        // target and unmounts them on exit; a killed one may not have. Nothing may stay mounted
+        // before the tree is removed or kept.
+        unmount_below(&root)?;
+        result?;
+        cleanup(&root)?;
+        let list = run_output(
+            Command::new("dpkg-query")
+                .arg(format!(
+                    "--admindir={}",
+                    root.join("var/lib/dpkg").display()
+                ))
+                .args(["-W", "-f", "${Package}\t${Version}\t${Architecture}\n"]),
+        )?;
+        let mut lines: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
+        lines.sort();
+        let tsv = tmp.join("packages.tsv");
+        std::fs::write(&tsv, lines.join("\n") + "\n").map_err(|e| Error::io("write", &tsv, e))?;
+        let v = tmp.join("debootstrap-version");
+        std::fs::write(&v, tool.trim()).map_err(|e| Error::io("write", &v, e))?;
+        rootfs::fix_mtimes(&root)
+    })
+}
+
+fn run_debootstrap(arch: Arch, root: &Path) -> Result<()> {
+    let mut cmd = Command::new("debootstrap");
+    cmd.arg(format!("--variant={VARIANT}"))
+        .arg(format!("--include={}", PACKAGES.join(",")))
+        .arg(format!("--arch={}", arch.debian()))
+        .arg(SUITE)
+        .arg(root)
+        .arg(MIRROR)
+        // debconf (Perl) writes its databases in hash order: fix it.
+        .env("PERL_HASH_SEED", "0")
+        .env("PERL_PERTURB_KEYS", "0")
+        .env("SOURCE_DATE_EPOCH", "0")
+        .env("LC_ALL", "C.UTF-8")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut steps = progress::Steps::new(&format!("debootstrap {SUITE} {}", arch.debian()));
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::msg(format!("cannot run debootstrap: {e}")))?;
+    let stderr = child.stderr.take();
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let mut tail: Vec<String> = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            let detail = line.trim_start_matches("I: ").to_string();
+            steps.update(&stage_of(&detail), &detail);
+            tail.push(line);
+            if tail.len() > 30 {
+                tail.remove(0);
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::msg(format!("debootstrap: {e}")))?;
+    let elapsed = steps.finish();
+    let err = err_thread.join().unwrap_or_default();
+    if !status.success() {
+        let log = root.join("debootstrap/debootstrap.log");
+        let log_tail = std::fs::read_to_string(&log)
+            .map(|t| {
+                let lines: Vec<&str> = t.lines().collect();
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            })
+            .unwrap_or_default();
+        return Err(Error::msg(format!(
+            "debootstrap {SUITE} for {} from {MIRROR} failed ({status}):\n{}\n{}\n{log_tail}",
+            arch.debian(),
+            tail.join("\n"),
+            err.trim()
+        )));
+    }
+    eprintln!(
+        "xtask: debootstrap {SUITE} {} done in {:.0} s",
+        arch.debian(),
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+fn unmount_below(dir: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| Error::io("read", Path::new("/proc/self/mounts"), e))?;
+    let mut points = mounts_below(&mounts, dir);
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+            Error::msg(format!(
+                "unmount {} (left by debootstrap): {e}",
+                p.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Mount points in a `/proc/self/mounts` text at or below `dir` (octal escapes decoded).
+fn mounts_below(mounts: &str, dir: &Path) -> Vec<PathBuf> {
+    mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|m| PathBuf::from(m.replace("\\040", " ").replace("\\011", "\t")))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// debootstrap's current stage from one of its `I:` lines ("Retrieving libc6 2.36" ->
+/// "Retrieving"; "Installing core packages..." stays).
+fn stage_of(detail: &str) -> String {
+    let first = detail.split_whitespace().next().unwrap_or("");
+    match first {
+        // One line each off a terminal, not one per package.
+        "Retrieving" | "Validating" => "Retrieving packages".into(),
+        "Extracting" => "Extracting packages".into(),
+        "Unpacking" | "Configuring" => "Unpacking and configuring packages".into(),
+        _ => detail.trim_end_matches("...").to_string(),
+    }
+}
+
+/// Makes the kernel run `arch`'s binaries through qemu-user (debootstrap's second stage runs the
+/// target's maintainer scripts in a chroot): mounts binfmt_misc when it is not, switches on an
+/// entry that is registered but disabled, enables Debian's qemu-user-static entry with
+/// update-binfmts, or registers qemu-<arch>-static directly with the F flag (the interpreter is
+/// opened at registration, so it works inside the chroot).
+pub fn ensure_binfmt(arch: Arch) -> Result<()> {
+    let dir = Path::new("/proc/sys/fs/binfmt_misc");
+    let entry = dir.join(format!("qemu-{}", arch.name()));
+    let enabled =
+        || std::fs::read_to_string(&entry).is_ok_and(|t| t.lines().next() == Some("enabled"));
+    if enabled() {
+        return Ok(());
+    }
+    if !dir.join("register").exists() {
+        let st = Command::new("mount")
+            .args(["-t", "binfmt_misc", "binfmt_misc"])
+            .arg(dir)
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            return Err(Error::msg(format!(
+                "debootstrap for {} runs {} binaries, which needs binfmt_misc: mounting it on {} failed (needs root and a kernel with binfmt_misc)",
+                arch.debian(),
+                arch.name(),
+                dir.display()
+            )));
+        }
+    }
+    // Registered but switched off: switch it on.
+    if entry.exists() {
+        let _ = std::fs::write(&entry, "1");
+        if enabled() {
+            return Ok(());
+        }
+    }
+    let _ = Command::new("update-binfmts")
+        .args(["--enable", &format!("qemu-{}", arch.name())])
+        .stderr(Stdio::null())
+        .status();
+    if enabled() {
+        return Ok(());
+    }
+    let interp = format!("/usr/bin/qemu-{}-static", arch.name());
+    if !Path::new(&interp).exists() {
+        return Err(Error::msg(format!(
+            "{interp} is missing: apt-get install qemu-user-static (as .ci/run does)"
+        )));
+    }
+    let (magic, mask) = match arch {
+        Arch::Aarch64 => (
+            r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00",
+            r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
+        ),
+        Arch::X86_64 => (
+            r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00",
+            r"\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
+        ),
+    };
+    let line = format!(":qemu-{}:M::{magic}:{mask}:{interp}:F", arch.name());
+    let reg = dir.join("register");
+    std::fs::write(&reg, line).map_err(|e| Error::io("write", &reg, e))?;
+    if enabled() {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "registered qemu-{} with binfmt_misc but {} is not enabled",
+            arch.name(),
+            entry.display()
+        )))
+    }
+}
+
+/// One thing removed or rewritten after debootstrap because it differs between two runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleanup {
+    /// A file, removed if present.
+    File(&'static str),
+    /// Every file below a directory (recursively); the directories stay.
+    FilesBelow(&'static str),
+    /// Files directly in a directory whose names end with the suffix.
+    Suffix(&'static str, &'static str),
+    /// A shadow-format file whose date fields (last change) are emptied.
+    ShadowDates(&'static str),
+}
+
+/// The deterministic cleanup list.
+pub const CLEANUP: &[Cleanup] = &[
+    Cleanup::FilesBelow("var/log"),
+    Cleanup::FilesBelow("var/cache/apt"),
+    Cleanup::FilesBelow("var/lib/apt/lists"),
+    Cleanup::FilesBelow("tmp"),
+    Cleanup::File("var/cache/ldconfig/aux-cache"),
+    Cleanup::File("etc/machine-id"),
+    Cleanup::File("var/lib/dbus/machine-id"),
+    // The build host's, copied in by debootstrap; init writes its own at boot.
+    Cleanup::File("etc/resolv.conf"),
+    Cleanup::File("etc/hostname"),
+    Cleanup::Suffix("var/cache/debconf", "-old"),
+    Cleanup::Suffix("var/lib/dpkg", "-old"),
+    Cleanup::Suffix("etc", "-"),
+    Cleanup::ShadowDates("etc/shadow"),
+];
+
+/// Applies [`CLEANUP`] to `root`; links are removed as links, never followed.
+pub fn cleanup(root: &Path) -> Result<()> {
+    let remove = |p: &Path| -> Result<()> {
+        match std::fs::remove_file(p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", p, e)),
+        }
+    };
+    for c in CLEANUP {
+        match *c {
+            Cleanup::File(rel) => remove(&root.join(rel))?,
+            Cleanup::FilesBelow(rel) => {
+                let dir = root.join(rel);
+                if dir.is_dir() && !dir.is_symlink() {
+                    for p in rootfs::walk(&dir)? {
+                        let meta =
+                            std::fs::symlink_metadata(&p).map_err(|e| Error::io("stat", &p, e))?;
+                        if !meta.is_dir() {
+                            remove(&p)?;
+                        }
+                    }
+                }
+            }
+            Cleanup::Suffix(rel, suffix) => {
+                let dir = root.join(rel);
+                let Ok(list) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for e in list.flatten() {
+                    let is_file = e.file_type().is_ok_and(|t| !t.is_dir());
+                    if is_file && e.file_name().to_string_lossy().ends_with(suffix) {
+                        remove(&e.path())?;
+                    }
+                }
+            }
+            Cleanup::ShadowDates(rel) => {
+                let p = root.join(rel);
+                if let Ok(text) = std::fs::read_to_string(&p) {
+                    let mode = std::fs::metadata(&p)
+                        .map_err(|e| Error::io("stat", &p, e))?
+                        .permissions()
+                        .mode();
+                    std::fs::write(&p, normalize_shadow(&text))
+                        .map_err(|e| Error::io("write", &p, e))?;
+                    rootfs::set_mode(&p, mode & 0o7777)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Empties the "last password change" field (days since 1970, the day of the build) of every
+/// shadow line; an empty field means password ageing is off, which is what a VM with no
+/// passwords wants.
+pub fn normalize_shadow(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut fields: Vec<&str> = line.split(':').collect();
+        if fields.len() >= 3 {
+            fields[2] = "";
+        }
+        out.push_str(&fields.join(":"));
+        out.push('\n');
+    }
+    out
+}
+
+/// `packages.tsv` lines as package -> "version architecture".
+pub fn parse_packages(tsv: &str) -> BTreeMap<String, String> {
+    tsv.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let (name, version, arch) = (f.next()?, f.next()?, f.next().unwrap_or(""));
+            (!name.is_empty()).then(|| {
+                (
+                    name.to_string(),
+                    format!("{version} {arch}").trim().to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// SHA-256 over every entry of the tree except `manifest.json`: path, type, mode, owner, and
+/// content (files), target (links) or device number, in sorted order.
+pub fn tree_hash(root: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    for (rel, what) in tree_entries(root)? {
+        h.update(format!("{rel}\0{what}\n").as_bytes());
+    }
+    Ok(cache::hex(&h.finalize()))
+}
+
+/// Each entry of the tree (but `manifest.json`) with its mode, owner and content digest.
+pub fn tree_entries(root: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for p in rootfs::walk(root)? {
+        let rel = p
+            .strip_prefix(root)
+            .map_err(|_| Error::msg("path outside root"))?
+            .to_string_lossy()
+            .into_owned();
+        if rel == "manifest.json" {
+            continue;
+        }
+        let m = std::fs::symlink_metadata(&p).map_err(|e| Error::io("stat", &p, e))?;
+        let ft = m.file_type();
+        let what = if ft.is_file() {
+            format!(
+                "f {}",
+                k3s::sha256_of(&p).map_err(|e| Error::msg(e.to_string()))?
+            )
+        } else if ft.is_symlink() {
+            let t = std::fs::read_link(&p).map_err(|e| Error::io("readlink", &p, e))?;
+            format!("l {}", t.display())
+        } else if ft.is_dir() {
+            "d".to_string()
+        } else if ft.is_char_device() || ft.is_block_device() {
+            format!("c {}", m.rdev())
+        } else {
+            "o".to_string()
+        };
+        out.insert(
+            rel,
+            format!("{:o} {}:{} {what}", m.mode(), m.uid(), m.gid()),
+        );
+    }
+    Ok(out)
+}
+
+/// What `manifest.json` records.
+pub struct Manifest<'a> {
+    pub arch: Arch,
+    pub debootstrap_version: &'a str,
+    pub packages: BTreeMap<String, String>,
+    pub k3s: &'a Input,
+    pub k3s_pin: k3s::Pin,
+    pub images: &'a [Input],
+    pub images_pin: k3s::Pin,
+    pub images_note: Option<&'a str>,
+    pub init_sha256: &'a str,
+    pub overlay: &'a BTreeMap<String, String>,
+    pub tree_sha256: &'a str,
+}
+
+impl Manifest<'_> {
+    pub fn to_json(&self) -> Result<String> {
+        let mut unpinned = Vec::new();
+        if !self.k3s.pinned {
+            unpinned.push("usr/local/bin/k3s".to_string());
+        }
+        let images: Vec<serde_json::Value> = self
+            .images
+            .iter()
+            .map(|i| {
+                if !i.pinned {
+                    unpinned.push(format!("{IMAGES_DIR}/{}", i.name));
+                }
+                serde_json::json!({
+                    "path": format!("{IMAGES_DIR}/{}", i.name),
+                    "sha256": i.sha256,
+                    "pinned": i.pinned,
+                    "origin": i.origin,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "profile": "gateway",
+            "arch": self.arch.name(),
+            "recipe": RECIPE,
+            "debian": {
+                "suite": SUITE,
+                "variant": VARIANT,
+                "mirror": MIRROR,
+                "debootstrap": self.debootstrap_version,
+                "requested": PACKAGES,
+                "packages": self.packages,
+            },
+            "k3s": {
+                "version": k3s::VERSION,
+                "asset": self.k3s_pin.asset,
+                "url": self.k3s_pin.url(),
+                "pin": self.k3s_pin.sha256,
+                "sha256": self.k3s.sha256,
+                "pinned": self.k3s.pinned,
+                "origin": self.k3s.origin,
+                "path": "usr/local/bin/k3s",
+            },
+            "images": {
+                "asset": self.images_pin.asset,
+                "url": self.images_pin.url(),
+                "pin": self.images_pin.sha256,
+                "files": images,
+                "note": self.images_note,
+            },
+            "openshell-init": {
+                "version": env!("CARGO_PKG_VERSION"),
+                "sha256": self.init_sha256,
+                "path": "sbin/openshell-init",
+            },
+            "overlay": self.overlay,
+            "unpinned": unpinned,
+            "tree_sha256": self.tree_sha256,
+        });
+        serde_json::to_string_pretty(&doc)
+            .map(|s| s + "\n")
+            .map_err(|e| Error::msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(name: &str, sha: &str, pinned: bool) -> Input {
+        Input {
+            path: PathBuf::from(format!("/somewhere/{name}")),
+            name: name.into(),
+            sha256: sha.into(),
+            pinned,
+            origin: "local",
+        }
+    }
+
+    #[test]
+    fn manifest_records_versions_checksums_and_unpinned_inputs() {
+        let k3s = input("fake-k3s.sh", "aa11", false);
+        let images = [input("a.tar.zst", "bb22", false)];
+        let overlay = BTreeMap::from([("etc/openshell/init.yaml".to_string(), "cc33".to_string())]);
+        let m = Manifest {
+            arch: Arch::X86_64,
+            debootstrap_version: "1.0.128+nmu2+deb12u2",
+            packages: parse_packages("zstd\t1.5.4+dfsg2-5\tamd64\nbash\t5.2.15-2+b7\tamd64\n"),
+            k3s: &k3s,
+            k3s_pin: k3s::k3s_pin(Arch::X86_64),
+            images: &images,
+            images_pin: k3s::images_pin(Arch::X86_64),
+            images_note: None,
+            init_sha256: "dd44",
+            overlay: &overlay,
+            tree_sha256: "ee55",
+        };
+        let text = m.to_json().expect("json");
+        assert_eq!(text, m.to_json().expect("json"), "deterministic");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("parses");
+        assert_eq!(v["profile"], "gateway");
+        assert_eq!(v["debian"]["packages"]["zstd"], "1.5.4+dfsg2-5 amd64");
+        assert_eq!(v["debian"]["packages"]["bash"], "5.2.15-2+b7 amd64");
+        assert_eq!(v["k3s"]["sha256"], "aa11");
+        assert_eq!(v["k3s"]["version"], "v1.35.2+k3s1");
+        assert_eq!(v["k3s"]["pinned"], false);
+        assert_eq!(
+            v["k3s"]["pin"],
+            "3ae8e35a62ac83e8e197c117858a564134057a7b8703cf73e67ce60d19f4a22b"
+        );
+        assert_eq!(v["images"]["files"][0]["sha256"], "bb22");
+        assert_eq!(v["images"]["pin"], serde_json::Value::Null);
+        assert_eq!(v["openshell-init"]["sha256"], "dd44");
+        assert_eq!(v["overlay"]["etc/openshell/init.yaml"], "cc33");
+        assert_eq!(v["tree_sha256"], "ee55");
+        assert_eq!(
+            v["unpinned"],
+            serde_json::json!([
+                "usr/local/bin/k3s",
+                "var/lib/rancher/k3s/agent/images/a.tar.zst"
+            ])
+        );
+        // Sorted package names: bash before zstd in the text.
+        assert!(text.find("\"bash\"") < text.find("\"zstd\""));
+        // A pinned k3s and no images: nothing unpinned, the note kept.
+        let pinned = input("k3s", "3ae8", true);
+        let m2 = Manifest {
+            k3s: &pinned,
+            images: &[],
+            images_note: Some("no pin"),
+            ..m
+        };
+        let v2: serde_json::Value =
+            serde_json::from_str(&m2.to_json().expect("json")).expect("parses");
+        assert_eq!(v2["unpinned"], serde_json::json!([]));
+        assert_eq!(v2["images"]["note"], "no pin");
+    }
+
+    #[test]
+    fn cleanup_removes_what_differs_between_runs_and_keeps_the_rest() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        let files = [
+            "var/log/dpkg.log",
+            "var/log/apt/history.log",
+            "var/cache/apt/pkgcache.bin",
+            "var/cache/apt/srcpkgcache.bin",
+            "var/cache/apt/archives/zstd_1.5.4_amd64.deb",
+            "var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease",
+            "var/cache/ldconfig/aux-cache",
+            "etc/machine-id",
+            "etc/resolv.conf",
+            "etc/hostname",
+            "etc/passwd-",
+            "etc/shadow-",
+            "var/cache/debconf/config.dat-old",
+            "var/lib/dpkg/status-old",
+            "tmp/x",
+            // Kept:
+            "etc/passwd",
+            "var/lib/dpkg/status",
+            "var/cache/debconf/config.dat",
+            "etc/ld.so.cache",
+            "etc/apt/sources.list",
+        ];
+        for f in files {
+            let p = r.join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, f).expect("write");
+        }
+        std::fs::write(
+            r.join("etc/shadow"),
+            "root:*:20781:0:99999:7:::\nnobody:*:20781:0:99999:7:::\n",
+        )
+        .expect("shadow");
+        std::os::unix::fs::symlink("/etc/passwd", r.join("var/log/link")).expect("link");
+        cleanup(r).expect("cleanup");
+        for gone in &files[..15] {
+            assert!(!r.join(gone).exists(), "{gone} should be gone");
+        }
+        assert!(!r.join("var/log/link").is_symlink());
+        for kept in &files[15..] {
+            assert!(r.join(kept).is_file(), "{kept} should stay");
+        }
+        for dir in [
+            "var/log/apt",
+            "var/cache/apt/archives",
+            "var/lib/apt/lists",
+            "tmp",
+        ] {
+            assert!(r.join(dir).is_dir(), "{dir} stays a directory");
+        }
+        assert_eq!(
+            std::fs::read_to_string(r.join("etc/shadow")).expect("shadow"),
+            "root:*::0:99999:7:::\nnobody:*::0:99999:7:::\n"
+        );
+        // Idempotent: a second run changes nothing and does not fail.
+        cleanup(r).expect("again");
+    }
+
+    #[test]
+    fn mounts_left_below_the_target_are_found() {
+        let text = "proc /proc proc rw 0 0\n\
+                    proc /c/.x.tmp-1/root/proc proc rw 0 0\n\
+                    sysfs /c/.x.tmp-1/root/sys sysfs rw 0 0\n\
+                    /dev/vda /c/.x.tmp-1/root/dev/a\\040b ext4 rw 0 0\n\
+                    tmpfs /c/.x.tmp-1/rootfs tmpfs rw 0 0\n";
+        let found = mounts_below(text, Path::new("/c/.x.tmp-1/root"));
+        assert_eq!(
+            found,
+            [
+                "/c/.x.tmp-1/root/proc",
+                "/c/.x.tmp-1/root/sys",
+                "/c/.x.tmp-1/root/dev/a b"
+            ]
+            .map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn debootstrap_stages_are_named() {
+        assert_eq!(stage_of("Retrieving libc6 2.36-9"), "Retrieving packages");
+        assert_eq!(stage_of("Validating libc6 2.36-9"), "Retrieving packages");
+        assert_eq!(
+            stage_of("Installing core packages..."),
+            "Installing core packages"
+        );
+        assert_eq!(
+            stage_of("Base system installed successfully."),
+            "Base system installed successfully."
+        );
+    }
+
+    #[test]
+    fn gateway_config_is_valid_and_runs_k3s() {
+        let path = crate::workspace().join("rootfs/gateway/etc/openshell/init.yaml");
+        let text = std::fs::read_to_string(&path).expect("gateway init.yaml");
+        let cfg = openshell_shared::config::BootConfig::from_yaml(&text, &path).expect("valid");
+        let k3s = cfg.k3s.expect("a k3s section");
+        assert_eq!(k3s.binary, "/usr/local/bin/k3s");
+        assert_eq!(k3s.kube_proxy_mode, "nftables");
+    }
+
+    #[test]
+    fn tree_hash_sees_content_modes_and_links_but_not_the_manifest() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        std::fs::write(r.join("a"), "1").expect("write");
+        std::os::unix::fs::symlink("a", r.join("l")).expect("link");
+        let h1 = tree_hash(r).expect("hash");
+        std::fs::write(r.join("manifest.json"), "{}").expect("write");
+        assert_eq!(tree_hash(r).expect("hash"), h1);
+        std::fs::write(r.join("a"), "2").expect("write");
+        let h2 = tree_hash(r).expect("hash");
+        assert_ne!(h2, h1);
+        rootfs::set_mode(&r.join("a"), 0o600).expect("chmod");
+        assert_ne!(tree_hash(r).expect("hash"), h2);
+    }
+}
