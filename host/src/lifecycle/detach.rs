@@ -183,9 +183,22 @@ fn reached_then_ended(sdir: &StateDir, spawned_ms: u64, stage: &str) -> bool {
     let ours = boot["host_start_unix_ms"]
         .as_u64()
         .is_some_and(|t| t >= spawned_ms);
-    ours && boot["events"].as_array().into_iter().flatten().any(|e| {
-        e["source"] == "guest" && e["event"]["type"] == "ready" && e["event"]["stage"] == stage
-    })
+    ours && boot["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| marks_stage(e, stage))
+}
+
+/// Whether timeline event `e` is reaching `stage`: the host's own `ready` mark for "ready", a
+/// guest `ready` event naming it otherwise.
+fn marks_stage(e: &serde_json::Value, stage: &str) -> bool {
+    let ready = e["event"]["type"] == "ready";
+    if stage == "ready" {
+        ready && e["source"] == "host"
+    } else {
+        ready && e["source"] == "guest" && e["event"]["stage"] == stage
+    }
 }
 
 fn print_tail(path: &std::path::Path, lines: usize) {
@@ -209,6 +222,20 @@ fn reached(stage: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A workload that ends at once can take the instance down between two polls: what was
+    /// reached is read from the last boot's timeline, the host's own mark for "ready".
+    #[test]
+    fn reaching_a_stage_is_read_from_the_timeline() {
+        let host_ready =
+            serde_json::json!({"source": "host", "event": {"type": "ready", "detail": null}});
+        let guest_stage = serde_json::json!({"source": "guest", "event": {"type": "ready", "stage": "workload-started"}});
+        assert!(marks_stage(&host_ready, "ready"));
+        assert!(!marks_stage(&guest_stage, "ready"));
+        assert!(marks_stage(&guest_stage, "workload-started"));
+        assert!(!marks_stage(&host_ready, "workload-started"));
+        assert!(!marks_stage(&guest_stage, "gateway-ready"));
+    }
 
     #[test]
     fn background_drops_foreground_flags_but_not_the_guest_command() {
