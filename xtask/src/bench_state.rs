@@ -112,17 +112,9 @@ fn template(root: &Path, init: &Path, rows: u64, tasks: usize) -> Result<()> {
 /// reported missing when it failed. Only `capabilities` may fail: it probes this machine's kernel,
 /// which is not the guest's (it lacks virtiofs, for one), and its time is what counts here.
 fn phase(init: &Path, root: &Path, name: &str) -> Result<(f64, Option<String>)> {
-    let out = Command::new(init)
-        .args(["phase", name, "--root"])
-        .arg(root)
-        .output()
-        .map_err(|e| Error::msg(format!("cannot run {}: {e}", init.display())))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let finished = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["msg"]["type"] == "phase_finished");
-    let Some(v) = finished else {
+    let run = crate::tools::run_phase(init, root, name)?;
+    let text = run.stdout;
+    let Some(v) = run.finished else {
         return Err(Error::msg(format!("phase {name} did not finish:\n{text}")));
     };
     let failed = v["msg"]["outcome"]["kind"] == "failed";

@@ -220,23 +220,15 @@ fn assemble(root: &Path, a: &Assembly) -> Result<()> {
 /// configuration (`openshell-init phase manifests --root`), the function and values the guest
 /// uses at boot, so the deployed files are byte for byte what the boot would write.
 fn predeploy_manifests(root: &Path, init: &Path) -> Result<()> {
-    let out = Command::new(init)
-        .args(["phase", "manifests", "--root"])
-        .arg(root)
-        .output()
-        .map_err(|e| Error::msg(format!("cannot run {}: {e}", init.display())))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let finished = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .any(|v| v["msg"]["type"] == "phase_finished");
-    if !out.status.success() || !finished {
+    let run = crate::tools::run_phase(init, root, "manifests")?;
+    if !run.status.success() || run.finished.is_none() {
         return Err(Error::msg(format!(
-            "pre-deploying the manifests ({} phase manifests --root {}) failed ({}):\n{text}{}",
+            "pre-deploying the manifests ({} phase manifests --root {}) failed ({}):\n{}{}",
             init.display(),
             root.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            run.status,
+            run.stdout,
+            run.stderr
         )));
     }
     Ok(())

@@ -68,3 +68,33 @@ pub fn vsock_helper() -> Result<PathBuf> {
 pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
+
+/// What `openshell-init phase NAME --root ROOT` printed and how it ended.
+pub struct PhaseRun {
+    pub status: std::process::ExitStatus,
+    /// Its JSON lines.
+    pub stdout: String,
+    pub stderr: String,
+    /// The `phase_finished` event, when the phase got that far.
+    pub finished: Option<serde_json::Value>,
+}
+
+/// Runs one init phase on a root directory (the same code the guest runs at boot).
+pub fn run_phase(init: &std::path::Path, root: &std::path::Path, name: &str) -> Result<PhaseRun> {
+    let out = Command::new(init)
+        .args(["phase", name, "--root"])
+        .arg(root)
+        .output()
+        .map_err(|e| Error::msg(format!("cannot run {}: {e}", init.display())))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let finished = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["msg"]["type"] == "phase_finished");
+    Ok(PhaseRun {
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout,
+        finished,
+    })
+}
