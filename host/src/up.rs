@@ -139,7 +139,8 @@ pub struct UpArgs {
     /// Print every event as a JSON line instead of human-readable lines.
     #[arg(long)]
     pub json: bool,
-    /// Command to run in the guest as the workload, with its arguments.
+    /// Command to run in the guest as the workload, with its arguments (instead of k3s on a
+    /// gateway root).
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
     pub exec: Vec<String>,
 }

@@ -472,9 +472,11 @@ impl BootConfig {
                 // Consumed by the caller to pick the file, before overrides apply.
                 "config" => {}
                 "hostname" => self.hostname = value.clone(),
+                // A command asked for at boot replaces whatever the root would run, k3s too.
                 "exec" => {
                     self.workload.argv = decode_argv(value)
-                        .map_err(|reason| ConfigError::invalid(&src, full, reason))?
+                        .map_err(|reason| ConfigError::invalid(&src, full, reason))?;
+                    self.k3s = None;
                 }
                 "cwd" => self.workload.cwd = value.clone(),
                 "grace_ms" => self.shutdown.grace_ms = parse_num(&src, full, value)?,
@@ -1076,6 +1078,20 @@ mod tests {
         assert_eq!(c.workload.argv, ["/bin/sh", "-c", "exit 7"]);
         assert_eq!(c.workload.env["FOO"], "a b");
         assert_eq!(c.shutdown.grace_ms, 250);
+    }
+
+    /// `up --exec` on a gateway root runs the command, not k3s.
+    #[test]
+    fn a_boot_command_replaces_k3s() {
+        let mut c = BootConfig::from_yaml("k3s: {}\n", &file()).expect("valid");
+        assert!(c.k3s.is_some());
+        c.apply_cmdline(&Cmdline::parse("openshell.hostname=gw"))
+            .expect("valid");
+        assert!(c.k3s.is_some(), "other keys leave k3s alone");
+        c.apply_cmdline(&Cmdline::parse("openshell.exec=/bin/true"))
+            .expect("valid");
+        assert!(c.k3s.is_none());
+        assert_eq!(c.workload.argv, ["/bin/true"]);
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub struct UpArgs {
     pub profile: Option<Profile>,
     #[command(flatten)]
     pub gateway: gateway::Inputs,
-    /// Command to run in the guest instead of the configured workload.
+    /// Command to run in the guest instead of the configured workload (k3s on a gateway root).
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
     pub exec: Vec<String>,
 }
