@@ -44,7 +44,7 @@ pub const MAX_ARGS: usize = 1024;
 /// Shell used when the request's argv is empty.
 pub const DEFAULT_ARGV: &[&str] = &["sh"];
 
-const HEADER_LEN: usize = 4;
+use crate::framing::{BadLength, FrameBuffer, HEADER_LEN};
 
 mod kind {
     pub const REQUEST: u8 = 0x01;
@@ -332,9 +332,7 @@ fn truncate(s: &str, max: usize) -> &str {
 /// out of sync and the connection should be closed).
 #[derive(Debug, Default)]
 pub struct ExecDecoder {
-    buf: Vec<u8>,
-    frames: u64,
-    failed: bool,
+    frames: FrameBuffer,
 }
 
 impl ExecDecoder {
@@ -343,35 +341,16 @@ impl ExecDecoder {
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
-        if !self.failed {
-            self.buf.extend_from_slice(bytes);
-        }
+        self.frames.push(bytes);
     }
 
     /// The next complete frame, `Ok(None)` when more bytes are needed.
     pub fn next_frame<F: Frame>(&mut self) -> Result<Option<F>, ExecError> {
-        if self.failed || self.buf.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        let frame = self.frames;
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len == 0 {
-            return Err(self.fail(ExecError::Empty { frame }));
-        }
-        if len > MAX_EXEC_FRAME_LEN {
-            return Err(self.fail(ExecError::Oversized {
-                frame,
-                len,
-                max: MAX_EXEC_FRAME_LEN,
-            }));
-        }
-        if self.buf.len() < HEADER_LEN + len {
-            return Ok(None);
-        }
-        let parsed = F::decode(frame, &self.buf[HEADER_LEN..HEADER_LEN + len]);
-        self.buf.drain(..HEADER_LEN + len);
-        self.frames += 1;
-        parsed.map(Some).map_err(|e| self.fail(e))
+        self.frames
+            .next_frame(MAX_EXEC_FRAME_LEN, F::decode, |frame, bad| match bad {
+                BadLength::Empty => ExecError::Empty { frame },
+                BadLength::Oversized { len, max } => ExecError::Oversized { frame, len, max },
+            })
     }
 
     /// Reads from `r` until a whole frame is in; `Ok(None)` on a clean end of stream.
@@ -399,21 +378,14 @@ impl ExecDecoder {
 
     /// At end of stream: a partial frame left over is an error.
     pub fn finish(&self) -> Result<(), ExecError> {
-        if self.failed || self.buf.is_empty() {
-            return Ok(());
+        match self.frames.truncated() {
+            None => Ok(()),
+            Some(t) => Err(ExecError::Truncated {
+                frame: t.frame,
+                have: t.have,
+                need: t.need,
+            }),
         }
-        let need = crate::protocol::partial_frame_needs(&self.buf);
-        Err(ExecError::Truncated {
-            frame: self.frames,
-            have: self.buf.len(),
-            need,
-        })
-    }
-
-    fn fail(&mut self, err: ExecError) -> ExecError {
-        self.failed = true;
-        self.buf = Vec::new();
-        err
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod config;
 pub mod exec;
+pub mod framing;
 pub mod fsutil;
 pub mod protocol;
 

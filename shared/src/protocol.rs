@@ -31,7 +31,8 @@ pub const BOOT_CHANNEL_PORT: u32 = 10700;
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
 /// Size of the length prefix in front of every frame body.
-pub const HEADER_LEN: usize = 4;
+pub use crate::framing::HEADER_LEN;
+use crate::framing::{BadLength, FrameBuffer};
 
 /// Readiness stages, in the order a boot reports them: the workload started, and with k3s as the
 /// workload, the API server, the node and the gateway's port. The host learns in `hello` which of
@@ -292,10 +293,8 @@ pub fn encode<M: Serialize>(envelope: &Envelope<M>) -> Result<Vec<u8>, ProtocolE
 /// of sync, so the decoder refuses further input and the caller should close the connection.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
+    frames: FrameBuffer,
     max: usize,
-    frames_seen: u64,
-    failed: bool,
 }
 
 impl Default for FrameDecoder {
@@ -307,87 +306,53 @@ impl Default for FrameDecoder {
 impl FrameDecoder {
     pub fn new(max: usize) -> Self {
         Self {
-            buf: Vec::new(),
+            frames: FrameBuffer::default(),
             max,
-            frames_seen: 0,
-            failed: false,
         }
     }
 
     /// Appends received bytes. Callers read in bounded chunks and drain with
     /// [`FrameDecoder::next_frame`] after every push, which keeps the buffer under one frame.
     pub fn push(&mut self, bytes: &[u8]) {
-        if !self.failed {
-            self.buf.extend_from_slice(bytes);
-        }
+        self.frames.push(bytes);
     }
 
     /// Bytes buffered and not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.frames.buffered()
     }
 
     /// Returns the next complete frame, `Ok(None)` when more bytes are needed.
     pub fn next_frame<M: serde::de::DeserializeOwned>(
         &mut self,
     ) -> Result<Option<Envelope<M>>, ProtocolError> {
-        if self.failed || self.buf.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        let seq_hint = self.frames_seen;
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len == 0 {
-            return Err(self.fail(ProtocolError::Empty { seq_hint }));
-        }
-        if len > self.max {
-            return Err(self.fail(ProtocolError::Oversized {
-                seq_hint,
-                len,
-                max: self.max,
-            }));
-        }
-        if self.buf.len() < HEADER_LEN + len {
-            return Ok(None);
-        }
-        let parsed = serde_json::from_slice::<Envelope<M>>(&self.buf[HEADER_LEN..HEADER_LEN + len]);
-        self.buf.drain(..HEADER_LEN + len);
-        self.frames_seen += 1;
-        match parsed {
-            Ok(envelope) => Ok(Some(envelope)),
-            Err(e) => Err(self.fail(ProtocolError::Malformed {
-                seq_hint,
-                reason: e.to_string(),
-            })),
-        }
+        self.frames.next_frame(
+            self.max,
+            |seq_hint, body| {
+                serde_json::from_slice::<Envelope<M>>(body).map_err(|e| ProtocolError::Malformed {
+                    seq_hint,
+                    reason: e.to_string(),
+                })
+            },
+            |seq_hint, bad| match bad {
+                BadLength::Empty => ProtocolError::Empty { seq_hint },
+                BadLength::Oversized { len, max } => {
+                    ProtocolError::Oversized { seq_hint, len, max }
+                }
+            },
+        )
     }
 
     /// Call at end of stream: a partial frame left in the buffer is an error.
     pub fn finish(&self) -> Result<(), ProtocolError> {
-        if self.failed || self.buf.is_empty() {
-            return Ok(());
+        match self.frames.truncated() {
+            None => Ok(()),
+            Some(t) => Err(ProtocolError::Truncated {
+                seq_hint: t.frame,
+                have: t.have,
+                need: t.need,
+            }),
         }
-        let need = partial_frame_needs(&self.buf);
-        Err(ProtocolError::Truncated {
-            seq_hint: self.frames_seen,
-            have: self.buf.len(),
-            need,
-        })
-    }
-
-    fn fail(&mut self, err: ProtocolError) -> ProtocolError {
-        self.failed = true;
-        self.buf = Vec::new();
-        err
-    }
-}
-
-/// How many bytes the frame starting `buf` needs in all (header and body): what a truncation
-/// error reports for a stream that ended inside a frame. Both framings on vsock (boot channel
-/// and exec) share the 4-byte big-endian length header.
-pub(crate) fn partial_frame_needs(buf: &[u8]) -> usize {
-    match buf {
-        [a, b, c, d, ..] => HEADER_LEN + u32::from_be_bytes([*a, *b, *c, *d]) as usize,
-        _ => HEADER_LEN,
     }
 }
 
@@ -427,12 +392,6 @@ impl StreamValidator {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_partial_frame_needs_its_header_then_its_declared_length() {
-        assert_eq!(partial_frame_needs(&[]), 4);
-        assert_eq!(partial_frame_needs(&[0, 0]), 4);
-        assert_eq!(partial_frame_needs(&[0, 0, 1, 0, b'{']), 4 + 256);
-    }
     use proptest::prelude::*;
 
     fn hello(seq: u64) -> Envelope<GuestMessage> {
