@@ -637,24 +637,49 @@ mod tests {
 
     /// A VmSpec whose files are all fake: enough for every configuration call, which only
     /// records settings; `krun_start_enter` is the first to read the kernel.
-    fn fake_vm(dir: &Path, cpus: u32) -> (VmSpec, PathBuf, PathBuf) {
-        let kernel = dir.join("vmlinux");
-        // ELF magic, then nothing a loader accepts.
-        std::fs::write(&kernel, b"\x7fELF not a kernel").expect("kernel");
-        let rootfs = dir.join("root");
-        std::fs::create_dir_all(&rootfs).expect("rootfs");
-        let spec = VmSpec {
-            arch: Arch::host(),
-            kernel,
-            cmdline: super::super::kernel_cmdline(Arch::host(), &[], None),
-            memory_mib: 128,
-            cpus,
-            virtiofs_socket: dir.join("unused-virtiofs.sock"),
-            vsock_socket: dir.join("unused-vsock.sock"),
-            console_log: dir.join("console.log"),
-            net_socket: None,
-        };
-        (spec, rootfs, dir.join("vsock.sock_10700"))
+    /// A VM description whose kernel no loader accepts, with its paths under `dir`.
+    struct FakeVm {
+        spec: VmSpec,
+        rootfs: PathBuf,
+        channel: PathBuf,
+        exec: PathBuf,
+    }
+
+    impl FakeVm {
+        fn new(dir: &Path, cpus: u32) -> Self {
+            let kernel = dir.join("vmlinux");
+            // ELF magic, then nothing a loader accepts.
+            std::fs::write(&kernel, b"\x7fELF not a kernel").expect("kernel");
+            let rootfs = dir.join("root");
+            std::fs::create_dir_all(&rootfs).expect("rootfs");
+            let spec = VmSpec {
+                arch: Arch::host(),
+                kernel,
+                cmdline: super::super::kernel_cmdline(Arch::host(), &[], None),
+                memory_mib: 128,
+                cpus,
+                virtiofs_socket: dir.join("unused-virtiofs.sock"),
+                vsock_socket: dir.join("unused-vsock.sock"),
+                console_log: dir.join("console.log"),
+                net_socket: None,
+            };
+            Self {
+                spec,
+                rootfs,
+                channel: dir.join("vsock.sock_10700"),
+                exec: dir.join("exec.sock"),
+            }
+        }
+
+        fn vm(&self, net: Option<Net>) -> Vm<'_> {
+            Vm {
+                spec: &self.spec,
+                rootfs: &self.rootfs,
+                channel_socket: &self.channel,
+                exec_socket: &self.exec,
+                net,
+            }
+        }
     }
 
     #[test]
@@ -767,19 +792,13 @@ mod tests {
         let Some(lib) = built_library() else { return };
         let krun = Libkrun::load(Some(&lib)).expect("load the built libkrun");
         let tmp = tempfile::tempdir().expect("tmp");
-        let (spec, rootfs, channel) = fake_vm(tmp.path(), 2);
+        let fake = FakeVm::new(tmp.path(), 2);
         for net in [
             None,
             Some(Net::UnixStream(tmp.path().join("passt.sock"))),
             Some(Net::VfkitDatagram(tmp.path().join("gvproxy.sock"))),
         ] {
-            let vm = Vm {
-                spec: &spec,
-                rootfs: &rootfs,
-                channel_socket: &channel,
-                exec_socket: &channel.with_file_name("exec.sock"),
-                net,
-            };
+            let vm = fake.vm(net);
             let ctx = krun.configure(&vm).expect("configure");
             drop(ctx);
         }
@@ -790,14 +809,8 @@ mod tests {
         let Some(lib) = built_library() else { return };
         let krun = Libkrun::load(Some(&lib)).expect("load the built libkrun");
         let tmp = tempfile::tempdir().expect("tmp");
-        let (spec, rootfs, channel) = fake_vm(tmp.path(), 0);
-        let vm = Vm {
-            spec: &spec,
-            rootfs: &rootfs,
-            channel_socket: &channel,
-            exec_socket: &channel.with_file_name("exec.sock"),
-            net: None,
-        };
+        let fake = FakeVm::new(tmp.path(), 0);
+        let vm = fake.vm(None);
         let err = krun.configure(&vm).err().expect("0 vCPUs is refused");
         assert!(
             matches!(
@@ -920,14 +933,8 @@ mod tests {
         let Some(lib) = built_library() else { return };
         let krun = Libkrun::load(Some(&lib)).expect("load the built libkrun");
         let tmp = tempfile::tempdir().expect("tmp");
-        let (spec, rootfs, channel) = fake_vm(tmp.path(), 1);
-        let vm = Vm {
-            spec: &spec,
-            rootfs: &rootfs,
-            channel_socket: &channel,
-            exec_socket: &channel.with_file_name("exec.sock"),
-            net: None,
-        };
+        let fake = FakeVm::new(tmp.path(), 1);
+        let vm = fake.vm(None);
         let log = tmp.path().join("libkrun.log");
         let pid = krun
             .configure(&vm)
