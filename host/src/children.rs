@@ -312,63 +312,78 @@ mod mac_guard {
     }
 }
 
+/// Whether `pid` runs (a zombie counts as dead).
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// Forks a stand-in host that runs `start` (which starts a child and returns its pid) and then
+/// waits; SIGKILLs that host once the child runs, and asserts the child dies within 5 s.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn assert_dies_with_killed_host(what: &str, start: impl FnOnce() -> Option<i32>) {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pidfile = tmp.path().join("pid");
+    // SAFETY: the forked "host" only runs `start`, writes a file and sleeps; the test thread
+    // waits on it.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let code = match start() {
+                Some(pid) => {
+                    let _ = std::fs::write(&pidfile, pid.to_string());
+                    std::thread::sleep(Duration::from_secs(100));
+                    0
+                }
+                None => 1,
+            };
+            // SAFETY: ends the forked host without running the test harness's exit path.
+            unsafe { libc::_exit(code) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let pid = loop {
+                if let Some(p) = std::fs::read_to_string(&pidfile)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                {
+                    break p;
+                }
+                assert!(Instant::now() < deadline, "the {what} never started");
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            assert!(alive(pid));
+            nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).expect("kill");
+            nix::sys::wait::waitpid(child, None).expect("reap host");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while alive(pid) {
+                assert!(Instant::now() < deadline, "{what} {pid} outlived its host");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
-
-    fn alive(pid: i32) -> bool {
-        // Zombies count as dead: read the state.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-    }
 
     /// A helper started by a process that is then SIGKILLed must die too.
     #[test]
     fn helpers_die_when_the_host_is_killed() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let pidfile = tmp.path().join("pid");
-        // The "host": a forked process that starts `sleep` through Helper::spawn, writes the
-        // sleep's pid, and waits to be killed.
-        // SAFETY: the child only runs the spawn and then sleeps; the test thread waits on it.
-        match unsafe { nix::unistd::fork() }.expect("fork") {
-            nix::unistd::ForkResult::Child => {
-                let mut cmd = Command::new("sleep");
-                cmd.arg("100");
-                let code = match Helper::spawn("sleep", cmd, &tmp.path().join("log")) {
-                    Ok(h) => {
-                        let _ = std::fs::write(&pidfile, h.child.id().to_string());
-                        std::thread::sleep(Duration::from_secs(100));
-                        0
-                    }
-                    Err(_) => 1,
-                };
-                unsafe { libc::_exit(code) };
-            }
-            nix::unistd::ForkResult::Parent { child } => {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                let sleep_pid = loop {
-                    if let Ok(t) = std::fs::read_to_string(&pidfile) {
-                        if let Ok(p) = t.trim().parse::<i32>() {
-                            break p;
-                        }
-                    }
-                    assert!(Instant::now() < deadline, "helper never started");
-                    std::thread::sleep(Duration::from_millis(10));
-                };
-                assert!(alive(sleep_pid));
-                nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).expect("kill");
-                nix::sys::wait::waitpid(child, None).expect("reap host");
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while alive(sleep_pid) {
-                    assert!(
-                        Instant::now() < deadline,
-                        "helper {sleep_pid} outlived its host"
-                    );
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        let log = tmp.path().join("log");
+        assert_dies_with_killed_host("helper", || {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("100");
+            let h = Helper::spawn("sleep", cmd, &log).ok()?;
+            let pid = h.child.id() as i32;
+            // Kept alive (not dropped, which would stop it) until the "host" is killed.
+            std::mem::forget(h);
+            Some(pid)
+        });
     }
 
     #[test]

@@ -874,55 +874,15 @@ mod tests {
         );
     }
 
-    fn alive(pid: i32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-    }
-
     /// A VMM child whose host is SIGKILLed dies too (PR_SET_PDEATHSIG).
     #[cfg(target_os = "linux")]
     #[test]
     fn vmm_child_dies_with_its_host() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let pidfile = tmp.path().join("pid");
         let log = tmp.path().join("vmm.log");
-        // SAFETY: the forked "host" only forks the VMM, writes a file and sleeps; the test thread
-        // waits on it.
-        match unsafe { nix::unistd::fork() }.expect("fork") {
-            nix::unistd::ForkResult::Child => {
-                let code = match fork_vmm(&log, runs_forever, 0) {
-                    Ok(pid) => {
-                        let _ = std::fs::write(&pidfile, pid.to_string());
-                        std::thread::sleep(Duration::from_secs(100));
-                        0
-                    }
-                    Err(_) => 1,
-                };
-                unsafe { libc::_exit(code) };
-            }
-            nix::unistd::ForkResult::Parent { child } => {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                let vmm = loop {
-                    if let Some(p) = std::fs::read_to_string(&pidfile)
-                        .ok()
-                        .and_then(|t| t.trim().parse::<i32>().ok())
-                    {
-                        break p;
-                    }
-                    assert!(Instant::now() < deadline, "the VMM child never started");
-                    std::thread::sleep(Duration::from_millis(10));
-                };
-                assert!(alive(vmm));
-                nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).expect("kill");
-                nix::sys::wait::waitpid(child, None).expect("reap host");
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while alive(vmm) {
-                    assert!(Instant::now() < deadline, "VMM {vmm} outlived its host");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        crate::children::assert_dies_with_killed_host("VMM", || {
+            fork_vmm(&log, runs_forever, 0).ok().map(|pid| pid as i32)
+        });
     }
 
     /// KVM cannot run full guests on these machines, so the child is given a kernel that does
