@@ -202,11 +202,9 @@ impl Boot {
         self.run_dir.path().join("report.json")
     }
 
-    /// Starts `openshell-host up` for this boot.
-    pub fn start(self) -> Running {
-        let mut cmd = Command::new(host_bin());
-        cmd.arg("up")
-            .arg("--arch")
+    /// The `up` options that say which VM this is: arch, kernel, root, vsock helper, run directory.
+    pub fn vm_args(&self, cmd: &mut Command, run_dir: &Path) {
+        cmd.arg("--arch")
             .arg(&self.arch)
             .arg("--kernel")
             .arg(&self.artifacts.kernel)
@@ -215,8 +213,15 @@ impl Boot {
             .arg("--vsock-helper")
             .arg(&self.artifacts.vsock_helper)
             .arg("--run-dir")
-            .arg(self.run_dir.path().join("run"))
-            .arg("--report")
+            .arg(run_dir);
+    }
+
+    /// Starts `openshell-host up` for this boot.
+    pub fn start(self) -> Running {
+        let mut cmd = Command::new(host_bin());
+        cmd.arg("up");
+        self.vm_args(&mut cmd, &self.run_dir.path().join("run"));
+        cmd.arg("--report")
             .arg(self.report_path())
             .arg("--net")
             .arg(&self.net)

@@ -28,19 +28,9 @@ fn up(boot: &Boot, name: &str, flags: &[&str]) -> Command {
 
 fn up_exec(boot: &Boot, name: &str, flags: &[&str], exec: &[&str]) -> Command {
     let mut cmd = host(boot, name, "up");
-    cmd.args(flags)
-        .arg("--arch")
-        .arg(&boot.arch)
-        .arg("--kernel")
-        .arg(&boot.artifacts.kernel)
-        .arg("--rootfs")
-        .arg(boot.root.path())
-        .arg("--vsock-helper")
-        .arg(&boot.artifacts.vsock_helper)
-        .arg("--run-dir")
-        .arg(run_dir(boot))
-        .args(["--net", "none", "--exec"])
-        .args(exec);
+    cmd.args(flags);
+    boot.vm_args(&mut cmd, &run_dir(boot));
+    cmd.args(["--net", "none", "--exec"]).args(exec);
     cmd
 }
 
