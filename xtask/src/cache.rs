@@ -57,8 +57,23 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let data = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    Ok(hex(&Sha256::digest(&data)))
+    sha256_streamed(path).map_err(|e| Error::io("read", path, e))
+}
+
+/// SHA-256 of a file read in 1 MiB pieces (image tarballs are hundreds of MB).
+pub fn sha256_streamed(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
 }
 
 /// Builds `dest` with `build` (given a scratch directory) unless it exists; returns `dest`.

@@ -644,10 +644,7 @@ pub fn tree_entries(root: &Path) -> Result<BTreeMap<String, String>> {
         let m = std::fs::symlink_metadata(&p).map_err(|e| Error::io("stat", &p, e))?;
         let ft = m.file_type();
         let what = if ft.is_file() {
-            format!(
-                "f {}",
-                k3s::sha256_of(&p).map_err(|e| Error::msg(e.to_string()))?
-            )
+            format!("f {}", cache::sha256_file(&p)?)
         } else if ft.is_symlink() {
             let t = std::fs::read_link(&p).map_err(|e| Error::io("readlink", &p, e))?;
             format!("l {}", t.display())

@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
 use crate::{cache, Arch};
 
 /// The k3s release the gateway profile is built with (as the legacy system pinned it).
@@ -121,23 +119,12 @@ pub fn missing_k3s_text(arch: Arch, reason: &str) -> String {
     )
 }
 
-/// SHA-256 of a file, streamed (image tarballs are hundreds of MB).
+/// SHA-256 of a file, with the pin error naming it.
 pub fn sha256_of(file: &Path) -> Result<String, PinError> {
-    let read = |source| PinError::Read {
+    cache::sha256_streamed(file).map_err(|source| PinError::Read {
         file: file.to_path_buf(),
         source,
-    };
-    let mut f = std::fs::File::open(file).map_err(read)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(read)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(cache::hex(&h.finalize()))
+    })
 }
 
 /// Checks `file` against `expected`; returns its SHA-256.
@@ -392,6 +379,7 @@ pub fn resolve_images(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn wrong_checksum_is_refused_naming_file_and_both_hashes() {
