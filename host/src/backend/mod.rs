@@ -51,6 +51,10 @@ pub fn kernel_cmdline(arch: Arch, exec: &[String], extra: Option<&str>) -> Strin
         "panic=-1".to_string(),
         "reboot=t".to_string(),
         "quiet".to_string(),
+        // The guest has no other entropy at boot: until its RNG is seeded, every random number
+        // the kernel hands out (socket ports, inode generations, MACs) re-hashes the whole input
+        // pool. The CPU's RNG (RDRAND, RNDR; emulated by TCG) seeds it at once.
+        "random.trust_cpu=on".to_string(),
     ];
     if !exec.is_empty() {
         parts.push(format!(
@@ -202,6 +206,7 @@ mod tests {
             "{line}"
         );
         assert!(line.ends_with(" openshell.grace_ms=5"));
+        assert!(line.contains(" random.trust_cpu=on "), "{line}");
         let parsed = openshell_shared::Cmdline::parse(&line);
         assert_eq!(
             openshell_shared::config::decode_argv(parsed.get("openshell.exec").unwrap_or("")),
