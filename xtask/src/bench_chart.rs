@@ -15,6 +15,7 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const HOST: RGBColor = RGBColor(150, 150, 150);
 const KERNEL: RGBColor = RGBColor(70, 110, 190);
 const INIT: RGBColor = RGBColor(60, 170, 90);
+const SPAWN: RGBColor = RGBColor(150, 210, 160);
 const SHELL: RGBColor = RGBColor(210, 80, 60);
 
 struct Bar {
@@ -38,13 +39,18 @@ fn bars(docs: &[Value]) -> Result<Vec<Bar>> {
             get("ready")?,
             get("shell_init")?,
         );
-        let kernel = (ready - host - init).max(0.0);
+        // Older results have no separate workload start: it was counted as init's.
+        let spawn = m["init_workload"]
+            .as_f64()
+            .map_or(0.0, |w| (w - init).max(0.0));
+        let kernel = (ready - host - init - spawn).max(0.0);
         out.push(Bar {
             label: format!("{arch}: openshell-init"),
             parts: vec![
                 ("host", host, HOST),
                 ("VMM + kernel", kernel, KERNEL),
                 ("init", init, INIT),
+                ("workload spawn", spawn, SPAWN),
             ],
         });
         out.push(Bar {
@@ -146,5 +152,23 @@ mod tests {
         assert_eq!(b[0].parts[1].1, 990.0);
         assert_eq!(b[1].parts[2].1, 900.0);
         assert!(bars(&[serde_json::json!({"arch": "x"})]).is_err());
+    }
+
+    #[test]
+    fn the_workload_spawn_is_drawn_apart_from_init() {
+        let doc = serde_json::json!({"arch": "x86_64", "runs": 1,
+            "medians_ms": {"host": 10.0, "init": 200.0, "init_workload": 230.0,
+                           "ready": 1200.0, "shell_init": 900.0}});
+        let b = bars(&[doc]).expect("bars");
+        let parts: Vec<(&str, f64)> = b[0].parts.iter().map(|p| (p.0, p.1)).collect();
+        assert_eq!(
+            parts,
+            vec![
+                ("host", 10.0),
+                ("VMM + kernel", 960.0),
+                ("init", 200.0),
+                ("workload spawn", 30.0)
+            ]
+        );
     }
 }
