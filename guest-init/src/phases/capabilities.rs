@@ -7,10 +7,16 @@
 //!
 //! Groups marked `(optional)` in the fragments only warn. Anything else missing fails the boot
 //! before k3s starts, with one report listing every missing item.
+//!
+//! A passed check is recorded in the root filesystem under the kernel's build id and a digest
+//! of the requirements; the next boot of the same kernel build trusts it instead of probing
+//! again (any other kernel, or another requirement list, is probed).
 
 use std::path::Path;
 
 use netlink_packet_route::link::InfoKind;
+
+use openshell_shared::Level;
 
 use super::{Ctx, Done, Phase, PhaseResult};
 use crate::netlink;
@@ -93,6 +99,22 @@ pub enum Probe {
     Landlock,
 }
 
+impl Probe {
+    /// A tag and argument naming the probe, for the record's digest.
+    fn describe(&self) -> (u8, &'static str) {
+        match *self {
+            Probe::Filesystem(f) => (1, f),
+            Probe::Path(p) => (2, p),
+            Probe::Controller(c) => (3, c),
+            Probe::Link(k) => (4, k),
+            Probe::Veth => (5, ""),
+            Probe::NfTables => (6, ""),
+            Probe::Bpf => (7, ""),
+            Probe::Landlock => (8, ""),
+        }
+    }
+}
+
 /// Run-time probes, by option. Options not listed have no observable effect of their own.
 pub const PROBES: &[(&str, Probe)] = &[
     ("PROC_FS", Probe::Filesystem("proc")),
@@ -169,6 +191,21 @@ pub struct Missing {
 }
 
 fn run(ctx: &Ctx) -> PhaseResult {
+    let key = record_key(&ctx.root);
+    let record = ctx.path(RECORD);
+    if let Some(seen) = key.as_ref().and_then(|k| read_record(&record, k)) {
+        return Ok(Done::Ok(Some(format!(
+            "kernel build {} passed this check on an earlier boot ({} features probed, {} more \
+             build-time only{}): not probed again",
+            seen.build_id_short(),
+            seen.probed,
+            seen.build_time_only,
+            seen.optional_missing
+                .as_deref()
+                .map(|m| format!("; optional missing: {m}"))
+                .unwrap_or_default()
+        ))));
+    }
     let report = check(&ctx.root, &groups());
     if !report.missing.is_empty() {
         return Err(Box::new(Missing {
@@ -186,7 +223,146 @@ fn run(ctx: &Ctx) -> PhaseResult {
             Report::list(&report.missing_optional)
         ));
     }
+    if let Some(key) = key {
+        if let Err(e) = write_record(&record, &key, &report) {
+            ctx.reporter.log(
+                Level::Warn,
+                format!(
+                    "capabilities: cannot record the result in {} (the next boot probes again): {e}",
+                    record.display()
+                ),
+            );
+        }
+    }
     Ok(Done::Ok(Some(detail)))
+}
+
+/// A passed check, kept for the next boot: the probes find the same answers as long as the
+/// kernel build and the requirements are the same (the guest kernel has no modules), and under
+/// emulation they are the most expensive phase of a boot.
+const RECORD: &str = "/var/lib/openshell/kernel-capabilities";
+
+/// What a record holds good for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordKey {
+    /// The running kernel's GNU build id (hex), from `/sys/kernel/notes`: any change to the
+    /// kernel's configuration or code changes it.
+    pub build_id: String,
+    /// A digest of the requirement list and the probes (FNV-1a; not a security boundary: the
+    /// record lives in the guest's own root filesystem).
+    pub requirements: u64,
+}
+
+/// A record read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub build_id: String,
+    pub probed: usize,
+    pub build_time_only: usize,
+    pub optional_missing: Option<String>,
+}
+
+impl Recorded {
+    fn build_id_short(&self) -> &str {
+        self.build_id.get(..12).unwrap_or(&self.build_id)
+    }
+}
+
+/// The key for this kernel and the guest's fragments; `None` when the kernel shows no build id
+/// (then every boot probes).
+pub fn record_key(root: &Path) -> Option<RecordKey> {
+    let notes = std::fs::read(root.join("sys/kernel/notes")).ok()?;
+    Some(RecordKey {
+        build_id: gnu_build_id(&notes)?,
+        requirements: requirements_digest(&[COMMON, ARCH]),
+    })
+}
+
+/// The NT_GNU_BUILD_ID note among the kernel's ELF notes, as hex.
+pub fn gnu_build_id(notes: &[u8]) -> Option<String> {
+    const NT_GNU_BUILD_ID: u32 = 3;
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(notes.get(at..at + 4)?.try_into().ok()?))
+    };
+    let align = |n: usize| n.checked_add(3).map(|n| n & !3);
+    let mut at = 0usize;
+    while at + 12 <= notes.len() {
+        let (namesz, descsz, kind) = (word(at)? as usize, word(at + 4)? as usize, word(at + 8)?);
+        let name_at = at + 12;
+        let desc_at = name_at.checked_add(align(namesz)?)?;
+        let end = desc_at.checked_add(align(descsz)?)?;
+        let desc = notes.get(desc_at..desc_at.checked_add(descsz)?)?;
+        if kind == NT_GNU_BUILD_ID && notes.get(name_at..name_at + namesz)? == b"GNU\0" {
+            return (!desc.is_empty()).then(|| desc.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        at = end;
+    }
+    None
+}
+
+/// FNV-1a over everything the check's answer depends on besides the kernel: the fragments'
+/// text (groups and options) and how each option is probed. The text, not its parse: a boot
+/// that trusts the record never parses the fragments.
+pub fn requirements_digest(fragments: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes.iter().chain(std::iter::once(&0xff)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for f in fragments {
+        feed(f.as_bytes());
+    }
+    for (opt, probe) in PROBES {
+        feed(opt.as_bytes());
+        let (tag, arg) = probe.describe();
+        feed(&[tag]);
+        feed(arg.as_bytes());
+    }
+    h
+}
+
+/// The record at `path` if it was written for `key`; anything else (none, another kernel,
+/// another requirement list, unreadable lines) is no record.
+pub fn read_record(path: &Path, key: &RecordKey) -> Option<Recorded> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut fields = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let (k, v) = line.split_once(' ')?;
+        fields.insert(k, v);
+    }
+    let requirements = format!("{:016x}", key.requirements);
+    if fields.get("build-id") != Some(&key.build_id.as_str())
+        || fields.get("requirements") != Some(&requirements.as_str())
+    {
+        return None;
+    }
+    Some(Recorded {
+        build_id: key.build_id.clone(),
+        probed: fields.get("probed")?.parse().ok()?,
+        build_time_only: fields.get("build-time-only")?.parse().ok()?,
+        optional_missing: fields.get("optional-missing").map(|s| s.to_string()),
+    })
+}
+
+/// Records a passed `report` for `key`, atomically.
+pub fn write_record(path: &Path, key: &RecordKey, report: &Report) -> std::io::Result<()> {
+    let mut text = format!(
+        "build-id {}\nrequirements {:016x}\nprobed {}\nbuild-time-only {}\n",
+        key.build_id, key.requirements, report.probed, report.build_time_only
+    );
+    if !report.missing_optional.is_empty() {
+        text.push_str(&format!(
+            "optional-missing {}\n",
+            Report::list(&report.missing_optional)
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Unsynced: a record lost to a crash only means the next boot probes again.
+    openshell_shared::fsutil::write_atomic_unsynced(path, text.as_bytes())
 }
 
 /// Link probes run in a network namespace of their own, on a thread of their own: the links are
@@ -430,6 +606,145 @@ fn nftables_generation() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ELF notes as the kernel lists them: a `Linux` note, then the GNU build id.
+    fn notes(id: &[u8]) -> Vec<u8> {
+        let mut n = Vec::new();
+        for (name, kind, desc) in [(&b"Linux\0"[..], 6u32, &[0u8; 4][..]), (b"GNU\0", 3, id)] {
+            n.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+            n.extend_from_slice(&(desc.len() as u32).to_ne_bytes());
+            n.extend_from_slice(&kind.to_ne_bytes());
+            for part in [name, desc] {
+                n.extend_from_slice(part);
+                n.resize((n.len() + 3) & !3, 0);
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn the_build_id_is_found_among_the_notes() {
+        assert_eq!(
+            gnu_build_id(&notes(&[0x75, 0x80, 0xae, 0x7a])).as_deref(),
+            Some("7580ae7a")
+        );
+        let whole = notes(&[1, 2, 3, 4, 5]);
+        for cut in [0, 7, 20, whole.len() - 4] {
+            assert_eq!(gnu_build_id(&whole[..cut]), None, "cut at {cut}");
+        }
+        let mut lying = whole.clone();
+        lying[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert_eq!(gnu_build_id(&lying), None);
+        // This machine's own kernel, where sysfs shows one.
+        if let Ok(real) = std::fs::read("/sys/kernel/notes") {
+            if let Some(id) = gnu_build_id(&real) {
+                assert!(
+                    id.len() >= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{id}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_holds_only_for_its_kernel_and_requirements() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("var/lib/openshell/kernel-capabilities");
+        let key = RecordKey {
+            build_id: "7580ae7a2854b57b945bb8fb7a7144203fa402f4".into(),
+            requirements: requirements_digest(&[COMMON, ARCH]),
+        };
+        let report = Report {
+            probed: 35,
+            build_time_only: 123,
+            missing: Vec::new(),
+            missing_optional: vec![("ipvs".into(), "IP_VS".into(), "no /proc/net/ip_vs".into())],
+        };
+        assert_eq!(read_record(&path, &key), None);
+        write_record(&path, &key, &report).expect("write");
+        let seen = read_record(&path, &key).expect("read back");
+        assert_eq!((seen.probed, seen.build_time_only), (35, 123));
+        assert_eq!(seen.build_id_short(), "7580ae7a2854");
+        assert!(seen
+            .optional_missing
+            .is_some_and(|m| m.contains("CONFIG_IP_VS (ipvs: no /proc/net/ip_vs)")));
+        let other_kernel = RecordKey {
+            build_id: "0000".into(),
+            ..key.clone()
+        };
+        assert_eq!(read_record(&path, &other_kernel), None);
+        let other_list = RecordKey {
+            requirements: requirements_digest(&[COMMON]),
+            ..key.clone()
+        };
+        assert_eq!(read_record(&path, &other_list), None);
+        std::fs::write(&path, "build-id\n").expect("garble");
+        assert_eq!(read_record(&path, &key), None);
+    }
+
+    #[test]
+    fn the_digest_changes_with_any_requirement() {
+        let d = requirements_digest(&[COMMON, ARCH]);
+        assert_eq!(d, requirements_digest(&[COMMON, ARCH]));
+        let optional = COMMON.replacen("# group: ipvs (optional)", "# group: ipvs", 1);
+        assert_ne!(
+            optional, COMMON,
+            "the fragments have an optional ipvs group"
+        );
+        let dropped = COMMON.replacen("CONFIG_VETH=y\n", "", 1);
+        assert_ne!(dropped, COMMON, "the fragments require VETH");
+        for other in [
+            vec![COMMON],
+            vec![optional.as_str(), ARCH],
+            vec![dropped.as_str(), ARCH],
+            // The same text split differently between the fragments is another list.
+            vec![&COMMON[..COMMON.len() - 1], ARCH],
+        ] {
+            assert_ne!(d, requirements_digest(&other));
+        }
+    }
+
+    fn ctx(root: &Path) -> Ctx {
+        let r = crate::reporter::Reporter::new(crate::reporter::Sink::Console, 0);
+        r.disable_channel();
+        Ctx::new(root, r, false)
+    }
+
+    /// The phase itself: a record for the running kernel build is trusted without probing; one
+    /// for another build is not (here the probes then fail, the root having no /proc).
+    #[test]
+    fn the_phase_trusts_a_record_of_this_kernel_build_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("sys/kernel")).expect("mkdir");
+        std::fs::write(root.join("sys/kernel/notes"), notes(&[0xab; 20])).expect("notes");
+        let key = record_key(root).expect("key");
+        assert_eq!(key.build_id, "ab".repeat(20));
+        let report = Report {
+            probed: 35,
+            build_time_only: 123,
+            ..Report::default()
+        };
+        let record = root.join(RECORD.trim_start_matches('/'));
+        write_record(&record, &key, &report).expect("record");
+        match run(&ctx(root)) {
+            Ok(Done::Ok(Some(detail))) => {
+                assert!(
+                    detail.contains("abababababab passed this check on an earlier boot"),
+                    "{detail}"
+                );
+                assert!(detail.contains("not probed again"), "{detail}");
+            }
+            other => panic!("expected the record to be trusted, got {other:?}"),
+        }
+        std::fs::write(root.join("sys/kernel/notes"), notes(&[0xcd; 20])).expect("notes");
+        let err = run(&ctx(root)).expect_err("another kernel build is probed, and fails here");
+        assert!(err.to_string().contains("kernel lacks"), "{err}");
+        // A failed check leaves the old record as it was and writes none for this build.
+        let key2 = record_key(root).expect("key");
+        assert_eq!(read_record(&record, &key2), None);
+        assert!(read_record(&record, &key).is_some());
+    }
 
     #[test]
     fn groups_come_from_the_kernel_fragments() {
