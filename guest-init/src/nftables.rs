@@ -3,8 +3,11 @@
 //! its control API (which can open ports on the user's host) on the guest's gateway at port 80,
 //! and every pod could otherwise talk to it.
 //!
-//! The table is replaced whole in one batch (create, delete, create again, then its chains and
-//! rules), so a second run leaves exactly one copy and a failure leaves the previous one.
+//! At boot no table exists (netfilter state does not outlive a boot), so the batch creates it
+//! outright. If one is there (the phase run again), the kernel refuses that whole batch and the
+//! table is replaced whole in a second one (create, delete, create again, then its chains and
+//! rules): a second run leaves exactly one copy and a failure leaves the previous one. Tearing
+//! down a table is kernel work worth sparing at boot under emulation.
 
 use std::net::SocketAddrV4;
 
@@ -196,21 +199,28 @@ impl Batch {
     }
 }
 
-/// The batch that (re)creates the table with one rejecting rule per chain and destination.
-fn deny_batch(blocked: &[SocketAddrV4]) -> (Vec<u8>, Vec<(u32, String)>) {
+/// The batch that creates the table (`replace`: whatever table of that name exists is replaced;
+/// else an existing one makes the kernel refuse the batch with EEXIST) with one rejecting rule
+/// per chain and destination.
+fn deny_batch(blocked: &[SocketAddrV4], replace: bool) -> (Vec<u8>, Vec<(u32, String)>) {
     let create = (libc::NLM_F_CREATE) as u16;
     let mut b = Batch::new();
     let table = |a: &mut Attrs<'_>| {
         a.str(NFTA_TABLE_NAME, TABLE);
     };
-    b.nft(NFT_MSG_NEWTABLE, create, format!("table {TABLE}"), table);
-    b.nft(
-        NFT_MSG_DELTABLE,
-        0,
-        format!("replacing table {TABLE}"),
-        table,
-    );
-    b.nft(NFT_MSG_NEWTABLE, create, format!("table {TABLE}"), table);
+    if replace {
+        b.nft(NFT_MSG_NEWTABLE, create, format!("table {TABLE}"), table);
+        b.nft(
+            NFT_MSG_DELTABLE,
+            0,
+            format!("replacing table {TABLE}"),
+            table,
+        );
+        b.nft(NFT_MSG_NEWTABLE, create, format!("table {TABLE}"), table);
+    } else {
+        let exclusive = create | libc::NLM_F_EXCL as u16;
+        b.nft(NFT_MSG_NEWTABLE, exclusive, format!("table {TABLE}"), table);
+    }
     for (chain, hook) in CHAINS {
         b.nft(NFT_MSG_NEWCHAIN, create, format!("chain {chain}"), |a| {
             a.str(NFTA_CHAIN_TABLE, TABLE)
@@ -258,13 +268,24 @@ fn deny_batch(blocked: &[SocketAddrV4]) -> (Vec<u8>, Vec<(u32, String)>) {
 /// Replaces the `openshell` table so that TCP to each of `blocked` is refused for pods and for
 /// the guest itself. Returns the number of rules installed.
 pub fn deny_tcp(blocked: &[SocketAddrV4]) -> Result<usize, NftError> {
-    let (bytes, mut waiting) = deny_batch(blocked);
+    match apply(deny_batch(blocked, false)) {
+        Err(NftError::Refused {
+            errno: nix::errno::Errno::EEXIST,
+            ..
+        }) => apply(deny_batch(blocked, true))?,
+        other => other?,
+    }
+    Ok(blocked.len() * CHAINS.len())
+}
+
+/// Sends one batch on a socket of its own and waits for every acknowledgement it asked for.
+fn apply((bytes, mut waiting): (Vec<u8>, Vec<(u32, String)>)) -> Result<(), NftError> {
     let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
     sock.bind_auto().map_err(NftError::Socket)?;
     sock.connect(&SocketAddr::new(0, 0))
         .map_err(NftError::Socket)?;
     sock.send(&bytes, 0).map_err(NftError::Socket)?;
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = [0u8; 16 * 1024];
     while !waiting.is_empty() {
         use std::os::fd::AsRawFd;
         let mut pfd = libc::pollfd {
@@ -304,7 +325,7 @@ pub fn deny_tcp(blocked: &[SocketAddrV4]) -> Result<usize, NftError> {
             at += (len + 3) & !3;
         }
     }
-    Ok(blocked.len() * CHAINS.len())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -314,7 +335,7 @@ mod tests {
     #[test]
     fn batch_is_framed_and_every_change_is_acknowledged() {
         let dest: SocketAddrV4 = "192.168.127.1:80".parse().expect("addr");
-        let (bytes, acked) = deny_batch(&[dest]);
+        let (bytes, acked) = deny_batch(&[dest], true);
         // Walk the messages: lengths add up, begin and end frame the batch.
         let mut at = 0;
         let mut kinds = Vec::new();
@@ -337,5 +358,25 @@ mod tests {
         assert!(has(&[192, 168, 127, 1]));
         assert!(has(&80u16.to_be_bytes()));
         assert!(has(b"reject\0"));
+        // Without replacing: one exclusive table creation instead of create, delete, create.
+        let (fresh, fresh_acked) = deny_batch(&[dest], false);
+        assert_eq!(fresh_acked.len(), 5);
+        assert_eq!(fresh_acked[0].1, "table openshell");
+        let flags = u16::from_ne_bytes([fresh[26], fresh[27]]);
+        assert_ne!(
+            flags & libc::NLM_F_EXCL as u16,
+            0,
+            "the fresh table is exclusive"
+        );
+        assert_eq!(bytes.len() - fresh.len(), 2 * (message_len(&bytes, 1)));
+    }
+
+    /// The length of the `i`th message of a batch.
+    fn message_len(bytes: &[u8], i: usize) -> usize {
+        let mut at = 0;
+        for _ in 0..i {
+            at += u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("len")) as usize;
+        }
+        u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("len")) as usize
     }
 }
