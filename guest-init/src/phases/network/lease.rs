@@ -67,10 +67,31 @@ pub fn describe_time(secs: u32) -> String {
 const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
 impl Keeper {
-    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Starts keeping the lease on a thread of its own; a lease that never expires needs no
+    /// thread (and a thread is worth sparing at boot under emulation): that is said, and `None`.
+    pub fn spawn(self) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+        if self.forever() {
+            return Ok(None);
+        }
         std::thread::Builder::new()
             .name("dhcp-lease".into())
             .spawn(move || self.run())
+            .map(Some)
+    }
+
+    /// True (and said) when the lease never expires.
+    fn forever(&self) -> bool {
+        if self.bound.lease.timers().is_some() {
+            return false;
+        }
+        self.say(
+            Level::Info,
+            format!(
+                "lease on {} never expires: nothing to renew",
+                self.bound.lease.address
+            ),
+        );
+        true
     }
 
     fn say(&self, level: Level, text: String) {
@@ -80,13 +101,7 @@ impl Keeper {
     fn run(mut self) {
         loop {
             let Some(t) = self.bound.lease.timers() else {
-                self.say(
-                    Level::Info,
-                    format!(
-                        "lease on {} never expires: nothing to renew",
-                        self.bound.lease.address
-                    ),
-                );
+                self.forever();
                 return;
             };
             let since = self.bound.since;
@@ -306,6 +321,48 @@ mod tests {
         assert_eq!(retransmit_after(s(30)), s(15));
         assert_eq!(retransmit_after(s(1)), s(1), "never below a second");
         assert_eq!(retransmit_after(Duration::ZERO), s(1));
+    }
+
+    fn keeper(lease_secs: u32, said: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> Keeper {
+        Keeper {
+            bound: Bound {
+                ifname: "osh-none0".into(),
+                index: 0,
+                mac: [2, 0, 0, 0, 0, 1],
+                lease: Lease {
+                    address: Ipv4Addr::new(192, 0, 2, 2),
+                    prefix: 24,
+                    router: None,
+                    dns: Vec::new(),
+                    server: Ipv4Addr::new(192, 0, 2, 1),
+                    lease_secs,
+                    mtu: None,
+                    renew_secs: None,
+                    rebind_secs: None,
+                },
+                since: Instant::now(),
+            },
+            cfg: Network::default(),
+            resolv: PathBuf::from("/nonexistent/resolv.conf"),
+            log: Box::new(move |_, text| said.lock().expect("log").push(text)),
+        }
+    }
+
+    /// An infinite lease (passt's) is said once and gets no thread; a finite one gets its
+    /// keeper thread, which sleeps until T1.
+    #[test]
+    fn only_a_lease_that_expires_is_kept_on_a_thread() {
+        let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let none = keeper(dhcp::INFINITE, said.clone()).spawn().expect("spawn");
+        assert!(none.is_none());
+        assert_eq!(
+            *said.lock().expect("said"),
+            vec!["dhcp: lease on 192.0.2.2 never expires: nothing to renew".to_string()]
+        );
+        let kept = keeper(3600, said.clone()).spawn().expect("spawn");
+        let kept = kept.expect("a keeper thread for a one-hour lease");
+        assert!(!kept.is_finished());
+        assert_eq!(said.lock().expect("said").len(), 1, "nothing more said");
     }
 
     #[test]
