@@ -3,8 +3,9 @@
 //! out loud, because k3s needs a default route; no network device at all means a dummy interface
 //! with an address and a default route, so k3s still finds a node IP.
 //!
-//! `/etc/resolv.conf` is replaced atomically and holds only nameservers k3s accepts (no loopback,
-//! multicast or link-local ones, which make k3s fall back to 8.8.8.8).
+//! `/etc/resolv.conf` is replaced atomically (left alone when it already says the same) and holds
+//! only nameservers k3s accepts (no loopback, multicast or link-local ones, which make k3s fall
+//! back to 8.8.8.8).
 //!
 //! A DHCP lease is then kept for as long as the VM runs by [`lease`], on its own thread.
 
@@ -73,7 +74,7 @@ fn run(ctx: &Ctx) -> PhaseResult {
         ctx.reporter.log(level, text)
     });
     let resolv = ctx.path("/etc/resolv.conf");
-    write_resolv_conf(&resolv, &dns)?;
+    let _ = write_resolv_conf(&resolv, &dns)?;
     let denied = deny(&cfg.blocked_tcp, |level, text| {
         ctx.reporter.log(level, text)
     });
@@ -327,7 +328,12 @@ pub fn usable_dns(
 }
 
 /// Replaces `path` atomically (write, rename; not synced: every boot and renewal rewrites it).
-pub fn write_resolv_conf(path: &Path, servers: &[Ipv4Addr]) -> Result<(), NetworkError> {
+/// Returns whether the file was written: one that already says exactly this (the same lease as
+/// the boot before) is left alone, which on virtio-fs spares the boot half a dozen round trips
+/// to the host.
+pub fn write_resolv_conf(path: &Path, servers: &[Ipv4Addr]) -> Result<bool, NetworkError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let err = |source| NetworkError::Resolv {
         path: path.to_path_buf(),
         source,
@@ -336,11 +342,23 @@ pub fn write_resolv_conf(path: &Path, servers: &[Ipv4Addr]) -> Result<(), Networ
     for s in servers {
         text.push_str(&format!("nameserver {s}\n"));
     }
+    // O_NOFOLLOW: what a symlink points at is never taken for the file.
+    let mut current = Vec::new();
+    let same = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.read_to_end(&mut current))
+        .is_ok_and(|_| current == text.as_bytes());
+    if same {
+        return Ok(false);
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     // A dangling /etc/resolv.conf link (to a resolver's /run file) is replaced, not followed.
-    openshell_shared::fsutil::write_atomic_unsynced(path, text.as_bytes()).map_err(err)
+    openshell_shared::fsutil::write_atomic_unsynced(path, text.as_bytes()).map_err(err)?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -388,7 +406,8 @@ mod tests {
         let p = t.path().join("etc/resolv.conf");
         std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
         std::os::unix::fs::symlink("/run/systemd/resolve/stub-resolv.conf", &p).expect("link");
-        write_resolv_conf(&p, &["192.168.127.1".parse().expect("ip")]).expect("write");
+        let gw: Ipv4Addr = "192.168.127.1".parse().expect("ip");
+        assert!(write_resolv_conf(&p, &[gw]).expect("write"));
         let meta = std::fs::symlink_metadata(&p).expect("meta");
         assert!(meta.is_file());
         assert_eq!(
@@ -401,5 +420,22 @@ mod tests {
                 .count(),
             1
         );
+        // The same servers again: the file is left as it is (same inode, not replaced).
+        use std::os::unix::fs::MetadataExt;
+        assert!(!write_resolv_conf(&p, &[gw]).expect("again"));
+        assert_eq!(std::fs::metadata(&p).expect("meta").ino(), meta.ino());
+        // Other servers: replaced.
+        assert!(write_resolv_conf(&p, &["10.0.2.3".parse().expect("ip")]).expect("other"));
+        assert_ne!(std::fs::metadata(&p).expect("meta").ino(), meta.ino());
+        assert!(std::fs::read_to_string(&p)
+            .expect("read")
+            .ends_with("nameserver 10.0.2.3\n"));
+        // A symlink to a file that says exactly this is still replaced by a file of our own.
+        let target = t.path().join("elsewhere.conf");
+        std::fs::write(&target, std::fs::read(&p).expect("read")).expect("write");
+        std::fs::remove_file(&p).expect("rm");
+        std::os::unix::fs::symlink(&target, &p).expect("link");
+        assert!(write_resolv_conf(&p, &["10.0.2.3".parse().expect("ip")]).expect("link"));
+        assert!(std::fs::symlink_metadata(&p).expect("meta").is_file());
     }
 }
