@@ -1,7 +1,9 @@
 //! The phase engine: runs a plan, each phase once the phases it runs after are done, on threads
 //! where that pays. Reports start and finish of every phase.
 
-use std::collections::HashSet;
+// BTreeSet, not HashSet: a dozen names need no hashing, and a HashSet's random keys cost PID 1 a
+// getrandom call and SipHash code to translate at boot under emulation.
+use std::collections::BTreeSet;
 
 use openshell_shared::{GuestMessage, Outcome};
 
@@ -18,7 +20,7 @@ pub struct Fatal {
 
 /// Orders `plan` into waves. Errors name a phase whose dependency is missing or cyclic.
 pub fn waves<'a>(plan: &[&'a Phase]) -> Result<Vec<Vec<&'a Phase>>, String> {
-    let names: HashSet<&str> = plan.iter().map(|p| p.name).collect();
+    let names: BTreeSet<&str> = plan.iter().map(|p| p.name).collect();
     for p in plan {
         if let Some(missing) = p.after.iter().find(|d| !names.contains(*d)) {
             return Err(format!(
@@ -27,7 +29,7 @@ pub fn waves<'a>(plan: &[&'a Phase]) -> Result<Vec<Vec<&'a Phase>>, String> {
             ));
         }
     }
-    let mut done: HashSet<&str> = HashSet::new();
+    let mut done: BTreeSet<&str> = BTreeSet::new();
     let mut left: Vec<&Phase> = plan.to_vec();
     let mut out = Vec::new();
     while !left.is_empty() {
@@ -74,8 +76,18 @@ pub fn run_one(ctx: &Ctx, phase: &Phase) -> Option<String> {
     failure
 }
 
+/// More than one CPU to run on. Asked of the scheduler directly: std's `available_parallelism`
+/// also looks for cgroup quotas under /proc, which PID 1 reaches before /proc is mounted
+/// (round trips to the host over virtio-fs for files that are not there).
 fn parallel() -> bool {
-    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+    nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| {
+            (0..nix::sched::CpuSet::count())
+                .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+                .nth(1)
+                .is_some()
+        })
+        .unwrap_or(false)
 }
 
 /// Runs the plan, starting each phase as soon as the phases it runs after are done (not wave by
@@ -148,8 +160,8 @@ pub fn run(ctx: &Ctx, plan: &[&'static Phase]) -> Result<(), Fatal> {
 /// Where a run of the plan stands.
 #[derive(Default)]
 struct Progress {
-    started: HashSet<&'static str>,
-    done: HashSet<&'static str>,
+    started: BTreeSet<&'static str>,
+    done: BTreeSet<&'static str>,
     /// The first fatal failure.
     fatal: Option<Fatal>,
 }
@@ -176,6 +188,31 @@ mod tests {
     use crate::phases::PhaseResult;
     use crate::reporter::{Reporter, Sink};
     use std::sync::Mutex;
+
+    /// A thread allowed on one CPU sees one; on a machine with more, an unpinned one sees more.
+    #[test]
+    fn parallel_follows_the_cpus_this_thread_may_use() {
+        let (pinned, unpinned) = std::thread::spawn(|| {
+            let before = parallel();
+            let mut one = nix::sched::CpuSet::new();
+            let cpu = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+                .ok()
+                .and_then(|s| {
+                    (0..nix::sched::CpuSet::count()).find(|&c| s.is_set(c).unwrap_or(false))
+                })
+                .expect("some cpu");
+            one.set(cpu).expect("set");
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin");
+            (parallel(), before)
+        })
+        .join()
+        .expect("thread");
+        assert!(!pinned, "one CPU allowed, yet parallel");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus > 1 {
+            assert!(unpinned, "{cpus} CPUs, yet not parallel");
+        }
+    }
 
     static ORDER: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
     /// The tests that read ORDER run one at a time.
