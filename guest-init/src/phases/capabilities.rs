@@ -704,12 +704,6 @@ mod tests {
         }
     }
 
-    fn ctx(root: &Path) -> Ctx {
-        let r = crate::reporter::Reporter::new(crate::reporter::Sink::Console, 0);
-        r.disable_channel();
-        Ctx::new(root, r, false)
-    }
-
     /// The phase itself: a record for the running kernel build is trusted without probing; one
     /// for another build is not (here the probes then fail, the root having no /proc).
     #[test]
@@ -727,7 +721,7 @@ mod tests {
         };
         let record = root.join(RECORD.trim_start_matches('/'));
         write_record(&record, &key, &report).expect("record");
-        match run(&ctx(root)) {
+        match run(&Ctx::for_test(root)) {
             Ok(Done::Ok(Some(detail))) => {
                 assert!(
                     detail.contains("abababababab passed this check on an earlier boot"),
@@ -738,7 +732,8 @@ mod tests {
             other => panic!("expected the record to be trusted, got {other:?}"),
         }
         std::fs::write(root.join("sys/kernel/notes"), notes(&[0xcd; 20])).expect("notes");
-        let err = run(&ctx(root)).expect_err("another kernel build is probed, and fails here");
+        let err =
+            run(&Ctx::for_test(root)).expect_err("another kernel build is probed, and fails here");
         assert!(err.to_string().contains("kernel lacks"), "{err}");
         // A failed check leaves the old record as it was and writes none for this build.
         let key2 = record_key(root).expect("key");

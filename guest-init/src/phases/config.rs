@@ -109,12 +109,9 @@ fn rename_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reporter::{Reporter, Sink};
 
     fn ctx(root: &std::path::Path, cmdline: &str) -> Ctx {
-        let r = Reporter::new(Sink::Console, 0);
-        r.disable_channel();
-        let mut c = Ctx::new(root, r, false);
+        let mut c = Ctx::for_test(root);
         c.cmdline = Some(cmdline.to_string());
         c
     }

@@ -428,9 +428,7 @@ mod tests {
     }
 
     fn ctx(root: &Path, k3s: bool) -> Ctx {
-        let r = Reporter::new(crate::reporter::Sink::Console, 0);
-        r.disable_channel();
-        let ctx = Ctx::new(root, r, false);
+        let ctx = Ctx::for_test(root);
         let mut cfg = openshell_shared::BootConfig::default();
         if k3s {
             cfg.k3s = Some(Default::default());

@@ -66,6 +66,17 @@ impl Ctx {
     }
 }
 
+#[cfg(test)]
+impl Ctx {
+    /// A context for a phase's tests: `root`, events on the console with no boot channel, not
+    /// PID 1.
+    pub fn for_test(root: &Path) -> Self {
+        let reporter = Reporter::new(crate::reporter::Sink::Console, 0);
+        reporter.disable_channel();
+        Self::new(root, reporter, false)
+    }
+}
+
 /// How a phase that did not fail ended, with an optional one-line account of what it did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Done {
