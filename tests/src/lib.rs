@@ -278,6 +278,18 @@ impl Running {
         self.child.id() as i32
     }
 
+    /// Stops the instance the way a user does: `openshell-host down` (this boot's instance has
+    /// the default name, under its own state home). Returns what `down` printed and its status.
+    pub fn down(&self, timeout_secs: u32) -> std::process::Output {
+        Command::new(host_bin())
+            .args(["down", "--name", "default", "--timeout"])
+            .arg(timeout_secs.to_string())
+            .env("XDG_STATE_HOME", self.boot.state_home())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openshell-host down")
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         let rc = unsafe { libc::kill(self.pid(), sig) };

@@ -4,7 +4,7 @@
 //! killed (the VMM, SIGKILL) at random moments during boot ten times in a row, then booted to
 //! ready: the database must pass `PRAGMA integrity_check`, every stale item must be gone, and every
 //! kept item (meta.db, content blobs, other kine keys, the user's files) must be byte for byte as
-//! it was; then a clean shutdown must report a synced exit.
+//! it was; then `openshell-host down` must shut it down cleanly with a synced exit.
 
 use std::path::Path;
 use std::process::Command;
@@ -259,8 +259,16 @@ fn survives_being_killed_during_boot(arch: &str) {
         .exec(&["/bin/sh", "-c", "echo up > /workload-up; exec sleep 1000"])
         .start();
     running.wait_for_file("workload-up", BOOT_DEADLINE);
-    running.signal(libc::SIGTERM);
+    // A clean shutdown as a user asks for one.
+    let down = running.down(60);
+    let said = String::from_utf8_lossy(&down.stdout).into_owned();
     let done = running.wait(BOOT_DEADLINE);
+    assert!(
+        down.status.success() && said.contains("is down") && said.contains("filesystems synced"),
+        "down: {said}{}\n{}",
+        String::from_utf8_lossy(&down.stderr),
+        done.output()
+    );
     let msgs = done.guest_messages();
     assert!(
         msgs.iter()
