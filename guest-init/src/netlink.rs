@@ -510,6 +510,31 @@ mod parse_tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Whatever the socket hands over, reading it ends in links or an error, never a panic,
+        /// and an acknowledgement check likewise.
+        #[test]
+        fn arbitrary_replies_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut out = Vec::new();
+            let _ = parse_link_dump(&bytes, &mut out);
+            let _ = check_ack(&bytes);
+        }
+
+        /// Well-formed links survive being followed by garbage: they are read, then the garbage
+        /// is an error or ignored.
+        #[test]
+        fn links_before_garbage_are_read(name in "[a-z][a-z0-9]{0,14}", index in 1u32..1000,
+                                         tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let mut z = name.clone().into_bytes();
+            z.push(0);
+            let mut buf = nlmsg(RTM_NEWLINK, &link_body(index, &[attr(IFLA_IFNAME, &z)]));
+            buf.extend_from_slice(&tail);
+            let mut out = Vec::new();
+            let _ = parse_link_dump(&buf, &mut out);
+            proptest::prop_assert_eq!(out.first().map(|l| (l.index, l.name.clone())), Some((index, name)));
+        }
+    }
+
     /// The real kernel's dump, in a namespace of our own: a dummy link we made is listed with
     /// its kind and a MAC, lo without a kind.
     #[test]

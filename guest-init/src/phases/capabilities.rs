@@ -646,6 +646,20 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes as the kernel's notes: a build id or none, never a panic; a GNU note put
+        /// in front of them is always found.
+        #[test]
+        fn arbitrary_notes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+                                       id in proptest::collection::vec(proptest::num::u8::ANY, 1..32)) {
+            let _ = gnu_build_id(&bytes);
+            let mut n = notes(&id);
+            n.extend_from_slice(&bytes);
+            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            proptest::prop_assert_eq!(gnu_build_id(&n), Some(hex));
+        }
+    }
+
     #[test]
     fn a_record_holds_only_for_its_kernel_and_requirements() {
         let dir = tempfile::tempdir().expect("tmp");
