@@ -44,6 +44,13 @@ pub enum What {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// What the guest executes while init boots (x86_64 under TCG), by function: init's own
+    /// and the kernel's on init's behalf.
+    Profile {
+        /// How many functions each list shows.
+        #[arg(long, default_value_t = 40)]
+        top: usize,
+    },
     /// Our DHCP client against busybox udhcpc, both against dnsmasq in network namespaces.
     Dhcp {
         #[arg(long, default_value_t = 20)]
@@ -109,6 +116,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         What::Kine { rows, runs } => crate::bench_kine::run(rows, runs.max(1)),
         What::Dhcp { runs } => crate::bench_dhcp::run(runs.max(1)),
+        What::Profile { top } => crate::bench_profile::run(top.max(1)),
         What::Host { arch, runs } => crate::bench_host::run(arch, runs.max(1)),
         What::State { rows, tasks, runs } => crate::bench_state::run(rows, tasks, runs.max(1)),
     }

@@ -6,6 +6,7 @@ mod bench_chart;
 mod bench_dhcp;
 mod bench_host;
 mod bench_kine;
+mod bench_profile;
 mod bench_state;
 mod cache;
 mod gateway;
