@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ pub fn run(top: usize) -> Result<()> {
         .vmlinux
         .clone()
         .ok_or_else(|| Error::msg("the x86_64 kernel build kept no vmlinux"))?;
-    let init = unstripped_init(arch)?;
+    let init = tools::init_unstripped(arch)?;
     let root = up::instance_root("profile", arch, &a.rootfs)?;
     let target = root.join("sbin/openshell-init");
     std::fs::copy(&init, &target).map_err(|e| Error::io("copy", &target, e))?;
@@ -91,27 +91,6 @@ pub fn run(top: usize) -> Result<()> {
         .ok_or_else(|| Error::msg("no executed block matches init's functions"))?;
     print!("{}", trace.report(&own, base, &kernel, top));
     Ok(())
-}
-
-/// openshell-init for the guest with its symbols, in a target directory of its own.
-fn unstripped_init(arch: Arch) -> Result<PathBuf> {
-    let triple = format!("{}-unknown-linux-musl", arch.name());
-    let target_dir = crate::target_dir().join("profile");
-    crate::run(
-        Command::new(tools::cargo())
-            .args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                "openshell-init",
-                "--target",
-                &triple,
-            ])
-            .env("CARGO_PROFILE_RELEASE_STRIP", "false")
-            .env("CARGO_TARGET_DIR", &target_dir),
-    )?;
-    Ok(target_dir.join(&triple).join("release/openshell-init"))
 }
 
 fn write_executable(path: &Path, text: &str) -> Result<()> {

@@ -11,8 +11,18 @@ const VSOCK_HELPER_VERSION: &str = "0.3.0";
 
 /// Builds openshell-init for the guest (static musl, release: stripped, size-optimised).
 pub fn init(arch: Arch) -> Result<PathBuf> {
+    build_init(arch, None)
+}
+
+/// The same with its symbols kept, in a target directory of its own (for `bench profile`).
+pub fn init_unstripped(arch: Arch) -> Result<PathBuf> {
+    build_init(arch, Some(target_dir().join("profile")))
+}
+
+fn build_init(arch: Arch, unstripped_in: Option<PathBuf>) -> Result<PathBuf> {
     let triple = format!("{}-unknown-linux-musl", arch.name());
-    run(Command::new(cargo()).args([
+    let mut cmd = Command::new(cargo());
+    cmd.args([
         "build",
         "--quiet",
         "--release",
@@ -20,8 +30,16 @@ pub fn init(arch: Arch) -> Result<PathBuf> {
         "openshell-init",
         "--target",
         &triple,
-    ]))?;
-    let bin = target_dir().join(&triple).join("release/openshell-init");
+    ]);
+    if let Some(dir) = &unstripped_in {
+        cmd.env("CARGO_PROFILE_RELEASE_STRIP", "false")
+            .env("CARGO_TARGET_DIR", dir);
+    }
+    run(&mut cmd)?;
+    let bin = unstripped_in
+        .unwrap_or_else(target_dir)
+        .join(&triple)
+        .join("release/openshell-init");
     if !bin.is_file() {
         return Err(Error::msg(format!("cargo built no {}", bin.display())));
     }
