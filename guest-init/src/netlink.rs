@@ -43,10 +43,7 @@ pub fn check_ack(reply: &[u8]) -> Result<(), NetlinkError> {
             "expected an acknowledgement, got message type {kind}"
         )));
     }
-    match error_code(&reply[..len])? {
-        0 => Ok(()),
-        code => Err(NetlinkError::Refused(nix::errno::Errno::from_raw(-code))),
-    }
+    acknowledged(&reply[..len])
 }
 
 const NLMSG_HDRLEN: usize = 16;
@@ -88,11 +85,15 @@ fn header(buf: &[u8]) -> Result<(u16, usize), NetlinkError> {
     Ok((kind, len))
 }
 
-/// The (negative errno, or 0) code of an NLMSG_ERROR message.
-fn error_code(msg: &[u8]) -> Result<i32, NetlinkError> {
-    read_u32(msg, NLMSG_HDRLEN)
-        .map(|c| c as i32)
-        .ok_or_else(|| NetlinkError::BadReply("error message without its code".into()))
+/// What an NLMSG_ERROR message says: code 0 acknowledges, a negative errno refuses.
+fn acknowledged(msg: &[u8]) -> Result<(), NetlinkError> {
+    match read_u32(msg, NLMSG_HDRLEN).map(|c| c as i32) {
+        None => Err(NetlinkError::BadReply(
+            "error message without its code".into(),
+        )),
+        Some(0) => Ok(()),
+        Some(code) => Err(NetlinkError::Refused(nix::errno::Errno::from_raw(-code))),
+    }
 }
 
 /// The attributes (type without flag bits, payload) in `buf`, stopping at the first malformed
@@ -106,9 +107,11 @@ fn attributes(buf: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), NetlinkEr
         let len = read_u16(buf, at)? as usize;
         let kind = read_u16(buf, at + 2)? & NLA_TYPE_MASK;
         if len < 4 || at + len > buf.len() {
+            let start = at;
+            // Nothing after a malformed attribute can be found: end the iteration.
             at = buf.len();
             return Some(Err(NetlinkError::BadReply(format!(
-                "attribute of type {kind} at byte {at} claims {len} bytes"
+                "attribute of type {kind} at byte {start} claims {len} bytes"
             ))));
         }
         let payload = &buf[at + 4..at + len];
@@ -164,10 +167,7 @@ fn parse_link_dump(buf: &[u8], out: &mut Vec<Link>) -> Result<bool, NetlinkError
         let msg = &buf[offset..offset + len];
         match kind {
             NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => match error_code(msg)? {
-                0 => {}
-                code => return Err(NetlinkError::Refused(nix::errno::Errno::from_raw(-code))),
-            },
+            NLMSG_ERROR => acknowledged(msg)?,
             RTM_NEWLINK => out.push(parse_link(&msg[NLMSG_HDRLEN..])?),
             _ => {}
         }
@@ -475,12 +475,14 @@ mod parse_tests {
         // Cut short: the header claims more than the buffer holds.
         let err = parse_link_dump(&good[..good.len() - 4], &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("message length"), "{err}");
-        // An attribute claiming more bytes than its message has.
-        let mut bad = link_body(3, &[]);
+        // An attribute claiming more bytes than its message has, after a good one.
+        let mut bad = link_body(3, &[attr(IFLA_IFNAME, b"eth\0")]);
         bad.extend_from_slice(&200u16.to_ne_bytes());
         bad.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
         let err = parse_link_dump(&nlmsg(RTM_NEWLINK, &bad), &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("claims 200 bytes"), "{err}");
+        // Named by where it starts among the attributes: after the 8-byte name.
+        assert!(err.to_string().contains("at byte 8 claims"), "{err}");
         // A link message too short for its index.
         let err = parse_link_dump(&nlmsg(RTM_NEWLINK, &[0; 3]), &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("link message of"), "{err}");
