@@ -267,7 +267,7 @@ fn collect(t: &Value, s: &mut Samples, rss: &mut Vec<u64>) -> Result<()> {
     let phases_done = events()
         .filter(|e| e["event"]["type"] == "phase_finished")
         .filter_map(|e| us(&e["guest_us"]))
-        .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))))
+        .reduce(f64::max)
         .ok_or_else(bad)?;
     let workload_start = events()
         .find(|e| e["event"]["type"] == "ready")

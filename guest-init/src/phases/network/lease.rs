@@ -70,7 +70,8 @@ impl Keeper {
     /// Starts keeping the lease on a thread of its own; a lease that never expires needs no
     /// thread (and a thread is worth sparing at boot under emulation): that is said, and `None`.
     pub fn spawn(self) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
-        if self.forever() {
+        if self.bound.lease.timers().is_none() {
+            self.say_never_expires();
             return Ok(None);
         }
         std::thread::Builder::new()
@@ -79,11 +80,7 @@ impl Keeper {
             .map(Some)
     }
 
-    /// True (and said) when the lease never expires.
-    fn forever(&self) -> bool {
-        if self.bound.lease.timers().is_some() {
-            return false;
-        }
+    fn say_never_expires(&self) {
         self.say(
             Level::Info,
             format!(
@@ -91,7 +88,6 @@ impl Keeper {
                 self.bound.lease.address
             ),
         );
-        true
     }
 
     fn say(&self, level: Level, text: String) {
@@ -101,7 +97,7 @@ impl Keeper {
     fn run(mut self) {
         loop {
             let Some(t) = self.bound.lease.timers() else {
-                self.forever();
+                self.say_never_expires();
                 return;
             };
             let since = self.bound.since;
