@@ -17,7 +17,8 @@ use serde_json::json;
 
 use crate::backend::libkrun::{self, LibkrunError};
 use crate::backend::qemu::{Accel, Qemu};
-use crate::backend::{kernel_cmdline, Arch, BackendChoice, Chosen, VmSpec};
+use crate::backend::spec::{kernel_cmdline, VmSpec};
+use crate::backend::{BackendChoice, Chosen};
 use crate::channel::{self, Channel, ChannelEvent};
 use crate::children::{ChildError, Helper};
 use crate::lifecycle::reset::{self, ResetError};
@@ -31,6 +32,7 @@ use crate::progress::Progress;
 use crate::readiness::{Readiness, Step};
 use crate::report::Timeline;
 use crate::rundir::{RunDir, RunDirError};
+use openshell_shared::Arch;
 
 /// Exit codes of `up` besides the workload's own status.
 pub mod code {

@@ -4,7 +4,9 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use super::{Arch, VmSpec};
+use openshell_shared::Arch;
+
+use super::spec::{VmSpec, GUEST_MAC};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
@@ -71,7 +73,7 @@ impl Qemu {
                     sock.display()
                 ),
                 "-device",
-                &format!("virtio-net-device,netdev=net0,mac={}", super::GUEST_MAC),
+                &format!("virtio-net-device,netdev=net0,mac={}", GUEST_MAC),
             ]);
         }
         // Debian's virtiofsd speaks only modern virtio.
