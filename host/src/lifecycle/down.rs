@@ -134,3 +134,30 @@ pub fn run(args: &DownArgs) -> Result<i32, DownError> {
         Err(DownError::StillLocked(args.name.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wording `main` prints after `openshell-host: `, and exit 1 for every failure.
+    #[test]
+    fn failures_name_the_instance_and_exit_1() {
+        let no_pid = DownError::NoPid {
+            name: "gw".into(),
+            lock: "/state/gw/lock".into(),
+        };
+        assert_eq!(
+            no_pid.to_string(),
+            "instance \"gw\" holds its lock but names no pid in /state/gw/lock"
+        );
+        let locked = DownError::StillLocked("gw".into());
+        assert_eq!(
+            locked.to_string(),
+            "instance \"gw\" still holds its lock after SIGKILL"
+        );
+        let state = DownError::from(StateError::NoHome);
+        for e in [no_pid, locked, state] {
+            assert_eq!(e.exit_code(), 1, "{e}");
+        }
+    }
+}

@@ -418,3 +418,399 @@ impl<'a, E: Effects> EventLoop<'a, E> {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    use openshell_shared::protocol::{stage, FrameDecoder};
+
+    use crate::lifecycle::state::InstanceState;
+    use crate::up::args::parse;
+
+    /// Effects recorded instead of done.
+    #[derive(Default)]
+    struct Recorder {
+        kills: usize,
+        probes: Vec<(u16, Duration)>,
+    }
+
+    impl Effects for Recorder {
+        fn kill_vmm(&mut self) {
+            self.kills += 1;
+        }
+        fn probe_gateway(&mut self, port: u16, within: Duration) {
+            self.probes.push((port, within));
+        }
+    }
+
+    /// Everything a loop borrows, for one test.
+    struct Fixture {
+        args: UpArgs,
+        vmm: StartedVmm,
+        console: PathBuf,
+        writer: Mutex<Option<UnixStream>>,
+        progress: Progress,
+        timeline: Timeline,
+        session: Session,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let args = parse(&["--kernel", "/k", "--rootfs", "/r", "--name", "t"]).expect("parse");
+            let session = Session {
+                record: Some(InstanceState {
+                    name: "t".into(),
+                    host_pid: 1,
+                    vmm_pid: Some(2),
+                    backend: "qemu".into(),
+                    arch: "x86_64".into(),
+                    started_at_unix_ms: 0,
+                    ports: Vec::new(),
+                    run_dir: "/run/t".into(),
+                    console_log: "/run/t/console.log".into(),
+                    report: None,
+                    ready_stages: Vec::new(),
+                    failed: None,
+                }),
+                ..Session::default()
+            };
+            Self {
+                args,
+                vmm: StartedVmm {
+                    name: "qemu",
+                    pid: 0,
+                    helper: None,
+                    log: "/run/t/qemu.log".into(),
+                },
+                console: "/run/t/console.log".into(),
+                writer: Mutex::new(None),
+                progress: Progress::new(true),
+                timeline: Timeline::new(),
+                session,
+            }
+        }
+
+        fn event_loop(&mut self, gateway_forward: Option<u16>) -> EventLoop<'_, Recorder> {
+            let run = Run {
+                args: &self.args,
+                clock: Instant::now(),
+                vmm: &self.vmm,
+                vmm_started_us: 0,
+                console_log: &self.console,
+                gateway_forward,
+                api_forward: None,
+                writer: &self.writer,
+            };
+            EventLoop::new(
+                run,
+                Recorder::default(),
+                &self.progress,
+                &mut self.timeline,
+                &mut self.session,
+            )
+        }
+    }
+
+    fn guest(seq: u64, msg: GuestMessage) -> Event {
+        Event::Channel(ChannelEvent::Message {
+            host_us: seq,
+            envelope: Envelope { seq, t_us: 0, msg },
+        })
+    }
+
+    fn hello(stages: &[&str]) -> Event {
+        guest(
+            0,
+            GuestMessage::Hello {
+                protocol: 1,
+                init_version: "test".into(),
+                arch: "x86_64".into(),
+                kernel_release: "6.1".into(),
+                boot_id: "b".into(),
+                init_entry_us: 0,
+                ready_stages: stages.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+    }
+
+    fn ready(seq: u64, stage: &str) -> Event {
+        guest(
+            seq,
+            GuestMessage::Ready {
+                stage: stage.into(),
+            },
+        )
+    }
+
+    fn exit(seq: u64, status: i32) -> Event {
+        guest(
+            seq,
+            GuestMessage::Exit {
+                status,
+                peak_rss_kib: 1,
+                synced: true,
+            },
+        )
+    }
+
+    /// Feeds `events`, none of which may end the loop, then the VMM's exit; returns the code.
+    fn feed(lp: &mut EventLoop<'_, Recorder>, events: Vec<Event>) -> i32 {
+        for e in events {
+            assert_eq!(lp.handle(e), None, "only the VMM's exit ends the loop");
+        }
+        lp.handle(Event::VmmExited(Some(0)))
+            .expect("the VMM's exit ends the loop")
+    }
+
+    #[test]
+    fn the_workload_status_is_passed_through_and_power_off_awaited() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        for e in [hello(&[]), exit(1, 7)] {
+            assert_eq!(lp.handle(e), None);
+        }
+        assert!(lp.state.hello_deadline.is_none());
+        assert!(lp.state.kill_deadline.is_some(), "10 s to power off");
+        assert_eq!(feed(&mut lp, vec![]), 7);
+        assert_eq!(lp.effects.kills, 0);
+    }
+
+    #[test]
+    fn a_guest_that_does_not_power_off_is_killed() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[]));
+        lp.handle(exit(1, 0));
+        lp.on_deadline(Instant::now());
+        assert_eq!(lp.effects.kills, 0, "not before the deadline");
+        lp.on_deadline(Instant::now() + Duration::from_secs(11));
+        assert_eq!(lp.effects.kills, 1);
+        assert!(lp.state.kill_deadline.is_none());
+        assert_eq!(feed(&mut lp, vec![]), 0, "the status reported still counts");
+    }
+
+    #[test]
+    fn a_fatal_boot_error_is_recorded_and_ends_with_its_code() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        let fatal = GuestMessage::Fatal {
+            phase: "mounts".into(),
+            error: "no /proc".into(),
+        };
+        assert_eq!(
+            feed(&mut lp, vec![hello(&[]), guest(1, fatal)]),
+            code::GUEST_FATAL
+        );
+        let record = lp.session.record.as_ref().expect("record");
+        assert_eq!(
+            record.failed.as_deref(),
+            Some("guest boot failed in phase mounts: no /proc")
+        );
+    }
+
+    #[test]
+    fn a_protocol_error_stops_the_vm_unless_the_exit_is_in() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        let broken =
+            || Event::Channel(ChannelEvent::Protocol(ProtocolError::Empty { seq_hint: 1 }));
+        assert_eq!(feed(&mut lp, vec![hello(&[]), broken()]), code::PROTOCOL);
+        assert_eq!(lp.effects.kills, 1);
+
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        assert_eq!(feed(&mut lp, vec![hello(&[]), exit(1, 7), broken()]), 7);
+        assert_eq!(lp.effects.kills, 0);
+    }
+
+    #[test]
+    fn no_hello_in_time_stops_the_vm() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        lp.on_deadline(Instant::now());
+        assert_eq!(lp.effects.kills, 0, "not before the deadline");
+        lp.on_deadline(Instant::now() + Duration::from_secs(61));
+        assert_eq!(lp.effects.kills, 1);
+        assert!(lp.state.hello_deadline.is_none(), "reported once");
+        assert_eq!(feed(&mut lp, vec![]), code::TIMEOUT);
+    }
+
+    #[test]
+    fn a_vm_that_ends_without_a_word_has_no_exit() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        let events = vec![
+            Event::Channel(ChannelEvent::Connected),
+            hello(&[]),
+            Event::Channel(ChannelEvent::Closed),
+        ];
+        assert_eq!(feed(&mut lp, events), code::NO_EXIT);
+        let kinds: Vec<&serde_json::Value> = lp
+            .timeline
+            .events
+            .iter()
+            .map(|e| &e.event["type"])
+            .collect();
+        assert_eq!(
+            kinds,
+            ["channel-connected", "hello", "channel-closed", "vmm-exited"]
+        );
+    }
+
+    #[test]
+    fn a_signal_before_the_guest_connected_stops_the_vm() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        assert_eq!(
+            feed(&mut lp, vec![Event::Signal(Signal::SIGTERM)]),
+            code::NO_EXIT
+        );
+        assert_eq!(lp.effects.kills, 1);
+    }
+
+    /// The first signal asks the guest to shut down within the grace time; the guest's exit then
+    /// decides the code. A second signal does not wait.
+    #[test]
+    fn a_signal_asks_the_guest_to_shut_down_once() {
+        let mut f = Fixture::new();
+        let (ours, mut guest_end) = UnixStream::pair().expect("pair");
+        *f.writer.lock().expect("lock") = Some(ours);
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[]));
+        let before = Instant::now();
+        lp.handle(Event::Signal(Signal::SIGTERM));
+        assert_eq!(lp.effects.kills, 0);
+        assert!(lp.state.shutdown_sent);
+        let deadline = lp.state.kill_deadline.expect("a deadline to power off");
+        assert!(deadline >= before + Duration::from_millis(10_000) + Duration::from_secs(15));
+        let mut decoder = FrameDecoder::default();
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut guest_end, &mut buf).expect("read");
+        decoder.push(&buf[..n]);
+        let sent = decoder
+            .next_frame::<HostMessage>()
+            .expect("a frame")
+            .expect("complete");
+        assert_eq!(sent.msg, HostMessage::Shutdown { grace_ms: 10_000 });
+        lp.handle(Event::Signal(Signal::SIGINT));
+        assert_eq!(lp.effects.kills, 1);
+        assert_eq!(feed(&mut lp, vec![exit(1, 143)]), 143);
+    }
+
+    #[test]
+    fn the_last_announced_stage_makes_the_vm_ready() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        let stages = [stage::WORKLOAD_STARTED, stage::K3S_STARTED];
+        lp.handle(hello(&stages));
+        lp.handle(ready(1, stage::WORKLOAD_STARTED));
+        assert!(lp.state.readiness.is_some(), "one more stage to come");
+        assert!(lp.timeline.summary.ready_us.is_none());
+        lp.handle(ready(2, stage::K3S_STARTED));
+        assert!(lp.state.readiness.is_none());
+        assert!(lp.timeline.summary.ready_us.is_some());
+        let record = lp.session.record.as_ref().expect("record");
+        assert_eq!(
+            record.ready_stages,
+            [stage::WORKLOAD_STARTED, stage::K3S_STARTED, "ready"]
+        );
+        assert_eq!(feed(&mut lp, vec![exit(3, 0)]), 0);
+        assert_eq!(lp.effects.probes, []);
+    }
+
+    /// Readiness is no part of the exit code: a workload that ends before it passes its status.
+    #[test]
+    fn a_workload_that_ends_before_ready_passes_its_status() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        let code = feed(&mut lp, vec![hello(&[stage::K3S_STARTED]), exit(1, 9)]);
+        assert_eq!(code, 9);
+        assert!(lp.timeline.summary.ready_us.is_none());
+    }
+
+    #[test]
+    fn a_late_stage_is_named_and_stops_the_vm() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[stage::WORKLOAD_STARTED, stage::K3S_STARTED]));
+        lp.on_deadline(Instant::now() + Duration::from_secs(301));
+        assert_eq!(lp.effects.kills, 1);
+        let r = lp.state.readiness.as_ref().expect("still not ready");
+        assert_eq!(r.awaited(), Some(stage::WORKLOAD_STARTED));
+        assert_eq!(r.deadline(), None, "reported once");
+        assert_eq!(feed(&mut lp, vec![]), code::TIMEOUT);
+    }
+
+    /// The gateway's stage starts the host's probe of the forwarded port; the VM is ready only
+    /// when it answers.
+    #[test]
+    fn the_gateway_is_ready_when_its_forwarded_port_answers() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(Some(30051));
+        lp.handle(hello(&[stage::GATEWAY_READY]));
+        lp.handle(ready(1, stage::GATEWAY_READY));
+        assert_eq!(lp.effects.probes, [(30051, Duration::from_secs(300))]);
+        assert!(lp.timeline.summary.ready_us.is_none());
+        lp.handle(Event::GatewayProbed(true));
+        assert!(lp.state.readiness.is_none());
+        assert!(lp.timeline.summary.ready_us.is_some());
+        assert_eq!(feed(&mut lp, vec![exit(2, 0)]), 0);
+        assert_eq!(lp.effects.kills, 0);
+    }
+
+    #[test]
+    fn a_gateway_port_that_does_not_answer_stops_the_vm() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(Some(30051));
+        lp.handle(hello(&[stage::GATEWAY_READY]));
+        lp.handle(ready(1, stage::GATEWAY_READY));
+        assert_eq!(
+            feed(&mut lp, vec![Event::GatewayProbed(false)]),
+            code::TIMEOUT
+        );
+        assert_eq!(lp.effects.kills, 1);
+    }
+
+    /// Without a forwarded gateway port there is nothing to probe: its stage is enough.
+    #[test]
+    fn an_unforwarded_gateway_is_ready_at_its_stage() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[stage::GATEWAY_READY]));
+        lp.handle(ready(1, stage::GATEWAY_READY));
+        assert_eq!(lp.effects.probes, []);
+        assert!(lp.timeline.summary.ready_us.is_some());
+    }
+
+    #[test]
+    fn forwards_that_fail_stop_the_vm() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        let forward = Forward {
+            host: 8080,
+            guest: 80,
+        };
+        lp.handle(Event::Forwarded(Ok(vec![(forward, 1)])));
+        assert_eq!(lp.effects.kills, 0);
+        let refused = ExposeError::Refused {
+            forward,
+            status: 500,
+            body: "no".into(),
+        };
+        let code = feed(&mut lp, vec![hello(&[]), Event::Forwarded(Err(refused))]);
+        assert_eq!(code, code::SETUP);
+        assert_eq!(lp.effects.kills, 1);
+    }
+
+    /// The last host error counts, and beats the guest's report.
+    #[test]
+    fn a_host_error_beats_the_workload_status() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        lp.on_deadline(Instant::now() + Duration::from_secs(61));
+        let broken = Event::Channel(ChannelEvent::Protocol(ProtocolError::Empty { seq_hint: 0 }));
+        assert_eq!(feed(&mut lp, vec![broken]), code::PROTOCOL);
+    }
+}
