@@ -11,7 +11,7 @@
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::reset::{self, ResetError};
@@ -117,9 +117,22 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
         }
     }
     let log_path = sdir.host_log_path();
+    let (child, spawned_ms) = spawn_background(&log_path)?;
+    println!(
+        "openshell-host: instance {:?} starting in the background (pid {}); log: {}",
+        args.name,
+        child.id(),
+        log_path.display()
+    );
+    wait_ready(args, &sdir, child, spawned_ms, log_path)
+}
+
+/// Starts this program again with our arguments less the foreground-only ones, in a session of
+/// its own, its output in `log_path`. Returns the child and when it was spawned (Unix ms).
+fn spawn_background(log_path: &Path) -> Result<(Child, u64), DetachError> {
     let open_log = || {
-        std::fs::File::create(&log_path).map_err(|source| DetachError::Log {
-            path: log_path.clone(),
+        std::fs::File::create(log_path).map_err(|source| DetachError::Log {
+            path: log_path.to_path_buf(),
             source,
         })
     };
@@ -140,13 +153,20 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
         });
     }
     let spawned_ms = state::unix_ms();
-    let mut child = cmd.spawn().map_err(DetachError::Spawn)?;
+    let child = cmd.spawn().map_err(DetachError::Spawn)?;
+    Ok((child, spawned_ms))
+}
+
+/// Polls the background `up` (started at `spawned_ms`) and its state file until the ready
+/// stage is listed, the child ends, or `--ready-timeout` passes.
+fn wait_ready(
+    args: &UpArgs,
+    sdir: &StateDir,
+    mut child: Child,
+    spawned_ms: u64,
+    log_path: PathBuf,
+) -> Result<i32, DetachError> {
     let pid = child.id();
-    println!(
-        "openshell-host: instance {:?} starting in the background (pid {pid}); log: {}",
-        args.name,
-        log_path.display()
-    );
     let deadline = Instant::now() + Duration::from_secs(args.ready_timeout);
     let mut reported_failure = false;
     loop {
@@ -156,7 +176,7 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
                 .or_else(|| status.signal().map(|s| 128 + s))
                 .unwrap_or(code::SETUP);
             // A short workload can reach the stage and end between two polls.
-            if reached_then_ended(&sdir, spawned_ms, &args.ready_stage) {
+            if reached_then_ended(sdir, spawned_ms, &args.ready_stage) {
                 println!(
                     "{} (instance {:?}), then the instance ended with exit {code}",
                     reached(&args.ready_stage),
