@@ -19,6 +19,7 @@ use openshell_shared::exec::{
     MAX_DATA_CHUNK,
 };
 
+use crate::failure::Failure;
 use crate::rundir::RunDir;
 
 /// The exit code for "the command's status never arrived" (transport or protocol failure).
@@ -77,16 +78,17 @@ pub enum HostExecError {
     NoExit,
 }
 
-/// Runs the command and returns the exit code for this process.
-pub fn run(args: ExecArgs) -> i32 {
-    match exec(args) {
-        Ok(code) => code,
-        Err(e) => {
-            restore_terminal();
-            eprintln!("openshell-host exec: {e}");
-            TRANSPORT_FAILURE
-        }
+/// The command's status never arrived: the process ends with [`TRANSPORT_FAILURE`].
+impl Failure for HostExecError {
+    fn exit_code(&self) -> i32 {
+        TRANSPORT_FAILURE
     }
+}
+
+/// Runs the command and returns the exit code for this process. On an error the terminal is
+/// back in its own mode before the error is returned to be printed.
+pub fn run(args: ExecArgs) -> Result<i32, HostExecError> {
+    exec(args).inspect_err(|_| restore_terminal())
 }
 
 fn parse_env(

@@ -27,7 +27,9 @@
 use std::ffi::{CString, NulError};
 use std::path::{Path, PathBuf};
 
-use super::{Arch, VmSpec};
+use openshell_shared::Arch;
+
+use super::spec::{VmSpec, GUEST_MAC};
 
 /// The library name the dynamic loader is asked for when no path is given (the soname).
 #[cfg(target_os = "macos")]
@@ -141,7 +143,7 @@ pub enum LibkrunError {
 mod ffi {
     use std::ffi::c_char;
 
-    use super::{LibkrunError, Origin};
+    use crate::backend::libkrun::{LibkrunError, Origin, PLATFORM_NAME};
 
     pub type InitLog = unsafe extern "C" fn(i32, u32, u32, u32) -> i32;
     pub type CreateCtx = unsafe extern "C" fn() -> i32;
@@ -195,7 +197,7 @@ mod ffi {
     pub fn load(origin: &Origin) -> Result<&'static Api, LibkrunError> {
         let name: &std::ffi::OsStr = match origin {
             Origin::Flag(p) | Origin::Env(p) => p.as_os_str(),
-            Origin::Loader => super::PLATFORM_NAME.as_ref(),
+            Origin::Loader => PLATFORM_NAME.as_ref(),
         };
         // SAFETY: loading runs the library's initialisers; libkrun's only set up Rust statics.
         let lib =
@@ -405,7 +407,7 @@ impl Libkrun {
             Some(Net::VfkitDatagram(p)) => Some((cpath("network socket", p)?, true)),
             None => None,
         };
-        let mac = mac_bytes(super::GUEST_MAC).ok_or(LibkrunError::Call {
+        let mac = mac_bytes(GUEST_MAC).ok_or(LibkrunError::Call {
             call: "parse GUEST_MAC",
             errno: nix::errno::Errno::EINVAL,
         })?;
@@ -655,7 +657,7 @@ mod tests {
             let spec = VmSpec {
                 arch: Arch::host(),
                 kernel,
-                cmdline: super::super::kernel_cmdline(Arch::host(), &[], None),
+                cmdline: crate::backend::spec::kernel_cmdline(Arch::host(), &[], None),
                 memory_mib: 128,
                 cpus,
                 virtiofs_socket: dir.join("unused-virtiofs.sock"),
@@ -684,7 +686,7 @@ mod tests {
 
     #[test]
     fn cmdline_is_adapted_for_libkrun() {
-        let ours = super::super::kernel_cmdline(Arch::X86_64, &["/bin/true".into()], None);
+        let ours = crate::backend::spec::kernel_cmdline(Arch::X86_64, &["/bin/true".into()], None);
         let line = adapt_cmdline(&ours);
         assert!(
             line.starts_with(
@@ -712,7 +714,7 @@ mod tests {
     #[test]
     fn small_helpers() {
         assert_eq!(
-            mac_bytes(super::super::GUEST_MAC),
+            mac_bytes(GUEST_MAC),
             Some([0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee])
         );
         assert_eq!(mac_bytes("5a:94"), None);

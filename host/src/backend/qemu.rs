@@ -1,10 +1,13 @@
 //! The qemu backend: `-M microvm` on x86_64 and `-M virt` on aarch64, software emulation by
 //! default, guest memory in a shared memfd so the vhost-user daemons (virtio-fs, vsock) can map it.
+//! Also the arguments of those two daemons, which run next to qemu only.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use super::{Arch, VmSpec};
+use openshell_shared::Arch;
+
+use super::spec::{VmSpec, GUEST_MAC};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
@@ -71,13 +74,37 @@ impl Qemu {
                     sock.display()
                 ),
                 "-device",
-                &format!("virtio-net-device,netdev=net0,mac={}", super::GUEST_MAC),
+                &format!("virtio-net-device,netdev=net0,mac={}", GUEST_MAC),
             ]);
         }
         // Debian's virtiofsd speaks only modern virtio.
         push(&["-global", "virtio-mmio.force-legacy=false"]);
         args
     }
+}
+
+/// virtiofsd serving `rootfs` on the vhost-user `socket` qemu's `vhost-user-fs-device` connects to.
+pub fn virtiofsd_args(socket: &Path, rootfs: &Path) -> Vec<OsString> {
+    vec![
+        format!("--socket-path={}", socket.display()).into(),
+        "-o".into(),
+        format!("source={}", rootfs.display()).into(),
+        "-o".into(),
+        "cache=auto".into(),
+    ]
+}
+
+/// vhost-device-vsock for guest CID 3: qemu's `vhost-user-vsock-device` connects to
+/// `vhost_socket`, and guest connections arrive on (and host ones leave from) `uds`.
+pub fn vsock_helper_args(vhost_socket: &Path, uds: &Path) -> Vec<OsString> {
+    vec![
+        "--guest-cid".into(),
+        "3".into(),
+        "--socket".into(),
+        vhost_socket.into(),
+        "--uds-path".into(),
+        uds.into(),
+    ]
 }
 
 #[cfg(test)]
@@ -160,6 +187,35 @@ mod tests {
              -device virtio-net-device,netdev=net0,mac=5a:94:ef:e4:0c:ee"
             ),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn vhost_user_daemon_commands() {
+        let fs = virtiofsd_args(Path::new("/r/virtiofsd.sock"), Path::new("/images/root"));
+        assert_eq!(
+            fs,
+            [
+                "--socket-path=/r/virtiofsd.sock",
+                "-o",
+                "source=/images/root",
+                "-o",
+                "cache=auto"
+            ]
+            .map(OsString::from)
+        );
+        let vsock = vsock_helper_args(Path::new("/r/vhost-vsock.sock"), Path::new("/r/vsock.sock"));
+        assert_eq!(
+            vsock,
+            [
+                "--guest-cid",
+                "3",
+                "--socket",
+                "/r/vhost-vsock.sock",
+                "--uds-path",
+                "/r/vsock.sock"
+            ]
+            .map(OsString::from)
         );
     }
 }

@@ -5,15 +5,19 @@
 //! on a fatal boot error): the foreground polls it, checking the pid in it is its child's, and
 //! returns 0 once `--ready-stage` is listed. If the child exits first, the boot failed: the
 //! foreground prints the end of `host.log` and returns the child's exit code.
+//!
+//! `main` decides between this and a foreground `up`; this module needs only `up`'s arguments.
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::state::StateDir;
-use crate::up::{code, UpArgs};
+use super::reset::{self, ResetError};
+use super::state::{self, StateDir, StateError};
+use crate::failure::Failure;
+use crate::up::args::{code, UpArgs};
 
 /// Flags the foreground consumes: the background gets neither (reset already happened).
 const FOREGROUND_ONLY: [&str; 5] = ["--detach", "-d", "--reset", "--yes", "-y"];
@@ -25,6 +29,14 @@ pub const CHILD_ENV: &str = "OPENSHELL_HOST_DETACHED";
 /// True in the background process of `up --detach`.
 pub fn is_child() -> bool {
     std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// The arguments the background process runs `up` with: the foreground reset the rootfs
+/// already, and the background never detaches again.
+pub fn in_background(mut args: UpArgs) -> UpArgs {
+    args.reset = false;
+    args.detach = false;
+    args
 }
 
 /// The background's arguments: ours without the foreground-only flags. Everything after
@@ -44,32 +56,52 @@ fn background_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     out
 }
 
-pub fn run(args: &UpArgs) -> i32 {
-    match detach(args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("openshell-host: {e}");
-            code::SETUP
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
-enum DetachError {
+pub enum DetachError {
     #[error(transparent)]
-    State(#[from] super::state::StateError),
+    State(#[from] StateError),
     #[error(transparent)]
-    Reset(#[from] super::reset::ResetError),
+    Reset(#[from] ResetError),
     #[error("cannot open {path}: {source}")]
     Log {
-        path: std::path::PathBuf,
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error("cannot start the background openshell-host: {0}")]
     Spawn(std::io::Error),
+    #[error("root filesystem {0} is not a directory")]
+    NoRootfs(PathBuf),
+    /// The background `up` ended before the ready stage: `tail` is the end of its log.
+    #[error("instance {name:?} stopped before {stage}; end of {log}:{tail}")]
+    StoppedEarly {
+        name: String,
+        stage: String,
+        log: PathBuf,
+        tail: Tail,
+        /// The background's exit code, or [`code::NO_EXIT`] when it was 0.
+        code: i32,
+    },
+    #[error("no {stage} within {secs} s; instance {name:?} keeps running (pid {pid}): see `openshell-host logs --name {name}`")]
+    NotReady {
+        stage: String,
+        secs: u64,
+        name: String,
+        pid: u32,
+    },
 }
 
-fn detach(args: &UpArgs) -> Result<i32, DetachError> {
+impl Failure for DetachError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            DetachError::StoppedEarly { code, .. } => *code,
+            DetachError::NotReady { .. } => code::TIMEOUT,
+            _ => code::SETUP,
+        }
+    }
+}
+
+/// Starts `up` in the background and waits until it reports `--ready-stage` (0) or fails.
+pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
     let sdir = StateDir::for_name(&args.name)?;
     {
         // Hold the lock while checking and resetting; the child takes it again.
@@ -79,19 +111,28 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
         }
         if args.reset {
             if !args.rootfs.is_dir() {
-                eprintln!(
-                    "openshell-host: root filesystem {} is not a directory",
-                    args.rootfs.display()
-                );
-                return Ok(code::SETUP);
+                return Err(DetachError::NoRootfs(args.rootfs.clone()));
             }
-            println!("{}", super::reset::run(&args.rootfs, args.yes)?);
+            println!("{}", reset::run(&args.rootfs, args.yes)?);
         }
     }
     let log_path = sdir.host_log_path();
+    let (child, spawned_ms) = spawn_background(&log_path)?;
+    println!(
+        "openshell-host: instance {:?} starting in the background (pid {}); log: {}",
+        args.name,
+        child.id(),
+        log_path.display()
+    );
+    wait_ready(args, &sdir, child, spawned_ms, log_path)
+}
+
+/// Starts this program again with our arguments less the foreground-only ones, in a session of
+/// its own, its output in `log_path`. Returns the child and when it was spawned (Unix ms).
+fn spawn_background(log_path: &Path) -> Result<(Child, u64), DetachError> {
     let open_log = || {
-        std::fs::File::create(&log_path).map_err(|source| DetachError::Log {
-            path: log_path.clone(),
+        std::fs::File::create(log_path).map_err(|source| DetachError::Log {
+            path: log_path.to_path_buf(),
             source,
         })
     };
@@ -111,14 +152,21 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
             Ok(())
         });
     }
-    let spawned_ms = super::state::unix_ms();
-    let mut child = cmd.spawn().map_err(DetachError::Spawn)?;
+    let spawned_ms = state::unix_ms();
+    let child = cmd.spawn().map_err(DetachError::Spawn)?;
+    Ok((child, spawned_ms))
+}
+
+/// Polls the background `up` (started at `spawned_ms`) and its state file until the ready
+/// stage is listed, the child ends, or `--ready-timeout` passes.
+fn wait_ready(
+    args: &UpArgs,
+    sdir: &StateDir,
+    mut child: Child,
+    spawned_ms: u64,
+    log_path: PathBuf,
+) -> Result<i32, DetachError> {
     let pid = child.id();
-    println!(
-        "openshell-host: instance {:?} starting in the background (pid {pid}); log: {}",
-        args.name,
-        log_path.display()
-    );
     let deadline = Instant::now() + Duration::from_secs(args.ready_timeout);
     let mut reported_failure = false;
     loop {
@@ -128,7 +176,7 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
                 .or_else(|| status.signal().map(|s| 128 + s))
                 .unwrap_or(code::SETUP);
             // A short workload can reach the stage and end between two polls.
-            if reached_then_ended(&sdir, spawned_ms, &args.ready_stage) {
+            if reached_then_ended(sdir, spawned_ms, &args.ready_stage) {
                 println!(
                     "{} (instance {:?}), then the instance ended with exit {code}",
                     reached(&args.ready_stage),
@@ -136,14 +184,13 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
                 );
                 return Ok(code);
             }
-            eprintln!(
-                "openshell-host: instance {:?} stopped before {}; end of {}:",
-                args.name,
-                args.ready_stage,
-                log_path.display()
-            );
-            print_tail(&log_path, 20);
-            return Ok(if code == 0 { code::NO_EXIT } else { code });
+            return Err(DetachError::StoppedEarly {
+                name: args.name.clone(),
+                stage: args.ready_stage.clone(),
+                tail: Tail::of(&log_path, 20),
+                log: log_path,
+                code: if code == 0 { code::NO_EXIT } else { code },
+            });
         }
         if let Ok(Some(state)) = sdir.read_state() {
             if state.host_pid == pid {
@@ -165,11 +212,12 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
             }
         }
         if Instant::now() >= deadline {
-            eprintln!(
-                "openshell-host: no {} within {} s; instance {:?} keeps running (pid {pid}): see `openshell-host logs --name {}`",
-                args.ready_stage, args.ready_timeout, args.name, args.name
-            );
-            return Ok(code::TIMEOUT);
+            return Err(DetachError::NotReady {
+                stage: args.ready_stage.clone(),
+                secs: args.ready_timeout,
+                name: args.name.clone(),
+                pid,
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -177,7 +225,7 @@ fn detach(args: &UpArgs) -> Result<i32, DetachError> {
 
 /// Whether the last boot, started by our child (not before `spawned_ms`), reported `stage`.
 fn reached_then_ended(sdir: &StateDir, spawned_ms: u64, stage: &str) -> bool {
-    let Some(boot) = super::state::read_json(&sdir.last_boot_path()) else {
+    let Some(boot) = state::read_json(&sdir.last_boot_path()) else {
         return false;
     };
     let ours = boot["host_start_unix_ms"]
@@ -201,12 +249,27 @@ fn marks_stage(e: &serde_json::Value, stage: &str) -> bool {
     }
 }
 
-fn print_tail(path: &std::path::Path, lines: usize) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    let mut err = std::io::stderr().lock();
-    for l in &all[all.len().saturating_sub(lines)..] {
-        let _ = writeln!(err, "  {l}");
+/// The last lines of a log, shown under the error that names it: each on a line of its own,
+/// indented by two spaces (nothing for an empty or unreadable log).
+#[derive(Debug)]
+pub struct Tail(Vec<String>);
+
+impl Tail {
+    fn of(path: &Path, lines: usize) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        Self(
+            all[all.len().saturating_sub(lines)..]
+                .iter()
+                .map(|l| l.to_string())
+                .collect(),
+        )
+    }
+}
+
+impl std::fmt::Display for Tail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|l| write!(f, "\n  {l}"))
     }
 }
 
@@ -235,6 +298,66 @@ mod tests {
         assert!(marks_stage(&guest_stage, "workload-started"));
         assert!(!marks_stage(&host_ready, "workload-started"));
         assert!(!marks_stage(&guest_stage, "gateway-ready"));
+    }
+
+    /// What `main` prints for a background `up` that ended early: the log's last lines under the
+    /// error, as they were printed before the error was returned instead.
+    #[test]
+    fn an_early_stop_shows_the_end_of_the_log() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let log = tmp.path().join("host.log");
+        let text: String = (1..=25).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).expect("log");
+        let err = DetachError::StoppedEarly {
+            name: "gw".into(),
+            stage: "ready".into(),
+            tail: Tail::of(&log, 20),
+            log: log.clone(),
+            code: 7,
+        };
+        let want: String = (6..=25).map(|i| format!("\n  line {i}")).collect();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "instance \"gw\" stopped before ready; end of {}:{want}",
+                log.display()
+            )
+        );
+        assert_eq!(err.exit_code(), 7);
+        let empty = Tail::of(&tmp.path().join("none.log"), 20);
+        assert_eq!(empty.to_string(), "");
+    }
+
+    #[test]
+    fn failures_keep_their_exit_codes_and_wording() {
+        let late = DetachError::NotReady {
+            stage: "gateway-ready".into(),
+            secs: 600,
+            name: "default".into(),
+            pid: 42,
+        };
+        assert_eq!(late.exit_code(), code::TIMEOUT);
+        assert_eq!(
+            late.to_string(),
+            "no gateway-ready within 600 s; instance \"default\" keeps running (pid 42): \
+             see `openshell-host logs --name default`"
+        );
+        let rootfs = DetachError::NoRootfs("/nope".into());
+        assert_eq!(rootfs.exit_code(), code::SETUP);
+        assert_eq!(
+            rootfs.to_string(),
+            "root filesystem /nope is not a directory"
+        );
+    }
+
+    /// The background process neither resets again nor detaches again.
+    #[test]
+    fn the_background_runs_in_the_foreground_without_reset() {
+        let args =
+            crate::up::args::parse(&["--kernel", "/k", "--rootfs", "/r", "-d", "--reset", "-y"])
+                .expect("parse");
+        let bg = in_background(args);
+        assert!(!bg.detach && !bg.reset && bg.yes);
     }
 
     #[test]

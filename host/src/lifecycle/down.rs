@@ -3,12 +3,14 @@
 //! deadline SIGKILL to the VMM and to `up`. "Down" is judged by the instance lock, which the
 //! kernel releases when `up` exits, not by pids that may already be reused.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::state::{self, StateDir, StateError};
+use crate::failure::Failure;
 
 #[derive(Debug, clap::Args)]
 pub struct DownArgs {
@@ -19,13 +21,19 @@ pub struct DownArgs {
     pub timeout: u64,
 }
 
-pub fn run(args: &DownArgs) -> i32 {
-    match down(args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("openshell-host: {e}");
-            1
-        }
+#[derive(Debug, thiserror::Error)]
+pub enum DownError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("instance {name:?} holds its lock but names no pid in {lock}")]
+    NoPid { name: String, lock: PathBuf },
+    #[error("instance {0:?} still holds its lock after SIGKILL")]
+    StillLocked(String),
+}
+
+impl Failure for DownError {
+    fn exit_code(&self) -> i32 {
+        1
     }
 }
 
@@ -66,7 +74,8 @@ pub fn guest_exit_line(sdir: &StateDir) -> Option<String> {
     })
 }
 
-fn down(args: &DownArgs) -> Result<i32, StateError> {
+/// Stops the instance (0 also when it was not running).
+pub fn run(args: &DownArgs) -> Result<i32, DownError> {
     let sdir = StateDir::for_name(&args.name)?;
     if !sdir.is_running()? {
         if let Some(note) = sdir.clear_stale() {
@@ -82,12 +91,10 @@ fn down(args: &DownArgs) -> Result<i32, StateError> {
         .and_then(|t| t.trim().parse::<u32>().ok())
         .or(record.as_ref().map(|r| r.host_pid));
     let Some(host_pid) = host_pid else {
-        eprintln!(
-            "openshell-host: instance {:?} holds its lock but names no pid in {}",
-            args.name,
-            sdir.lock_path().display()
-        );
-        return Ok(1);
+        return Err(DownError::NoPid {
+            name: args.name.clone(),
+            lock: sdir.lock_path(),
+        });
     };
     let vmm_pid = record.as_ref().and_then(|r| r.vmm_pid);
     println!(
@@ -124,10 +131,33 @@ fn down(args: &DownArgs) -> Result<i32, StateError> {
         println!("instance {:?} is down (killed)", args.name);
         Ok(0)
     } else {
-        eprintln!(
-            "openshell-host: instance {:?} still holds its lock after SIGKILL",
-            args.name
+        Err(DownError::StillLocked(args.name.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wording `main` prints after `openshell-host: `, and exit 1 for every failure.
+    #[test]
+    fn failures_name_the_instance_and_exit_1() {
+        let no_pid = DownError::NoPid {
+            name: "gw".into(),
+            lock: "/state/gw/lock".into(),
+        };
+        assert_eq!(
+            no_pid.to_string(),
+            "instance \"gw\" holds its lock but names no pid in /state/gw/lock"
         );
-        Ok(1)
+        let locked = DownError::StillLocked("gw".into());
+        assert_eq!(
+            locked.to_string(),
+            "instance \"gw\" still holds its lock after SIGKILL"
+        );
+        let state = DownError::from(StateError::NoHome);
+        for e in [no_pid, locked, state] {
+            assert_eq!(e.exit_code(), 1, "{e}");
+        }
     }
 }

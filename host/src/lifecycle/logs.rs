@@ -19,16 +19,6 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
-pub fn run(args: &LogsArgs) -> i32 {
-    match logs(args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("openshell-host: {e}");
-            1
-        }
-    }
-}
-
 /// One boot event as a line: `+<ms> host|guest <what>`.
 pub fn event_line(e: &Value) -> String {
     let ms = e["host_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
@@ -50,7 +40,7 @@ pub fn event_line(e: &Value) -> String {
     )
 }
 
-fn logs(args: &LogsArgs) -> Result<i32, StateError> {
+pub fn run(args: &LogsArgs) -> Result<i32, StateError> {
     let sdir = StateDir::for_name(&args.name)?;
     let boot = state::read_json(&sdir.last_boot_path());
     let running = sdir.is_running()?;

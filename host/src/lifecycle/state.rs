@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::failure::Failure;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(
@@ -48,6 +50,13 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// `status` and `logs` fail only on the state directory, and end with 1 then.
+impl Failure for StateError {
+    fn exit_code(&self) -> i32 {
+        1
+    }
 }
 
 /// Instance names become directory and socket path components: keep them to a safe alphabet.

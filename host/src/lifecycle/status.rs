@@ -17,16 +17,6 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-pub fn run(args: &StatusArgs) -> i32 {
-    match status(args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("openshell-host: {e}");
-            1
-        }
-    }
-}
-
 /// The `summary` of last-boot.json, reduced to what status shows.
 fn last_boot(sdir: &StateDir) -> Value {
     let Some(boot) = state::read_json(&sdir.last_boot_path()) else {
@@ -48,7 +38,7 @@ fn last_boot(sdir: &StateDir) -> Value {
     })
 }
 
-fn status(args: &StatusArgs) -> Result<i32, StateError> {
+pub fn run(args: &StatusArgs) -> Result<i32, StateError> {
     let sdir = StateDir::for_name(&args.name)?;
     let running = sdir.is_running()?;
     let record = if running { sdir.read_state()? } else { None };

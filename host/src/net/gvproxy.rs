@@ -1,8 +1,8 @@
 //! gvproxy (gvisor-tap-vsock): the macOS user-mode network, also usable on Linux. Its subnet is
 //! 192.168.127.0/24 with itself at .1 (gateway, DNS, DHCP) and the guest at .2 through a static
-//! lease tied to [`crate::backend::GUEST_MAC`]. Port forwards are made after start through its
-//! HTTP API on a unix socket, and that API answers 500 while its network stack is still coming
-//! up, so exposing retries with backoff inside one budget.
+//! lease tied to [`crate::backend::spec::GUEST_MAC`]. Port forwards are made after start through
+//! its HTTP API on a unix socket, and that API answers 500 while its network stack is still
+//! coming up, so exposing retries with backoff inside one budget.
 //!
 //! gvproxy cannot be installed on the machines this project is tested on: [`args`] and the API
 //! client are tested against a local HTTP server that checks the exact requests.

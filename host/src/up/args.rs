@@ -1,0 +1,227 @@
+//! The arguments of `openshell-host up` and its exit codes: what `main`, `up --detach` and the
+//! run itself share. Imports nothing from `up`.
+
+use std::path::PathBuf;
+
+use openshell_shared::Arch;
+
+use crate::backend::qemu::Accel;
+use crate::backend::BackendChoice;
+use crate::net::{Forward, NetBackend};
+
+/// Exit codes of `up` besides the workload's own status.
+pub mod code {
+    /// Could not start (bad arguments, missing program, busy instance).
+    pub const SETUP: i32 = 1;
+    /// The VM ended without reporting an exit.
+    pub const NO_EXIT: i32 = 2;
+    /// The guest reported a fatal boot error.
+    pub const GUEST_FATAL: i32 = 3;
+    /// The guest broke the boot channel protocol.
+    pub const PROTOCOL: i32 = 4;
+    /// No hello from the guest in time.
+    pub const TIMEOUT: i32 = 5;
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Guest architecture.
+    #[arg(long, default_value_t = Arch::host())]
+    pub arch: Arch,
+    /// Guest kernel: bzImage (x86_64) or Image (aarch64).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Host directory shared as the guest's root filesystem.
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Instance name (letters, digits, '_', '-'): one state and one run directory per instance.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Run in the background (output to `<state>/host.log`); return once the guest reports
+    /// `--ready-stage`, non-zero if the boot fails first.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Ready stage `--detach` waits for: by default `ready`, the host's own mark once the last
+    /// stage the guest announced (and, for the gateway, the host's probe of its port) arrived.
+    #[arg(long, default_value = "ready", value_name = "STAGE")]
+    pub ready_stage: String,
+    /// Seconds each readiness stage the guest announced may take after the one before; one that
+    /// does not come in time is named and the VM stopped.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub stage_timeout: u64,
+    /// Seconds `--detach` waits for the ready stage before giving up (the VM keeps running).
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub ready_timeout: u64,
+    /// Remove the guest's runtime state (pods, CNI state, k3s database) from the rootfs first.
+    #[arg(long)]
+    pub reset: bool,
+    /// Do not ask before `--reset` (needed when not on a terminal).
+    #[arg(short = 'y', long)]
+    pub yes: bool,
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// vhost-device-vsock binary.
+    #[arg(long, default_value = "vhost-device-vsock")]
+    pub vsock_helper: PathBuf,
+    /// virtio-fs daemon (Debian's by default).
+    #[arg(long, default_value = "/usr/lib/qemu/virtiofsd")]
+    pub virtiofsd: PathBuf,
+    /// VMM: qemu, libkrun, or auto (libkrun when it loads, runs the guest's arch and /dev/kvm
+    /// opens read-write; else qemu, saying why). On machines where KVM fails on full guests even
+    /// so, pick `--backend qemu`.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// libkrun library to load; else `OPENSHELL_LIBKRUN`, else `libkrun.so.1` (macOS:
+    /// `libkrun.1.dylib`) through the dynamic loader.
+    #[arg(long, value_name = "PATH")]
+    pub libkrun: Option<PathBuf>,
+    /// Emulator binary; `qemu-system-<arch>` by default.
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+    /// KVM fails on full guests on some machines, so software emulation is the default.
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    pub accel: Accel,
+    /// Appended to the kernel command line (e.g. `openshell.hostname=gw`).
+    #[arg(long)]
+    pub cmdline_extra: Option<String>,
+    /// Write the boot timeline as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Seconds to wait for the guest's hello.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Time the workload gets to stop when the host is asked to shut down.
+    #[arg(long, default_value_t = 10_000)]
+    pub grace_ms: u64,
+    /// Guest console log; `<run-dir>/console.log` by default.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// User-mode network for the guest (passt on Linux, gvproxy on macOS by default).
+    #[arg(long, value_enum, default_value_t = NetBackend::platform_default())]
+    pub net: NetBackend,
+    /// Forward TCP 127.0.0.1:HOST on this machine to GUEST in the VM (repeatable; a bare PORT
+    /// means the same port on both sides). Default: the gateway's 30051.
+    #[arg(short = 'p', long = "port", value_name = "HOST:GUEST")]
+    pub ports: Vec<Forward>,
+    /// passt binary.
+    #[arg(long, default_value = "passt")]
+    pub passt: PathBuf,
+    /// gvproxy binary.
+    #[arg(long, default_value = "gvproxy")]
+    pub gvproxy: PathBuf,
+    /// Print every event as a JSON line instead of human-readable lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Command to run in the guest as the workload, with its arguments (instead of k3s on a
+    /// gateway root).
+    #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
+    pub exec: Vec<String>,
+}
+
+/// Parses `up`'s arguments as the command line would (tests only: `UpArgs` is a part of `Cli`).
+#[cfg(test)]
+pub fn parse<I: AsRef<std::ffi::OsStr>>(argv: &[I]) -> Result<UpArgs, clap::Error> {
+    use clap::Parser;
+    use std::ffi::OsStr;
+    #[derive(Parser)]
+    struct Up {
+        #[command(flatten)]
+        args: UpArgs,
+    }
+    let argv = std::iter::once(OsStr::new("up")).chain(argv.iter().map(AsRef::as_ref));
+    Up::try_parse_from(argv).map(|up| up.args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUIRED: [&str; 4] = ["--kernel", "/k/bzImage", "--rootfs", "/images/root"];
+
+    fn with_required(extra: &[&str]) -> Result<UpArgs, clap::Error> {
+        parse(&[&REQUIRED[..], extra].concat())
+    }
+
+    #[test]
+    fn defaults() {
+        let a = with_required(&[]).expect("parse");
+        assert_eq!(a.kernel, PathBuf::from("/k/bzImage"));
+        assert_eq!(a.rootfs, PathBuf::from("/images/root"));
+        assert_eq!(a.arch, Arch::host());
+        assert_eq!((a.memory, a.cpus), (512, 1));
+        assert_eq!(a.name, "default");
+        assert!(!a.detach && !a.reset && !a.yes && !a.json);
+        assert_eq!(a.ready_stage, "ready");
+        assert_eq!((a.stage_timeout, a.ready_timeout), (300, 600));
+        assert_eq!((a.timeout, a.grace_ms), (60, 10_000));
+        assert_eq!(a.vsock_helper, PathBuf::from("vhost-device-vsock"));
+        assert_eq!(a.virtiofsd, PathBuf::from("/usr/lib/qemu/virtiofsd"));
+        assert_eq!(a.backend, BackendChoice::Auto);
+        assert_eq!(a.accel, Accel::Tcg);
+        assert_eq!(a.net, NetBackend::platform_default());
+        assert_eq!(a.passt, PathBuf::from("passt"));
+        assert_eq!(a.gvproxy, PathBuf::from("gvproxy"));
+        assert!(a.ports.is_empty() && a.exec.is_empty());
+        assert!(a.run_dir.is_none() && a.libkrun.is_none() && a.qemu.is_none());
+        assert!(a.cmdline_extra.is_none() && a.report.is_none() && a.console_log.is_none());
+    }
+
+    #[test]
+    fn kernel_and_rootfs_are_required() {
+        assert!(parse(&["--kernel", "/k"]).is_err());
+        assert!(parse(&["--rootfs", "/r"]).is_err());
+    }
+
+    #[test]
+    fn short_flags_ports_and_choices() {
+        let a = with_required(&[
+            "-d",
+            "-y",
+            "-p",
+            "8080",
+            "-p",
+            "2222:22",
+            "--backend",
+            "libkrun",
+            "--accel",
+            "kvm",
+            "--net",
+            "none",
+            "--arch",
+            "aarch64",
+        ])
+        .expect("parse");
+        assert!(a.detach && a.yes);
+        assert_eq!(
+            a.ports,
+            vec![
+                Forward {
+                    host: 8080,
+                    guest: 8080
+                },
+                Forward {
+                    host: 2222,
+                    guest: 22
+                }
+            ]
+        );
+        assert_eq!(a.backend, BackendChoice::Libkrun);
+        assert_eq!(a.accel, Accel::Kvm);
+        assert_eq!(a.net, NetBackend::None);
+        assert_eq!(a.arch, Arch::Aarch64);
+        assert!(with_required(&["-p", "0"]).is_err(), "port 0 is refused");
+        assert!(with_required(&["--backend", "vbox"]).is_err());
+    }
+
+    /// Everything after `--exec` is the guest command, flags included.
+    #[test]
+    fn exec_takes_the_rest_with_its_flags() {
+        let a = with_required(&["--exec", "sh", "-c", "exit 7", "--name", "x"]).expect("parse");
+        assert_eq!(a.exec, ["sh", "-c", "exit 7", "--name", "x"]);
+        assert_eq!(a.name, "default");
+    }
+}

@@ -1,0 +1,50 @@
+//! Why `up` could not start or follow a boot: each variant names the file, socket or program
+//! involved. All of them end `up` with [`code::SETUP`].
+
+use std::path::PathBuf;
+
+use super::args::code;
+use crate::backend::libkrun::LibkrunError;
+use crate::channel::ChannelError;
+use crate::children::ChildError;
+use crate::failure::Failure;
+use crate::lifecycle::reset::ResetError;
+use crate::lifecycle::state::StateError;
+use crate::net::gvproxy::ExposeError;
+use crate::net::passt::PasstDirError;
+use crate::net::ForwardError;
+use crate::rundir::RunDirError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error(transparent)]
+    Child(#[from] ChildError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("kernel {0} does not exist")]
+    NoKernel(PathBuf),
+    #[error("root filesystem {0} is not a directory")]
+    NoRootfs(PathBuf),
+    #[error(transparent)]
+    Passt(#[from] PasstDirError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Expose(#[from] ExposeError),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(nix::errno::Errno),
+    #[error(transparent)]
+    Libkrun(#[from] LibkrunError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Reset(#[from] ResetError),
+}
+
+impl Failure for UpError {
+    fn exit_code(&self) -> i32 {
+        code::SETUP
+    }
+}

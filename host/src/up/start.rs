@@ -1,0 +1,320 @@
+//! Starting a boot: checks the inputs, prepares the run directory, picks the backend, listens on
+//! the boot channel, starts the helpers and the VMM, records the instance for `down` and
+//! `status`, and starts the threads that feed the loop (the VMM's reaper, gvproxy's forwards).
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use openshell_shared::Arch;
+use serde_json::json;
+
+use super::args::UpArgs;
+use super::error::UpError;
+use super::event::{wrap_channel, Event};
+use super::helpers;
+use super::session::Session;
+use super::vmm::{self, StartedVmm};
+use crate::backend::qemu::Accel;
+use crate::backend::spec::{kernel_cmdline, VmSpec};
+use crate::backend::Chosen;
+use crate::channel::Channel;
+use crate::children::Helper;
+use crate::lifecycle::state::{self as instance, InstanceState};
+use crate::net::{gvproxy, Forward, NetBackend};
+use crate::progress::Progress;
+use crate::report::Timeline;
+use crate::rundir::RunDir;
+
+/// A VM that runs, and what the loop needs to follow it.
+pub struct Started {
+    pub vmm: StartedVmm,
+    /// When the VMM started, in microseconds since `up` started.
+    pub vmm_started_us: u64,
+    pub console_log: PathBuf,
+    /// The host port users reach the gateway on, for the stored metadata and the probe.
+    pub gateway_forward: Option<u16>,
+    /// The host port kubectl reaches k3s's API server on, for the written kubeconfig.
+    pub api_forward: Option<u16>,
+    /// The boot channel's write side, set once the guest connects.
+    pub writer: Arc<Mutex<Option<UnixStream>>>,
+    waiter: JoinHandle<()>,
+}
+
+impl Started {
+    /// After the loop saw the VMM exit: waits for its reaper, and forgets a qemu [`Helper`]
+    /// without stopping it (already reaped: its pid may be reused).
+    pub fn reaped(self, helpers: &mut Vec<Helper>) {
+        let _ = self.waiter.join();
+        if let Some(index) = self.vmm.helper {
+            drop(helpers.remove(index));
+        }
+    }
+}
+
+/// Starts everything a boot needs; every process started joins `session` so it is stopped on
+/// every way out. `clock` is when `up` started; threads report to `tx`.
+pub fn start(
+    args: &UpArgs,
+    clock: Instant,
+    tx: &Sender<Event>,
+    progress: &Progress,
+    timeline: &mut Timeline,
+    session: &mut Session,
+) -> Result<Started, UpError> {
+    let now = || clock.elapsed().as_micros() as u64;
+    check_inputs(args)?;
+    let dir = run_dir(args, progress)?;
+    session.run_dir = Some(dir.clone());
+    let (backend, note) = crate::backend::choose(args.backend, args.arch, args.libkrun.as_deref())?;
+    if let Some(note) = note {
+        progress.note(&note);
+    }
+
+    // Listen first: the guest connects as soon as its config phase is done.
+    let channel = Channel::listen(&dir.channel_socket())?;
+    let writer: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+    channel.serve(clock, tx.clone(), wrap_channel, Arc::clone(&writer));
+
+    let forwards = crate::net::forwards(args.net, &args.ports)?;
+    let host_port = |guest| forwards.iter().find(|f| f.guest == guest).map(|f| f.host);
+    let gateway_forward = host_port(crate::net::GATEWAY_PORT);
+    let api_forward = host_port(crate::kubeconfig::API_PORT);
+    let net_socket = helpers::start(args, &dir, &backend, &forwards, &mut session.helpers)?;
+    if !forwards.is_empty() {
+        let list: Vec<String> = forwards.iter().map(|f| f.to_string()).collect();
+        progress.note(&format!("forwarding {} ({})", list.join(", "), args.net));
+    }
+    timeline.host(now(), "helpers-ready", json!(null));
+
+    let console_log = args
+        .console_log
+        .clone()
+        .unwrap_or_else(|| dir.console_log());
+    timeline.console_log = Some(console_log.clone());
+    let spec = vm_spec(args, &backend, &dir, net_socket, &console_log);
+    let vmm = vmm::start(&backend, args, &spec, &dir, &mut session.helpers)?;
+    let vmm_started_us = now();
+    record_instance(args, &vmm, &forwards, &dir, &console_log, session)?;
+    timeline.summary.vmm_started_us = Some(vmm_started_us);
+    timeline.host(
+        vmm_started_us,
+        "vmm-started",
+        json!({ "pid": vmm.pid, "cmdline": spec.cmdline }),
+    );
+    progress.note(&format!(
+        "{} VM starting ({} pid {}, {:.1} ms after start); console: {}",
+        args.arch.name(),
+        vmm.name,
+        vmm.pid,
+        vmm_started_us as f64 / 1000.0,
+        console_log.display()
+    ));
+    // Reap the VMM on its own thread so its exit is an event like any other.
+    let waiter = vmm::watch(vmm.pid, tx.clone());
+    if args.net == NetBackend::Gvproxy && !forwards.is_empty() {
+        expose_forwards(dir.gvproxy_api_socket(), forwards, tx.clone());
+    }
+    Ok(Started {
+        vmm,
+        vmm_started_us,
+        console_log,
+        gateway_forward,
+        api_forward,
+        writer,
+        waiter,
+    })
+}
+
+fn check_inputs(args: &UpArgs) -> Result<(), UpError> {
+    if !args.kernel.is_file() {
+        return Err(UpError::NoKernel(args.kernel.clone()));
+    }
+    if !args.rootfs.is_dir() {
+        return Err(UpError::NoRootfs(args.rootfs.clone()));
+    }
+    Ok(())
+}
+
+/// The run directory (`--run-dir`, else the instance's), with sockets a killed run left removed.
+fn run_dir(args: &UpArgs, progress: &Progress) -> Result<RunDir, UpError> {
+    let dir = RunDir::create(
+        &args
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| RunDir::default_path(&args.name)),
+    )?;
+    let stale = dir.clear_stale_sockets()?;
+    if stale > 0 {
+        progress.note(&format!(
+            "removed {stale} stale sockets from a previous run"
+        ));
+    }
+    Ok(dir)
+}
+
+/// The VM to start. An x86_64 guest under qemu's TCG gets the TSC options measured on this
+/// machine (see `backend::tsc`) before any `--cmdline-extra`.
+fn vm_spec(
+    args: &UpArgs,
+    backend: &Chosen,
+    dir: &RunDir,
+    net_socket: Option<PathBuf>,
+    console_log: &Path,
+) -> VmSpec {
+    let mut extra: Vec<String> = Vec::new();
+    if matches!(backend, Chosen::Qemu) && args.accel == Accel::Tcg && args.arch == Arch::X86_64 {
+        let cache = instance::state_root().ok();
+        if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
+            extra.push(tsc);
+        }
+    }
+    extra.extend(args.cmdline_extra.clone());
+    VmSpec {
+        arch: args.arch,
+        kernel: args.kernel.clone(),
+        cmdline: kernel_cmdline(args.arch, &args.exec, Some(&extra.join(" "))),
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        virtiofs_socket: dir.virtiofs_socket(),
+        vsock_socket: dir.vsock_vhost_socket(),
+        console_log: console_log.to_path_buf(),
+        net_socket,
+    }
+}
+
+/// Writes the state file `down`, `status` and `--detach` read. Without it `down` could not find
+/// the VM, so a VM that cannot be recorded is killed rather than left running.
+fn record_instance(
+    args: &UpArgs,
+    vmm: &StartedVmm,
+    forwards: &[Forward],
+    dir: &RunDir,
+    console_log: &Path,
+    session: &mut Session,
+) -> Result<(), UpError> {
+    let record = InstanceState {
+        name: args.name.clone(),
+        host_pid: std::process::id(),
+        vmm_pid: Some(vmm.pid),
+        backend: vmm.name.to_string(),
+        arch: args.arch.name().to_string(),
+        started_at_unix_ms: instance::unix_ms(),
+        ports: forwards.iter().map(|f| f.to_string()).collect(),
+        run_dir: dir.path.clone(),
+        console_log: console_log.to_path_buf(),
+        report: args.report.clone(),
+        ready_stages: Vec::new(),
+        failed: None,
+    };
+    if let Some(Err(e)) = session.state.as_ref().map(|s| s.write_state(&record)) {
+        vmm::kill(vmm.pid);
+        return Err(e.into());
+    }
+    session.record = Some(record);
+    Ok(())
+}
+
+/// Makes gvproxy's forwards through its API off the loop (it answers 500 until its network
+/// stack is up, so exposing retries); the result arrives as [`Event::Forwarded`].
+fn expose_forwards(api: PathBuf, forwards: Vec<Forward>, tx: Sender<Event>) {
+    std::thread::spawn(move || {
+        let result = forwards
+            .iter()
+            .map(|f| {
+                gvproxy::expose(&api, *f, gvproxy::GUEST_IP, Duration::from_secs(10))
+                    .map(|n| (*f, n))
+            })
+            .collect();
+        let _ = tx.send(Event::Forwarded(result));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::up::args::parse;
+    use std::ffi::OsStr;
+
+    /// The spec carries the run directory's sockets, the console log and the workload; the TSC
+    /// options are for qemu's TCG on x86_64 only, so this aarch64 guest has none.
+    #[test]
+    fn the_vm_spec_is_made_from_the_arguments_and_the_run_dir() {
+        let args = parse(&[
+            "--kernel",
+            "/k/Image",
+            "--rootfs",
+            "/images/root",
+            "--arch",
+            "aarch64",
+            "--memory",
+            "768",
+            "--cpus",
+            "2",
+            "--cmdline-extra",
+            "openshell.hostname=gw",
+            "--exec",
+            "/bin/true",
+        ])
+        .expect("parse");
+        let dir = RunDir {
+            path: "/run/x".into(),
+        };
+        let spec = vm_spec(
+            &args,
+            &Chosen::Qemu,
+            &dir,
+            Some("/run/x/passt/passt.sock".into()),
+            Path::new("/logs/console.log"),
+        );
+        assert_eq!(spec.arch, Arch::Aarch64);
+        assert_eq!(spec.kernel, PathBuf::from("/k/Image"));
+        assert_eq!((spec.memory_mib, spec.cpus), (768, 2));
+        assert_eq!(spec.virtiofs_socket, dir.virtiofs_socket());
+        assert_eq!(spec.vsock_socket, dir.vsock_vhost_socket());
+        assert_eq!(spec.console_log, PathBuf::from("/logs/console.log"));
+        assert_eq!(
+            spec.net_socket,
+            Some(PathBuf::from("/run/x/passt/passt.sock"))
+        );
+        assert_eq!(
+            spec.cmdline,
+            kernel_cmdline(
+                Arch::Aarch64,
+                &["/bin/true".into()],
+                Some("openshell.hostname=gw")
+            )
+        );
+    }
+
+    #[test]
+    fn a_missing_kernel_or_rootfs_is_named() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let kernel = tmp.path().join("bzImage");
+        let rootfs = tmp.path().join("root");
+        let args = |k: &Path, r: &Path| {
+            parse(&[
+                OsStr::new("--kernel"),
+                k.as_os_str(),
+                OsStr::new("--rootfs"),
+                r.as_os_str(),
+            ])
+        };
+        let err = check_inputs(&args(&kernel, &rootfs).expect("parse")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("kernel {} does not exist", kernel.display())
+        );
+        std::fs::write(&kernel, b"k").expect("kernel");
+        let err = check_inputs(&args(&kernel, &rootfs).expect("parse")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("root filesystem {} is not a directory", rootfs.display())
+        );
+        std::fs::create_dir(&rootfs).expect("rootfs");
+        check_inputs(&args(&kernel, &rootfs).expect("parse")).expect("both there");
+    }
+}
