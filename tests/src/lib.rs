@@ -7,6 +7,8 @@
 //! Run any other way they print why they skip, except under CI (`CI` set), where a missing
 //! artifact is a failure: CI must never pass by skipping.
 
+pub mod crashed_root;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -11,20 +11,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use openshell_shared::GuestMessage;
+use openshell_tests::crashed_root::{CrashedRoot, STALE_ROWS as STALE};
 use openshell_tests::{both_arches, processes_using, vm_slot, Boot, BOOT_DEADLINE};
 
 const KILLS: usize = 10;
 
-const SCHEMA: &str = "CREATE TABLE kine (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, created INTEGER, deleted INTEGER, create_revision INTEGER, prev_revision INTEGER, lease INTEGER, value BLOB, old_value BLOB);
-CREATE INDEX kine_name_index ON kine (name);
-CREATE INDEX kine_name_id_index ON kine (name, id);
-CREATE INDEX kine_id_deleted_index ON kine (id, deleted);
-CREATE INDEX kine_prev_revision_index ON kine (prev_revision);
-CREATE UNIQUE INDEX kine_name_prev_revision_uindex ON kine (name, prev_revision);";
-
 /// Rows of keys that must survive, in a form that changes if any byte of them does.
-const KEPT: &str = "SELECT group_concat(id || ' ' || name || ' ' || created || ' ' || deleted || ' ' || hex(value), char(10)) FROM (SELECT * FROM kine WHERE name NOT LIKE '/registry/pods/%' AND name NOT LIKE '/registry/events/%' AND name NOT LIKE '/registry/leases/%' AND name NOT LIKE '/bootstrap/%' ORDER BY id)";
-const STALE: &str = "SELECT count(*) FROM kine WHERE name LIKE '/registry/pods/%' OR name LIKE '/registry/events/%' OR name LIKE '/registry/leases/%' OR name LIKE '/bootstrap/%'";
+const KEPT: &str = "SELECT group_concat(id || ' ' || name || ' ' || created || ' ' || deleted || ' ' || hex(value), char(10)) FROM (SELECT * FROM kine WHERE name NOT LIKE '/registry/pods/%' AND name NOT LIKE '/registry/events/%' AND name NOT LIKE '/registry/leases/%' AND name NOT LIKE '/registry/endpointslices/%' AND name NOT LIKE '/registry/masterleases/%' AND name NOT LIKE '/bootstrap/%' ORDER BY id)";
 
 fn sqlite(db: &Path, sql: &str) -> String {
     let out = Command::new("sqlite3")
@@ -38,96 +31,6 @@ fn sqlite(db: &Path, sql: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn write(root: &Path, rel: &str, bytes: &[u8]) {
-    let p = root.join(rel);
-    std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-    std::fs::write(&p, bytes).expect("write");
-}
-
-/// The state a killed gateway leaves; returns the files that must survive unchanged.
-fn seed(root: &Path) -> Vec<(&'static str, Vec<u8>)> {
-    let db = root.join("var/lib/rancher/k3s/server/db/state.db");
-    std::fs::create_dir_all(db.parent().expect("db dir")).expect("mkdir");
-    let mut sql = format!("PRAGMA journal_mode=WAL; {SCHEMA}\nINSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) VALUES ('compact_rev_key', 0, 0, 0, 0, 0, NULL, NULL);\n");
-    sql.push_str("INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value) VALUES ('/bootstrap/5a3c0f', 1, 0, 0, 0, 0, x'7b7d', NULL);\n");
-    sql.push_str(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
-         INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value)
-         SELECT CASE i % 6
-             WHEN 0 THEN '/registry/pods/openshell/gateway-' || (i / 60)
-             WHEN 1 THEN '/registry/events/openshell/ev' || i
-             WHEN 2 THEN '/registry/leases/kube-node-lease/openshell-vm'
-             WHEN 3 THEN '/registry/configmaps/openshell/cm' || (i / 30)
-             WHEN 4 THEN '/registry/secrets/openshell/s' || (i / 120)
-             ELSE '/registry/deployments/openshell/d' || (i / 300) END,
-           i % 7 = 0, i % 97 = 0, i, i, 0, randomblob(120), NULL
-         FROM n;
-         PRAGMA wal_checkpoint(TRUNCATE);",
-    );
-    sqlite(&db, &sql);
-    let ctrd = "var/lib/rancher/k3s/agent/containerd";
-    for i in 0..5 {
-        write(
-            root,
-            &format!("{ctrd}/io.containerd.runtime.v2.task/k8s.io/task{i}/config.json"),
-            b"{}",
-        );
-        write(
-            root,
-            &format!("{ctrd}/io.containerd.sandbox.controller.v1.shim/k8s.io/sb{i}/state"),
-            b"{}",
-        );
-        write(
-            root,
-            &format!("var/lib/cni/networks/cbr0/10.42.0.{}", i + 2),
-            b"ctr\neth0",
-        );
-    }
-    write(
-        root,
-        &format!("{ctrd}/io.containerd.content.v1.content/ingest/x/data"),
-        &[9; 4096],
-    );
-    for path in [
-        "var/lib/rancher/k3s/agent/containerd/containerd.sock",
-        "var/lib/rancher/k3s/server/kine.sock",
-    ] {
-        let p = root.join(path);
-        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-        drop(std::os::unix::net::UnixListener::bind(&p).expect("bind"));
-    }
-    write(
-        root,
-        "var/lib/rancher/k3s/server/cred/node-passwd",
-        b"openshell-vm:hash\n",
-    );
-    let bundled =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../rootfs/gateway/opt/openshell/manifests");
-    for entry in std::fs::read_dir(&bundled)
-        .expect("bundled manifests")
-        .flatten()
-    {
-        let to = root.join("opt/openshell/manifests").join(entry.file_name());
-        std::fs::create_dir_all(to.parent().expect("dir")).expect("mkdir");
-        std::fs::copy(entry.path(), &to).expect("copy manifest");
-    }
-    let kept: Vec<(&'static str, Vec<u8>)> = vec![
-        (
-            "var/lib/rancher/k3s/agent/containerd/io.containerd.metadata.v1.bolt/meta.db",
-            (0..200_000u32).map(|i| (i % 251) as u8).collect(),
-        ),
-        (
-            "var/lib/rancher/k3s/agent/containerd/io.containerd.content.v1.content/blobs/sha256/ab",
-            vec![0xab; 65536],
-        ),
-        ("root/notes.txt", b"the user's own file\n".to_vec()),
-    ];
-    for (rel, bytes) in &kept {
-        write(root, rel, bytes);
-    }
-    kept
 }
 
 /// The qemu of a boot whose run directory is `run`, once it exists.
@@ -202,7 +105,12 @@ fn wait_for_phase(console: &Path, phase: &str, deadline: Instant) -> bool {
 fn survives_being_killed_during_boot(arch: &str) {
     let Some(first) = Boot::new(arch) else { return };
     let _slot = vm_slot();
-    let kept = seed(first.root.path());
+    let kept = CrashedRoot {
+        kine_rows: 3000,
+        tasks: 5,
+    }
+    .build(first.root.path())
+    .expect("a crashed gateway's root");
     let db = first.root_path("var/lib/rancher/k3s/server/db/state.db");
     let kept_rows = sqlite(&db, KEPT);
     assert!(sqlite(&db, STALE).parse::<u32>().expect("count") > 1000);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 pub fn root() -> PathBuf {
     if let Some(dir) = std::env::var_os("OPENSHELL_CACHE_DIR") {

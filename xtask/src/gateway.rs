@@ -22,7 +22,12 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::{self, Key};
 use crate::k3s::{self, Input};
-use crate::{progress, rootfs, run_output, Arch, BuildNames, Error, Result};
+use openshell_shared::Arch;
+
+use crate::build_names::BuildNames;
+use crate::error::{Error, Result};
+use crate::process::run_output;
+use crate::{progress, rootfs};
 
 const DEBOOTSTRAP_RECIPE: &str = "debootstrap-v1";
 const RECIPE: &str = "rootfs-gateway-v2";
@@ -913,7 +918,7 @@ mod tests {
 
     #[test]
     fn gateway_config_is_valid_and_runs_k3s() {
-        let path = crate::workspace().join("rootfs/gateway/etc/openshell/init.yaml");
+        let path = crate::paths::workspace().join("rootfs/gateway/etc/openshell/init.yaml");
         let text = std::fs::read_to_string(&path).expect("gateway init.yaml");
         let cfg = openshell_shared::config::BootConfig::from_yaml(&text, &path).expect("valid");
         let k3s = cfg.k3s.expect("a k3s section");

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{cache, Arch};
+use openshell_shared::Arch;
+
+use crate::cache;
 
 /// The k3s release the gateway profile is built with (as the legacy system pinned it).
 pub const VERSION: &str = "v1.35.2+k3s1";

@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cache::{self, Key};
-use crate::{run, workspace, Arch, BuildNames, Error, Result};
+use openshell_shared::Arch;
+
+use crate::build_names::BuildNames;
+use crate::error::{Error, Result};
+use crate::paths::workspace;
+use crate::process::run;
 
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// Bumped when the build steps below change in a way that changes the output.

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cache::{self, Key};
+use crate::error::{Error, Result};
+use crate::process::{run, run_output};
 use crate::tools::cargo;
-use crate::{run, run_output, Error, Result};
 
 pub const VERSION: &str = "1.19.7";
 const FEATURES: &str = "net";

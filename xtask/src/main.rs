@@ -1,18 +1,20 @@
 //! cargo xtask: builds the guest kernel, openshell-init and root filesystems, boots the VM, and
 //! runs the test suite and benchmarks. See README.md for the two commands that matter.
+//! This file is the command line and its dispatch only: each command's work is in the module
+//! named for it.
 
+mod artifacts;
 mod bench;
-mod bench_chart;
-mod bench_dhcp;
-mod bench_host;
-mod bench_kine;
-mod bench_profile;
-mod bench_state;
+mod build_names;
 mod cache;
+mod error;
+mod fixtures;
 mod gateway;
 mod k3s;
 mod kernel;
 mod libkrun;
+mod paths;
+mod process;
 mod progress;
 mod rootfs;
 mod test;
@@ -20,67 +22,12 @@ mod test_gateway;
 mod tools;
 mod up;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use openshell_shared::Arch;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot {what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Msg(String),
-}
-
-impl Error {
-    pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            what,
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-    pub fn msg(text: impl Into<String>) -> Self {
-        Error::Msg(text.into())
-    }
-}
-
-pub type Result<T> = std::result::Result<T, Error>;
-
-pub use openshell_shared::Arch;
-
-/// Names the kernel build and Debian use for an architecture.
-pub trait BuildNames {
-    fn kernel_arch(self) -> &'static str;
-    fn cross_prefix(self) -> &'static str;
-    fn debian(self) -> &'static str;
-}
-
-impl BuildNames for Arch {
-    fn kernel_arch(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86",
-            Arch::Aarch64 => "arm64",
-        }
-    }
-    fn cross_prefix(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64-linux-gnu-",
-            Arch::Aarch64 => "aarch64-linux-gnu-",
-        }
-    }
-    fn debian(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "amd64",
-            Arch::Aarch64 => "arm64",
-        }
-    }
-}
+use crate::error::{Error, Result};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -145,7 +92,7 @@ fn main() {
         } => rootfs_cmd(&profile, arch, copy_to, &gateway),
         Cmd::VsockHelper => tools::vsock_helper().map(|p| println!("{}", p.display())),
         Cmd::Libkrun => libkrun::build().map(|p| println!("{}", p.display())),
-        Cmd::Artifacts { arch, json } => artifacts(arch).map(|a| {
+        Cmd::Artifacts { arch, json } => artifacts::artifacts(arch).map(|a| {
             if json {
                 println!("{}", a.to_json());
             } else {
@@ -197,94 +144,4 @@ fn rootfs_cmd(
         println!("{}", root.display());
     }
     Ok(())
-}
-
-/// Everything one boot needs.
-pub struct Artifacts {
-    pub kernel: PathBuf,
-    pub vmlinux: Option<PathBuf>,
-    pub rootfs: PathBuf,
-    pub init: PathBuf,
-    pub vsock_helper: PathBuf,
-}
-
-impl Artifacts {
-    pub fn to_json(&self) -> String {
-        serde_json::json!({
-            "kernel": self.kernel,
-            "vmlinux": self.vmlinux,
-            "rootfs": self.rootfs,
-            "init": self.init,
-            "vsock_helper": self.vsock_helper,
-        })
-        .to_string()
-    }
-}
-
-pub fn artifacts(arch: Arch) -> Result<Artifacts> {
-    let kdir = kernel::build(arch)?;
-    let init = tools::init(arch)?;
-    let rootfs = rootfs::build_base(arch, &init)?;
-    let vsock_helper = tools::vsock_helper()?;
-    let (kernel, vmlinux) = match arch {
-        Arch::X86_64 => (kdir.join("bzImage"), Some(kdir.join("vmlinux"))),
-        Arch::Aarch64 => (kdir.join("Image"), None),
-    };
-    Ok(Artifacts {
-        kernel,
-        vmlinux,
-        rootfs,
-        init,
-        vsock_helper,
-    })
-}
-
-/// The workspace root (xtask lives one level below it).
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-}
-
-/// Runs a command to completion, failing with its command line when it fails.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .map_err(|e| Error::msg(format!("cannot run {:?}: {e}", cmd.get_program())))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::msg(format!("{} failed ({status})", describe(cmd))))
-    }
-}
-
-/// Runs a command and returns its stdout.
-pub fn run_output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .map_err(|e| Error::msg(format!("cannot run {:?}: {e}", cmd.get_program())))?;
-    if !out.status.success() {
-        return Err(Error::msg(format!(
-            "{} failed ({}): {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
 }

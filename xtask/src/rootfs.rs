@@ -10,7 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cache::{self, Key};
-use crate::{run, run_output, workspace, Arch, BuildNames, Error, Result};
+use openshell_shared::Arch;
+
+use crate::build_names::BuildNames;
+use crate::error::{Error, Result};
+use crate::paths::workspace;
+use crate::process::{run, run_output};
 
 const RECIPE: &str = "rootfs-base-v3";
 

@@ -6,8 +6,13 @@
 
 use std::process::Command;
 
+use openshell_shared::Arch;
+
+use crate::artifacts::artifacts;
+use crate::error::{Error, Result};
+use crate::paths::workspace;
 use crate::tools::cargo;
-use crate::{artifacts, cache, tools, workspace, Arch, Error, Result};
+use crate::{cache, tools};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
@@ -30,7 +35,7 @@ fn step(name: &str, cmd: &mut Command) -> Result<()> {
     if cmd.get_current_dir().is_none() {
         cmd.current_dir(workspace());
     }
-    crate::run(cmd).map_err(|e| Error::msg(format!("step `{name}` failed: {e}")))
+    crate::process::run(cmd).map_err(|e| Error::msg(format!("step `{name}` failed: {e}")))
 }
 
 /// Passed and failed counts from cargo test's `test result:` lines.

@@ -10,7 +10,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{artifacts, cache, gateway, rootfs, tools, workspace, Arch, Error, Result};
+use openshell_shared::Arch;
+
+use crate::artifacts::artifacts;
+use crate::error::{Error, Result};
+use crate::paths::workspace;
+use crate::{cache, gateway, rootfs, tools};
 
 fn fail(what: impl Into<String>) -> Error {
     Error::msg(format!("gateway root filesystem test: {}", what.into()))

@@ -1,10 +1,16 @@
 //! Programs the boot needs besides the kernel and root filesystem: openshell-init for the guest,
-//! openshell-host, and the vhost-user vsock device from crates.io.
+//! openshell-host, and the vhost-user vsock device from crates.io; also openshell-init for this
+//! machine (benchmarks) and one of its phases run on a directory.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::{cache, run, target_dir, Arch, Error, Result};
+use openshell_shared::Arch;
+
+use crate::cache;
+use crate::error::{Error, Result};
+use crate::paths::target_dir;
+use crate::process::run;
 
 const VSOCK_HELPER: &str = "vhost-device-vsock";
 const VSOCK_HELPER_VERSION: &str = "0.3.0";
@@ -44,6 +50,13 @@ fn build_init(arch: Arch, unstripped_in: Option<PathBuf>) -> Result<PathBuf> {
         return Err(Error::msg(format!("cargo built no {}", bin.display())));
     }
     Ok(bin)
+}
+
+/// Builds openshell-init for this machine (release), for the benchmarks that run its phases
+/// outside a VM; returns the binary's path.
+pub fn init_native() -> Result<PathBuf> {
+    run(Command::new(cargo()).args(["build", "--quiet", "--release", "-p", "openshell-init"]))?;
+    Ok(target_dir().join("release/openshell-init"))
 }
 
 /// Builds openshell-host for this machine; `release` for measurements.

@@ -6,7 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{artifacts, cache, gateway, k3s, rootfs, tools, Arch, Artifacts, Error, Result};
+use openshell_shared::Arch;
+
+use crate::artifacts::{artifacts, Artifacts};
+use crate::error::{Error, Result};
+use crate::{cache, gateway, k3s, rootfs, tools};
 
 /// Which root filesystem `up` boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

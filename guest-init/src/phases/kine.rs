@@ -298,18 +298,11 @@ pub mod fixture {
 
     use super::*;
 
-    pub const SCHEMA: &str = "
-        CREATE TABLE IF NOT EXISTS kine (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            name TEXT, created INTEGER, deleted INTEGER, create_revision INTEGER,
-            prev_revision INTEGER, lease INTEGER, value BLOB, old_value BLOB);
-        CREATE INDEX IF NOT EXISTS kine_name_index ON kine (name);
-        CREATE INDEX IF NOT EXISTS kine_name_id_index ON kine (name, id);
-        CREATE INDEX IF NOT EXISTS kine_id_deleted_index ON kine (id, deleted);
-        CREATE INDEX IF NOT EXISTS kine_prev_revision_index ON kine (prev_revision);
-        CREATE UNIQUE INDEX IF NOT EXISTS kine_name_prev_revision_uindex ON kine (name, prev_revision);
-        CREATE INDEX IF NOT EXISTS kine_list_query_index ON kine (name, id DESC, deleted)
-            WHERE name != 'compact_rev_key';";
+    /// kine's schema: the workspace's one copy, shared with the VM crash test and the benches.
+    pub const SCHEMA: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/kine-schema.sql"
+    ));
 
     /// Appends `revisions` rows for `name` as kine would (create, updates, optional tombstone).
     pub fn object(conn: &Connection, name: &str, revisions: u32, tombstone: bool) {

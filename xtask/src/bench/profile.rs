@@ -18,7 +18,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{artifacts, cache, tools, up, Arch, Error, Result};
+use openshell_shared::Arch;
+
+use crate::artifacts::artifacts;
+use crate::error::{Error, Result};
+use crate::{cache, tools, up};
 
 /// Kernel text on x86_64 lives in the top half of the address space.
 const KERNEL_START: u64 = 0xffff_0000_0000_0000;

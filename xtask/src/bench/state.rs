@@ -1,16 +1,20 @@
 //! `cargo xtask bench state`: the boot phases that put a persistent root's state in order before
 //! k3s starts (kine, runtime-cleanup, manifests, capabilities; pki and network-cleanup shown too),
 //! each run as `openshell-init phase NAME --root` on a fresh copy of a realistic root as a crashed
-//! gateway leaves it: a kine database with stale revision chains and a bootstrap lock, containerd
-//! task and shim leftovers with their sockets, the node password, and the bundled manifests
-//! already deployed by the boot before (so they are compared, not copied). Outside a VM, on this
-//! machine; the phases' own durations are summed (process start is not part of a boot).
+//! gateway leaves it (the builder the VM crash test uses too: a kine database with stale revision
+//! chains and a bootstrap lock, containerd task and shim leftovers with their sockets, IPAM files,
+//! the node password), with the bundled manifests already deployed by the boot before (so they
+//! are compared, not copied). Outside a VM, on this machine; the phases' own durations are summed
+//! (process start is not part of a boot).
 
 use std::path::Path;
 use std::process::Command;
 
-use crate::bench::stats;
-use crate::{run as exec, target_dir, workspace, Error, Result};
+use super::stats::stats;
+use crate::error::{Error, Result};
+use crate::fixtures::crashed_root::CrashedRoot;
+use crate::process::run as exec;
+use crate::tools;
 
 /// The four the target covers.
 const STATE: &[&str] = &["kine", "runtime-cleanup", "manifests", "capabilities"];
@@ -18,80 +22,14 @@ const STATE: &[&str] = &["kine", "runtime-cleanup", "manifests", "capabilities"]
 const ALSO: &[&str] = &["pki", "network-cleanup"];
 const TARGET_MS: f64 = 50.0;
 
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-    }
-    std::fs::write(path, bytes).map_err(|e| Error::io("write", path, e))
-}
-
-fn socket(path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-    }
-    // Bound and dropped: the file stays, as after a crash.
-    std::os::unix::net::UnixListener::bind(path)
-        .map(drop)
-        .map_err(|e| Error::io("bind", path, e))
-}
-
-/// The crashed gateway's root: `rows` kine rows, `tasks` containerd tasks.
+/// The crashed gateway's root: `rows` kine rows, `tasks` containerd tasks; then what the boot
+/// before left too: the bundled manifests deployed and the PKI made (by init's own phases).
 fn template(root: &Path, init: &Path, rows: u64, tasks: usize) -> Result<()> {
-    let k3s = root.join("var/lib/rancher/k3s");
-    let db = k3s.join("server/db");
-    std::fs::create_dir_all(&db).map_err(|e| Error::io("create", &db, e))?;
-    crate::bench_kine::generate(&db.join("state.db"), rows)?;
-    let ctrd = k3s.join("agent/containerd");
-    for i in 0..tasks {
-        let id = format!("{i:064x}");
-        let task = ctrd.join(format!("io.containerd.runtime.v2.task/k8s.io/{id}"));
-        write(&task.join("config.json"), &[b'{'; 4096])?;
-        write(&task.join("init.pid"), b"4242")?;
-        write(&task.join("rootfs/.keep"), b"")?;
-        let shim = ctrd.join(format!(
-            "io.containerd.sandbox.controller.v1.shim/k8s.io/{id}"
-        ));
-        write(&shim.join("bootstrap.json"), b"{}")?;
-        socket(&root.join(format!("run/containerd/s/{i:08x}")))?;
+    CrashedRoot {
+        kine_rows: rows,
+        tasks,
     }
-    write(
-        &ctrd.join("io.containerd.content.v1.content/ingest/a/data"),
-        &[0; 65536],
-    )?;
-    write(
-        &ctrd.join("io.containerd.metadata.v1.bolt/meta.db"),
-        &[7; 1 << 20],
-    )?;
-    for i in 0..20 {
-        write(
-            &ctrd.join(format!(
-                "io.containerd.content.v1.content/blobs/sha256/{i:064x}"
-            )),
-            &[1; 16384],
-        )?;
-    }
-    socket(&k3s.join("agent/containerd/containerd.sock"))?;
-    socket(&k3s.join("server/kine.sock"))?;
-    write(&k3s.join("server/cred/node-passwd"), b"node:hash\n")?;
-    for i in 0..8 {
-        write(
-            &root.join(format!("var/lib/cni/networks/cbr0/10.42.0.{}", i + 2)),
-            b"ctr\neth0",
-        )?;
-    }
-    // The bundled manifests and a chart, deployed (and the PKI made) by the boot before.
-    let bundled = workspace().join("rootfs/gateway/opt/openshell/manifests");
-    let dest = root.join("opt/openshell/manifests");
-    std::fs::create_dir_all(&dest).map_err(|e| Error::io("create", &dest, e))?;
-    for entry in std::fs::read_dir(&bundled).map_err(|e| Error::io("read", &bundled, e))? {
-        let entry = entry.map_err(|e| Error::io("read", &bundled, e))?;
-        let to = dest.join(entry.file_name());
-        std::fs::copy(entry.path(), &to).map_err(|e| Error::io("copy", &to, e))?;
-    }
-    write(
-        &root.join("opt/openshell/charts/openshell-0.1.0.tgz"),
-        &[3; 200_000],
-    )?;
+    .build(root)?;
     // The probes read /proc and /sys under the root, as in the guest: this machine's own.
     for dir in ["proc", "sys", "dev"] {
         let link = root.join(dir);
@@ -112,7 +50,7 @@ fn template(root: &Path, init: &Path, rows: u64, tasks: usize) -> Result<()> {
 /// reported missing when it failed. Only `capabilities` may fail: it probes this machine's kernel,
 /// which is not the guest's (it lacks virtiofs, for one), and its time is what counts here.
 fn phase(init: &Path, root: &Path, name: &str) -> Result<(f64, Option<String>)> {
-    let run = crate::tools::run_phase(init, root, name)?;
+    let run = tools::run_phase(init, root, name)?;
     let text = run.stdout;
     let Some(v) = run.finished else {
         return Err(Error::msg(format!("phase {name} did not finish:\n{text}")));
@@ -137,14 +75,7 @@ pub fn run(rows: u64, tasks: usize, runs: usize) -> Result<()> {
             "bench state needs root (the phases run in private namespaces)",
         ));
     }
-    exec(Command::new(crate::tools::cargo()).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "openshell-init",
-    ]))?;
-    let init = target_dir().join("release/openshell-init");
+    let init = tools::init_native()?;
     let work = tempfile::tempdir().map_err(|e| Error::io("create", &std::env::temp_dir(), e))?;
     let tpl = work.path().join("template");
     eprintln!("xtask bench: a crashed gateway's root: {rows} kine rows, {tasks} containerd tasks");

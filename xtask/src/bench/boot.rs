@@ -6,70 +6,14 @@
 
 use std::path::{Path, PathBuf};
 
+use openshell_shared::Arch;
 use serde_json::Value;
 
-use crate::{artifacts, tools, up, Arch, Error, Result};
-
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub what: What,
-}
-
-#[derive(Debug, clap::Subcommand)]
-pub enum What {
-    /// kine pruning on a 200k-row database against the old sqlite3 DELETEs.
-    Kine {
-        #[arg(long, default_value_t = 200_000)]
-        rows: u64,
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-    },
-    /// The state phases (kine, runtime-cleanup, manifests, capabilities) on a crashed gateway's
-    /// root, outside a VM.
-    State {
-        /// kine rows: k3s compacts every 5 minutes and keeps about 1000 old revisions, so a small
-        /// single-node cluster's database holds a few thousand rows.
-        #[arg(long, default_value_t = 3_000)]
-        rows: u64,
-        #[arg(long, default_value_t = 30)]
-        tasks: usize,
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-    },
-    /// The host's own cost: `up` start to VMM start.
-    Host {
-        #[arg(long, default_value_t = Arch::host())]
-        arch: Arch,
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-    },
-    /// What the guest executes while init boots (x86_64 under TCG), by function: init's own
-    /// and the kernel's on init's behalf.
-    Profile {
-        /// How many functions each list shows.
-        #[arg(long, default_value_t = 40)]
-        top: usize,
-    },
-    /// Our DHCP client against busybox udhcpc, both against dnsmasq in network namespaces.
-    Dhcp {
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
-    },
-    /// Boot timing, phase by phase, against the shell way, on both arches unless one is named.
-    Boot {
-        #[arg(long)]
-        arch: Option<Arch>,
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Write the results here as JSON.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Draw the median boot of each arch, and the shell way's, as a stacked bar chart.
-        #[arg(long)]
-        png: Option<PathBuf>,
-    },
-}
+use super::stats::stats;
+use super::{chart, timeline};
+use crate::artifacts::{artifacts, Artifacts};
+use crate::error::{Error, Result};
+use crate::{tools, up};
 
 /// Init's phases that the shell way also does, step for step.
 const CORE: &[&str] = &["mounts", "hostname", "loopback"];
@@ -87,39 +31,32 @@ const HOST: &str = "host start -> VMM start";
 const MAX_INIT_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_INIT_RSS_KIB: u64 = 8 * 1024;
 
-pub fn run(args: BenchArgs) -> Result<()> {
-    match args.what {
-        What::Boot {
-            arch,
-            runs,
-            out,
-            png,
-        } => {
-            let arches = arch.map(|a| vec![a]).unwrap_or(Arch::ALL.to_vec());
-            let mut docs = Vec::new();
-            for a in arches {
-                docs.push(boot(a, runs.max(1))?);
-            }
-            if let Some(path) = out {
-                let doc = serde_json::json!({ "runs": runs, "arches": docs });
-                std::fs::write(
-                    &path,
-                    serde_json::to_string_pretty(&doc).unwrap_or_default(),
-                )
-                .map_err(|e| Error::io("write", &path, e))?;
-            }
-            if let Some(path) = png {
-                crate::bench_chart::draw(&docs, &path)?;
-                println!("chart written to {}", path.display());
-            }
-            Ok(())
-        }
-        What::Kine { rows, runs } => crate::bench_kine::run(rows, runs.max(1)),
-        What::Dhcp { runs } => crate::bench_dhcp::run(runs.max(1)),
-        What::Profile { top } => crate::bench_profile::run(top.max(1)),
-        What::Host { arch, runs } => crate::bench_host::run(arch, runs.max(1)),
-        What::State { rows, tasks, runs } => crate::bench_state::run(rows, tasks, runs.max(1)),
+/// Boots each arch (both unless one is named) `runs` times (at least once); writes the results
+/// as JSON to `out` and draws them into `png` when asked.
+pub fn run(
+    arch: Option<Arch>,
+    runs: usize,
+    out: Option<PathBuf>,
+    png: Option<PathBuf>,
+) -> Result<()> {
+    let arches = arch.map(|a| vec![a]).unwrap_or(Arch::ALL.to_vec());
+    let mut docs = Vec::new();
+    for a in arches {
+        docs.push(boot(a, runs.max(1))?);
     }
+    if let Some(path) = out {
+        let doc = serde_json::json!({ "runs": runs, "arches": docs });
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&doc).unwrap_or_default(),
+        )
+        .map_err(|e| Error::io("write", &path, e))?;
+    }
+    if let Some(path) = png {
+        chart::draw(&docs, &path)?;
+        println!("chart written to {}", path.display());
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -135,18 +72,6 @@ impl Samples {
     fn get(&self, name: &str) -> Option<&Vec<f64>> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
-}
-
-/// (min, median, max)
-pub fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let median = if s.len() % 2 == 1 {
-        s[s.len() / 2]
-    } else {
-        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-    };
-    (s[0], median, s[s.len() - 1])
 }
 
 fn boot(arch: Arch, runs: usize) -> Result<Value> {
@@ -172,8 +97,8 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
                 i + 1
             )));
         }
-        let timeline = read_json(&report)?;
-        collect(&timeline, &mut samples, &mut rss)?;
+        let report_json = timeline::read(&report)?;
+        collect(&report_json, &mut samples, &mut rss)?;
         // The old way on the same kernel, root and VM: the shell script as PID 1. It never says
         // hello on the boot channel, so `up` ends with the VM and an error; the kernel log has
         // the timings.
@@ -201,12 +126,7 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
 
 /// `openshell-host up` of the bench instance with a network as users boot with it: passt, the
 /// guest's DHCP, one forward.
-fn bench_up(
-    host: &Path,
-    arch: Arch,
-    a: &crate::Artifacts,
-    root: &Path,
-) -> Result<std::process::Command> {
+fn bench_up(host: &Path, arch: Arch, a: &Artifacts, root: &Path) -> Result<std::process::Command> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -235,11 +155,6 @@ pub fn shell_init_ms(console: &str) -> std::result::Result<f64, String> {
         return Err(format!("workload line ({workload}) before entry ({entry})"));
     }
     Ok((workload - entry) * 1000.0)
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", path.display())))
 }
 
 fn collect(t: &Value, s: &mut Samples, rss: &mut Vec<u64>) -> Result<()> {
@@ -376,11 +291,5 @@ mod tests {
         assert_eq!(rss, vec![2048]);
         let no_phases = serde_json::json!({"summary": t["summary"], "events": []});
         assert!(collect(&no_phases, &mut s, &mut rss).is_err());
-    }
-
-    #[test]
-    fn stats_min_median_max() {
-        assert_eq!(stats(&[3.0, 1.0, 2.0]), (1.0, 2.0, 3.0));
-        assert_eq!(stats(&[4.0, 1.0, 2.0, 3.0]), (1.0, 2.5, 4.0));
     }
 }

@@ -8,8 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::bench::stats;
-use crate::{artifacts, cache, tools, up, Arch, Artifacts, Error, Result};
+use openshell_shared::Arch;
+
+use super::stats::stats;
+use super::timeline;
+use crate::artifacts::{artifacts, Artifacts};
+use crate::error::{Error, Result};
+use crate::{cache, tools, up};
 
 const TARGET_MS: f64 = 20.0;
 const STATUS_NAME: &str = "bench-status";
@@ -35,10 +40,7 @@ pub fn run(arch: Arch, runs: usize) -> Result<()> {
             if !status.success() {
                 return Err(Error::msg(format!("boot failed ({status})")));
             }
-            let text =
-                std::fs::read_to_string(&report).map_err(|e| Error::io("read", &report, e))?;
-            let t: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::msg(format!("{}: {e}", report.display())))?;
+            let t = timeline::read(&report)?;
             let us = t["summary"]["vmm_started_us"]
                 .as_f64()
                 .ok_or_else(|| Error::msg("report lacks vmm_started_us"))?;

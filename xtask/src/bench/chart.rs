@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A font is needed for labels; Debian's fonts-dejavu-core ships this one (.ci/run installs it).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";

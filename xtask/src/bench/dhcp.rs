@@ -7,27 +7,22 @@
 //! namespace (setns before exec). Our client's own report also says how much of its time is the
 //! exchange itself (first DISCOVER sent to ACK received) and how much is ours.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bench::stats;
-use crate::tools::cargo;
-use crate::{run as exec, target_dir, Error, Result};
+use super::stats::stats;
+use crate::error::{Error, Result};
+use crate::paths::workspace;
+use crate::process::run as exec;
+use crate::tools;
 
 const SERVER_NS: &str = "osh-bench-dhcp-s";
 const CLIENT_NS: &str = "osh-bench-dhcp-c";
 
-/// The old system's lease script (legacy-system.md 1.4), on busybox `ip`.
-const UDHCPC_SCRIPT: &str = "#!/bin/sh
-case \"$1\" in
-  bound|renew)
-    busybox ip addr flush dev \"$interface\"
-    busybox ip addr add \"$ip/$mask\" dev \"$interface\"
-    [ -n \"$router\" ] && busybox ip route add default via \"$router\" dev \"$interface\"
-    ;;
-esac
-exit 0
-";
+/// The old system's lease script (legacy-system.md 1.4), the one the shell-init boots run in the
+/// VM; here with `RESOLV_CONF` pointing into the lab, so the host's resolv.conf is left alone.
+const UDHCPC_SCRIPT: &str = "rootfs/base/opt/bench/udhcpc.script";
 
 /// The two namespaces and the server, torn down on drop.
 struct Lab {
@@ -243,12 +238,7 @@ fn has_address() -> bool {
 }
 
 /// One of our runs: (spawn to address announced, configured-in and exchange from the report).
-fn ours(
-    watch: &AddrWatch,
-    init: &std::path::Path,
-    root: &std::path::Path,
-    rapid: bool,
-) -> Result<(f64, f64, f64)> {
+fn ours(watch: &AddrWatch, init: &Path, root: &Path, rapid: bool) -> Result<(f64, f64, f64)> {
     reset_link()?;
     watch.drain();
     let start = Instant::now();
@@ -286,8 +276,9 @@ fn ours(
     }
 }
 
-/// One udhcpc run: spawn to address announced.
-fn udhcpc(watch: &AddrWatch, script: &std::path::Path) -> Result<f64> {
+/// One udhcpc run: spawn to address announced. The lease script writes the nameservers to
+/// `resolv`.
+fn udhcpc(watch: &AddrWatch, script: &Path, resolv: &Path) -> Result<f64> {
     reset_link()?;
     watch.drain();
     let start = Instant::now();
@@ -297,6 +288,7 @@ fn udhcpc(watch: &AddrWatch, script: &std::path::Path) -> Result<f64> {
         ])
         .arg("-s")
         .arg(script)
+        .env("RESOLV_CONF", resolv)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -312,26 +304,40 @@ fn udhcpc(watch: &AddrWatch, script: &std::path::Path) -> Result<f64> {
     }
 }
 
+/// The lease script in the checkout; udhcpc runs it, so it must be executable.
+fn lease_script() -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let script = workspace().join(UDHCPC_SCRIPT);
+    let mode = std::fs::metadata(&script)
+        .map_err(|e| Error::io("stat", &script, e))?
+        .permissions()
+        .mode();
+    if mode & 0o111 == 0 {
+        return Err(Error::msg(format!(
+            "{} is not executable (mode {mode:o}): udhcpc could not run it",
+            script.display()
+        )));
+    }
+    Ok(script)
+}
+
 fn line(name: &str, v: &[f64]) {
     let (min, med, max) = stats(v);
     println!("{name:<50} {min:>9.2} {med:>9.2} {max:>9.2}");
 }
 
 pub fn run(runs: usize) -> Result<()> {
-    exec(Command::new(cargo()).args(["build", "--quiet", "--release", "-p", "openshell-init"]))?;
-    let init = target_dir().join("release/openshell-init");
+    let init = tools::init_native()?;
+    let script = lease_script()?;
     let lab = lab()?;
     let root = lab.dir.path().join("root");
     std::fs::create_dir_all(&root).map_err(|e| Error::io("create", &root, e))?;
-    let script = lab.dir.path().join("udhcpc.script");
-    std::fs::write(&script, UDHCPC_SCRIPT).map_err(|e| Error::io("write", &script, e))?;
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .map_err(|e| Error::io("chmod", &script, e))?;
+    let resolv = lab.dir.path().join("resolv.conf");
     let watch = AddrWatch::open()?;
     // One of each first, not counted: the server has then leased to this MAC once, as in a VM
     // that boots again.
     ours(&watch, &init, &root, false)?;
-    udhcpc(&watch, &script)?;
+    udhcpc(&watch, &script, &resolv)?;
     let (mut spawn, mut conf, mut exch) = (Vec::new(), Vec::new(), Vec::new());
     let (mut spawn_rc, mut conf_rc) = (Vec::new(), Vec::new());
     let mut old = Vec::new();
@@ -343,7 +349,7 @@ pub fn run(runs: usize) -> Result<()> {
         let (w, c, _) = ours(&watch, &init, &root, true)?;
         spawn_rc.push(w);
         conf_rc.push(c);
-        old.push(udhcpc(&watch, &script)?);
+        old.push(udhcpc(&watch, &script, &resolv)?);
     }
     println!(
         "bench dhcp: {runs} runs against dnsmasq over a veth pair (full exchange unless noted)"
