@@ -7,11 +7,15 @@ mod artifacts;
 mod bench;
 mod build_names;
 mod cache;
+#[cfg(test)]
+mod doc_links;
 mod error;
 mod fixtures;
 mod gateway;
 mod k3s;
 mod kernel;
+#[cfg(test)]
+mod layering;
 mod libkrun;
 mod paths;
 mod process;
