@@ -3,6 +3,7 @@
 
 mod cli;
 mod console;
+mod context;
 mod engine;
 mod exec_service;
 mod k3s;

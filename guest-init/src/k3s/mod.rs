@@ -13,7 +13,7 @@ use std::time::Duration;
 use openshell_shared::config::{K3s, Workload};
 use openshell_shared::Level;
 
-use crate::phases::Ctx;
+use crate::context::Ctx;
 use crate::supervisor::{self, Scope};
 
 /// The node IP the `network` phase configured; without one (the phase failed, or a host run

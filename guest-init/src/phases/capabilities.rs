@@ -18,7 +18,8 @@ use netlink_packet_route::link::InfoKind;
 
 use openshell_shared::Level;
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::netlink;
 
 pub const PHASE: Phase = Phase {

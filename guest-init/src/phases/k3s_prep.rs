@@ -23,7 +23,8 @@ use openshell_shared::fsutil::write_atomic;
 use openshell_shared::Level;
 use serde_json::json;
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::reporter::Reporter;
 
 pub const PHASE: Phase = Phase {

@@ -14,7 +14,8 @@ use std::time::Duration;
 use openshell_shared::config::Kine;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "kine",

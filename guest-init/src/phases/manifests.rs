@@ -24,7 +24,8 @@ use openshell_shared::fsutil::write_atomic;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "manifests",

@@ -19,9 +19,10 @@ use netlink_packet_route::link::InfoKind;
 use openshell_shared::config::{Network, StaticPlan};
 use openshell_shared::Level;
 
-use super::{Ctx, Done, Phase, PhaseResult};
 use crate::clock::Stopwatch;
+use crate::context::Ctx;
 use crate::dhcp;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::netlink::{self, NetlinkError};
 
 pub const PHASE: Phase = Phase {

@@ -35,7 +35,8 @@ use serde::Serialize;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::manifests::{K3S_MANIFESTS, TLS_SECRETS_MANIFEST};
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "pki",

@@ -9,7 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "runtime-cleanup",
