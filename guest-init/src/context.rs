@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use openshell_init::guest_path::under;
 use openshell_shared::BootConfig;
 
 use crate::reporter::Reporter;
@@ -42,7 +43,7 @@ impl Ctx {
 
     /// `path` (absolute, as the guest sees it) under this context's root.
     pub fn path(&self, path: &str) -> PathBuf {
-        self.root.join(path.trim_start_matches('/'))
+        under(&self.root, path)
     }
 
     /// The configuration, or the defaults when the `config` phase has not run (a phase run

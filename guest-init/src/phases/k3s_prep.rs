@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use openshell_init::guest_path::under;
 use openshell_shared::fsutil::write_atomic;
 use openshell_shared::Level;
 use serde_json::json;
@@ -236,7 +237,7 @@ fn write_conflist(ctx: &Ctx) -> Result<bool, PrepError> {
 /// directory. An extraction in progress (`-tmp`) and links (`current`, `previous`) are not it;
 /// of several (an upgrade), the newest.
 pub fn find_data_bin(root: &Path) -> Option<String> {
-    let data = root.join(K3S_DATA_DIR.trim_start_matches('/'));
+    let data = under(root, K3S_DATA_DIR);
     let mut best: Option<(std::time::SystemTime, String)> = None;
     for entry in std::fs::read_dir(data).ok()?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -274,7 +275,7 @@ struct Linked {
 fn link_plugins(root: &Path, hash: &str) -> Linked {
     let mut out = Linked::default();
     let bin_guest = format!("{K3S_DATA_DIR}/{hash}/bin");
-    let bin = root.join(bin_guest.trim_start_matches('/'));
+    let bin = under(root, &bin_guest);
     let mut made_executable = 0;
     for dir in [bin.clone(), bin.join("aux")] {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -302,7 +303,7 @@ fn link_plugins(root: &Path, hash: &str) -> Linked {
         out.changes
             .push(format!("made {made_executable} k3s binaries executable"));
     }
-    let cni_bin = root.join(CNI_BIN_DIR.trim_start_matches('/'));
+    let cni_bin = under(root, CNI_BIN_DIR);
     if let Err(e) = std::fs::create_dir_all(&cni_bin) {
         out.problems
             .push(io(&cni_bin, "cannot create")(e).to_string());
@@ -351,7 +352,7 @@ fn replace_link(target: &Path, link: &Path) -> std::io::Result<()> {
 /// Starts the thread that links the plugins once k3s has extracted its data directory. The
 /// watch is set before a second look, so a directory that appears in between is not missed.
 fn spawn_watcher(root: &Path, reporter: Arc<Reporter>) -> Result<(), PrepError> {
-    let data = root.join(K3S_DATA_DIR.trim_start_matches('/'));
+    let data = under(root, K3S_DATA_DIR);
     std::fs::create_dir_all(&data).map_err(io(&data, "cannot create"))?;
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC)
         .map_err(|e| io(&data, "cannot start inotify")(e.into()))?;
@@ -478,7 +479,7 @@ mod tests {
     #[test]
     fn data_dir_skips_extractions_and_links() {
         let t = tempfile::tempdir().expect("tmp");
-        let data = t.path().join(K3S_DATA_DIR.trim_start_matches('/'));
+        let data = under(t.path(), K3S_DATA_DIR);
         assert_eq!(find_data_bin(t.path()), None);
         std::fs::create_dir_all(data.join("abc-tmp/bin")).expect("mkdir");
         std::fs::create_dir_all(data.join("nobin")).expect("mkdir");

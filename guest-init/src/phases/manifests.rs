@@ -19,6 +19,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use openshell_init::guest_path::under;
 use openshell_shared::config::HelmValues;
 use openshell_shared::fsutil::write_atomic;
 use serde::Deserialize;
@@ -149,10 +150,9 @@ fn run(ctx: &Ctx) -> PhaseResult {
 /// Deploys the bundle under `root`. Per-file problems are collected in [`Report::failed`] so one
 /// bad file does not keep the others from deploying; the error is for what stops everything.
 pub fn deploy(root: &Path, values: &HelmValues) -> Result<Report, ManifestError> {
-    let at = |p: &str| root.join(p.trim_start_matches('/'));
     let mut report = Report::default();
 
-    let (dest, src) = (at(K3S_MANIFESTS), at(BUNDLED_MANIFESTS));
+    let (dest, src) = (under(root, K3S_MANIFESTS), under(root, BUNDLED_MANIFESTS));
     let bundled = list_bundle(&src, ".yaml", &mut report.failed)?;
     if !bundled.is_empty() {
         ensure_dir(&dest)?;
@@ -168,7 +168,7 @@ pub fn deploy(root: &Path, values: &HelmValues) -> Result<Report, ManifestError>
     }
     report.manifests_removed = remove_stale(&dest, &bundled)?;
 
-    let (dest, src) = (at(K3S_CHARTS), at(BUNDLED_CHARTS));
+    let (dest, src) = (under(root, K3S_CHARTS), under(root, BUNDLED_CHARTS));
     let charts = list_bundle(&src, ".tgz", &mut report.failed)?;
     if !charts.is_empty() {
         ensure_dir(&dest)?;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::MsFlags;
+use openshell_init::guest_path::under;
 
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
@@ -165,7 +166,7 @@ fn run(ctx: &Ctx) -> PhaseResult {
 }
 
 pub fn mount_one(root: &Path, m: &Mount, mountinfo: &str) -> Result<Mounted, MountError> {
-    let target = root.join(m.target.trim_start_matches('/'));
+    let target = under(root, m.target);
     if let Err(source) = std::fs::create_dir_all(&target) {
         return Err(MountError::MountPoint {
             path: target,
@@ -217,7 +218,7 @@ fn unescape_mountinfo(s: &str) -> String {
 fn dev_links(root: &Path) -> Result<usize, MountError> {
     let mut made = 0;
     for (link, dest) in DEV_LINKS {
-        let path = root.join(link.trim_start_matches('/'));
+        let path = under(root, link);
         if path.symlink_metadata().is_ok() {
             continue;
         }

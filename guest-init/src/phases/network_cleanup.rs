@@ -12,6 +12,7 @@ use super::runtime_cleanup::{empty_dir, remove_tree};
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::netlink;
+use openshell_init::guest_path::under;
 
 pub const PHASE: Phase = Phase {
     name: "network-cleanup",
@@ -85,15 +86,14 @@ fn run(ctx: &Ctx) -> PhaseResult {
 
 /// The on-disk part, under `root`.
 pub fn clean_files(root: &Path) -> Result<Cleaned, NetCleanupError> {
-    let at = |p: &str| root.join(p.trim_start_matches('/'));
     let mut cleaned = Cleaned {
-        ipam_entries: empty_dir(&at("/var/lib/cni/networks"))?,
-        results: empty_dir(&at("/var/lib/cni/results"))?,
+        ipam_entries: empty_dir(&under(root, "/var/lib/cni/networks"))?,
+        results: empty_dir(&under(root, "/var/lib/cni/results"))?,
         ..Cleaned::default()
     };
     // /var/run is usually a link to /run: visit each real directory once.
     let mut seen = HashSet::new();
-    for dir in [at("/run/netns"), at("/var/run/netns")] {
+    for dir in [under(root, "/run/netns"), under(root, "/var/run/netns")] {
         let Ok(real) = std::fs::canonicalize(&dir) else {
             continue;
         };

@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use openshell_init::guest_path::under;
+
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
 
@@ -75,9 +77,8 @@ fn run(ctx: &Ctx) -> PhaseResult {
 
 /// Cleans the runtime leftovers under `root`.
 pub fn clean(root: &Path) -> Result<Removed, CleanupError> {
-    let at = |p: &str| root.join(p.trim_start_matches('/'));
     let mut removed = Removed::default();
-    let containerd = at(CONTAINERD);
+    let containerd = under(root, CONTAINERD);
     if is_real_dir(&containerd) {
         for dir in CONTAINERD_STALE {
             removed.add(dir, remove_tree(&containerd.join(dir))?);
@@ -93,11 +94,11 @@ pub fn clean(root: &Path) -> Result<Removed, CleanupError> {
     }
     removed.add(
         "node-passwd",
-        remove_tree(&at("/var/lib/rancher/k3s/server/cred/node-passwd"))?,
+        remove_tree(&under(root, "/var/lib/rancher/k3s/server/cred/node-passwd"))?,
     );
-    removed.add("/run/k3s", remove_tree(&at("/run/k3s"))?);
+    removed.add("/run/k3s", remove_tree(&under(root, "/run/k3s"))?);
     let mut sockets = 0;
-    for dir in [at(K3S), at("/run")] {
+    for dir in [under(root, K3S), under(root, "/run")] {
         sockets += remove_sockets(&dir)?;
     }
     removed.add("sockets", sockets);
