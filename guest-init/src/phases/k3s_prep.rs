@@ -26,6 +26,10 @@ use serde_json::json;
 
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{
+    k3s_data_bin, CNI_BIN_DIR, CNI_CONFLIST, CNI_CONF_DIR, FLANNEL_CONFLIST, K3S_DATA_DIR,
+    PTP_CONFLIST,
+};
 use crate::reporter::Reporter;
 
 pub const PHASE: Phase = Phase {
@@ -48,16 +52,9 @@ pub const PHASE: Phase = Phase {
     run,
 };
 
-pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
-pub const CNI_CONFLIST: &str = "/etc/cni/net.d/10-bridge.conflist";
-pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
-pub const K3S_DATA_DIR: &str = "/var/lib/rancher/k3s/data";
 /// Configurations that would compete with ours: the ptp one of older images, and flannel's,
 /// which a pre-bake with flannel on left in k3s's agent directory.
-pub const STALE_CONFLISTS: &[&str] = &[
-    "/etc/cni/net.d/10-ptp.conflist",
-    "/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist",
-];
+pub const STALE_CONFLISTS: &[&str] = &[PTP_CONFLIST, FLANNEL_CONFLIST];
 /// The plugins our conflist (and kube-proxy's bandwidth shaping) use.
 pub const PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "bandwidth", "portmap"];
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -274,7 +271,7 @@ struct Linked {
 /// [`CNI_BIN_DIR`]. A stale link is replaced atomically (a new link renamed over it).
 fn link_plugins(root: &Path, hash: &str) -> Linked {
     let mut out = Linked::default();
-    let bin_guest = format!("{K3S_DATA_DIR}/{hash}/bin");
+    let bin_guest = k3s_data_bin(hash);
     let bin = under(root, &bin_guest);
     let mut made_executable = 0;
     for dir in [bin.clone(), bin.join("aux")] {

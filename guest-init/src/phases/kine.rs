@@ -16,6 +16,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::KINE_DB;
 
 pub const PHASE: Phase = Phase {
     name: "kine",
@@ -26,8 +27,6 @@ pub const PHASE: Phase = Phase {
         "check the k3s database, keep a copy if corrupt, prune stale objects and bootstrap locks",
     run,
 };
-
-pub const DB_PATH: &str = "/var/lib/rancher/k3s/server/db/state.db";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KineError {
@@ -114,7 +113,7 @@ impl KineReport {
 }
 
 fn run(ctx: &Ctx) -> PhaseResult {
-    let db = ctx.path(DB_PATH);
+    let db = ctx.path(KINE_DB);
     if !db.exists() {
         return Ok(Done::Skipped("no kine database yet".into()));
     }

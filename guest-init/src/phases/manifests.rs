@@ -27,6 +27,7 @@ use serde_yaml::{Mapping, Value};
 
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{K3S_CHARTS, K3S_MANIFESTS, TLS_SECRETS_MANIFEST};
 
 pub const PHASE: Phase = Phase {
     name: "manifests",
@@ -39,10 +40,6 @@ pub const PHASE: Phase = Phase {
 
 pub const BUNDLED_MANIFESTS: &str = "/opt/openshell/manifests";
 pub const BUNDLED_CHARTS: &str = "/opt/openshell/charts";
-pub const K3S_MANIFESTS: &str = "/var/lib/rancher/k3s/server/manifests";
-pub const K3S_CHARTS: &str = "/var/lib/rancher/k3s/server/static/charts";
-/// Written by the `pki` phase into [`K3S_MANIFESTS`]; named like ours but never removed here.
-pub const TLS_SECRETS_MANIFEST: &str = "openshell-tls-secrets.yaml";
 /// Name prefixes of the deployed manifests this phase owns.
 const OWNED_PREFIXES: &[&str] = &["openshell-", "agent-"];
 /// A mapping entry or list item whose value holds this is dropped, not filled: the chart's

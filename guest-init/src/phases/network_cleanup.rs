@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use super::runtime_cleanup::{empty_dir, remove_tree};
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{CNI_IPAM_DIR, CNI_RESULTS_DIR, NETNS_DIRS};
 use crate::netlink;
 use openshell_init::guest_path::under;
 
@@ -87,13 +88,13 @@ fn run(ctx: &Ctx) -> PhaseResult {
 /// The on-disk part, under `root`.
 pub fn clean_files(root: &Path) -> Result<Cleaned, NetCleanupError> {
     let mut cleaned = Cleaned {
-        ipam_entries: empty_dir(&under(root, "/var/lib/cni/networks"))?,
-        results: empty_dir(&under(root, "/var/lib/cni/results"))?,
+        ipam_entries: empty_dir(&under(root, CNI_IPAM_DIR))?,
+        results: empty_dir(&under(root, CNI_RESULTS_DIR))?,
         ..Cleaned::default()
     };
     // /var/run is usually a link to /run: visit each real directory once.
     let mut seen = HashSet::new();
-    for dir in [under(root, "/run/netns"), under(root, "/var/run/netns")] {
+    for dir in NETNS_DIRS.map(|d| under(root, d)) {
         let Ok(real) = std::fs::canonicalize(&dir) else {
             continue;
         };

@@ -34,9 +34,9 @@ use rcgen::{
 use serde::Serialize;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use super::manifests::{K3S_MANIFESTS, TLS_SECRETS_MANIFEST};
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{K3S_MANIFESTS, TLS_SECRETS_MANIFEST};
 use openshell_init::guest_path::under;
 
 pub const PHASE: Phase = Phase {

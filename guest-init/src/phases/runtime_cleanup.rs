@@ -13,6 +13,10 @@ use openshell_init::guest_path::under;
 
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{
+    CONTAINERD_INGEST, CONTAINERD_OVERLAYFS, CONTAINERD_ROOT, CONTAINERD_SHIMS, CONTAINERD_TASKS,
+    K3S_ROOT, K3S_RUN_DIR, NODE_PASSWD,
+};
 
 pub const PHASE: Phase = Phase {
     name: "runtime-cleanup",
@@ -23,16 +27,8 @@ pub const PHASE: Phase = Phase {
     run,
 };
 
-const K3S: &str = "/var/lib/rancher/k3s";
-const CONTAINERD: &str = "/var/lib/rancher/k3s/agent/containerd";
-
 /// Directories removed whole, relative to the containerd root.
-const CONTAINERD_STALE: &[&str] = &[
-    "io.containerd.runtime.v2.task",
-    "io.containerd.sandbox.controller.v1.shim",
-];
-/// Emptied but kept (containerd expects it).
-const INGEST: &str = "io.containerd.content.v1.content/ingest";
+const CONTAINERD_STALE: &[&str] = &[CONTAINERD_TASKS, CONTAINERD_SHIMS];
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot remove {path}: {source}")]
@@ -78,27 +74,22 @@ fn run(ctx: &Ctx) -> PhaseResult {
 /// Cleans the runtime leftovers under `root`.
 pub fn clean(root: &Path) -> Result<Removed, CleanupError> {
     let mut removed = Removed::default();
-    let containerd = under(root, CONTAINERD);
+    let containerd = under(root, CONTAINERD_ROOT);
     if is_real_dir(&containerd) {
         for dir in CONTAINERD_STALE {
             removed.add(dir, remove_tree(&containerd.join(dir))?);
         }
-        let ingest = containerd.join(INGEST);
+        // Emptied but kept (containerd expects it).
+        let ingest = containerd.join(CONTAINERD_INGEST);
         removed.add("content ingest", empty_dir(&ingest)?);
-        for dir in [
-            ingest,
-            containerd.join("io.containerd.snapshotter.v1.overlayfs"),
-        ] {
+        for dir in [ingest, containerd.join(CONTAINERD_OVERLAYFS)] {
             std::fs::create_dir_all(&dir).map_err(|source| CleanupError { path: dir, source })?;
         }
     }
-    removed.add(
-        "node-passwd",
-        remove_tree(&under(root, "/var/lib/rancher/k3s/server/cred/node-passwd"))?,
-    );
-    removed.add("/run/k3s", remove_tree(&under(root, "/run/k3s"))?);
+    removed.add("node-passwd", remove_tree(&under(root, NODE_PASSWD))?);
+    removed.add(K3S_RUN_DIR, remove_tree(&under(root, K3S_RUN_DIR))?);
     let mut sockets = 0;
-    for dir in [under(root, K3S), under(root, "/run")] {
+    for dir in [under(root, K3S_ROOT), under(root, "/run")] {
         sockets += remove_sockets(&dir)?;
     }
     removed.add("sockets", sockets);
