@@ -13,6 +13,7 @@ mod panic;
 mod phases;
 mod pid1;
 mod power;
+mod remove;
 mod reporter;
 mod supervisor;
 

@@ -8,11 +8,11 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::runtime_cleanup::{empty_dir, remove_tree};
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::k3s::paths::{CNI_IPAM_DIR, CNI_RESULTS_DIR, NETNS_DIRS};
 use crate::netlink;
+use crate::remove::{empty_dir, remove_tree, CleanupError};
 use openshell_init::guest_path::under;
 
 pub const PHASE: Phase = Phase {
@@ -30,7 +30,7 @@ const POD_LINKS: &[&str] = &["cni0", "flannel.1"];
 #[derive(Debug, thiserror::Error)]
 pub enum NetCleanupError {
     #[error(transparent)]
-    Files(#[from] super::runtime_cleanup::CleanupError),
+    Files(#[from] CleanupError),
     #[error("cannot list links: {0}")]
     List(netlink::NetlinkError),
     #[error("cannot delete link {name}: {source}")]

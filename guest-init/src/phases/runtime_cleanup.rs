@@ -7,7 +7,7 @@
 //! Symlinks are removed as links and never followed, so a planted link cannot point the cleanup
 //! at anything outside these directories.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use openshell_init::guest_path::under;
 
@@ -17,6 +17,7 @@ use crate::k3s::paths::{
     CONTAINERD_INGEST, CONTAINERD_OVERLAYFS, CONTAINERD_ROOT, CONTAINERD_SHIMS, CONTAINERD_TASKS,
     K3S_ROOT, K3S_RUN_DIR, NODE_PASSWD,
 };
+use crate::remove::{empty_dir, is_real_dir, remove_tree, CleanupError};
 
 pub const PHASE: Phase = Phase {
     name: "runtime-cleanup",
@@ -29,13 +30,6 @@ pub const PHASE: Phase = Phase {
 
 /// Directories removed whole, relative to the containerd root.
 const CONTAINERD_STALE: &[&str] = &[CONTAINERD_TASKS, CONTAINERD_SHIMS];
-
-#[derive(Debug, thiserror::Error)]
-#[error("cannot remove {path}: {source}")]
-pub struct CleanupError {
-    path: PathBuf,
-    source: std::io::Error,
-}
 
 /// What one run removed, by kind.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -96,51 +90,6 @@ pub fn clean(root: &Path) -> Result<Removed, CleanupError> {
     Ok(removed)
 }
 
-fn is_real_dir(p: &Path) -> bool {
-    p.symlink_metadata().is_ok_and(|m| m.is_dir())
-}
-
-/// Removes `path` (file, link or directory tree) and returns how many entries went. A link is
-/// removed as a link; a missing path removes nothing.
-pub fn remove_tree(path: &Path) -> Result<usize, CleanupError> {
-    let err = |source| CleanupError {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = match path.symlink_metadata() {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(err(e)),
-    };
-    if !meta.is_dir() {
-        std::fs::remove_file(path).map_err(err)?;
-        return Ok(1);
-    }
-    let mut count = 0;
-    for entry in std::fs::read_dir(path).map_err(err)? {
-        count += remove_tree(&entry.map_err(err)?.path())?;
-    }
-    std::fs::remove_dir(path).map_err(err)?;
-    Ok(count + 1)
-}
-
-/// Removes what is inside `dir` and returns how many entries went; `dir` stays (a link in its
-/// place is removed as a link, never followed).
-pub fn empty_dir(dir: &Path) -> Result<usize, CleanupError> {
-    if !is_real_dir(dir) {
-        return remove_tree(dir);
-    }
-    let err = |source| CleanupError {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let mut count = 0;
-    for entry in std::fs::read_dir(dir).map_err(err)? {
-        count += remove_tree(&entry.map_err(err)?.path())?;
-    }
-    Ok(count)
-}
-
 /// Removes every `*.sock` below `dir` (sockets or anything else so named, links included),
 /// without descending through links.
 fn remove_sockets(dir: &Path) -> Result<usize, CleanupError> {
@@ -175,6 +124,7 @@ fn remove_sockets(dir: &Path) -> Result<usize, CleanupError> {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
 
     fn put(root: &Path, rel: &str, content: &str) -> PathBuf {
         let p = root.join(rel);
