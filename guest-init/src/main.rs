@@ -17,7 +17,7 @@ mod remove;
 mod reporter;
 mod supervisor;
 
-use openshell_init::{clock, dhcp};
+use openshell_init::clock;
 
 fn main() {
     // First thing: the boot clock, so the host can tell kernel time from init time.

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 
 use openshell_shared::{GuestMessage, Outcome};
 
-use crate::clock::Stopwatch;
 use crate::context::Ctx;
+use openshell_init::clock::Stopwatch;
 use phase::{Done, Phase};
 
 /// A fatal phase failed: boot cannot go on.

@@ -139,7 +139,7 @@ fn run(ctx: &Ctx) -> PhaseResult {
         .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
         .unwrap_or_default();
     for m in TABLE {
-        let watch = crate::clock::Stopwatch::start();
+        let watch = openshell_init::clock::Stopwatch::start();
         match mount_one(&ctx.root, m, &existing)? {
             Mounted::Fresh => fresh += 1,
             Mounted::Already => already.push(m.target),

@@ -1,7 +1,7 @@
 //! The `network` phase: the guest's address, default route, MTU and DNS. DHCP on the configured
-//! interface (our client, `crate::dhcp`); no lease in time means the configured static plan, said
-//! out loud, because k3s needs a default route; no network device at all means a dummy interface
-//! with an address and a default route, so k3s still finds a node IP.
+//! interface (our client, `openshell_init::dhcp`); no lease in time means the configured static
+//! plan, said out loud, because k3s needs a default route; no network device at all means a dummy
+//! interface with an address and a default route, so k3s still finds a node IP.
 //!
 //! `/etc/resolv.conf` is replaced atomically (left alone when it already says the same) and holds
 //! only nameservers k3s accepts (no loopback, multicast or link-local ones, which make k3s fall
@@ -20,7 +20,6 @@ use netlink_packet_route::link::InfoKind;
 use openshell_shared::config::{Network, StaticPlan};
 use openshell_shared::Level;
 
-use crate::clock::Stopwatch;
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::netlink::{self, NetlinkError};
@@ -28,6 +27,7 @@ use configure::{
     apply_lease, apply_static, describe_time, exchange, link_err, usable_dns, write_resolv_conf,
     NetworkError,
 };
+use openshell_init::clock::Stopwatch;
 
 pub const PHASE: Phase = Phase {
     name: "network",

@@ -10,8 +10,8 @@ use std::time::Duration;
 use openshell_shared::config::{Network, StaticPlan};
 use openshell_shared::Level;
 
-use crate::dhcp;
 use crate::netlink::{self, NetlinkError};
+use openshell_init::dhcp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {

@@ -12,8 +12,8 @@ use openshell_shared::config::Network;
 use openshell_shared::Level;
 
 use super::configure::{self, describe_time};
-use crate::dhcp::{self, Lease, Reply};
 use crate::netlink;
+use openshell_init::dhcp::{self, Lease, Reply};
 
 /// A lease on a link, and when it was asked for (lease times count from the request).
 #[derive(Debug, Clone, PartialEq, Eq)]
