@@ -9,8 +9,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use openshell_shared::config::Workload;
 
+use crate::context::Ctx;
 use crate::engine;
-use crate::phases::{self, Ctx};
+use crate::phases;
 use crate::power;
 use crate::reporter::{Reporter, Sink};
 use crate::supervisor::{self, Scope};

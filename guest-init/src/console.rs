@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use crate::clock::boottime_us;
+use openshell_init::clock::boottime_us;
 
 /// Writes one line to standard error (the console when init runs as PID 1). Failures are ignored:
 /// before devtmpfs is mounted there may be no console at all, and logging must never stop boot.

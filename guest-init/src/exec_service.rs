@@ -25,8 +25,8 @@ use openshell_shared::exec::{
     ExecDecoder, ExecRequest, Frame, GuestFrame, HostFrame, ReadError, MAX_DATA_CHUNK,
 };
 
-/// Set unless the environment or the request sets it: kubectl in the guest then just works.
-pub const KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
+use crate::k3s::paths::KUBECONFIG;
+
 /// PATH when the service's own environment has none (PID 1 gets none from the kernel).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// TERM in tty mode unless the request sets it.
@@ -315,6 +315,7 @@ fn environment(req: &ExecRequest) -> BTreeMap<OsString, OsString> {
     let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
     env.entry("PATH".into())
         .or_insert_with(|| DEFAULT_PATH.into());
+    // Unless the environment or the request sets it: kubectl in the guest then just works.
     env.entry("KUBECONFIG".into())
         .or_insert_with(|| KUBECONFIG.into());
     if req.tty {

@@ -3,6 +3,7 @@
 
 mod cli;
 mod console;
+mod context;
 mod engine;
 mod exec_service;
 mod k3s;
@@ -12,10 +13,11 @@ mod panic;
 mod phases;
 mod pid1;
 mod power;
+mod remove;
 mod reporter;
 mod supervisor;
 
-use openshell_init::{clock, dhcp};
+use openshell_init::clock;
 
 fn main() {
     // First thing: the boot clock, so the host can tell kernel time from init time.

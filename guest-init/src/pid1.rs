@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use openshell_shared::{BootConfig, GuestMessage};
 
+use crate::context::Ctx;
 use crate::engine;
-use crate::phases::{self, Ctx};
+use crate::phases;
 use crate::power;
 use crate::reporter::{Reporter, Sink};
 use crate::supervisor::{self, Scope};

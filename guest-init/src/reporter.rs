@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use openshell_shared::protocol::{encode, Envelope, FrameDecoder, GuestMessage, HostMessage};
 use openshell_shared::{Level, Outcome, PROTOCOL_VERSION};
 
-use crate::clock::boottime_us;
 use crate::console;
+use openshell_init::clock::boottime_us;
 
 /// Events kept while the channel is not up yet. A normal boot emits a few dozen.
 const MAX_PENDING: usize = 1024;

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use openshell_init::guest_path::under;
 use openshell_shared::BootConfig;
 use serde_json::Value;
 
@@ -74,7 +75,7 @@ impl Root {
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p.trim_start_matches('/'))
+        under(self.dir.path(), p)
     }
 
     fn state(&self, name: &str) -> PathBuf {

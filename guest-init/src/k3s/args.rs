@@ -5,9 +5,6 @@ use std::net::Ipv4Addr;
 
 use openshell_shared::config::K3s;
 
-/// k3s writes its admin kubeconfig here (`--write-kubeconfig-mode=644` lets the probes read it).
-pub const KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
-
 /// The full argv, the binary first. The node name is the hostname, which k3s reads itself, so
 /// there is no `--node-name`.
 pub fn argv(cfg: &K3s, node_ip: Ipv4Addr) -> Vec<String> {

@@ -1,6 +1,8 @@
-//! k3s as the workload: its command line ([`args`]), its readiness stages ([`readiness`]), and
-//! [`supervise`], which PID 1 and the `k3s` command both use to start it under the supervisor.
+//! k3s as the workload: its command line ([`args`]), its layout on disk ([`paths`]), its
+//! readiness stages ([`readiness`]), and [`supervise`], which PID 1 and the `k3s` command both
+//! use to start it under the supervisor.
 
+pub mod paths;
 pub mod readiness;
 
 pub use openshell_init::k3s_args as args;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use openshell_shared::config::{K3s, Workload};
 use openshell_shared::Level;
 
-use crate::phases::Ctx;
+use crate::context::Ctx;
 use crate::supervisor::{self, Scope};
 
 /// The node IP the `network` phase configured; without one (the phase failed, or a host run
@@ -49,7 +51,7 @@ pub fn supervise(ctx: &Ctx, cfg: &K3s, grace: Duration, scope: Scope) -> i32 {
     let probes = readiness::Probes::new(
         cfg,
         ctx.path(&cfg.binary),
-        ctx.path(args::KUBECONFIG),
+        ctx.path(paths::KUBECONFIG),
         workload.env.get("PATH").map(String::as_str),
         &ctx.config().hostname,
     );

@@ -16,9 +16,11 @@ use std::path::Path;
 
 use netlink_packet_route::link::InfoKind;
 
+use openshell_init::guest_path::under;
 use openshell_shared::Level;
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::netlink;
 
 pub const PHASE: Phase = Phase {
@@ -504,8 +506,7 @@ pub fn run_probe(
             .any(|l| l.split_whitespace().last() == Some(fs))
             .then_some(())
             .ok_or_else(|| format!("no {fs} in /proc/filesystems")),
-        Probe::Path(p) => root
-            .join(p.trim_start_matches('/'))
+        Probe::Path(p) => under(root, p)
             .exists()
             .then_some(())
             .ok_or_else(|| format!("no {p}")),
@@ -733,7 +734,7 @@ mod tests {
             build_time_only: 123,
             ..Report::default()
         };
-        let record = root.join(RECORD.trim_start_matches('/'));
+        let record = under(root, RECORD);
         write_record(&record, &key, &report).expect("record");
         match run(&Ctx::for_test(root)) {
             Ok(Done::Ok(Some(detail))) => {

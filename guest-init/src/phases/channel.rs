@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "channel",

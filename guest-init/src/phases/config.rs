@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use openshell_shared::config::{BootConfig, Cmdline, DEFAULT_CONFIG_PATH};
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "config",

@@ -4,7 +4,8 @@
 
 use openshell_shared::exec::EXEC_PORT;
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::exec_service::{self, Reaping, VsockListener};
 
 pub const PHASE: Phase = Phase {

@@ -1,6 +1,7 @@
 //! The `hostname` phase. k3s derives the node name from it, so it must be set before k3s starts.
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "hostname",

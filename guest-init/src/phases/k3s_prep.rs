@@ -19,11 +19,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use openshell_init::guest_path::under;
 use openshell_shared::fsutil::write_atomic;
 use openshell_shared::Level;
 use serde_json::json;
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{
+    k3s_data_bin, CNI_BIN_DIR, CNI_CONFLIST, CNI_CONF_DIR, FLANNEL_CONFLIST, K3S_DATA_DIR,
+    PTP_CONFLIST,
+};
 use crate::reporter::Reporter;
 
 pub const PHASE: Phase = Phase {
@@ -46,16 +52,9 @@ pub const PHASE: Phase = Phase {
     run,
 };
 
-pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
-pub const CNI_CONFLIST: &str = "/etc/cni/net.d/10-bridge.conflist";
-pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
-pub const K3S_DATA_DIR: &str = "/var/lib/rancher/k3s/data";
 /// Configurations that would compete with ours: the ptp one of older images, and flannel's,
 /// which a pre-bake with flannel on left in k3s's agent directory.
-pub const STALE_CONFLISTS: &[&str] = &[
-    "/etc/cni/net.d/10-ptp.conflist",
-    "/var/lib/rancher/k3s/agent/etc/cni/net.d/10-flannel.conflist",
-];
+pub const STALE_CONFLISTS: &[&str] = &[PTP_CONFLIST, FLANNEL_CONFLIST];
 /// The plugins our conflist (and kube-proxy's bandwidth shaping) use.
 pub const PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "bandwidth", "portmap"];
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -235,7 +234,7 @@ fn write_conflist(ctx: &Ctx) -> Result<bool, PrepError> {
 /// directory. An extraction in progress (`-tmp`) and links (`current`, `previous`) are not it;
 /// of several (an upgrade), the newest.
 pub fn find_data_bin(root: &Path) -> Option<String> {
-    let data = root.join(K3S_DATA_DIR.trim_start_matches('/'));
+    let data = under(root, K3S_DATA_DIR);
     let mut best: Option<(std::time::SystemTime, String)> = None;
     for entry in std::fs::read_dir(data).ok()?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -272,8 +271,8 @@ struct Linked {
 /// [`CNI_BIN_DIR`]. A stale link is replaced atomically (a new link renamed over it).
 fn link_plugins(root: &Path, hash: &str) -> Linked {
     let mut out = Linked::default();
-    let bin_guest = format!("{K3S_DATA_DIR}/{hash}/bin");
-    let bin = root.join(bin_guest.trim_start_matches('/'));
+    let bin_guest = k3s_data_bin(hash);
+    let bin = under(root, &bin_guest);
     let mut made_executable = 0;
     for dir in [bin.clone(), bin.join("aux")] {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -301,7 +300,7 @@ fn link_plugins(root: &Path, hash: &str) -> Linked {
         out.changes
             .push(format!("made {made_executable} k3s binaries executable"));
     }
-    let cni_bin = root.join(CNI_BIN_DIR.trim_start_matches('/'));
+    let cni_bin = under(root, CNI_BIN_DIR);
     if let Err(e) = std::fs::create_dir_all(&cni_bin) {
         out.problems
             .push(io(&cni_bin, "cannot create")(e).to_string());
@@ -350,7 +349,7 @@ fn replace_link(target: &Path, link: &Path) -> std::io::Result<()> {
 /// Starts the thread that links the plugins once k3s has extracted its data directory. The
 /// watch is set before a second look, so a directory that appears in between is not missed.
 fn spawn_watcher(root: &Path, reporter: Arc<Reporter>) -> Result<(), PrepError> {
-    let data = root.join(K3S_DATA_DIR.trim_start_matches('/'));
+    let data = under(root, K3S_DATA_DIR);
     std::fs::create_dir_all(&data).map_err(io(&data, "cannot create"))?;
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC)
         .map_err(|e| io(&data, "cannot start inotify")(e.into()))?;
@@ -477,7 +476,7 @@ mod tests {
     #[test]
     fn data_dir_skips_extractions_and_links() {
         let t = tempfile::tempdir().expect("tmp");
-        let data = t.path().join(K3S_DATA_DIR.trim_start_matches('/'));
+        let data = under(t.path(), K3S_DATA_DIR);
         assert_eq!(find_data_bin(t.path()), None);
         std::fs::create_dir_all(data.join("abc-tmp/bin")).expect("mkdir");
         std::fs::create_dir_all(data.join("nobin")).expect("mkdir");

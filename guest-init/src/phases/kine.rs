@@ -14,7 +14,9 @@ use std::time::Duration;
 use openshell_shared::config::Kine;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::KINE_DB;
 
 pub const PHASE: Phase = Phase {
     name: "kine",
@@ -25,8 +27,6 @@ pub const PHASE: Phase = Phase {
         "check the k3s database, keep a copy if corrupt, prune stale objects and bootstrap locks",
     run,
 };
-
-pub const DB_PATH: &str = "/var/lib/rancher/k3s/server/db/state.db";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KineError {
@@ -113,7 +113,7 @@ impl KineReport {
 }
 
 fn run(ctx: &Ctx) -> PhaseResult {
-    let db = ctx.path(DB_PATH);
+    let db = ctx.path(KINE_DB);
     if !db.exists() {
         return Ok(Done::Skipped("no kine database yet".into()));
     }

@@ -6,7 +6,8 @@ use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::netlink::{self, NetlinkError};
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "loopback",

@@ -19,12 +19,15 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use openshell_init::guest_path::under;
 use openshell_shared::config::HelmValues;
 use openshell_shared::fsutil::write_atomic;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{K3S_CHARTS, K3S_MANIFESTS, TLS_SECRETS_MANIFEST};
 
 pub const PHASE: Phase = Phase {
     name: "manifests",
@@ -37,10 +40,6 @@ pub const PHASE: Phase = Phase {
 
 pub const BUNDLED_MANIFESTS: &str = "/opt/openshell/manifests";
 pub const BUNDLED_CHARTS: &str = "/opt/openshell/charts";
-pub const K3S_MANIFESTS: &str = "/var/lib/rancher/k3s/server/manifests";
-pub const K3S_CHARTS: &str = "/var/lib/rancher/k3s/server/static/charts";
-/// Written by the `pki` phase into [`K3S_MANIFESTS`]; named like ours but never removed here.
-pub const TLS_SECRETS_MANIFEST: &str = "openshell-tls-secrets.yaml";
 /// Name prefixes of the deployed manifests this phase owns.
 const OWNED_PREFIXES: &[&str] = &["openshell-", "agent-"];
 /// A mapping entry or list item whose value holds this is dropped, not filled: the chart's
@@ -148,10 +147,9 @@ fn run(ctx: &Ctx) -> PhaseResult {
 /// Deploys the bundle under `root`. Per-file problems are collected in [`Report::failed`] so one
 /// bad file does not keep the others from deploying; the error is for what stops everything.
 pub fn deploy(root: &Path, values: &HelmValues) -> Result<Report, ManifestError> {
-    let at = |p: &str| root.join(p.trim_start_matches('/'));
     let mut report = Report::default();
 
-    let (dest, src) = (at(K3S_MANIFESTS), at(BUNDLED_MANIFESTS));
+    let (dest, src) = (under(root, K3S_MANIFESTS), under(root, BUNDLED_MANIFESTS));
     let bundled = list_bundle(&src, ".yaml", &mut report.failed)?;
     if !bundled.is_empty() {
         ensure_dir(&dest)?;
@@ -167,7 +165,7 @@ pub fn deploy(root: &Path, values: &HelmValues) -> Result<Report, ManifestError>
     }
     report.manifests_removed = remove_stale(&dest, &bundled)?;
 
-    let (dest, src) = (at(K3S_CHARTS), at(BUNDLED_CHARTS));
+    let (dest, src) = (under(root, K3S_CHARTS), under(root, BUNDLED_CHARTS));
     let charts = list_bundle(&src, ".tgz", &mut report.failed)?;
     if !charts.is_empty() {
         ensure_dir(&dest)?;

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::MsFlags;
+use openshell_init::guest_path::under;
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 
 pub const PHASE: Phase = Phase {
     name: "mounts",
@@ -137,7 +139,7 @@ fn run(ctx: &Ctx) -> PhaseResult {
         .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
         .unwrap_or_default();
     for m in TABLE {
-        let watch = crate::clock::Stopwatch::start();
+        let watch = openshell_init::clock::Stopwatch::start();
         match mount_one(&ctx.root, m, &existing)? {
             Mounted::Fresh => fresh += 1,
             Mounted::Already => already.push(m.target),
@@ -164,7 +166,7 @@ fn run(ctx: &Ctx) -> PhaseResult {
 }
 
 pub fn mount_one(root: &Path, m: &Mount, mountinfo: &str) -> Result<Mounted, MountError> {
-    let target = root.join(m.target.trim_start_matches('/'));
+    let target = under(root, m.target);
     if let Err(source) = std::fs::create_dir_all(&target) {
         return Err(MountError::MountPoint {
             path: target,
@@ -216,7 +218,7 @@ fn unescape_mountinfo(s: &str) -> String {
 fn dev_links(root: &Path) -> Result<usize, MountError> {
     let mut made = 0;
     for (link, dest) in DEV_LINKS {
-        let path = root.join(link.trim_start_matches('/'));
+        let path = under(root, link);
         if path.symlink_metadata().is_ok() {
             continue;
         }

@@ -1,28 +1,33 @@
 //! The `network` phase: the guest's address, default route, MTU and DNS. DHCP on the configured
-//! interface (our client, `crate::dhcp`); no lease in time means the configured static plan, said
-//! out loud, because k3s needs a default route; no network device at all means a dummy interface
-//! with an address and a default route, so k3s still finds a node IP.
+//! interface (our client, `openshell_init::dhcp`); no lease in time means the configured static
+//! plan, said out loud, because k3s needs a default route; no network device at all means a dummy
+//! interface with an address and a default route, so k3s still finds a node IP.
 //!
 //! `/etc/resolv.conf` is replaced atomically (left alone when it already says the same) and holds
 //! only nameservers k3s accepts (no loopback, multicast or link-local ones, which make k3s fall
 //! back to 8.8.8.8).
 //!
-//! A DHCP lease is then kept for as long as the VM runs by [`lease`], on its own thread.
+//! A DHCP lease is then kept for as long as the VM runs by [`lease`], on its own thread. What
+//! both do to the link and to `resolv.conf` is [`configure`].
 
+pub mod configure;
 pub mod lease;
 
 use std::net::Ipv4Addr;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use netlink_packet_route::link::InfoKind;
 use openshell_shared::config::{Network, StaticPlan};
 use openshell_shared::Level;
 
-use super::{Ctx, Done, Phase, PhaseResult};
-use crate::clock::Stopwatch;
-use crate::dhcp;
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::netlink::{self, NetlinkError};
+use configure::{
+    apply_lease, apply_static, describe_time, exchange, link_err, usable_dns, write_resolv_conf,
+    NetworkError,
+};
+use openshell_init::clock::Stopwatch;
 
 pub const PHASE: Phase = Phase {
     name: "network",
@@ -35,23 +40,6 @@ pub const PHASE: Phase = Phase {
 };
 
 const DUMMY: &str = "dummy0";
-
-#[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
-    #[error("interface {ifname}: {what}: {source}")]
-    Link {
-        ifname: String,
-        what: &'static str,
-        source: NetlinkError,
-    },
-    #[error("cannot list interfaces: {0}")]
-    List(NetlinkError),
-    #[error("cannot write {path}: {source}")]
-    Resolv {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-}
 
 /// What the phase configured, for the report and for k3s (`--node-ip`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +56,7 @@ pub struct Configured {
 
 fn run(ctx: &Ctx) -> PhaseResult {
     let cfg = &ctx.config().network;
-    let mut done = configure(cfg, |level, text| ctx.reporter.log(level, text))?;
+    let mut done = bring_up(cfg, |level, text| ctx.reporter.log(level, text))?;
     let _ = ctx.node_ip.set(done.address);
     let dns = usable_dns(&done.dns, &cfg.fallback_dns, |level, text| {
         ctx.reporter.log(level, text)
@@ -128,51 +116,8 @@ fn deny(blocked: &[std::net::SocketAddrV4], mut log: impl FnMut(Level, String)) 
     }
 }
 
-/// Maps a netlink failure on `ifname` doing `what` to the phase's error.
-fn link_err(ifname: &str, what: &'static str) -> impl FnOnce(NetlinkError) -> NetworkError {
-    let ifname = ifname.to_string();
-    move |source| NetworkError::Link {
-        ifname,
-        what,
-        source,
-    }
-}
-
-/// One DHCP exchange on `ifname` under the configured deadline: requests through a UDP socket,
-/// replies through a packet socket (see [`dhcp::PacketSocket`]).
-pub fn exchange(
-    ifname: &str,
-    index: u32,
-    mac: &[u8; 6],
-    cfg: &Network,
-) -> Result<dhcp::Exchange, dhcp::DhcpError> {
-    let sock = dhcp::socket(ifname)?;
-    let replies = dhcp::PacketSocket::open(index).map_err(|source| dhcp::DhcpError::Socket {
-        ifname: ifname.to_string(),
-        source,
-    })?;
-    dhcp::obtain(
-        &sock,
-        &replies,
-        ifname,
-        mac,
-        cfg.rapid_commit,
-        Duration::from_millis(cfg.dhcp_timeout_ms),
-    )
-}
-
-/// Puts `lease` on the link: MTU, address, default route.
-pub fn apply_lease(ifname: &str, index: u32, lease: &dhcp::Lease) -> Result<(), NetworkError> {
-    let err = |what| link_err(ifname, what);
-    if let Some(mtu) = lease.mtu {
-        netlink::set_up_with_mtu(ifname, Some(mtu)).map_err(err("set MTU"))?;
-    }
-    netlink::add_address(index, lease.address, lease.prefix).map_err(err("add address"))?;
-    netlink::set_default_route(index, lease.router).map_err(err("add default route"))
-}
-
 /// Configures the calling thread's network namespace per `cfg`. `log` hears about fallbacks.
-pub fn configure(
+pub fn bring_up(
     cfg: &Network,
     mut log: impl FnMut(Level, String),
 ) -> Result<Configured, NetworkError> {
@@ -196,7 +141,7 @@ pub fn configure(
                 what: "find after create",
                 source: NetlinkError::BadReply("not listed".into()),
             })?;
-        return apply_static(
+        return bring_up_static(
             DUMMY,
             dummy.index,
             &cfg.no_device,
@@ -224,7 +169,7 @@ pub fn configure(
                     ex.first_answer.unwrap_or_default().as_secs_f64() * 1000.0,
                     ex.discovers,
                     if ex.rapid { " (rapid commit)" } else { "" },
-                    lease::describe_time(lease.lease_secs),
+                    describe_time(lease.lease_secs),
                     lease.mtu.map(|m| format!(", MTU {m}")).unwrap_or_default()
                 ),
                 lease: Some(lease::Bound {
@@ -249,7 +194,7 @@ pub fn configure(
                         .unwrap_or_else(|| "dev".into())
                 ),
             );
-            apply_static(
+            bring_up_static(
                 &link.name,
                 link.index,
                 &cfg.fallback,
@@ -259,16 +204,15 @@ pub fn configure(
     }
 }
 
-pub fn apply_static(
+/// Puts the static `plan` on the link and says so in the phase's terms: `how` for the report,
+/// no lease to keep.
+fn bring_up_static(
     ifname: &str,
     index: u32,
     plan: &StaticPlan,
     how: String,
 ) -> Result<Configured, NetworkError> {
-    let err = |what| link_err(ifname, what);
-    netlink::set_up_with_mtu(ifname, None).map_err(err("bring up"))?;
-    netlink::add_address(index, plan.address, plan.prefix).map_err(err("add address"))?;
-    netlink::set_default_route(index, plan.gateway).map_err(err("add default route"))?;
+    apply_static(ifname, index, plan)?;
     Ok(Configured {
         ifname: ifname.to_string(),
         address: plan.address,
@@ -278,164 +222,4 @@ pub fn apply_static(
         how,
         lease: None,
     })
-}
-
-/// Nameservers k3s accepts: no loopback, multicast, link-local, unspecified or broadcast.
-pub fn acceptable(ns: &Ipv4Addr) -> bool {
-    !(ns.is_loopback()
-        || ns.is_multicast()
-        || ns.is_link_local()
-        || ns.is_unspecified()
-        || ns.is_broadcast())
-}
-
-/// The lease's acceptable nameservers, or the fallback ones (reported) when none is.
-pub fn usable_dns(
-    offered: &[Ipv4Addr],
-    fallback: &[Ipv4Addr],
-    mut log: impl FnMut(Level, String),
-) -> Vec<Ipv4Addr> {
-    let good: Vec<Ipv4Addr> = offered.iter().copied().filter(acceptable).collect();
-    let dropped: Vec<String> = offered
-        .iter()
-        .filter(|n| !acceptable(n))
-        .map(|n| n.to_string())
-        .collect();
-    if !dropped.is_empty() {
-        log(
-            Level::Warn,
-            format!(
-                "nameservers k3s would reject, left out: {}",
-                dropped.join(" ")
-            ),
-        );
-    }
-    if good.is_empty() {
-        log(
-            Level::Warn,
-            format!(
-                "no usable nameserver offered: using {}",
-                fallback
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
-        );
-        return fallback.iter().copied().filter(acceptable).collect();
-    }
-    good
-}
-
-/// Replaces `path` atomically (write, rename; not synced: every boot and renewal rewrites it).
-/// Returns whether the file was written: one that already says exactly this (the same lease as
-/// the boot before) is left alone, which on virtio-fs spares the boot half a dozen round trips
-/// to the host.
-pub fn write_resolv_conf(path: &Path, servers: &[Ipv4Addr]) -> Result<bool, NetworkError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| NetworkError::Resolv {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut text = String::from("# written by openshell-init\n");
-    for s in servers {
-        text.push_str(&format!("nameserver {s}\n"));
-    }
-    // O_NOFOLLOW: what a symlink points at is never taken for the file.
-    let mut current = Vec::new();
-    let same = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .and_then(|mut f| f.read_to_end(&mut current))
-        .is_ok_and(|_| current == text.as_bytes());
-    if same {
-        return Ok(false);
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    // A dangling /etc/resolv.conf link (to a resolver's /run file) is replaced, not followed.
-    openshell_shared::fsutil::write_atomic_unsynced(path, text.as_bytes()).map_err(err)?;
-    Ok(true)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn k3s_rejected_nameservers_are_dropped_and_reported() {
-        let mut said = Vec::new();
-        let got = usable_dns(
-            &[
-                "127.0.0.53".parse().expect("ip"),
-                "169.254.1.1".parse().expect("ip"),
-                "192.168.127.1".parse().expect("ip"),
-                "224.0.0.1".parse().expect("ip"),
-            ],
-            &["8.8.8.8".parse().expect("ip")],
-            |_, t| said.push(t),
-        );
-        assert_eq!(got, vec!["192.168.127.1".parse::<Ipv4Addr>().expect("ip")]);
-        assert!(
-            said[0].contains("127.0.0.53") && said[0].contains("169.254.1.1"),
-            "{said:?}"
-        );
-    }
-
-    #[test]
-    fn no_usable_nameserver_means_the_fallback_said_out_loud() {
-        let mut said = Vec::new();
-        let got = usable_dns(
-            &["127.0.0.1".parse().expect("ip")],
-            &["192.168.127.1".parse().expect("ip")],
-            |_, t| said.push(t),
-        );
-        assert_eq!(got, vec!["192.168.127.1".parse::<Ipv4Addr>().expect("ip")]);
-        assert!(
-            said.iter().any(|s| s.contains("no usable nameserver")),
-            "{said:?}"
-        );
-    }
-
-    #[test]
-    fn resolv_conf_is_replaced_whole() {
-        let t = tempfile::tempdir().expect("tmp");
-        let p = t.path().join("etc/resolv.conf");
-        std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
-        std::os::unix::fs::symlink("/run/systemd/resolve/stub-resolv.conf", &p).expect("link");
-        let gw: Ipv4Addr = "192.168.127.1".parse().expect("ip");
-        assert!(write_resolv_conf(&p, &[gw]).expect("write"));
-        let meta = std::fs::symlink_metadata(&p).expect("meta");
-        assert!(meta.is_file());
-        assert_eq!(
-            std::fs::read_to_string(&p).expect("read"),
-            "# written by openshell-init\nnameserver 192.168.127.1\n"
-        );
-        assert_eq!(
-            std::fs::read_dir(p.parent().expect("dir"))
-                .expect("ls")
-                .count(),
-            1
-        );
-        // The same servers again: the file is left as it is (same inode, not replaced).
-        use std::os::unix::fs::MetadataExt;
-        assert!(!write_resolv_conf(&p, &[gw]).expect("again"));
-        assert_eq!(std::fs::metadata(&p).expect("meta").ino(), meta.ino());
-        // Other servers: replaced.
-        assert!(write_resolv_conf(&p, &["10.0.2.3".parse().expect("ip")]).expect("other"));
-        assert_ne!(std::fs::metadata(&p).expect("meta").ino(), meta.ino());
-        assert!(std::fs::read_to_string(&p)
-            .expect("read")
-            .ends_with("nameserver 10.0.2.3\n"));
-        // A symlink to a file that says exactly this is still replaced by a file of our own.
-        let target = t.path().join("elsewhere.conf");
-        std::fs::write(&target, std::fs::read(&p).expect("read")).expect("write");
-        std::fs::remove_file(&p).expect("rm");
-        std::os::unix::fs::symlink(&target, &p).expect("link");
-        assert!(write_resolv_conf(&p, &["10.0.2.3".parse().expect("ip")]).expect("link"));
-        assert!(std::fs::symlink_metadata(&p).expect("meta").is_file());
-    }
 }

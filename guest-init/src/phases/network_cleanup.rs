@@ -8,9 +8,12 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::runtime_cleanup::{empty_dir, remove_tree};
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{CNI_IPAM_DIR, CNI_RESULTS_DIR, NETNS_DIRS};
 use crate::netlink;
+use crate::remove::{empty_dir, remove_tree, CleanupError};
+use openshell_init::guest_path::under;
 
 pub const PHASE: Phase = Phase {
     name: "network-cleanup",
@@ -27,7 +30,7 @@ const POD_LINKS: &[&str] = &["cni0", "flannel.1"];
 #[derive(Debug, thiserror::Error)]
 pub enum NetCleanupError {
     #[error(transparent)]
-    Files(#[from] super::runtime_cleanup::CleanupError),
+    Files(#[from] CleanupError),
     #[error("cannot list links: {0}")]
     List(netlink::NetlinkError),
     #[error("cannot delete link {name}: {source}")]
@@ -84,15 +87,14 @@ fn run(ctx: &Ctx) -> PhaseResult {
 
 /// The on-disk part, under `root`.
 pub fn clean_files(root: &Path) -> Result<Cleaned, NetCleanupError> {
-    let at = |p: &str| root.join(p.trim_start_matches('/'));
     let mut cleaned = Cleaned {
-        ipam_entries: empty_dir(&at("/var/lib/cni/networks"))?,
-        results: empty_dir(&at("/var/lib/cni/results"))?,
+        ipam_entries: empty_dir(&under(root, CNI_IPAM_DIR))?,
+        results: empty_dir(&under(root, CNI_RESULTS_DIR))?,
         ..Cleaned::default()
     };
     // /var/run is usually a link to /run: visit each real directory once.
     let mut seen = HashSet::new();
-    for dir in [at("/run/netns"), at("/var/run/netns")] {
+    for dir in NETNS_DIRS.map(|d| under(root, d)) {
         let Ok(real) = std::fs::canonicalize(&dir) else {
             continue;
         };

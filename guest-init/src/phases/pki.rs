@@ -34,8 +34,10 @@ use rcgen::{
 use serde::Serialize;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use super::manifests::{K3S_MANIFESTS, TLS_SECRETS_MANIFEST};
-use super::{Ctx, Done, Phase, PhaseResult};
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{K3S_MANIFESTS, TLS_SECRETS_MANIFEST};
+use openshell_init::guest_path::under;
 
 pub const PHASE: Phase = Phase {
     name: "pki",
@@ -181,7 +183,7 @@ fn run(ctx: &Ctx) -> PhaseResult {
 /// Keeps or issues the PKI under `root` as of `now`, then writes the Secret manifest if its
 /// content changed.
 pub fn ensure(root: &Path, renew_before: Duration, now: SystemTime) -> Result<Report, PkiError> {
-    let dir = root.join(PKI_DIR.trim_start_matches('/'));
+    let dir = under(root, PKI_DIR);
     private_dir(&dir)?;
     let mut report = Report::default();
     let check = Check { now, renew_before };
@@ -257,7 +259,7 @@ pub fn ensure(root: &Path, renew_before: Duration, now: SystemTime) -> Result<Re
     }
 
     let manifest = secrets_manifest(&dir)?;
-    let dest_dir = root.join(K3S_MANIFESTS.trim_start_matches('/'));
+    let dest_dir = under(root, K3S_MANIFESTS);
     std::fs::create_dir_all(&dest_dir).map_err(|source| PkiError::Io {
         path: dest_dir.clone(),
         what: "cannot create",

@@ -7,9 +7,17 @@
 //! Symlinks are removed as links and never followed, so a planted link cannot point the cleanup
 //! at anything outside these directories.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::{Ctx, Done, Phase, PhaseResult};
+use openshell_init::guest_path::under;
+
+use crate::context::Ctx;
+use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{
+    CONTAINERD_INGEST, CONTAINERD_OVERLAYFS, CONTAINERD_ROOT, CONTAINERD_SHIMS, CONTAINERD_TASKS,
+    K3S_ROOT, K3S_RUN_DIR, NODE_PASSWD,
+};
+use crate::remove::{empty_dir, is_real_dir, remove_tree, CleanupError};
 
 pub const PHASE: Phase = Phase {
     name: "runtime-cleanup",
@@ -20,23 +28,8 @@ pub const PHASE: Phase = Phase {
     run,
 };
 
-const K3S: &str = "/var/lib/rancher/k3s";
-const CONTAINERD: &str = "/var/lib/rancher/k3s/agent/containerd";
-
 /// Directories removed whole, relative to the containerd root.
-const CONTAINERD_STALE: &[&str] = &[
-    "io.containerd.runtime.v2.task",
-    "io.containerd.sandbox.controller.v1.shim",
-];
-/// Emptied but kept (containerd expects it).
-const INGEST: &str = "io.containerd.content.v1.content/ingest";
-
-#[derive(Debug, thiserror::Error)]
-#[error("cannot remove {path}: {source}")]
-pub struct CleanupError {
-    path: PathBuf,
-    source: std::io::Error,
-}
+const CONTAINERD_STALE: &[&str] = &[CONTAINERD_TASKS, CONTAINERD_SHIMS];
 
 /// What one run removed, by kind.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -74,78 +67,27 @@ fn run(ctx: &Ctx) -> PhaseResult {
 
 /// Cleans the runtime leftovers under `root`.
 pub fn clean(root: &Path) -> Result<Removed, CleanupError> {
-    let at = |p: &str| root.join(p.trim_start_matches('/'));
     let mut removed = Removed::default();
-    let containerd = at(CONTAINERD);
+    let containerd = under(root, CONTAINERD_ROOT);
     if is_real_dir(&containerd) {
         for dir in CONTAINERD_STALE {
             removed.add(dir, remove_tree(&containerd.join(dir))?);
         }
-        let ingest = containerd.join(INGEST);
+        // Emptied but kept (containerd expects it).
+        let ingest = containerd.join(CONTAINERD_INGEST);
         removed.add("content ingest", empty_dir(&ingest)?);
-        for dir in [
-            ingest,
-            containerd.join("io.containerd.snapshotter.v1.overlayfs"),
-        ] {
+        for dir in [ingest, containerd.join(CONTAINERD_OVERLAYFS)] {
             std::fs::create_dir_all(&dir).map_err(|source| CleanupError { path: dir, source })?;
         }
     }
-    removed.add(
-        "node-passwd",
-        remove_tree(&at("/var/lib/rancher/k3s/server/cred/node-passwd"))?,
-    );
-    removed.add("/run/k3s", remove_tree(&at("/run/k3s"))?);
+    removed.add("node-passwd", remove_tree(&under(root, NODE_PASSWD))?);
+    removed.add(K3S_RUN_DIR, remove_tree(&under(root, K3S_RUN_DIR))?);
     let mut sockets = 0;
-    for dir in [at(K3S), at("/run")] {
+    for dir in [under(root, K3S_ROOT), under(root, "/run")] {
         sockets += remove_sockets(&dir)?;
     }
     removed.add("sockets", sockets);
     Ok(removed)
-}
-
-fn is_real_dir(p: &Path) -> bool {
-    p.symlink_metadata().is_ok_and(|m| m.is_dir())
-}
-
-/// Removes `path` (file, link or directory tree) and returns how many entries went. A link is
-/// removed as a link; a missing path removes nothing.
-pub fn remove_tree(path: &Path) -> Result<usize, CleanupError> {
-    let err = |source| CleanupError {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = match path.symlink_metadata() {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(err(e)),
-    };
-    if !meta.is_dir() {
-        std::fs::remove_file(path).map_err(err)?;
-        return Ok(1);
-    }
-    let mut count = 0;
-    for entry in std::fs::read_dir(path).map_err(err)? {
-        count += remove_tree(&entry.map_err(err)?.path())?;
-    }
-    std::fs::remove_dir(path).map_err(err)?;
-    Ok(count + 1)
-}
-
-/// Removes what is inside `dir` and returns how many entries went; `dir` stays (a link in its
-/// place is removed as a link, never followed).
-pub fn empty_dir(dir: &Path) -> Result<usize, CleanupError> {
-    if !is_real_dir(dir) {
-        return remove_tree(dir);
-    }
-    let err = |source| CleanupError {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let mut count = 0;
-    for entry in std::fs::read_dir(dir).map_err(err)? {
-        count += remove_tree(&entry.map_err(err)?.path())?;
-    }
-    Ok(count)
 }
 
 /// Removes every `*.sock` below `dir` (sockets or anything else so named, links included),
@@ -182,6 +124,7 @@ fn remove_sockets(dir: &Path) -> Result<usize, CleanupError> {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
 
     fn put(root: &Path, rel: &str, content: &str) -> PathBuf {
         let p = root.join(rel);

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use openshell_shared::config::Network;
 use openshell_shared::Level;
 
-use crate::dhcp::{self, Lease, Reply};
+use super::configure::{self, describe_time};
 use crate::netlink;
+use openshell_init::dhcp::{self, Lease, Reply};
 
 /// A lease on a link, and when it was asked for (lease times count from the request).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,15 +53,6 @@ enum Mode {
 /// short lease is not flooded, at most a minute.
 pub fn retransmit_after(left: Duration) -> Duration {
     (left / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
-}
-
-/// A lease time as people read it.
-pub fn describe_time(secs: u32) -> String {
-    if secs == dhcp::INFINITE {
-        "infinite".into()
-    } else {
-        format!("{secs} s")
-    }
 }
 
 /// Waits between new exchanges while no server answers at all.
@@ -191,7 +183,7 @@ impl Keeper {
         let old = self.bound.lease.clone();
         let (ifname, index) = (self.bound.ifname.clone(), self.bound.index);
         if lease.address != old.address || lease.prefix != old.prefix {
-            if let Err(e) = super::apply_lease(&ifname, index, &lease) {
+            if let Err(e) = configure::apply_lease(&ifname, index, &lease) {
                 self.say(Level::Error, format!("cannot apply the renewed lease: {e}"));
                 return;
             }
@@ -204,7 +196,7 @@ impl Keeper {
                 ),
             );
         } else if lease.router != old.router || lease.mtu != old.mtu {
-            if let Err(e) = super::apply_lease(&ifname, index, &lease) {
+            if let Err(e) = configure::apply_lease(&ifname, index, &lease) {
                 self.say(Level::Error, format!("cannot apply the renewed lease: {e}"));
             }
         }
@@ -229,8 +221,8 @@ impl Keeper {
     }
 
     fn write_dns(&self, offered: &[Ipv4Addr]) {
-        let dns = super::usable_dns(offered, &self.cfg.fallback_dns, |l, t| self.say(l, t));
-        if let Err(e) = super::write_resolv_conf(&self.resolv, &dns) {
+        let dns = configure::usable_dns(offered, &self.cfg.fallback_dns, |l, t| self.say(l, t));
+        if let Err(e) = configure::write_resolv_conf(&self.resolv, &dns) {
             self.say(Level::Error, e.to_string());
         }
     }
@@ -246,10 +238,10 @@ impl Keeper {
         let mut fallback_on = false;
         let mut pause = RESTART_BACKOFF.0;
         loop {
-            match super::exchange(&ifname, index, &mac, &self.cfg) {
+            match configure::exchange(&ifname, index, &mac, &self.cfg) {
                 Ok(ex) => {
                     let since = Instant::now() - ex.elapsed;
-                    if let Err(e) = super::apply_lease(&ifname, index, &ex.lease) {
+                    if let Err(e) = configure::apply_lease(&ifname, index, &ex.lease) {
                         self.say(Level::Error, format!("cannot apply the new lease: {e}"));
                     } else {
                         let plan = &self.cfg.fallback;
@@ -279,7 +271,7 @@ impl Keeper {
                 }
                 Err(e) if !fallback_on => {
                     let plan = self.cfg.fallback.clone();
-                    match super::apply_static(&ifname, index, &plan, String::new()) {
+                    match configure::apply_static(&ifname, index, &plan) {
                         Ok(_) => self.say(
                             Level::Warn,
                             format!(
@@ -359,11 +351,5 @@ mod tests {
         let kept = kept.expect("a keeper thread for a one-hour lease");
         assert!(!kept.is_finished());
         assert_eq!(said.lock().expect("said").len(), 1, "nothing more said");
-    }
-
-    #[test]
-    fn lease_times_read_as_people_say_them() {
-        assert_eq!(describe_time(120), "120 s");
-        assert_eq!(describe_time(u32::MAX), "infinite");
     }
 }

@@ -1,5 +1,8 @@
-//! The phase engine: runs a plan, each phase once the phases it runs after are done, on threads
-//! where that pays. Reports start and finish of every phase.
+//! The phase engine: runs the plan its caller hands it, each phase once the phases it runs after
+//! are done, on threads where that pays. Reports start and finish of every phase. What a phase
+//! is lives in [`phase`]; which phases there are is the caller's business (`crate::phases`).
+
+pub mod phase;
 
 // BTreeSet, not HashSet: a dozen names need no hashing, and a HashSet's random keys cost PID 1 a
 // getrandom call and SipHash code to translate at boot under emulation.
@@ -7,8 +10,9 @@ use std::collections::BTreeSet;
 
 use openshell_shared::{GuestMessage, Outcome};
 
-use crate::clock::Stopwatch;
-use crate::phases::{Ctx, Done, Phase};
+use crate::context::Ctx;
+use openshell_init::clock::Stopwatch;
+use phase::{Done, Phase};
 
 /// A fatal phase failed: boot cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -184,8 +188,8 @@ impl Progress {
 
 #[cfg(test)]
 mod tests {
+    use super::phase::PhaseResult;
     use super::*;
-    use crate::phases::PhaseResult;
     use crate::reporter::{Reporter, Sink};
     use std::sync::Mutex;
 
