@@ -121,7 +121,9 @@ fn without_test_modules(code: &str) -> String {
         let after = rest[attr_end..].trim_start();
         let is_test_mod = attr.contains("test")
             && after.starts_with("mod ")
-            && after.find('{').is_some_and(|b| after.find(';').map_or(true, |s| b < s));
+            && after
+                .find('{')
+                .is_some_and(|b| after.find(';').is_none_or(|s| b < s));
         if !is_test_mod {
             out.push_str(attr);
             rest = &rest[attr_end..];
@@ -202,7 +204,7 @@ fn named_paths(code: &str, me: &ModPath, children: &BTreeSet<String>) -> Vec<Mod
         let rest = &code[i..];
         let c = rest.chars().next().unwrap_or(' ');
         let prev = code[..i].chars().next_back();
-        let at_word = prev.map_or(true, |p| !is_ident(p) && p != ':');
+        let at_word = prev.is_none_or(|p| !is_ident(p) && p != ':');
         match c {
             '{' => depth += 1,
             '}' => {
@@ -382,8 +384,14 @@ mod tests {
     fn a_parent_using_a_child_that_uses_the_parent_is_a_ring() {
         let t = tree(&[
             ("main.rs", "mod phases;\nfn main() {}"),
-            ("phases/mod.rs", "mod a;\npub struct Ctx;\nconst P: &[u8] = &a::X;"),
-            ("phases/a.rs", "use super::{Ctx, Other};\npub const X: u8 = 1;"),
+            (
+                "phases/mod.rs",
+                "mod a;\npub struct Ctx;\nconst P: &[u8] = &a::X;",
+            ),
+            (
+                "phases/a.rs",
+                "use super::{Ctx, Other};\npub const X: u8 = 1;",
+            ),
         ]);
         assert_eq!(ring_names(&t), vec![vec!["phases", "phases::a"]]);
     }
@@ -391,7 +399,10 @@ mod tests {
     #[test]
     fn a_child_using_the_crate_root_that_calls_it_is_a_ring() {
         let t = tree(&[
-            ("main.rs", "mod up;\npub fn run() {}\nfn main() { up::go() }"),
+            (
+                "main.rs",
+                "mod up;\npub fn run() {}\nfn main() { up::go() }",
+            ),
             ("up.rs", "pub fn go() { crate::run() }"),
         ]);
         assert_eq!(ring_names(&t), vec![vec!["<crate root>", "up"]]);
