@@ -1,6 +1,8 @@
-//! Types both sides of the gateway VM agree on: the boot channel protocol spoken over vsock, the
-//! exec service protocol, and the boot configuration openshell-init reads. Kept free of I/O so the host, the guest and the
-//! fuzzers all use the exact same decoding code.
+//! What both sides of the gateway VM agree on: the boot channel protocol spoken over vsock, the
+//! exec service protocol, the boot configuration openshell-init reads, and the one way both
+//! replace a file atomically (`fsutil`). The protocol decoders do no I/O of their own (they
+//! decode bytes they are given), so the host, the guest and the fuzzers run the exact same
+//! decoding code; `config` reads its one file, `fsutil` writes files.
 
 pub mod arch;
 pub mod config;

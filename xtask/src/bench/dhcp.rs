@@ -20,7 +20,7 @@ use crate::tools;
 const SERVER_NS: &str = "osh-bench-dhcp-s";
 const CLIENT_NS: &str = "osh-bench-dhcp-c";
 
-/// The old system's lease script (legacy-system.md 1.4), the one the shell-init boots run in the
+/// The old system's udhcpc lease script, the one the shell-init boots run in the
 /// VM; here with `RESOLV_CONF` pointing into the lab, so the host's resolv.conf is left alone.
 const UDHCPC_SCRIPT: &str = "rootfs/base/opt/bench/udhcpc.script";
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The old way, for `cargo xtask bench boot`: PID 1 as a busybox shell script doing what the old
-# init did for the steps openshell-init's phases do (legacy-system.md 1.2-1.8), booted on the
-# same root filesystem, kernel and VM. Its start and end go to the kernel log through /dev/kmsg,
+# init script did for the steps openshell-init's phases do (mounts, hostname, network, cleanup
+# and checks), booted on the same root filesystem, kernel and VM. Its start and end go to the kernel log through /dev/kmsg,
 # so they carry the kernel's own timestamps; then it resets the VM (the host sees the VMM exit).
 echo "<3>shell-init: entry" > /dev/kmsg
 # 1.2 Mounts, in the old init's two parallel batches.
