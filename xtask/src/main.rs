@@ -18,6 +18,7 @@ mod kernel;
 mod layering;
 mod libkrun;
 mod paths;
+mod peers;
 mod process;
 mod progress;
 mod rootfs;
@@ -68,6 +69,8 @@ enum Cmd {
     VsockHelper,
     /// Build libkrun's shared library from crates.io into the cache; prints its path.
     Libkrun,
+    /// Build gvproxy and kine from their Go modules (pinned, cached); prints their paths.
+    Peers,
     /// Build whatever is missing for one arch and print the artifact paths.
     Artifacts {
         #[arg(long, default_value_t = Arch::host())]
@@ -96,6 +99,10 @@ fn main() {
         } => rootfs_cmd(&profile, arch, copy_to, &gateway),
         Cmd::VsockHelper => tools::vsock_helper().map(|p| println!("{}", p.display())),
         Cmd::Libkrun => libkrun::build().map(|p| println!("{}", p.display())),
+        Cmd::Peers => [peers::GVPROXY, peers::KINE].iter().try_for_each(|p| {
+            p.build()
+                .map(|path| println!("{} {}", p.name, path.display()))
+        }),
         Cmd::Artifacts { arch, json } => artifacts::artifacts(arch).map(|a| {
             if json {
                 println!("{}", a.to_json());
