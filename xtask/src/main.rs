@@ -23,7 +23,6 @@ mod process;
 mod progress;
 mod rootfs;
 mod test;
-mod test_gateway;
 mod tools;
 mod up;
 
@@ -62,6 +61,9 @@ enum Cmd {
         /// Also copy the tree here, for a boot that writes to it.
         #[arg(long)]
         copy_to: Option<PathBuf>,
+        /// This openshell-init binary instead of building one (the test's second build).
+        #[arg(long, value_name = "FILE")]
+        init: Option<PathBuf>,
         #[command(flatten)]
         gateway: gateway::Inputs,
     },
@@ -95,8 +97,9 @@ fn main() {
             profile,
             arch,
             copy_to,
+            init,
             gateway,
-        } => rootfs_cmd(&profile, arch, copy_to, &gateway),
+        } => rootfs_cmd(&profile, arch, copy_to, init, &gateway),
         Cmd::VsockHelper => tools::vsock_helper().map(|p| println!("{}", p.display())),
         Cmd::Libkrun => libkrun::build().map(|p| println!("{}", p.display())),
         Cmd::Peers => [peers::GVPROXY, peers::KINE].iter().try_for_each(|p| {
@@ -130,8 +133,13 @@ fn rootfs_cmd(
     profile: &str,
     arch: Arch,
     copy_to: Option<PathBuf>,
+    init: Option<PathBuf>,
     inputs: &gateway::Inputs,
 ) -> Result<()> {
+    let init = || match &init {
+        Some(given) => Ok(given.clone()),
+        None => tools::init(arch),
+    };
     let root = match profile {
         "base" => {
             if inputs.given() {
@@ -139,9 +147,9 @@ fn rootfs_cmd(
                     "--k3s and --images are for the gateway profile (--profile gateway)",
                 ));
             }
-            rootfs::build_base(arch, &tools::init(arch)?)?
+            rootfs::build_base(arch, &init()?)?
         }
-        "gateway" => gateway::build(arch, || tools::init(arch), inputs)?.root,
+        "gateway" => gateway::build(arch, init, inputs)?.root,
         other => {
             return Err(Error::msg(format!(
                 "unknown profile `{other}`: `base` or `gateway`"

@@ -1,17 +1,19 @@
-//! The gateway profile's step of `cargo xtask test`: builds the gateway root with the stand-in
+//! The gateway profile's steps of `cargo xtask test`: builds the gateway root with the stand-in
 //! k3s (`guest-init/tests/fixtures/fake-k3s.sh`) and an images directory holding one small file,
 //! checks its manifest, and boots a copy to the last ready stage (`gateway-ready`, answered by
-//! the stand-in). For x86_64 it also checks that a second build from the same inputs (in a fresh
-//! cache, debootstrap included) gives a byte-identical manifest, the same cache key and the same
-//! tree hash; aarch64 (debootstrap under qemu-user, about 6 minutes) is built and booted once.
-//! Skipped, with a message, when debootstrap cannot reach the Debian mirror.
+//! the stand-in). Reproducibility is proven once, on x86_64: a second build from the same inputs
+//! in a fresh cache (debootstrap included, in a process of its own) must give a byte-identical
+//! manifest, the same cache key and the same tree hash. Skipped, with a message, when
+//! debootstrap cannot reach the Debian mirror.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use openshell_shared::Arch;
 
+use super::logged;
+use super::timing::Clock;
 use crate::artifacts::artifacts;
 use crate::error::{Error, Result};
 use crate::paths::workspace;
@@ -21,49 +23,109 @@ fn fail(what: impl Into<String>) -> Error {
     Error::msg(format!("gateway root filesystem test: {}", what.into()))
 }
 
-pub fn run(arches: &[Arch]) -> Result<()> {
-    if !gateway::mirror_reachable() {
+/// Whether the Debian mirror answers; says so when it does not.
+fn mirror_or_skip() -> bool {
+    let ok = gateway::mirror_reachable();
+    if !ok {
         eprintln!(
             "xtask test: SKIPPED the gateway root filesystem test: {} is not reachable, so debootstrap cannot run",
             gateway::MIRROR
         );
-        return Ok(());
+    }
+    ok
+}
+
+/// The Debian stage of each arch's gateway root (cached); false when the mirror is unreachable.
+pub fn debootstrap_all(clock: &Clock, lane: &'static str, arches: &[Arch]) -> Result<bool> {
+    if !mirror_or_skip() {
+        return Ok(false);
     }
     for arch in arches {
-        eprintln!("xtask test: gateway root filesystem for {}", arch.name());
-        one(*arch, *arch == Arch::X86_64)?;
+        clock.step(lane, &format!("debootstrap {}", arch.name()), || {
+            gateway::debootstrap(*arch)
+        })?;
+    }
+    Ok(true)
+}
+
+/// Each arch's built gateway root.
+pub type Roots = Vec<(Arch, PathBuf)>;
+
+/// The stand-in inputs: the fake k3s and an images directory with one small file.
+struct StandIns {
+    fake: PathBuf,
+    images: tempfile::TempDir,
+    image: PathBuf,
+}
+
+impl StandIns {
+    fn new() -> Result<Self> {
+        let fake = workspace().join("guest-init/tests/fixtures/fake-k3s.sh");
+        let images = tempfile::tempdir().map_err(|e| fail(e.to_string()))?;
+        let image = images.path().join("stand-in-images.tar");
+        std::fs::write(&image, b"a small stand-in for an airgap image tarball\n")
+            .map_err(|e| Error::io("write", &image, e))?;
+        Ok(Self {
+            fake,
+            images,
+            image,
+        })
+    }
+
+    fn inputs(&self) -> gateway::Inputs {
+        gateway::Inputs {
+            k3s: Some(self.fake.clone()),
+            images: Some(self.images.path().to_path_buf()),
+        }
+    }
+}
+
+/// Builds and checks every arch's gateway root with `inits` (each arch's openshell-init), the
+/// x86_64 one twice; `None` when the mirror is unreachable.
+pub fn build_all(
+    clock: &Clock,
+    lane: &'static str,
+    inits: &[(Arch, PathBuf)],
+) -> Result<Option<Roots>> {
+    if !mirror_or_skip() {
+        return Ok(None);
+    }
+    let stand_ins = StandIns::new()?;
+    let mut roots = Vec::new();
+    for (arch, init) in inits {
+        let first = clock.step(lane, &format!("gateway root {}", arch.name()), || {
+            gateway::build(*arch, || Ok(init.clone()), &stand_ins.inputs())
+        })?;
+        let text = check_manifest(&first.root, &stand_ins.fake, &stand_ins.image, init)?;
+        eprintln!(
+            "xtask test: gateway manifest checked ({})",
+            first.root.display()
+        );
+        if *arch == Arch::X86_64 {
+            clock.step(lane, "gateway root x86_64 again from scratch", || {
+                rebuild_is_identical(*arch, &stand_ins, init, &first, &text)
+            })?;
+        }
+        roots.push((*arch, first.root));
+    }
+    Ok(Some(roots))
+}
+
+/// Boots each root with the stand-in k3s to `gateway-ready`.
+pub fn boot_all(clock: &Clock, lane: &'static str, roots: &[(Arch, PathBuf)]) -> Result<()> {
+    for (arch, root) in roots {
+        clock.step(lane, &format!("gateway boot {}", arch.name()), || {
+            boot(*arch, root)
+        })?;
     }
     Ok(())
 }
 
-fn one(arch: Arch, twice: bool) -> Result<()> {
-    let fake = workspace().join("guest-init/tests/fixtures/fake-k3s.sh");
-    let images = tempfile::tempdir().map_err(|e| fail(e.to_string()))?;
-    let image = images.path().join("stand-in-images.tar");
-    std::fs::write(&image, b"a small stand-in for an airgap image tarball\n")
-        .map_err(|e| Error::io("write", &image, e))?;
-    let inputs = gateway::Inputs {
-        k3s: Some(fake.clone()),
-        images: Some(images.path().to_path_buf()),
-    };
-    let init = tools::init(arch)?;
-    let first = gateway::build(arch, || Ok(init.clone()), &inputs)?;
-    let text = check_manifest(&first.root, &fake, &image, &init)?;
-    eprintln!(
-        "xtask test: gateway manifest checked ({})",
-        first.root.display()
-    );
-
-    if twice {
-        rebuild_is_identical(arch, &inputs, &init, &first, &text)?;
-    }
-    boot(arch, &first.root)
-}
-
-/// Same inputs, fresh cache: debootstrap and assembly run again and must give the same tree.
+/// Same inputs, fresh cache: debootstrap and assembly run again, in a process of its own (the
+/// cache is chosen by the environment), and must give the same tree.
 fn rebuild_is_identical(
     arch: Arch,
-    inputs: &gateway::Inputs,
+    stand_ins: &StandIns,
     init: &Path,
     first: &gateway::Built,
     text: &str,
@@ -72,29 +134,49 @@ fn rebuild_is_identical(
         .prefix("openshell-cache-")
         .tempdir_in(cache::root())
         .map_err(|e| fail(e.to_string()))?;
-    let saved = std::env::var_os("OPENSHELL_CACHE_DIR");
-    std::env::set_var("OPENSHELL_CACHE_DIR", other.path());
-    let second = gateway::build(arch, || Ok(init.to_path_buf()), inputs);
-    match saved {
-        Some(v) => std::env::set_var("OPENSHELL_CACHE_DIR", v),
-        None => std::env::remove_var("OPENSHELL_CACHE_DIR"),
-    }
-    let second = second?;
-    if second.key != first.key {
+    let xtask = std::env::current_exe().map_err(|e| fail(format!("this program's path: {e}")))?;
+    let out = logged::run(
+        "gateway-rebuild",
+        Command::new(xtask)
+            .args(["rootfs", "--profile", "gateway", "--arch", arch.name()])
+            .arg("--k3s")
+            .arg(&stand_ins.fake)
+            .arg("--images")
+            .arg(stand_ins.images.path())
+            .arg("--init")
+            .arg(init)
+            .env("OPENSHELL_CACHE_DIR", other.path()),
+    )?;
+    let second_root = out
+        .lines()
+        .rev()
+        .map(PathBuf::from)
+        .find(|p| p.is_dir())
+        .ok_or_else(|| fail(format!("the rebuild printed no root directory:\n{out}")))?;
+    let second_key = second_root
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.rsplit('-').next())
+        .unwrap_or_default()
+        .to_string();
+    if second_key != first.key {
         return Err(fail(format!(
-            "the same inputs gave cache keys {} and {}",
-            first.key, second.key
+            "the same inputs gave cache keys {} and {second_key}",
+            first.key
         )));
     }
-    let text2 = read(&second.root.join("manifest.json"))?;
-    let (h1, h2) = (
-        gateway::tree_hash(&first.root)?,
-        gateway::tree_hash(&second.root)?,
-    );
+    compare_trees(&first.root, &second_root, text, other)
+}
+
+/// The two builds' manifests and trees must be identical; on a difference the second cache is
+/// kept for inspection.
+fn compare_trees(first: &Path, second: &Path, text: &str, other: tempfile::TempDir) -> Result<()> {
+    let text2 = read(&second.join("manifest.json"))?;
+    let (h1, h2) = (gateway::tree_hash(first)?, gateway::tree_hash(second)?);
     if text2 != text || h1 != h2 {
         let (ea, eb) = (
-            gateway::tree_entries(&first.root)?,
-            gateway::tree_entries(&second.root)?,
+            gateway::tree_entries(first)?,
+            gateway::tree_entries(second)?,
         );
         let differ: Vec<String> = ea
             .keys()
@@ -103,22 +185,17 @@ fn rebuild_is_identical(
             .take(20)
             .cloned()
             .collect();
-        // Kept for inspection.
         let kept = other.keep();
         return Err(fail(format!(
             "two builds from the same inputs differ ({} and {}, under {}): manifest.json {}; files: {}",
-            first.root.display(),
-            second.root.display(),
+            first.display(),
+            second.display(),
             kept.display(),
             first_difference(text, &text2),
             differ.join(", ")
         )));
     }
-    eprintln!(
-        "xtask test: gateway root rebuilt from scratch: same key {}, identical manifest, tree {h1}",
-        first.key
-    );
-    drop(other);
+    eprintln!("xtask test: gateway root rebuilt from scratch: identical manifest, tree {h1}");
     Ok(())
 }
 
@@ -298,7 +375,7 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
-            tail(&console, 40)
+            logged::tail(&console, 40)
         )));
     }
     let stages = read(
@@ -311,7 +388,7 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
     if !stages.contains("gateway-ready") {
         return Err(fail(format!(
             "ready without a gateway-ready stage in the boot report:\n{}",
-            tail(&stages, 40)
+            logged::tail(&stages, 40)
         )));
     }
     // The build pre-deployed the manifests with the root's own init: the boot must find them
@@ -334,9 +411,4 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
         took.as_secs_f64()
     );
     Ok(())
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

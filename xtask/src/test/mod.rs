@@ -1,0 +1,346 @@
+//! `cargo xtask test`: every check, in an order that fails fast and keeps both cores busy.
+//!
+//! 1. Formatting and lints.
+//! 2. Builds: the two kernels and the gateway's Debian stages on threads of their own (make and
+//!    debootstrap leave a core idle in their serial stretches) while cargo builds init, the host,
+//!    libkrun, the Go peers and the test binaries.
+//! 3. `cargo test --workspace` (unit, property and VM tests; a VM under TCG takes one core) in
+//!    the foreground, while a background lane runs what needs no VM on the other core, one job at
+//!    a time with one cargo job each: the aarch64 unit tests under qemu-user, the macOS build of
+//!    the host, the fuzz targets' builds, the gateway roots (and the x86_64 rebuild from scratch).
+//! 4. The gateway roots' boots, with the fuzzing runs beside them.
+//!
+//! Every step's time is printed at the end, failures included.
+
+mod gateway;
+mod logged;
+mod tally;
+mod timing;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use openshell_shared::Arch;
+
+use crate::artifacts::artifacts;
+use crate::error::{Error, Result};
+use crate::paths::{target_dir, workspace};
+use crate::peers;
+use crate::tools::{self, cargo};
+use crate::{cache, kernel};
+use tally::Tally;
+use timing::Clock;
+
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// Skip everything aarch64 (VM tests, qemu-user tests).
+    #[arg(long)]
+    pub skip_aarch64: bool,
+    /// Seconds of fuzzing (0 skips it).
+    #[arg(long, default_value_t = 30)]
+    pub fuzz_seconds: u32,
+    /// Run only the gateway root filesystem step (build twice, manifest checks, boot).
+    #[arg(long)]
+    pub gateway_only: bool,
+    /// Extra arguments for `cargo test` (e.g. a test name filter).
+    #[arg(last = true)]
+    pub cargo_test_args: Vec<String>,
+}
+
+/// The lane names in the step table.
+const MAIN: &str = "main";
+const BESIDE: &str = "beside";
+
+pub fn run(args: TestArgs) -> Result<()> {
+    let arches: Vec<Arch> = Arch::ALL
+        .into_iter()
+        .filter(|a| !(args.skip_aarch64 && *a == Arch::Aarch64))
+        .collect();
+    let clock = Arc::new(Clock::default());
+    let start = Instant::now();
+    let result = if args.gateway_only {
+        gateway_only(&clock, &arches)
+    } else {
+        everything(&clock, &args, &arches)
+    };
+    eprint!("{}", clock.table(start.elapsed()));
+    let tally = result?;
+    eprintln!("xtask test: all steps passed");
+    // One closing line with the totals of every test run above.
+    println!("tests: {} passed, {} failed", tally.passed, tally.failed);
+    Ok(())
+}
+
+fn gateway_only(clock: &Arc<Clock>, arches: &[Arch]) -> Result<Tally> {
+    let mut inits = Vec::new();
+    for arch in arches {
+        inits.push((*arch, tools::init(*arch)?));
+    }
+    let Some(roots) = gateway::build_all(clock, BESIDE, &inits)? else {
+        return Ok(Tally::default());
+    };
+    gateway::boot_all(clock, MAIN, &roots)?;
+    Ok(Tally::default())
+}
+
+fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Tally> {
+    clock.step(MAIN, "cargo fmt --check", || {
+        crate::process::run(
+            Command::new(cargo())
+                .current_dir(workspace())
+                .args(["fmt", "--all", "--", "--check"]),
+        )
+    })?;
+    clock.step(MAIN, "cargo clippy", || {
+        crate::process::run(Command::new(cargo()).current_dir(workspace()).args([
+            "clippy",
+            "--quiet",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    // Started now, joined when their results are needed.
+    let kernels = spawn(clock, "kernels", arches.to_vec(), |clock, arches| {
+        for arch in arches {
+            clock.step(BESIDE, &format!("kernel {}", arch.name()), || {
+                kernel::build(arch)
+            })?;
+        }
+        Ok(())
+    });
+    let debian = spawn(clock, "debian", arches.to_vec(), |clock, arches| {
+        gateway::debootstrap_all(&clock, BESIDE, &arches)
+    });
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(workspace())
+        .args(["test", "--workspace"])
+        .args(&args.cargo_test_args);
+    let inits = prepare_foreground(clock, arches, &mut cmd)?;
+    join(kernels)?;
+    for arch in arches {
+        let a = clock.step(MAIN, &format!("base root {}", arch.name()), || {
+            artifacts(*arch)
+        })?;
+        let list = cache::root().join(format!("test-artifacts-{}.json", arch.name()));
+        std::fs::write(&list, a.to_json()).map_err(|e| Error::io("write", &list, e))?;
+        cmd.env(
+            format!("OPENSHELL_TEST_ARTIFACTS_{}", arch.name().to_uppercase()),
+            &list,
+        );
+    }
+    let debian_ok = join(debian)?;
+    let lane = spawn(
+        clock,
+        "beside the VM tests",
+        (inits, args.fuzz_seconds > 0, debian_ok),
+        |clock, (inits, fuzz, debian_ok)| beside_vm_tests(&clock, &inits, fuzz, debian_ok),
+    );
+    let mut tally = Tally::default();
+    let foreground = clock.step(
+        MAIN,
+        "cargo test --workspace (unit, property and VM tests)",
+        || echo_and_count(&mut cmd, &mut tally),
+    );
+    // The lane is joined even when the foreground failed, so its result is reported too.
+    let beside = join(lane);
+    foreground?;
+    let (aarch64_text, roots) = beside?;
+    tally.add_text(&aarch64_text);
+    let fuzzing = spawn(clock, "fuzzing", args.fuzz_seconds, |clock, seconds| {
+        fuzz_all(&clock, seconds, false)
+    });
+    if let Some(roots) = roots {
+        gateway::boot_all(clock, MAIN, &roots)?;
+    }
+    join(fuzzing)?;
+    Ok(tally)
+}
+
+/// Everything the foreground's `cargo test` needs besides the kernels and base roots, built
+/// while the kernels build; sets the variables that point the tests at them. Returns each
+/// arch's openshell-init (the background lane must not run cargo in the workspace's target
+/// directory while the foreground's `cargo test` holds it).
+fn prepare_foreground(
+    clock: &Clock,
+    arches: &[Arch],
+    cmd: &mut Command,
+) -> Result<Vec<(Arch, PathBuf)>> {
+    let mut inits = Vec::new();
+    for arch in arches {
+        let init = clock.step(MAIN, &format!("openshell-init {}", arch.name()), || {
+            tools::init(*arch)
+        })?;
+        inits.push((*arch, init));
+    }
+    let host = clock.step(MAIN, "openshell-host", || tools::host(false))?;
+    cmd.env("OPENSHELL_HOST_BIN", host);
+    // For the host's libkrun unit tests only: OPENSHELL_LIBKRUN itself would reach the hosts the
+    // VM tests start.
+    let libkrun = clock.step(MAIN, "libkrun", crate::libkrun::build)?;
+    cmd.env("OPENSHELL_TEST_LIBKRUN", libkrun);
+    clock.step(MAIN, "vhost-device-vsock", tools::vsock_helper)?;
+    let gvproxy = clock.step(MAIN, "gvproxy", || peers::GVPROXY.build())?;
+    cmd.env("OPENSHELL_TEST_GVPROXY", gvproxy);
+    let kine = clock.step(MAIN, "kine", || peers::KINE.build())?;
+    cmd.env("OPENSHELL_TEST_KINE", kine);
+    clock.step(MAIN, "test binaries", || {
+        let mut build = Command::new(cargo());
+        build
+            .current_dir(workspace())
+            .args(["test", "--workspace", "--no-run", "--quiet"]);
+        crate::process::run(&mut build)
+    })?;
+    Ok(inits)
+}
+
+/// The background lane while the VM tests run: one job at a time, one cargo job each, output in
+/// logs. Returns the aarch64 unit tests' output (for the tally) and the gateway roots.
+fn beside_vm_tests(
+    clock: &Clock,
+    inits: &[(Arch, PathBuf)],
+    fuzz: bool,
+    debian_ok: bool,
+) -> Result<(String, Option<gateway::Roots>)> {
+    let mut aarch64_text = String::new();
+    if inits.iter().any(|(a, _)| *a == Arch::Aarch64) {
+        // Unit tests only: the integration tests exec the binary, which needs binfmt_misc.
+        for (package, kinds) in [
+            ("openshell-init", "--lib --bins"),
+            ("openshell-shared", "--lib"),
+        ] {
+            let name = format!("{package} unit tests on aarch64 under qemu-user");
+            aarch64_text += &clock.step(BESIDE, &name, || {
+                logged::run(
+                    &format!("aarch64-{package}"),
+                    one_job(Command::new(cargo()))
+                        .args(["test", "-p", package])
+                        .args(kinds.split(' '))
+                        .args(["--target", "aarch64-unknown-linux-musl"]),
+                )
+            })?;
+        }
+    }
+    clock.step(BESIDE, "openshell-host builds for macOS", || {
+        logged::run(
+            "macos-check",
+            one_job(Command::new(cargo())).args([
+                "check",
+                "-p",
+                "openshell-host",
+                "--target",
+                "aarch64-apple-darwin",
+            ]),
+        )
+    })?;
+    if fuzz {
+        fuzz_all(clock, 0, true)?;
+    }
+    let roots = if debian_ok {
+        gateway::build_all(clock, BESIDE, inits)?
+    } else {
+        None
+    };
+    Ok((aarch64_text, roots))
+}
+
+/// A cargo command for the background lane: one job, and a target directory of its own (the
+/// foreground's `cargo test` holds the workspace's for as long as it runs).
+fn one_job(mut cmd: Command) -> Command {
+    cmd.current_dir(workspace())
+        .env("CARGO_BUILD_JOBS", "1")
+        .env("CARGO_TARGET_DIR", target_dir().join("beside"));
+    cmd
+}
+
+/// The fuzz targets: (what, crate dir, target, extra flags). The DHCP parser is fuzzed as the
+/// guest ships it (-O): dhcproto has debug_assert!s on option lengths that hostile input trips,
+/// and the release guest has them compiled out.
+const FUZZ_TARGETS: [(&str, &str, &str, &[&str]); 2] = [
+    (
+        "the boot channel decoder",
+        "shared/fuzz",
+        "frame_decoder",
+        &[],
+    ),
+    (
+        "the DHCP reply parser",
+        "guest-init/fuzz",
+        "dhcp_reply",
+        &["-O"],
+    ),
+];
+
+/// Builds the fuzz targets (`build_only`, one cargo job each) or fuzzes each for `seconds`.
+fn fuzz_all(clock: &Clock, seconds: u32, build_only: bool) -> Result<()> {
+    if !build_only && seconds == 0 {
+        return Ok(());
+    }
+    for (what, dir, target, flags) in FUZZ_TARGETS {
+        // The rustup proxy, not $CARGO: `+nightly` picks the toolchain.
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(workspace().join(dir))
+            .arg("+nightly")
+            .args(["fuzz", if build_only { "build" } else { "run" }])
+            .args(flags)
+            .arg(target)
+            .env_remove("CARGO_TARGET_DIR");
+        if build_only {
+            cmd.env("CARGO_BUILD_JOBS", "1");
+            clock.step(BESIDE, &format!("fuzz build: {what}"), || {
+                logged::run(&format!("fuzz-build-{target}"), &mut cmd)
+            })?;
+        } else {
+            cmd.arg("--").arg(format!("-max_total_time={seconds}"));
+            clock.step(BESIDE, &format!("fuzz {what} for {seconds} s"), || {
+                logged::run(&format!("fuzz-{target}"), &mut cmd)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a cargo test command, echoing its output and counting its results.
+fn echo_and_count(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::msg(format!("cannot run cargo: {e}")))?;
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            println!("{line}");
+            tally.add_line(&line);
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::msg(format!("cargo test: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::msg(format!("cargo test failed ({status})")))
+    }
+}
+
+/// Runs `f` on a thread of its own with the shared clock.
+fn spawn<I: Send + 'static, T: Send + 'static>(
+    clock: &Arc<Clock>,
+    what: &'static str,
+    input: I,
+    f: impl FnOnce(Arc<Clock>, I) -> Result<T> + Send + 'static,
+) -> (&'static str, JoinHandle<Result<T>>) {
+    let clock = Arc::clone(clock);
+    (what, std::thread::spawn(move || f(clock, input)))
+}
+
+fn join<T>((what, handle): (&'static str, JoinHandle<Result<T>>)) -> Result<T> {
+    handle
+        .join()
+        .map_err(|_| Error::msg(format!("the `{what}` thread panicked")))?
+}
