@@ -1,13 +1,13 @@
 //! `cargo xtask test`: every check, in an order that fails fast and keeps both cores busy.
 //!
 //! 1. Formatting and lints.
-//! 2. Builds: the two kernels and the gateway's Debian stages on threads of their own (make and
-//!    debootstrap leave a core idle in their serial stretches) while cargo builds init, the host,
-//!    libkrun, the Go peers and the test binaries.
+//! 2. Builds: the two kernels, the gateway's Debian stages and the Go peers on threads of their
+//!    own (make, debootstrap, go and cargo each leave a core idle in their serial stretches:
+//!    links, downloads, dpkg) while cargo builds init, the host, libkrun and the test binaries.
 //! 3. `cargo test --workspace` (unit, property and VM tests; a VM under TCG takes one core) in
-//!    the foreground, while a background lane runs what needs no VM on the other core, one job at
-//!    a time with one cargo job each: the aarch64 unit tests under qemu-user, the macOS build of
-//!    the host, the fuzz targets' builds, the gateway roots (and the x86_64 rebuild from scratch).
+//!    the foreground, while a background lane, at a lower priority so the VMs keep their core,
+//!    runs what needs no VM: the gateway roots (and the x86_64 rebuild from scratch), the aarch64
+//!    unit tests under qemu-user, the macOS build of the host, the fuzz targets' builds.
 //! 4. The gateway roots' boots, with the fuzzing runs beside them.
 //!
 //! Every step's time is printed at the end, failures included.
@@ -117,11 +117,20 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
     let debian = spawn(clock, "debian", arches.to_vec(), |clock, arches| {
         gateway::debootstrap_all(&clock, BESIDE, &arches)
     });
+    let go_peers = spawn(clock, "go peers", (), |clock, ()| {
+        let gvproxy = clock.step(BESIDE, "gvproxy", || peers::GVPROXY.build())?;
+        let kine = clock.step(BESIDE, "kine", || peers::KINE.build())?;
+        Ok([
+            ("OPENSHELL_TEST_GVPROXY", gvproxy),
+            ("OPENSHELL_TEST_KINE", kine),
+        ])
+    });
     let mut cmd = Command::new(cargo());
     cmd.current_dir(workspace())
         .args(["test", "--workspace"])
         .args(&args.cargo_test_args);
     let inits = prepare_foreground(clock, arches, &mut cmd)?;
+    cmd.envs(join(go_peers)?);
     join(kernels)?;
     for arch in arches {
         let a = clock.step(MAIN, &format!("base root {}", arch.name()), || {
@@ -185,10 +194,6 @@ fn prepare_foreground(
     let libkrun = clock.step(MAIN, "libkrun", crate::libkrun::build)?;
     cmd.env("OPENSHELL_TEST_LIBKRUN", libkrun);
     clock.step(MAIN, "vhost-device-vsock", tools::vsock_helper)?;
-    let gvproxy = clock.step(MAIN, "gvproxy", || peers::GVPROXY.build())?;
-    cmd.env("OPENSHELL_TEST_GVPROXY", gvproxy);
-    let kine = clock.step(MAIN, "kine", || peers::KINE.build())?;
-    cmd.env("OPENSHELL_TEST_KINE", kine);
     clock.step(MAIN, "test binaries", || {
         let mut build = Command::new(cargo());
         build
@@ -199,14 +204,21 @@ fn prepare_foreground(
     Ok(inits)
 }
 
-/// The background lane while the VM tests run: one job at a time, one cargo job each, output in
-/// logs. Returns the aarch64 unit tests' output (for the tally) and the gateway roots.
+/// The background lane while the VM tests run: one job at a time, at a lower priority, output in
+/// logs. Returns the aarch64 unit tests' output (for the tally) and the gateway roots. The
+/// gateway roots come first: they need no cargo, and by the time the cargo jobs start the
+/// foreground's `cargo test` is long past its own build check.
 fn beside_vm_tests(
     clock: &Clock,
     inits: &[(Arch, PathBuf)],
     fuzz: bool,
     debian_ok: bool,
 ) -> Result<(String, Option<gateway::Roots>)> {
+    let roots = if debian_ok {
+        gateway::build_all(clock, BESIDE, inits)?
+    } else {
+        None
+    };
     let mut aarch64_text = String::new();
     if inits.iter().any(|(a, _)| *a == Arch::Aarch64) {
         // Unit tests only: the integration tests exec the binary, which needs binfmt_misc.
@@ -218,7 +230,7 @@ fn beside_vm_tests(
             aarch64_text += &clock.step(BESIDE, &name, || {
                 logged::run(
                     &format!("aarch64-{package}"),
-                    one_job(Command::new(cargo()))
+                    beside(cargo())
                         .args(["test", "-p", package])
                         .args(kinds.split(' '))
                         .args(["--target", "aarch64-unknown-linux-musl"]),
@@ -229,7 +241,7 @@ fn beside_vm_tests(
     clock.step(BESIDE, "openshell-host builds for macOS", || {
         logged::run(
             "macos-check",
-            one_job(Command::new(cargo())).args([
+            beside(cargo()).args([
                 "check",
                 "-p",
                 "openshell-host",
@@ -241,19 +253,17 @@ fn beside_vm_tests(
     if fuzz {
         fuzz_all(clock, 0, true)?;
     }
-    let roots = if debian_ok {
-        gateway::build_all(clock, BESIDE, inits)?
-    } else {
-        None
-    };
     Ok((aarch64_text, roots))
 }
 
-/// A cargo command for the background lane: one job, and a target directory of its own (the
-/// foreground's `cargo test` holds the workspace's for as long as it runs).
-fn one_job(mut cmd: Command) -> Command {
-    cmd.current_dir(workspace())
-        .env("CARGO_BUILD_JOBS", "1")
+/// A command for the background lane: under `nice`, so the VM tests' TCG threads win the CPU,
+/// and with a cargo target directory of its own, so the lane's builds never hold the lock the
+/// foreground's cargo needs.
+fn beside(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", "10"])
+        .arg(program)
+        .current_dir(workspace())
         .env("CARGO_TARGET_DIR", target_dir().join("beside"));
     cmd
 }
@@ -283,7 +293,7 @@ fn fuzz_all(clock: &Clock, seconds: u32, build_only: bool) -> Result<()> {
     }
     for (what, dir, target, flags) in FUZZ_TARGETS {
         // The rustup proxy, not $CARGO: `+nightly` picks the toolchain.
-        let mut cmd = Command::new("cargo");
+        let mut cmd = beside("cargo");
         cmd.current_dir(workspace().join(dir))
             .arg("+nightly")
             .args(["fuzz", if build_only { "build" } else { "run" }])
@@ -291,7 +301,6 @@ fn fuzz_all(clock: &Clock, seconds: u32, build_only: bool) -> Result<()> {
             .arg(target)
             .env_remove("CARGO_TARGET_DIR");
         if build_only {
-            cmd.env("CARGO_BUILD_JOBS", "1");
             clock.step(BESIDE, &format!("fuzz build: {what}"), || {
                 logged::run(&format!("fuzz-build-{target}"), &mut cmd)
             })?;
