@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kine_peer::{Kine, Kv};
+use kine_peer::{gateway_keys, object, Kine, Kv, LEADERS, NODE_LEASE, PODS};
 use openshell_shared::config::Kine as Policy;
 use rusqlite::Connection;
 
@@ -32,19 +32,6 @@ const SERVER: &str = "var/lib/rancher/k3s/server";
 /// kine never compacts its newest 1000 revisions by default; a window of 20 lets a few hundred
 /// writes show a compaction that deletes rows. The compaction itself is kine's.
 const KINE_ARGS: &[&str] = &["--compact-min-retain", "20"];
-
-const PODS: [&str; 4] = [
-    "openshell/openshell-0",
-    "openshell/sandbox-7f3c",
-    "kube-system/coredns-6799fbcd5-x2x9q",
-    "agent-sandbox-system/agent-sandbox-controller-0",
-];
-const LEADERS: [&str; 3] = [
-    "kube-system/kube-scheduler",
-    "kube-system/kube-controller-manager",
-    "kube-system/k3s",
-];
-const NODE_LEASE: &str = "/registry/leases/kube-node-lease/openshell-vm";
 
 /// The phase needs root (it runs in private namespaces); say so instead of failing elsewhere.
 fn kine_and_root() -> Option<PathBuf> {
@@ -57,16 +44,6 @@ fn kine_and_root() -> Option<PathBuf> {
         return None;
     }
     Some(kine)
-}
-
-/// An object as the API server stores it: protobuf behind the `k8s\0` magic, so binary, with
-/// NUL bytes, and a little different at every generation.
-fn object(key: &str, generation: usize) -> Vec<u8> {
-    let mut v = b"k8s\0\n\x02v1\x12".to_vec();
-    v.extend_from_slice(key.as_bytes());
-    v.extend_from_slice(&(generation as u32).to_le_bytes());
-    v.extend(std::iter::repeat_n(0xa5u8, 64 + (generation * 37) % 400));
-    v
 }
 
 /// What kine acknowledged: every key's latest state (`None`: deleted).
@@ -110,35 +87,7 @@ impl Model {
 
 /// The objects a gateway's cluster holds, each written once.
 fn objects(kine: &Kine, m: &mut Model) {
-    let mut keys = vec![
-        "/bootstrap/5a4f0c1d9e2b7a36".to_string(),
-        "/registry/apiextensions.k8s.io/customresourcedefinitions/helmcharts.helm.cattle.io".into(),
-        "/registry/apiextensions.k8s.io/customresourcedefinitions/sandboxes.agents.x-k8s.io".into(),
-        "/registry/helm.cattle.io/helmcharts/kube-system/openshell".into(),
-        "/registry/agents.x-k8s.io/sandboxes/openshell/sandbox-7f3c".into(),
-        "/registry/secrets/openshell/openshell-server-tls".into(),
-        "/registry/secrets/openshell/sh.helm.release.v1.openshell.v1".into(),
-        "/registry/configmaps/kube-system/coredns".into(),
-        "/registry/configmaps/openshell/openshell-config".into(),
-        "/registry/configmaps/kube-system/extension-apiserver-authentication".into(),
-        "/registry/services/specs/default/kubernetes".into(),
-        "/registry/services/specs/openshell/openshell".into(),
-        "/registry/minions/openshell-vm".into(),
-        "/registry/masterleases/192.168.127.2".into(),
-        "/registry/endpointslices/default/kubernetes".into(),
-        "/registry/endpointslices/openshell/openshell-x7k2p".into(),
-        "/registry/pods/openshell/openshell-install-z9x8w".into(),
-    ];
-    for ns in [
-        "default",
-        "kube-system",
-        "openshell",
-        "agent-sandbox-system",
-    ] {
-        keys.push(format!("/registry/namespaces/{ns}"));
-    }
-    keys.extend(PODS.iter().map(|p| format!("/registry/pods/{p}")));
-    for key in keys {
+    for key in gateway_keys() {
         m.put(kine, &key);
     }
 }

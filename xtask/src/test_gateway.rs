@@ -45,6 +45,7 @@ fn one(arch: Arch, twice: bool) -> Result<()> {
     let inputs = gateway::Inputs {
         k3s: Some(fake.clone()),
         images: Some(images.path().to_path_buf()),
+        state_db: None,
     };
     let init = tools::init(arch)?;
     let first = gateway::build(arch, || Ok(init.clone()), &inputs)?;

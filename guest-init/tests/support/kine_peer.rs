@@ -3,6 +3,8 @@
 //! with no endpoint, so kine opens its default DSN (`./db/state.db` with its default SQLite
 //! parameters: WAL, `synchronous=NORMAL`, immediate transactions) and listens on `./kine.sock`.
 //!
+//! Also what a gateway's cluster keeps in it, as keys and values the API server would write.
+//!
 //! One copy for the real-kine test (`guest-init/tests/kine_real.rs`), the pre-initialised root's
 //! test and `cargo xtask bench kine`, which include this file with `#[path]`: it uses std, libc
 //! and serde_json only, nothing of either crate.
@@ -37,6 +39,69 @@ pub fn from_env() -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// A gateway's long-running pods.
+pub const PODS: [&str; 4] = [
+    "openshell/openshell-0",
+    "openshell/sandbox-7f3c",
+    "kube-system/coredns-6799fbcd5-x2x9q",
+    "agent-sandbox-system/agent-sandbox-controller-0",
+];
+/// The control plane's leader-election leases.
+pub const LEADERS: [&str; 3] = [
+    "kube-system/kube-scheduler",
+    "kube-system/kube-controller-manager",
+    "kube-system/k3s",
+];
+/// The node's heartbeat lease.
+pub const NODE_LEASE: &str = "/registry/leases/kube-node-lease/openshell-vm";
+
+/// The objects of a gateway's cluster, one key each: the bootstrap lock, namespaces, custom
+/// resource definitions and resources, secrets, config maps, services, the node, its master
+/// lease, endpoint slices and pods (one of them a finished install job's).
+pub fn gateway_keys() -> Vec<String> {
+    let mut keys: Vec<String> = [
+        "/bootstrap/5a4f0c1d9e2b7a36",
+        "/registry/apiextensions.k8s.io/customresourcedefinitions/helmcharts.helm.cattle.io",
+        "/registry/apiextensions.k8s.io/customresourcedefinitions/sandboxes.agents.x-k8s.io",
+        "/registry/helm.cattle.io/helmcharts/kube-system/openshell",
+        "/registry/agents.x-k8s.io/sandboxes/openshell/sandbox-7f3c",
+        "/registry/secrets/openshell/openshell-server-tls",
+        "/registry/secrets/openshell/sh.helm.release.v1.openshell.v1",
+        "/registry/configmaps/kube-system/coredns",
+        "/registry/configmaps/openshell/openshell-config",
+        "/registry/configmaps/kube-system/extension-apiserver-authentication",
+        "/registry/services/specs/default/kubernetes",
+        "/registry/services/specs/openshell/openshell",
+        "/registry/minions/openshell-vm",
+        "/registry/masterleases/192.168.127.2",
+        "/registry/endpointslices/default/kubernetes",
+        "/registry/endpointslices/openshell/openshell-x7k2p",
+        "/registry/pods/openshell/openshell-install-z9x8w",
+    ]
+    .map(String::from)
+    .to_vec();
+    for ns in [
+        "default",
+        "kube-system",
+        "openshell",
+        "agent-sandbox-system",
+    ] {
+        keys.push(format!("/registry/namespaces/{ns}"));
+    }
+    keys.extend(PODS.iter().map(|p| format!("/registry/pods/{p}")));
+    keys
+}
+
+/// An object as the API server stores it: protobuf behind the `k8s\0` magic, so binary, with
+/// NUL bytes, and a little different at every generation.
+pub fn object(key: &str, generation: usize) -> Vec<u8> {
+    let mut v = b"k8s\0\n\x02v1\x12".to_vec();
+    v.extend_from_slice(key.as_bytes());
+    v.extend_from_slice(&(generation as u32).to_le_bytes());
+    v.extend(std::iter::repeat_n(0xa5u8, 64 + (generation * 37) % 400));
+    v
 }
 
 /// One key as kine serves it.
