@@ -15,7 +15,7 @@ use super::stats::stats;
 use crate::error::{Error, Result};
 use crate::fixtures::crashed_root::{kept_rows, kine_database, stale_rows};
 use crate::fixtures::kine_peer::{gateway_keys, object, Kine, LEADERS, NODE_LEASE, PODS};
-use crate::process::{self, run_output};
+use crate::process::run_output;
 use crate::{peers, tools};
 
 /// The old system's statements for `prefixes`: DELETE ... LIKE per prefix, checkpoint, VACUUM.
@@ -173,7 +173,7 @@ impl Bench<'_> {
                 .join(format!("old-{}-{i}.db", self.prefixes.len()));
             self.copy(&old_db)?;
             let start = Instant::now();
-            process::run(
+            run_output(
                 Command::new("sqlite3")
                     .arg(&old_db)
                     .arg(old_way(self.prefixes)),
