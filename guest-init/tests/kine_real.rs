@@ -282,6 +282,32 @@ fn check_restart(
     assert_eq!(complaints, Vec::<String>::new(), "{what}");
 }
 
+/// What kine serves from an unpruned copy of the killed database. It must hold every write
+/// kine acknowledged (the one in flight at the kill may or may not be there), at revision
+/// `newest`, and start without a complaint.
+fn baseline(
+    bin: &Path,
+    killed: &Path,
+    m: &Model,
+    in_flight: &(String, Vec<u8>),
+    newest: i64,
+) -> BTreeMap<String, Kv> {
+    let base = root_with(killed);
+    let kine = Kine::start(bin, &base.path().join(SERVER), KINE_ARGS).expect("kine");
+    let (revision, baseline) = everything(&kine);
+    assert_eq!(revision, newest);
+    assert_eq!(kine.complaints(), Vec::<String>::new());
+    for (key, state) in &m.keys {
+        let served = baseline.get(key);
+        if *key == in_flight.0 && served.map(|kv| &kv.value) == Some(&in_flight.1) {
+            continue;
+        }
+        assert_eq!(served, state.as_ref(), "{key}");
+    }
+    kine.stop().expect("stop");
+    baseline
+}
+
 #[test]
 fn pruned_databases_are_served_by_real_kine() {
     let Some(bin) = kine_and_root() else { return };
@@ -325,21 +351,7 @@ fn pruned_databases_are_served_by_real_kine() {
         .and_then(|c| c.query_row("SELECT max(id) FROM kine", [], |r| r.get(0)))
         .expect("newest revision");
 
-    // kine on the unpruned copy: what it serves is the baseline, and it holds every write kine
-    // acknowledged (the one in flight at the kill may or may not be there).
-    let base = root_with(&killed);
-    let kine = Kine::start(&bin, &base.path().join(SERVER), KINE_ARGS).expect("kine");
-    let (revision, baseline) = everything(&kine);
-    assert_eq!(revision, newest);
-    assert_eq!(kine.complaints(), Vec::<String>::new());
-    for (key, state) in &m.keys {
-        let served = baseline.get(key);
-        if *key == in_flight.0 && served.map(|kv| &kv.value) == Some(&in_flight.1) {
-            continue;
-        }
-        assert_eq!(served, state.as_ref(), "{key}");
-    }
-    kine.stop().expect("stop");
+    let baseline = baseline(&bin, &killed, &m, &in_flight, newest);
 
     let boot = Policy::default();
     let build = boot.pruning_pods();
