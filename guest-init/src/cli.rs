@@ -101,6 +101,8 @@ pub enum CliError {
     UnknownPhase(String),
     #[error("cannot isolate the phase in private namespaces: {0} (run as root)")]
     Unshare(nix::errno::Errno),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("root directory {path}: {source}")]
     Root {
         path: PathBuf,
@@ -244,14 +246,15 @@ fn run_phase(
     let mut ctx = Ctx::new(&root, reporter, false);
     ctx.config_file = config;
     ctx.cmdline = cmdline;
-    // Phases after `config` need the configuration: load it quietly first.
+    // Phases after `config` need the configuration: load it quietly first. One that does not
+    // load is an error, never the defaults (a phase run with another policy than asked for).
     if phase.after.contains(&"config") {
-        if let Ok((cfg, _)) = phases::config::load(
+        let (cfg, _) = phases::config::load(
             &ctx,
             &openshell_shared::Cmdline::parse(ctx.cmdline.as_deref().unwrap_or("")),
-        ) {
-            let _ = ctx.config.set(cfg);
-        }
+        )
+        .map_err(|e| CliError::Config(e.to_string()))?;
+        let _ = ctx.config.set(cfg);
     }
     Ok(engine::run_one(&ctx, phase).is_none())
 }

@@ -115,9 +115,13 @@ pub struct StaticPlan {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Kine {
-    /// Key prefixes whose objects are dropped (every revision) at boot: objects that describe
-    /// the previous boot's runtime and would make the kubelet reconcile against an empty
-    /// containerd, plus the bootstrap lock rows that make k3s hang after a kill.
+    /// Key prefixes whose objects are dropped (every revision) at boot. The default drops what a
+    /// restart makes stale and nothing a user owns: events, leases (else the new control plane
+    /// waits for its dead predecessor's leader leases to expire), masterleases, endpoint slices
+    /// and the bootstrap lock that makes k3s hang after a kill. Pods are kept: a rebooted node
+    /// keeps its pods and the kubelet recreates their sandboxes, while deleting them behind the
+    /// API server loses bare pods and skips graceful deletion and finalizers. Add
+    /// [`Kine::PODS`] to drop them too (what a pre-initialised root's build does).
     pub prune_prefixes: Vec<String>,
     /// VACUUM when free pages exceed this percentage of the file.
     pub vacuum_free_percent: u32,
@@ -125,11 +129,25 @@ pub struct Kine {
     pub min_free_mib: u64,
 }
 
+impl Kine {
+    /// Where the API server keeps Pod objects.
+    pub const PODS: &'static str = "/registry/pods/";
+
+    /// This policy with Pod objects pruned as well: for a database captured at build time,
+    /// whose pods' sandboxes were never shipped (the old system's build-time pruning).
+    pub fn pruning_pods(&self) -> Kine {
+        let mut kine = self.clone();
+        if !kine.prune_prefixes.iter().any(|p| p == Self::PODS) {
+            kine.prune_prefixes.insert(0, Self::PODS.to_string());
+        }
+        kine
+    }
+}
+
 impl Default for Kine {
     fn default() -> Self {
         Self {
             prune_prefixes: [
-                "/registry/pods/",
                 "/registry/events/",
                 "/registry/leases/",
                 "/registry/endpointslices/",
@@ -1002,6 +1020,22 @@ mod tests {
                 other => panic!("{yaml}: expected invalid {field}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn kine_keeps_pods_by_default_and_prunes_them_on_request() {
+        let boot = Kine::default();
+        assert!(!boot.prune_prefixes.iter().any(|p| p == Kine::PODS));
+        for stale in ["/registry/leases/", "/registry/events/", "/bootstrap/"] {
+            assert!(boot.prune_prefixes.iter().any(|p| p == stale), "{stale}");
+        }
+        let build = boot.pruning_pods();
+        assert_eq!(build.prune_prefixes[0], Kine::PODS);
+        assert_eq!(build.prune_prefixes[1..], boot.prune_prefixes[..]);
+        assert_eq!(build.pruning_pods(), build, "added once");
+        let c = BootConfig::from_yaml("kine:\n  prune_prefixes: [/registry/pods/]\n", &file())
+            .expect("valid");
+        assert_eq!(c.kine.prune_prefixes, [Kine::PODS]);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! stale revision chains and a bootstrap lock, containerd task and shim leftovers with their
 //! sockets, IPAM files, the node password, the bundled manifests and a chart, and files that must
 //! survive a boot byte for byte. One builder for the VM crash test (`vm/crash.rs`) and for
-//! `cargo xtask bench state` and `bench kine`, which include this file with `#[path]`: it uses std
-//! and the sqlite3 CLI only, nothing of either crate, so neither crate depends on the other.
+//! `cargo xtask bench state` and `bench kine`, which include this file with `#[path]`: it uses
+//! std and the sqlite3 CLI only (the prefixes come from the caller), nothing of either crate, so
+//! neither crate depends on the other.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,8 +16,36 @@ pub const KINE_SCHEMA: &str = include_str!("../../guest-init/tests/fixtures/kine
 /// Where k3s keeps its kine database, relative to the root.
 pub const KINE_DB: &str = "var/lib/rancher/k3s/server/db/state.db";
 
-/// Counts the rows under the prefixes the kine phase prunes (its default configuration's).
-pub const STALE_ROWS: &str = "SELECT count(*) FROM kine WHERE name LIKE '/registry/pods/%' OR name LIKE '/registry/events/%' OR name LIKE '/registry/leases/%' OR name LIKE '/registry/endpointslices/%' OR name LIKE '/registry/masterleases/%' OR name LIKE '/bootstrap/%'";
+/// An SQL condition true for the rows of keys under any of `prefixes` (literal prefixes).
+fn under(prefixes: &[String]) -> String {
+    let terms: Vec<String> = prefixes
+        .iter()
+        .map(|p| format!("substr(name, 1, {}) = '{}'", p.len(), p.replace('\'', "''")))
+        .collect();
+    if terms.is_empty() {
+        "0".into()
+    } else {
+        format!("({})", terms.join(" OR "))
+    }
+}
+
+/// Counts the rows under `prefixes` (the kine phase's default configuration: its
+/// `Kine::default().prune_prefixes`).
+pub fn stale_rows(prefixes: &[String]) -> String {
+    format!("SELECT count(*) FROM kine WHERE {}", under(prefixes))
+}
+
+/// Every row of every key outside `prefixes`, all columns, in a form that changes if any byte
+/// of them does; kine's gap markers aside (the phase may add one to keep the revision).
+pub fn kept_rows(prefixes: &[String]) -> String {
+    format!(
+        "SELECT group_concat(id || ' ' || name || ' ' || created || ' ' || deleted || ' ' || \
+         ifnull(create_revision, '-') || ' ' || prev_revision || ' ' || lease || ' ' || \
+         ifnull(hex(value), '-') || ' ' || ifnull(hex(old_value), '-'), char(10)) \
+         FROM (SELECT * FROM kine WHERE NOT {} AND name NOT LIKE 'gap-%' ORDER BY id)",
+        under(prefixes)
+    )
+}
 
 const CONTAINERD: &str = "var/lib/rancher/k3s/agent/containerd";
 
@@ -53,32 +82,60 @@ fn fail(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SeedE
     move |source| SeedError { what, path, source }
 }
 
-/// A kine database of `rows` rows at `db` (its directory must exist): revision chains of pods,
-/// events, leases, endpoint slices and long-lived objects, a bootstrap lock and compaction's key,
-/// the mix a gateway's k3s accumulates. Written by the sqlite3 CLI, checkpointed.
+/// Appends `rows` rows to the kine database at `db` (created with kine's schema if missing; its
+/// directory must exist), in kine's own row format: per key a create row, updates that point
+/// at their previous row and carry its value as `old_value`, tombstones; a key that already
+/// has rows (written by real kine, say) continues its chain. The mix a gateway's k3s
+/// accumulates: pods, events created and expired, lease renewals, endpoint slices, config maps,
+/// the node, secrets and a custom resource; plus compaction's key and a bootstrap lock when
+/// missing. Written by the sqlite3 CLI, checkpointed.
 pub fn kine_database(db: &Path, rows: u64) -> Result<()> {
     let sql = format!(
         "PRAGMA journal_mode=WAL;
          {KINE_SCHEMA}
          INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value)
-           VALUES ('compact_rev_key', 0, 0, 0, 0, 0, NULL, NULL);
+           SELECT 'compact_rev_key', 1, 0, NULL, 0, 0, x'', NULL
+           WHERE NOT EXISTS (SELECT 1 FROM kine WHERE name = 'compact_rev_key');
          INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value)
-           VALUES ('/bootstrap/2a5f0c1d', 1, 0, 0, 0, 0, x'00', NULL);
+           SELECT '/bootstrap/2a5f0c1d', 1, 0, NULL, 0, 0, x'', NULL
+           WHERE NOT EXISTS (SELECT 1 FROM kine WHERE name LIKE '/bootstrap/%');
+         CREATE TEMP TABLE bulk AS
          WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
-         INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value)
-         SELECT CASE i % 10
+         SELECT i, CASE i % 10
              WHEN 0 THEN '/registry/pods/openshell/p' || (i / 40)
-             WHEN 1 THEN '/registry/events/openshell/e' || i
-             WHEN 2 THEN '/registry/events/kube-system/e' || i
+             WHEN 1 THEN '/registry/events/openshell/e' || (i / 20)
+             WHEN 2 THEN '/registry/events/kube-system/e' || (i / 20)
              WHEN 3 THEN '/registry/leases/kube-node-lease/openshell-vm'
              WHEN 4 THEN '/registry/leases/kube-system/l' || (i / 5000)
              WHEN 5 THEN '/registry/endpointslices/openshell/s' || (i / 200)
              WHEN 6 THEN '/registry/configmaps/openshell/c' || (i / 100)
              WHEN 7 THEN '/registry/minions/openshell-vm'
              WHEN 8 THEN '/registry/secrets/openshell/s' || (i / 500)
-             ELSE 'gap-' || i END,
-           i % 97 = 0, 0, i, i, 0, randomblob(180), NULL
+             ELSE '/registry/helm.cattle.io/helmcharts/openshell/h' || (i / 1000) END AS name,
+           -- An event is written twice: created, then deleted when it expires.
+           i % 10 IN (1, 2) AND i % 20 >= 10 AS del,
+           randomblob(180 + i % 200) AS value
          FROM n;
+         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value)
+         SELECT base + w.i, w.name,
+           w.prev_i IS NULL AND (h.id IS NULL OR h.deleted),
+           w.del,
+           CASE WHEN w.prev_i IS NOT NULL
+                THEN coalesce(CASE WHEN h.deleted THEN NULL ELSE h.create_rev END, base + w.first_i)
+                WHEN h.deleted THEN NULL ELSE h.create_rev END,
+           coalesce(base + w.prev_i, h.id, 0),
+           0,
+           CASE WHEN w.del THEN NULL ELSE w.value END,
+           CASE WHEN w.prev_i IS NOT NULL THEN w.prev_value WHEN h.deleted THEN NULL ELSE h.value END
+         FROM (SELECT i, name, del, value, lag(i) OVER win AS prev_i,
+                 lag(value) OVER win AS prev_value, first_value(i) OVER win AS first_i
+               FROM bulk WINDOW win AS (PARTITION BY name ORDER BY i)) AS w
+         LEFT JOIN (SELECT name, id, deleted, coalesce(nullif(create_revision, 0), id) AS create_rev, value
+                    FROM kine WHERE id IN (SELECT max(id) FROM kine GROUP BY name)) AS h USING (name),
+           (SELECT max((SELECT coalesce(max(id), 0) FROM kine),
+                       (SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'kine')) AS base)
+         ORDER BY w.i;
+         DROP TABLE bulk;
          PRAGMA wal_checkpoint(TRUNCATE);"
     );
     let out = Command::new("sqlite3")
@@ -109,7 +166,7 @@ pub struct CrashedRoot {
 impl CrashedRoot {
     /// Builds the crashed state under `root`; returns the files a boot must leave unchanged
     /// (path relative to `root`, bytes). Everything else it writes is stale: the kine rows
-    /// [`STALE_ROWS`] counts, the containerd task and shim directories, the ingest directory, the
+    /// [`stale_rows`] counts for the boot policy, the containerd task and shim directories, the ingest directory, the
     /// sockets, the node password and the IPAM files.
     pub fn build(&self, root: &Path) -> Result<Vec<(String, Vec<u8>)>> {
         let db = root.join(KINE_DB);
@@ -218,6 +275,11 @@ fn socket(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The prefixes the kine phase prunes at boot by default.
+    fn boot_prefixes() -> Vec<String> {
+        openshell_shared::config::Kine::default().prune_prefixes
+    }
+
     fn sqlite(db: &Path, sql: &str) -> String {
         let out = Command::new("sqlite3")
             .arg(db)
@@ -245,8 +307,17 @@ mod tests {
         let db = root.join(KINE_DB);
         assert_eq!(sqlite(&db, "PRAGMA integrity_check"), "ok");
         assert_eq!(sqlite(&db, "SELECT count(*) FROM kine"), "102");
-        // Of 100: 10 pods, 20 events, 20 leases, 10 endpoint slices; and the bootstrap lock.
-        assert_eq!(sqlite(&db, STALE_ROWS), "61");
+        // Of 100: 20 events, 20 leases, 10 endpoint slices; and the bootstrap lock. Pods are
+        // kept at boot.
+        assert_eq!(sqlite(&db, &stale_rows(&boot_prefixes())), "51");
+        assert_eq!(
+            sqlite(
+                &db,
+                "SELECT count(*) FROM kine WHERE name LIKE '/registry/pods/%'"
+            ),
+            "10"
+        );
+        assert!(!sqlite(&db, &kept_rows(&boot_prefixes())).is_empty());
         let ctrd = root.join(CONTAINERD);
         let tasks = ctrd.join("io.containerd.runtime.v2.task/k8s.io");
         assert_eq!(std::fs::read_dir(tasks).expect("tasks").count(), 3);
@@ -277,6 +348,51 @@ mod tests {
                 "{rel}"
             );
         }
+    }
+
+    /// The rows follow kine's format, and a second fill continues the first one's chains.
+    #[test]
+    fn rows_are_in_kines_row_format() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = dir.path().join("state.db");
+        kine_database(&db, 400).expect("first");
+        kine_database(&db, 400).expect("second");
+        assert_eq!(sqlite(&db, "SELECT count(*) FROM kine"), "802");
+        for (what, sql) in [
+            (
+                "a row's previous revision is its key's row before it",
+                "SELECT count(*) FROM kine k WHERE prev_revision != coalesce((SELECT max(id) FROM kine p WHERE p.name = k.name AND p.id < k.id), 0)",
+            ),
+            (
+                "an update carries its previous value",
+                "SELECT count(*) FROM kine k JOIN kine p ON p.id = k.prev_revision WHERE k.created = 0 AND k.old_value IS NOT p.value",
+            ),
+            (
+                "a create has no create revision and no old value",
+                "SELECT count(*) FROM kine WHERE created = 1 AND (create_revision IS NOT NULL OR old_value IS NOT NULL)",
+            ),
+            (
+                "an update or tombstone names its key's create row",
+                "SELECT count(*) FROM kine k WHERE created = 0 AND create_revision IS NOT (SELECT max(id) FROM kine c WHERE c.name = k.name AND c.created = 1 AND c.id < k.id)",
+            ),
+            (
+                "a tombstone has no value",
+                "SELECT count(*) FROM kine WHERE deleted = 1 AND value IS NOT NULL",
+            ),
+        ] {
+            assert_eq!(sqlite(&db, sql), "0", "{what}");
+        }
+        assert!(
+            sqlite(&db, "SELECT count(*) FROM kine WHERE deleted = 1")
+                .parse::<u32>()
+                .expect("n")
+                > 10
+        );
+        assert_eq!(
+            sqlite(&db, "SELECT count(*) FROM kine WHERE created = 1 AND prev_revision != 0"),
+            sqlite(&db, "SELECT count(DISTINCT name) FROM kine WHERE deleted = 1 AND name IN (SELECT name FROM kine WHERE id > 402)"),
+            "an expired event written again is created anew"
+        );
     }
 
     #[test]

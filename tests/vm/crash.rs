@@ -1,23 +1,24 @@
 //! Crash recovery, proven: a root filesystem with the state a killed gateway leaves behind (a
-//! kine database with stale pods, events, leases and a bootstrap lock; IPAM files; containerd
+//! kine database with pods, stale events, leases and a bootstrap lock; IPAM files; containerd
 //! task and sandbox leftovers; stale sockets; the node password; bundled manifests), booted and
 //! killed (the VMM, SIGKILL) at random moments during boot ten times in a row, then booted to
 //! ready: the database must pass `PRAGMA integrity_check`, every stale item must be gone, and every
-//! kept item (meta.db, content blobs, other kine keys, the user's files) must be byte for byte as
-//! it was; then `openshell-host down` must shut it down cleanly with a synced exit.
+//! kept item (meta.db, content blobs, the pods' and other kine keys' every revision, the user's
+//! files) must be byte for byte as it was, and kine's current revision the same; then `openshell-host down` must shut it down cleanly with a synced exit.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use openshell_shared::config::Kine;
 use openshell_shared::GuestMessage;
-use openshell_tests::crashed_root::{CrashedRoot, STALE_ROWS as STALE};
+use openshell_tests::crashed_root::{kept_rows, stale_rows, CrashedRoot};
 use openshell_tests::{both_arches, processes_using, vm_slot, Boot, BOOT_DEADLINE};
 
 const KILLS: usize = 10;
 
-/// Rows of keys that must survive, in a form that changes if any byte of them does.
-const KEPT: &str = "SELECT group_concat(id || ' ' || name || ' ' || created || ' ' || deleted || ' ' || hex(value), char(10)) FROM (SELECT * FROM kine WHERE name NOT LIKE '/registry/pods/%' AND name NOT LIKE '/registry/events/%' AND name NOT LIKE '/registry/leases/%' AND name NOT LIKE '/registry/endpointslices/%' AND name NOT LIKE '/registry/masterleases/%' AND name NOT LIKE '/bootstrap/%' ORDER BY id)";
+/// kine's current revision: its newest row.
+const REVISION: &str = "SELECT max(id) FROM kine";
 
 fn sqlite(db: &Path, sql: &str) -> String {
     let out = Command::new("sqlite3")
@@ -112,8 +113,12 @@ fn survives_being_killed_during_boot(arch: &str) {
     .build(first.root.path())
     .expect("a crashed gateway's root");
     let db = first.root_path("var/lib/rancher/k3s/server/db/state.db");
-    let kept_rows = sqlite(&db, KEPT);
-    assert!(sqlite(&db, STALE).parse::<u32>().expect("count") > 1000);
+    let boot = Kine::default().prune_prefixes;
+    let (stale, kept_sql) = (stale_rows(&boot), kept_rows(&boot));
+    let kept_rows = sqlite(&db, &kept_sql);
+    let revision = sqlite(&db, REVISION);
+    assert!(sqlite(&db, &stale).parse::<u32>().expect("count") > 1000);
+    assert!(kept_rows.contains("/registry/pods/"), "pods are kept rows");
     let (seed_value, moments) = moments(KILLS);
     let mut before_ready = 0;
     eprintln!("crash test {arch}: seed {seed_value}, kills at {moments:?}");
@@ -189,8 +194,17 @@ fn survives_being_killed_during_boot(arch: &str) {
     assert!(synced, "{}", done.output());
     let root = done.boot.root.path();
     assert_eq!(sqlite(&db_in(root), "PRAGMA integrity_check"), "ok");
-    assert_eq!(sqlite(&db_in(root), STALE), "0", "stale rows left");
-    assert_eq!(sqlite(&db_in(root), KEPT), kept_rows, "kept rows changed");
+    assert_eq!(sqlite(&db_in(root), &stale), "0", "stale rows left");
+    assert_eq!(
+        sqlite(&db_in(root), &kept_sql),
+        kept_rows,
+        "kept rows changed"
+    );
+    assert_eq!(
+        sqlite(&db_in(root), REVISION),
+        revision,
+        "the revision moved"
+    );
     assert!(
         std::fs::read_dir(root.join("var/lib/rancher/k3s/server/db"))
             .expect("db dir")

@@ -1,7 +1,8 @@
 //! `cargo xtask rootfs --profile gateway`: a Debian bookworm root (debootstrap, variant minbase)
 //! with what k3s needs at run time, k3s and its airgap images, the bundled gateway manifests
 //! (pre-deployed by this root's own openshell-init), openshell-init as PID 1 and the boot
-//! configuration with a `k3s` section.
+//! configuration with a `k3s` section; pre-initialised with a kine database when one is given
+//! (`--state-db`), pruned at build time by the root's own init.
 //!
 //! Two cache entries: the debootstrap stage (keyed by suite, arch, mirror, package list and its
 //! recipe), so a new openshell-init does not run debootstrap again; and the assembled root
@@ -57,13 +58,21 @@ pub struct Inputs {
     /// A directory whose files are k3s airgap image tarballs, copied into the root.
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
+    /// A kine database from a k3s that ran (a gateway root's
+    /// `var/lib/rancher/k3s/server/db/state.db`, its `-wal` beside it if there is one): the root
+    /// is pre-initialised with it, pruned at build time with pods added to the boot policy.
+    #[arg(long, value_name = "FILE")]
+    pub state_db: Option<PathBuf>,
 }
 
 impl Inputs {
     pub fn given(&self) -> bool {
-        self.k3s.is_some() || self.images.is_some()
+        self.k3s.is_some() || self.images.is_some() || self.state_db.is_some()
     }
 }
+
+/// Where k3s keeps its kine database, relative to the root.
+const KINE_DB: &str = "var/lib/rancher/k3s/server/db/state.db";
 
 /// A built gateway root.
 pub struct Built {
@@ -101,6 +110,14 @@ pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs
         );
     }
     let overlay = rootfs::overlay_files("gateway")?;
+    if let Some(db) = &inputs.state_db {
+        if !db.is_file() {
+            return Err(Error::msg(format!(
+                "--state-db {}: not a file (a kine database, e.g. a gateway root's {KINE_DB})",
+                db.display()
+            )));
+        }
+    }
     let init = init()?;
     let init = init.as_path();
     let stage = debootstrap(arch)?;
@@ -117,6 +134,13 @@ pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs
     for (rel, path) in &overlay {
         key.str(rel).file(path)?;
     }
+    if let Some(db) = &inputs.state_db {
+        key.str("state-db").file(db)?;
+        let wal = sibling(db, "-wal");
+        if wal.is_file() {
+            key.file(&wal)?;
+        }
+    }
     let key = key.finish();
     let dest = cache::root()
         .join("rootfs")
@@ -132,6 +156,7 @@ pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs
                 images: &images,
                 images_note: images_note.as_deref(),
                 overlay: &overlay,
+                state_db: inputs.state_db.as_deref(),
             },
         )
     })?;
@@ -146,6 +171,7 @@ struct Assembly<'a> {
     images: &'a [Input],
     images_note: Option<&'a str>,
     overlay: &'a [(String, PathBuf)],
+    state_db: Option<&'a Path>,
 }
 
 fn assemble(root: &Path, a: &Assembly) -> Result<()> {
@@ -194,6 +220,14 @@ fn assemble(root: &Path, a: &Assembly) -> Result<()> {
         ensure_binfmt(a.arch)?;
     }
     predeploy_manifests(root, a.init)?;
+    let state_db_sha256 = match a.state_db {
+        Some(db) => Some(install_state_db(root, db)?),
+        None => None,
+    };
+    if root.join(KINE_DB).exists() {
+        let done = prune_preinitialised(root, a.init, &cfg)?;
+        eprintln!("xtask: pre-initialised database: {done}");
+    }
     let packages = std::fs::read_to_string(a.stage.join("packages.tsv"))
         .map_err(|e| Error::io("read", &a.stage.join("packages.tsv"), e))?;
     let debootstrap_version = std::fs::read_to_string(a.stage.join("debootstrap-version"))
@@ -213,6 +247,7 @@ fn assemble(root: &Path, a: &Assembly) -> Result<()> {
         images_note: a.images_note,
         init_sha256: &cache::sha256_file(a.init)?,
         overlay: &overlay,
+        state_db_sha256: state_db_sha256.as_deref(),
         tree_sha256: &tree_hash(root)?,
     }
     .to_json()?;
@@ -237,6 +272,70 @@ fn predeploy_manifests(root: &Path, init: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `path` with `suffix` appended to its file name (SQLite's `-wal`, `-shm`).
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Copies the given database (and its WAL, which holds its newest transactions) to k3s's
+/// path in the root; returns the SHA-256 of the file as given.
+fn install_state_db(root: &Path, db: &Path) -> Result<String> {
+    let dest = root.join(KINE_DB);
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    }
+    rootfs::copy(db, &dest, 0o600)?;
+    let wal = sibling(db, "-wal");
+    if wal.is_file() {
+        rootfs::copy(&wal, &sibling(&dest, "-wal"), 0o600)?;
+    }
+    cache::sha256_file(db)
+}
+
+/// Prunes a pre-initialised root's kine database with the root's own init (`openshell-init
+/// phase kine --root <tree> --config <file>`) under the root's configuration with pods added:
+/// the build's k3s ran pods whose sandboxes the shipped root does not have, so the first boot
+/// must not find them (the old system's build-time pruning). The configuration file lives
+/// outside the tree. Returns what the phase reported.
+pub fn prune_preinitialised(
+    root: &Path,
+    init: &Path,
+    cfg: &openshell_shared::config::BootConfig,
+) -> Result<String> {
+    let mut build = cfg.clone();
+    build.kine = cfg.kine.pruning_pods();
+    let dir = tempfile::tempdir().map_err(|e| Error::io("create", &std::env::temp_dir(), e))?;
+    let file = dir.path().join("init.yaml");
+    // JSON is YAML: the configuration's own serialisation, read back by the guest's parser.
+    let text = serde_json::to_string_pretty(&build).map_err(|e| Error::msg(e.to_string()))?;
+    std::fs::write(&file, text).map_err(|e| Error::io("write", &file, e))?;
+    let run = crate::tools::run_phase_with(init, root, "kine", Some(&file))?;
+    let outcome = run
+        .finished
+        .as_ref()
+        .map(|f| f["msg"]["outcome"]["kind"].clone());
+    if !run.status.success() || outcome != Some(serde_json::json!("ok")) {
+        return Err(Error::msg(format!(
+            "pruning the pre-initialised database ({} phase kine --root {}) failed ({}):\n{}{}",
+            init.display(),
+            root.display(),
+            run.status,
+            run.stdout,
+            run.stderr
+        )));
+    }
+    let said = run
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["msg"]["text"].as_str().map(str::to_string))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(said)
 }
 
 fn copy_with_progress(from: &Path, to: &Path) -> Result<()> {
@@ -680,6 +779,8 @@ pub struct Manifest<'a> {
     pub images_note: Option<&'a str>,
     pub init_sha256: &'a str,
     pub overlay: &'a BTreeMap<String, String>,
+    /// The `--state-db` the root was pre-initialised with, as given (before pruning).
+    pub state_db_sha256: Option<&'a str>,
     pub tree_sha256: &'a str,
 }
 
@@ -739,6 +840,11 @@ impl Manifest<'_> {
                 "path": "sbin/openshell-init",
             },
             "overlay": self.overlay,
+            "state_db": self.state_db_sha256.map(|sha| serde_json::json!({
+                "path": KINE_DB,
+                "given_sha256": sha,
+                "pruned": "boot policy and /registry/pods/",
+            })),
             "unpinned": unpinned,
             "tree_sha256": self.tree_sha256,
         });
@@ -778,6 +884,7 @@ mod tests {
             images_note: None,
             init_sha256: "dd44",
             overlay: &overlay,
+            state_db_sha256: None,
             tree_sha256: "ee55",
         };
         let text = m.to_json().expect("json");
@@ -914,6 +1021,79 @@ mod tests {
             stage_of("Base system installed successfully."),
             "Base system installed successfully."
         );
+    }
+
+    /// A pre-initialised root: a database real kine wrote (and was killed over), given as
+    /// `--state-db`, is pruned by the root's own init (the guest build) with pods added to the
+    /// gateway configuration's policy; real kine then serves every other key as it was, no pod
+    /// and nothing stale, at the same revision.
+    #[test]
+    fn a_preinitialised_database_loses_its_pods_and_stale_keys_only() {
+        use crate::fixtures::kine_peer::{self, gateway_keys, object, Kine, NODE_LEASE};
+        let Some(bin) = kine_peer::from_env() else {
+            return;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            let why = "needs root: the phase runs in private namespaces";
+            assert!(std::env::var_os("CI").is_none(), "{why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let init = crate::tools::init(Arch::host()).expect("the guest's init");
+        let path = crate::paths::workspace().join("rootfs/gateway/etc/openshell/init.yaml");
+        let text = std::fs::read_to_string(&path).expect("gateway init.yaml");
+        let cfg = openshell_shared::config::BootConfig::from_yaml(&text, &path).expect("valid");
+        // The k3s that ran before the build: real kine, killed with its WAL unmerged.
+        let scratch = tempfile::tempdir().expect("tmp");
+        let kine = Kine::start(&bin, &scratch.path().join("server"), &[]).expect("kine");
+        for (i, key) in gateway_keys().iter().enumerate() {
+            kine.put(key, &object(key, i)).expect("put");
+        }
+        for i in 0..5 {
+            kine.put(NODE_LEASE, &object(NODE_LEASE, 100 + i))
+                .expect("renew");
+        }
+        let before = kine.range("", None).expect("range");
+        kine.kill().expect("kill");
+        let root = tempfile::tempdir().expect("tmp");
+        let given = scratch.path().join("server/db/state.db");
+        install_state_db(root.path(), &given).expect("install");
+        let said = prune_preinitialised(root.path(), &init, &cfg).expect("prune");
+        assert!(said.contains("/registry/pods/ 5 rows/5 keys"), "{said}");
+        let db_dir = root
+            .path()
+            .join(KINE_DB)
+            .parent()
+            .map(Path::to_path_buf)
+            .expect("dir");
+        let mut left: Vec<String> = std::fs::read_dir(&db_dir)
+            .expect("db dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["state.db"], "the tree holds the database alone");
+        let policy = cfg.kine.pruning_pods();
+        let expected: Vec<_> = before
+            .kvs
+            .iter()
+            .filter(|kv| {
+                !policy
+                    .prune_prefixes
+                    .iter()
+                    .any(|p| kv.key.starts_with(p.as_str()))
+            })
+            .cloned()
+            .collect();
+        assert!(expected
+            .iter()
+            .any(|kv| kv.key.starts_with("/registry/secrets/")));
+        let server = db_dir.parent().expect("server dir");
+        let kine = Kine::start(&bin, server, &[]).expect("kine on the pruned database");
+        assert_eq!(kine.complaints(), Vec::<String>::new());
+        let after = kine.range("", None).expect("range");
+        assert_eq!(after.kvs, expected);
+        assert_eq!(after.revision, before.revision, "the revision moved");
+        kine.stop().expect("stop");
     }
 
     #[test]

@@ -144,7 +144,7 @@ fn rootfs_cmd(
         "base" => {
             if inputs.given() {
                 return Err(Error::msg(
-                    "--k3s and --images are for the gateway profile (--profile gateway)",
+                    "--k3s, --images and --state-db are for the gateway profile (--profile gateway)",
                 ));
             }
             rootfs::build_base(arch, &init()?)?

@@ -112,9 +112,22 @@ pub struct PhaseRun {
 
 /// Runs one init phase on a root directory (the same code the guest runs at boot).
 pub fn run_phase(init: &std::path::Path, root: &std::path::Path, name: &str) -> Result<PhaseRun> {
-    let out = Command::new(init)
-        .args(["phase", name, "--root"])
-        .arg(root)
+    run_phase_with(init, root, name, None)
+}
+
+/// The same with a configuration file instead of the root's own.
+pub fn run_phase_with(
+    init: &std::path::Path,
+    root: &std::path::Path,
+    name: &str,
+    config: Option<&std::path::Path>,
+) -> Result<PhaseRun> {
+    let mut cmd = Command::new(init);
+    cmd.args(["phase", name, "--root"]).arg(root);
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let out = cmd
         .output()
         .map_err(|e| Error::msg(format!("cannot run {}: {e}", init.display())))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -49,7 +49,7 @@ pub fn choose(
         Some(Profile::Base) => {
             if inputs.given() {
                 return Err(Error::msg(
-                    "--k3s and --images are for the gateway profile, not --profile base",
+                    "--k3s, --images and --state-db are for the gateway profile, not --profile base",
                 ));
             }
             (Profile::Base, "asked for with --profile base".into())
@@ -156,6 +156,7 @@ mod tests {
         gateway::Inputs {
             k3s: k3s.then(|| PathBuf::from("/x/k3s")),
             images: images.then(|| PathBuf::from("/x/images")),
+            state_db: None,
         }
     }
 

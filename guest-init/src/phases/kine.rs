@@ -6,7 +6,9 @@
 //! documented recovery (drop `-wal`/`-shm`, falling back to the last checkpoint); then pruning in
 //! one transaction. kine is log-structured (a key's value is its newest row, older rows are its
 //! history), so an object is dropped by deleting every row of its key: deleting only the newest
-//! would resurrect the previous revision. `compact_rev_key` and every other key stay untouched.
+//! would resurrect the previous revision. What is pruned is configured (`kine.prune_prefixes`):
+//! by default what a restart makes stale, never Pod objects. `compact_rev_key` and every other
+//! key stay untouched, and so does the current revision (see [`prune`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -77,6 +79,8 @@ pub struct KineReport {
     pub vacuumed: bool,
     /// Set when the database failed its check and was recovered by dropping the WAL.
     pub recovered_from: Option<PathBuf>,
+    /// Set when the newest row was pruned: the revision kept with kine's gap marker.
+    pub revision_kept: Option<i64>,
 }
 
 impl KineReport {
@@ -102,6 +106,9 @@ impl KineReport {
             self.bytes_after / 1024,
             if self.vacuumed { " (vacuumed)" } else { "" }
         ));
+        if let Some(rev) = self.revision_kept {
+            out.push_str(&format!("; revision {rev} kept with a gap marker"));
+        }
         if let Some(copy) = &self.recovered_from {
             out.push_str(&format!(
                 "; failed its check: recovered from the last checkpoint, damaged files kept in {}",
@@ -127,37 +134,83 @@ pub fn maintain(db: &Path, cfg: &Kine) -> Result<KineReport, KineError> {
     check_space(dir, cfg.min_free_mib)?;
     let mut report = KineReport {
         bytes_before: files_size(db),
+        recovered_from: recover_if_damaged(db)?,
         ..KineReport::default()
     };
-    if let Err(first_error) = quick_check(db) {
-        let backup = keep_copy(db)?;
-        for suffix in ["-wal", "-shm"] {
-            let p = sibling(db, suffix);
-            if p.exists() {
-                std::fs::remove_file(&p).map_err(|source| KineError::Io {
-                    path: p.clone(),
-                    what: "drop for recovery",
-                    source,
-                })?;
-            }
-        }
-        if quick_check(db).is_err() {
-            return Err(KineError::Corrupt {
-                path: db.to_path_buf(),
-                first_error,
-                backup,
-            });
-        }
-        report.recovered_from = Some(backup);
+    let mut conn = open(db).map_err(sql(db, "open"))?;
+    prune(&mut conn, db, cfg, &mut report)?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .map_err(sql(db, "checkpoint"))?;
+    let (free, total): (u64, u64) = conn
+        .query_row(
+            "SELECT (SELECT freelist_count FROM pragma_freelist_count), (SELECT page_count FROM pragma_page_count)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(sql(db, "page counts"))?;
+    if total > 0 && free * 100 > total * u64::from(cfg.vacuum_free_percent) {
+        conn.execute_batch("VACUUM").map_err(sql(db, "vacuum"))?;
+        report.vacuumed = true;
     }
-    let sql = |what: &'static str| {
-        let path = db.to_path_buf();
-        move |source| KineError::Sql { path, what, source }
+    drop(conn);
+    report.bytes_after = files_size(db);
+    Ok(report)
+}
+
+/// The error for a failed statement: the database and what the statement was for.
+fn sql(db: &Path, what: &'static str) -> impl FnOnce(rusqlite::Error) -> KineError {
+    let path = db.to_path_buf();
+    move |source| KineError::Sql { path, what, source }
+}
+
+/// `None` when the database passes its check; the copy of the damaged files when dropping the
+/// WAL (falling back to the last checkpoint) made it pass; an error when nothing did.
+fn recover_if_damaged(db: &Path) -> Result<Option<PathBuf>, KineError> {
+    let Err(first_error) = quick_check(db) else {
+        return Ok(None);
     };
-    let mut conn = open(db).map_err(sql("open"))?;
+    let backup = keep_copy(db)?;
+    for suffix in ["-wal", "-shm"] {
+        let p = sibling(db, suffix);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|source| KineError::Io {
+                path: p.clone(),
+                what: "drop for recovery",
+                source,
+            })?;
+        }
+    }
+    if quick_check(db).is_err() {
+        return Err(KineError::Corrupt {
+            path: db.to_path_buf(),
+            first_error,
+            backup,
+        });
+    }
+    Ok(Some(backup))
+}
+
+/// Deletes every row of every key under the configured prefixes, in one transaction. kine's
+/// current revision is its highest row id, and it replays a watch row by row from there,
+/// filling every missing id with a `gap-<id>` row first: so when the newest row is pruned, the
+/// same marker kine would write takes its place, and the revision neither goes back (clients
+/// have seen it) nor leaves a gap at the tail that kine must fill before any watch moves on.
+fn prune(
+    conn: &mut Connection,
+    db: &Path,
+    cfg: &Kine,
+    report: &mut KineReport,
+) -> Result<(), KineError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql("begin transaction (is k3s running?)"))?;
+        .map_err(sql(db, "begin transaction (is k3s running?)"))?;
+    let newest = |what| {
+        tx.query_row("SELECT max(id) FROM kine", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .map_err(sql(db, what))
+    };
+    let revision = newest("read the current revision")?;
     for prefix in &cfg.prune_prefixes {
         // A range on kine's name index where the prefix allows one; a scan otherwise.
         let (filter, params) = match prefix_end(prefix) {
@@ -171,30 +224,25 @@ pub fn maintain(db: &Path, cfg: &Kine) -> Result<KineReport, KineError> {
                 params.clone(),
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map_err(sql("count stale rows"))?;
+            .map_err(sql(db, "count stale rows"))?;
         if rows > 0 {
             tx.execute(&format!("DELETE FROM kine WHERE {filter}"), params)
-                .map_err(sql("prune"))?;
+                .map_err(sql(db, "prune"))?;
         }
         report.pruned.push((prefix.clone(), rows, keys));
     }
-    tx.commit().map_err(sql("commit"))?;
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .map_err(sql("checkpoint"))?;
-    let (free, total): (u64, u64) = conn
-        .query_row(
-            "SELECT (SELECT freelist_count FROM pragma_freelist_count), (SELECT page_count FROM pragma_page_count)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map_err(sql("page counts"))?;
-    if total > 0 && free * 100 > total * u64::from(cfg.vacuum_free_percent) {
-        conn.execute_batch("VACUUM").map_err(sql("vacuum"))?;
-        report.vacuumed = true;
+    if let Some(rev) = revision.filter(|_| report.rows() > 0) {
+        if newest("read the new revision")? != Some(rev) {
+            tx.execute(
+                "INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value)
+                 VALUES (?1, 'gap-' || ?1, 0, 1, 0, 0, 0, NULL, NULL)",
+                [rev],
+            )
+            .map_err(sql(db, "keep the current revision"))?;
+            report.revision_kept = Some(rev);
+        }
     }
-    drop(conn);
-    report.bytes_after = files_size(db);
-    Ok(report)
+    tx.commit().map_err(sql(db, "commit"))
 }
 
 /// The smallest string above every string that starts with `prefix`, under SQLite's binary
@@ -304,22 +352,25 @@ pub mod fixture {
         "/tests/fixtures/kine-schema.sql"
     ));
 
-    /// Appends `revisions` rows for `name` as kine would (create, updates, optional tombstone).
+    /// Appends `revisions` rows for `name` in kine's row format: a create (no create revision,
+    /// no previous row), updates that point at their previous row and carry its value, and
+    /// optionally a tombstone (deleted, no value).
     pub fn object(conn: &Connection, name: &str, revisions: u32, tombstone: bool) {
         let mut prev: i64 = 0;
-        let mut create: i64 = 0;
+        let mut create: Option<i64> = None;
+        let mut old: Option<Vec<u8>> = None;
         for r in 0..revisions {
-            let deleted = i64::from(tombstone && r + 1 == revisions);
+            let deleted = tombstone && r + 1 == revisions;
+            let value = (!deleted).then(|| format!("{name}#{r}").into_bytes());
             conn.execute(
                 "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value, old_value)
                  VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7)",
-                rusqlite::params![name, i64::from(r == 0), deleted, create, prev, format!("{name}#{r}").into_bytes(), Vec::<u8>::new()],
+                rusqlite::params![name, r == 0, deleted, create, prev, value, old],
             )
             .expect("insert");
             prev = conn.last_insert_rowid();
-            if r == 0 {
-                create = prev;
-            }
+            create.get_or_insert(prev);
+            old = value;
         }
     }
 
@@ -358,7 +409,7 @@ pub mod fixture {
             2,
             false,
         );
-        object(&conn, "gap-51", 1, false);
+        gap(&conn);
         object(&conn, "/registry/minions/openshell-vm", 5, false);
         object(&conn, "/registry/secrets/openshell/gateway-tls", 2, false);
         object(&conn, "/registry/podtemplates/default/t", 1, false);
@@ -368,7 +419,24 @@ pub mod fixture {
             1,
             false,
         );
+        // Leases renew all the time: the newest rows are usually theirs.
+        object(
+            &conn,
+            "/registry/leases/kube-system/kube-scheduler",
+            3,
+            false,
+        );
         conn
+    }
+
+    /// The row kine writes for a revision it found missing (`Generic::Fill`).
+    pub fn gap(conn: &Connection) {
+        conn.execute(
+            "INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value)
+             SELECT n, 'gap-' || n, 0, 1, 0, 0, 0, NULL, NULL FROM (SELECT coalesce(max(id), 0) + 1 AS n FROM kine)",
+            [],
+        )
+        .expect("gap");
     }
 
     pub fn count(conn: &Connection, sql: &str) -> i64 {
@@ -387,16 +455,43 @@ mod tests {
         (t, db)
     }
 
-    /// Every row of a kept key, in id order, as (name, value).
-    fn kept_rows(db: &Path) -> Vec<(String, Vec<u8>)> {
+    type Row = (
+        i64,
+        String,
+        bool,
+        bool,
+        Option<i64>,
+        i64,
+        Option<Vec<u8>>,
+        Option<Vec<u8>>,
+    );
+
+    /// Every row, in id order, of every key outside `prefixes`.
+    fn kept_rows(db: &Path, prefixes: &[String]) -> Vec<Row> {
         let conn = Connection::open(db).expect("open");
         let mut stmt = conn
-            .prepare("SELECT name, value FROM kine WHERE name NOT LIKE '/registry/pods/%' AND name NOT LIKE '/registry/events/%' AND name NOT LIKE '/registry/leases/%' AND name NOT LIKE '/registry/endpointslices/%' AND name NOT LIKE '/registry/masterleases/%' AND name NOT LIKE '/bootstrap/%' ORDER BY id")
+            .prepare("SELECT id, name, created, deleted, create_revision, prev_revision, value, old_value FROM kine ORDER BY id")
             .expect("prepare");
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .expect("query")
-            .map(|r| r.expect("row"))
-            .collect()
+        stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
+        })
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .filter(|row: &Row| !prefixes.iter().any(|p| row.1.starts_with(p.as_str())))
+        .collect()
+    }
+
+    fn newest(conn: &Connection) -> i64 {
+        count(conn, "SELECT max(id) FROM kine")
     }
 
     #[test]
@@ -420,51 +515,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn prunes_every_revision_of_stale_keys_and_nothing_else() {
+    /// Prunes `cfg`'s prefixes from the realistic database and checks what a restarted kine
+    /// would see: no row of a pruned key, every other row as it was, the same newest revision.
+    fn prune_and_check(cfg: &Kine) -> KineReport {
         let (_t, db) = setup();
         let conn = realistic(&db);
-        let before_kept = kept_rows(&db);
+        let revision = newest(&conn);
         drop(conn);
-        let report = maintain(&db, &Kine::default()).expect("maintain");
+        let before_kept = kept_rows(&db, &cfg.prune_prefixes);
+        let report = maintain(&db, cfg).expect("maintain");
         let conn = Connection::open(&db).expect("open");
-        for prefix in Kine::default().prune_prefixes {
+        for prefix in &cfg.prune_prefixes {
             let left = count(
                 &conn,
                 &format!("SELECT count(*) FROM kine WHERE name LIKE '{prefix}%'"),
             );
             assert_eq!(left, 0, "{prefix} rows left: no revision may come back");
         }
+        let mut after_kept = kept_rows(&db, &cfg.prune_prefixes);
+        // The newest row was a lease's: kine's gap marker holds its revision now.
+        assert_eq!(report.revision_kept, Some(revision), "{report:?}");
+        assert_eq!(newest(&conn), revision, "the revision went back");
+        let marker = after_kept.pop().expect("marker");
+        let gap_name = format!("gap-{revision}");
         assert_eq!(
-            kept_rows(&db),
-            before_kept,
+            marker,
+            (revision, gap_name, false, true, Some(0), 0, None, None)
+        );
+        assert_eq!(
+            after_kept, before_kept,
             "kept keys are byte for byte the same"
         );
-        assert_eq!(
-            count(
-                &conn,
-                "SELECT count(*) FROM kine WHERE name = 'compact_rev_key'"
-            ),
-            1
-        );
-        let pods = report
-            .pruned
-            .iter()
-            .find(|p| p.0 == "/registry/pods/")
-            .expect("pods");
-        assert_eq!((pods.1, pods.2), (80, 20));
-        let leases = report
-            .pruned
-            .iter()
-            .find(|p| p.0 == "/registry/leases/")
-            .expect("leases");
-        assert_eq!((leases.1, leases.2), (30, 1));
-        let lock = report
-            .pruned
-            .iter()
-            .find(|p| p.0 == "/bootstrap/")
-            .expect("bootstrap");
-        assert_eq!((lock.1, lock.2), (1, 1));
         assert_eq!(
             count(
                 &conn,
@@ -478,6 +559,55 @@ mod tests {
                 .map(|m| m.len())
                 .unwrap_or(0),
             0
+        );
+        report
+    }
+
+    fn pruned(report: &KineReport, prefix: &str) -> Option<(u64, u64)> {
+        report
+            .pruned
+            .iter()
+            .find(|p| p.0 == prefix)
+            .map(|p| (p.1, p.2))
+    }
+
+    #[test]
+    fn boot_policy_prunes_what_a_restart_makes_stale_and_keeps_pods() {
+        let report = prune_and_check(&Kine::default());
+        assert_eq!(pruned(&report, "/registry/pods/"), None, "pods are kept");
+        assert_eq!(pruned(&report, "/registry/leases/"), Some((33, 2)));
+        assert_eq!(pruned(&report, "/registry/events/"), Some((20, 20)));
+        assert_eq!(pruned(&report, "/bootstrap/"), Some((1, 1)));
+        assert!(
+            report.describe().contains("kept with a gap marker"),
+            "{}",
+            report.describe()
+        );
+    }
+
+    #[test]
+    fn build_time_policy_prunes_pods_too() {
+        let report = prune_and_check(&Kine::default().pruning_pods());
+        assert_eq!(pruned(&report, "/registry/pods/"), Some((80, 20)));
+        assert_eq!(pruned(&report, "/registry/leases/"), Some((33, 2)));
+    }
+
+    #[test]
+    fn no_marker_when_the_newest_row_is_kept() {
+        let (_t, db) = setup();
+        let conn = realistic(&db);
+        object(&conn, "/registry/configmaps/openshell/late", 2, false);
+        let revision = newest(&conn);
+        drop(conn);
+        let report = maintain(&db, &Kine::default()).expect("maintain");
+        assert!(report.rows() > 0);
+        assert_eq!(report.revision_kept, None);
+        let conn = Connection::open(&db).expect("open");
+        assert_eq!(newest(&conn), revision);
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM kine WHERE name LIKE 'gap-%'"),
+            1,
+            "only the fixture's own gap row"
         );
     }
 
@@ -595,7 +725,7 @@ mod tests {
             1,
             false,
         );
-        object(&conn, "/registry/pods/late/p", 1, false);
+        object(&conn, "/registry/leases/late/l", 1, false);
         // The "crash": copy the files while the connection is live, WAL unmerged.
         let crashed = t.path().join("crashed");
         std::fs::create_dir(&crashed).expect("mkdir");
@@ -616,7 +746,7 @@ mod tests {
         assert_eq!(
             count(
                 &conn,
-                "SELECT count(*) FROM kine WHERE name LIKE '/registry/pods/%'"
+                "SELECT count(*) FROM kine WHERE name LIKE '/registry/leases/%'"
             ),
             0
         );
@@ -647,9 +777,9 @@ mod tests {
         assert_eq!(
             count(
                 &conn,
-                "SELECT count(*) FROM kine WHERE name LIKE '/registry/pods/%'"
+                "SELECT count(*) FROM kine WHERE name LIKE '/registry/events/%'"
             ),
-            80
+            20
         );
     }
 

@@ -76,6 +76,7 @@ impl StandIns {
         gateway::Inputs {
             k3s: Some(self.fake.clone()),
             images: Some(self.images.path().to_path_buf()),
+            state_db: None,
         }
     }
 }
