@@ -219,6 +219,17 @@ mod tests {
         assert!(with_required(&["--backend", "vbox"]).is_err());
     }
 
+    #[test]
+    fn network_names_and_the_gvproxy_path() {
+        let a = with_required(&["--net", "gvproxy", "--gvproxy", "/x/gvproxy"]).expect("parse");
+        assert_eq!(a.net, NetChoice::Gvproxy);
+        assert_eq!(a.gvproxy, Some(PathBuf::from("/x/gvproxy")));
+        for (name, choice) in [("auto", NetChoice::Auto), ("passt", NetChoice::Passt)] {
+            assert_eq!(with_required(&["--net", name]).expect(name).net, choice);
+        }
+        assert!(with_required(&["--net", "slirp"]).is_err());
+    }
+
     /// Everything after `--exec` is the guest command, flags included.
     #[test]
     fn exec_takes_the_rest_with_its_flags() {
