@@ -114,6 +114,22 @@ pub fn listeners_on(port: u16) -> Vec<String> {
         .collect()
 }
 
+/// One HTTP/1.0 GET of `/index.html` on 127.0.0.1:`port` (a forward into the guest); the whole
+/// answer, or `None` while nothing answers yet.
+pub fn http_get(port: u16) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(
+        &(std::net::Ipv4Addr::LOCALHOST, port).into(),
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    (!answer.is_empty()).then_some(answer)
+}
+
 /// The `openshell-host` binary under test: `OPENSHELL_HOST_BIN`, else the one cargo built next to
 /// this test binary (`target/<profile>/deps/<test>` → `target/<profile>/openshell-host`).
 pub fn host_bin() -> PathBuf {

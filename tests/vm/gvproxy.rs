@@ -5,7 +5,7 @@
 //! the host is killed.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use openshell_shared::GuestMessage;
 use openshell_tests::{
-    both_arches, free_port, gvproxy, listeners_on, processes_using, vm_slot, Boot, Running,
-    BOOT_DEADLINE,
+    both_arches, free_port, gvproxy, http_get, listeners_on, processes_using, vm_slot, Boot,
+    Running, BOOT_DEADLINE,
 };
 
 /// A boot with real gvproxy as its network, or `None` when gvproxy tests skip.
@@ -127,20 +127,6 @@ fn api_get(socket: &Path, path: &str) -> String {
     answer
 }
 
-/// One HTTP GET through the forward; `None` while nothing in the guest answers yet.
-fn get(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(
-        &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(),
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    (!answer.is_empty()).then_some(answer)
-}
-
 /// Boots a web server in the guest behind `-p HOST:8080` through gvproxy and waits until it
 /// answers on 127.0.0.1:HOST. Returns the running boot, the host port and the answer.
 fn serving(arch: &str) -> Option<(Running, u16, String)> {
@@ -159,7 +145,7 @@ fn serving(arch: &str) -> Option<(Running, u16, String)> {
             running.is_running(),
             "host exited before the service answered"
         );
-        if let Some(a) = get(host_port) {
+        if let Some(a) = http_get(host_port) {
             break a;
         }
         assert!(
