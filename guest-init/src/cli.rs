@@ -93,6 +93,17 @@ pub enum Command {
         #[arg(long)]
         hex: String,
     },
+    /// Debugging aid, in the guest only, for tests of the refusal of `network.blocked_tcp`:
+    /// `--masquerade IFACE` masquerades traffic leaving IFACE as k3s's CNI does for pods, so a
+    /// test's pod namespace is answered from outside; `--remove-refusal` deletes the `openshell`
+    /// table, so a test can show that what it refused is otherwise answered.
+    #[command(hide = true)]
+    NftTest {
+        #[arg(long, value_name = "IFACE")]
+        masquerade: Option<String>,
+        #[arg(long)]
+        remove_refusal: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +154,28 @@ pub fn main(init_entry_us: u64) -> i32 {
         } => run_k3s(root, config, node_ip, grace_ms, init_entry_us),
         Command::ExecServe { unix } => exec_serve(&unix),
         Command::VsockSend { port, hex } => vsock_send(port, &hex),
+        Command::NftTest {
+            masquerade,
+            remove_refusal,
+        } => nft_test(masquerade.as_deref(), remove_refusal),
     }
+}
+
+fn nft_test(masquerade: Option<&str>, remove_refusal: bool) -> i32 {
+    let mut failed = false;
+    if let Some(out) = masquerade {
+        if let Err(e) = crate::nftables::masquerade(out) {
+            eprintln!("openshell-init: masquerade out {out}: {e}");
+            failed = true;
+        }
+    }
+    if remove_refusal {
+        if let Err(e) = crate::nftables::remove_refusal() {
+            eprintln!("openshell-init: remove the refusal: {e}");
+            failed = true;
+        }
+    }
+    i32::from(failed)
 }
 
 fn vsock_send(port: u32, hex: &str) -> i32 {

@@ -8,6 +8,11 @@
 //! table is replaced whole in a second one (create, delete, create again, then its chains and
 //! rules): a second run leaves exactly one copy and a failure leaves the previous one. Tearing
 //! down a table is kernel work worth sparing at boot under emulation.
+//!
+//! For the tests of that refusal inside a VM (`openshell-init nft-test`, never run at boot): the
+//! masquerade k3s's CNI gives pods, so a test's pod namespace gets answers from outside the
+//! guest as a real pod does, and the removal of the `openshell` table, so a test can show that
+//! what it refused is otherwise answered.
 
 use std::net::SocketAddrV4;
 
@@ -20,6 +25,7 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
+const IFNAMSIZ: usize = 16;
 const NFPROTO_IPV4: u8 = 2;
 const NLA_F_NESTED: u16 = 0x8000;
 
@@ -53,16 +59,22 @@ const NFT_REG_1: u32 = 1;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFT_CMP_EQ: u32 = 0;
+const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_L4PROTO: u32 = 16;
 const NFT_REJECT_TCP_RST: u32 = 1;
 const NF_ACCEPT: u32 = 1;
 const NF_INET_FORWARD: u32 = 2;
 const NF_INET_LOCAL_OUT: u32 = 3;
+const NF_INET_POST_ROUTING: u32 = 4;
+/// Source NAT's place among the post-routing hooks (nft's `srcnat`).
+const NF_IP_PRI_NAT_SRC: u32 = 100;
 
 /// The table's name; its chains are `forward` (pods) and `output` (the guest's own processes,
 /// host-network pods included).
 pub const TABLE: &str = "openshell";
 const CHAINS: [(&str, u32); 2] = [("forward", NF_INET_FORWARD), ("output", NF_INET_LOCAL_OUT)];
+/// The tests' masquerade table (see the module doc).
+pub const TEST_NAT_TABLE: &str = "openshell-test-nat";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -75,6 +87,8 @@ pub enum NftError {
     },
     #[error("nf_tables did not acknowledge {0}")]
     NoAck(String),
+    #[error("interface name `{0}`: 1 to 15 bytes, no NUL")]
+    BadName(String),
 }
 
 /// Netlink attributes, appended to a message buffer.
@@ -139,6 +153,9 @@ impl Attrs<'_> {
     }
 }
 
+/// A finished batch: its bytes, and the sequence number and name of each message acknowledged.
+type Finished = (Vec<u8>, Vec<(u32, String)>);
+
 /// A batch of nfnetlink messages, each remembered by sequence number for error reports.
 struct Batch {
     buf: Vec<u8>,
@@ -193,7 +210,7 @@ impl Batch {
         self.message(kind, flags, NFPROTO_IPV4, Some(what), attrs);
     }
 
-    fn finish(mut self) -> (Vec<u8>, Vec<(u32, String)>) {
+    fn finish(mut self) -> Finished {
         self.message(NFNL_MSG_BATCH_END, 0, libc::AF_UNSPEC as u8, None, |_| {});
         (self.buf, self.acked)
     }
@@ -202,7 +219,7 @@ impl Batch {
 /// The batch that creates the table (`replace`: whatever table of that name exists is replaced;
 /// else an existing one makes the kernel refuse the batch with EEXIST) with one rejecting rule
 /// per chain and destination.
-fn deny_batch(blocked: &[SocketAddrV4], replace: bool) -> (Vec<u8>, Vec<(u32, String)>) {
+fn deny_batch(blocked: &[SocketAddrV4], replace: bool) -> Finished {
     let create = (libc::NLM_F_CREATE) as u16;
     let mut b = Batch::new();
     let table = |a: &mut Attrs<'_>| {
@@ -278,8 +295,72 @@ pub fn deny_tcp(blocked: &[SocketAddrV4]) -> Result<usize, NftError> {
     Ok(blocked.len() * CHAINS.len())
 }
 
+/// The batch that masquerades traffic leaving interface `out` (`oifname OUT masquerade` in a
+/// post-routing NAT chain of [`TEST_NAT_TABLE`]), made or added to without touching anything else.
+fn masquerade_batch(out: &str) -> Result<Finished, NftError> {
+    if out.is_empty() || out.len() >= IFNAMSIZ || out.contains('\0') {
+        return Err(NftError::BadName(out.to_string()));
+    }
+    let create = libc::NLM_F_CREATE as u16;
+    let mut b = Batch::new();
+    b.nft(
+        NFT_MSG_NEWTABLE,
+        create,
+        format!("table {TEST_NAT_TABLE}"),
+        |a| {
+            a.str(NFTA_TABLE_NAME, TEST_NAT_TABLE);
+        },
+    );
+    b.nft(NFT_MSG_NEWCHAIN, create, "chain postrouting".into(), |a| {
+        a.str(NFTA_CHAIN_TABLE, TEST_NAT_TABLE)
+            .str(NFTA_CHAIN_NAME, "postrouting")
+            .nest(NFTA_CHAIN_HOOK, |h| {
+                h.be32(NFTA_HOOK_HOOKNUM, NF_INET_POST_ROUTING)
+                    .be32(NFTA_HOOK_PRIORITY, NF_IP_PRI_NAT_SRC);
+            })
+            .be32(NFTA_CHAIN_POLICY, NF_ACCEPT)
+            .str(NFTA_CHAIN_TYPE, "nat");
+    });
+    let flags = create | libc::NLM_F_APPEND as u16;
+    b.nft(
+        NFT_MSG_NEWRULE,
+        flags,
+        format!("masquerade out {out}"),
+        |a| {
+            a.str(NFTA_RULE_TABLE, TEST_NAT_TABLE)
+                .str(NFTA_RULE_CHAIN, "postrouting")
+                .nest(NFTA_RULE_EXPRESSIONS, |l| {
+                    // The kernel compares the whole name buffer: the name, then zeros.
+                    let mut name = [0u8; IFNAMSIZ];
+                    name[..out.len()].copy_from_slice(out.as_bytes());
+                    l.expr("meta", |d| {
+                        d.be32(NFTA_META_DREG, NFT_REG_1)
+                            .be32(NFTA_META_KEY, NFT_META_OIFNAME);
+                    })
+                    .equals(&name)
+                    .expr("masq", |_| {});
+                });
+        },
+    );
+    Ok(b.finish())
+}
+
+/// Masquerades traffic leaving interface `out`, as k3s's CNI does for pods (tests only).
+pub fn masquerade(out: &str) -> Result<(), NftError> {
+    apply(masquerade_batch(out)?)
+}
+
+/// Deletes the `openshell` table, lifting the refusal (tests only: see the module doc).
+pub fn remove_refusal() -> Result<(), NftError> {
+    let mut b = Batch::new();
+    b.nft(NFT_MSG_DELTABLE, 0, format!("delete table {TABLE}"), |a| {
+        a.str(NFTA_TABLE_NAME, TABLE);
+    });
+    apply(b.finish())
+}
+
 /// Sends one batch on a socket of its own and waits for every acknowledgement it asked for.
-fn apply((bytes, mut waiting): (Vec<u8>, Vec<(u32, String)>)) -> Result<(), NftError> {
+fn apply((bytes, mut waiting): Finished) -> Result<(), NftError> {
     let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
     sock.bind_auto().map_err(NftError::Socket)?;
     sock.connect(&SocketAddr::new(0, 0))
@@ -369,6 +450,29 @@ mod tests {
             "the fresh table is exclusive"
         );
         assert_eq!(bytes.len() - fresh.len(), 2 * (message_len(&bytes, 1)));
+    }
+
+    #[test]
+    fn masquerade_matches_the_whole_interface_name() {
+        let (bytes, acked) = masquerade_batch("eth0").expect("batch");
+        let what: Vec<&str> = acked.iter().map(|(_, w)| w.as_str()).collect();
+        assert_eq!(
+            what,
+            [
+                "table openshell-test-nat",
+                "chain postrouting",
+                "masquerade out eth0"
+            ]
+        );
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"eth0\0\0\0\0\0\0\0\0\0\0\0\0"), "padded to IFNAMSIZ");
+        assert!(has(b"masq\0") && has(b"nat\0"));
+        for bad in ["", "a-name-of-16-chr", "et\0h"] {
+            assert!(
+                matches!(masquerade_batch(bad), Err(NftError::BadName(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     /// The length of the `i`th message of a batch.

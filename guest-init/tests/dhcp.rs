@@ -557,3 +557,66 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
     assert_eq!(rules.matches("reject with tcp reset").count(), 2, "{rules}");
     assert!(rules.contains("ip daddr 10.77.0.1 tcp dport 80"), "{rules}");
 }
+
+/// Fails closed: when nf_tables refuses the refusal (another process owns a table of that name:
+/// the kernel answers EPERM to anyone else's change), the phase fails naming the destination
+/// and the kernel's answer, and eth0 is never brought up, although a DHCP server is there.
+#[test]
+fn the_network_stays_down_when_the_refusal_cannot_be_installed() {
+    if !can_run("dnsmasq") || !can_run("nft") {
+        return;
+    }
+    let mut n = net("f");
+    dnsmasq(&mut n, false);
+    // `nft -i` holds its netlink socket, and with it the owned table, while its input is open.
+    let mut owner = in_netns(&n.cli, "nft")
+        .arg("-i")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nft -i");
+    {
+        use std::io::Write;
+        let stdin = owner.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(b"add table ip openshell { flags owner; }\n")
+            .expect("write");
+        stdin.flush().expect("flush");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(
+        &in_netns(&n.cli, "nft")
+            .args(["list", "tables"])
+            .output()
+            .expect("nft")
+            .stdout,
+    )
+    .contains("table ip openshell")
+    {
+        assert!(Instant::now() < deadline, "nft -i never made the table");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let root = tempfile::tempdir().expect("root");
+    let config = n.dir.path().join("init.yaml");
+    std::fs::write(&config, "network:\n  blocked_tcp: [\"10.77.0.1:80\"]\n").expect("config");
+    let out = in_netns(&n.cli, BIN)
+        .args(["phase", "network", "--in-place", "--config"])
+        .arg(&config)
+        .arg("--root")
+        .arg(root.path())
+        .output()
+        .expect("phase");
+    let _ = owner.kill();
+    let _ = owner.wait();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("cannot refuse TCP to 10.77.0.1:80 (network.blocked_tcp): nf_tables refused table openshell: EPERM"),
+        "{text}"
+    );
+    let link = client(&n, &["-4", "addr", "show", "eth0"]);
+    assert!(!link.contains("inet "), "eth0 got an address: {link}");
+    assert!(!link.contains(",UP"), "eth0 was brought up: {link}");
+    assert!(!root.path().join("etc/resolv.conf").exists());
+}

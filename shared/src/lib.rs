@@ -2,9 +2,11 @@
 //! exec service protocol, the boot configuration openshell-init reads, and the one way both
 //! replace a file atomically (`fsutil`). The protocol decoders do no I/O of their own (they
 //! decode bytes they are given), so the host, the guest and the fuzzers run the exact same
-//! decoding code; `config` reads its one file, `fsutil` writes files.
+//! decoding code; `config` reads its one file, `fsutil` writes files. `cache` says where the
+//! artifact cache is, for `cargo xtask` that fills it and the host that finds gvproxy there.
 
 pub mod arch;
+pub mod cache;
 pub mod config;
 pub mod exec;
 pub mod framing;

@@ -66,6 +66,70 @@ pub fn artifacts(arch: &str) -> Option<Artifacts> {
     Some(found)
 }
 
+/// The real gvproxy the gvproxy tests boot with: `OPENSHELL_TEST_GVPROXY` (`cargo xtask test`
+/// sets it to the pinned build), or `None` with a message; under CI its absence is a failure.
+pub fn gvproxy() -> Option<PathBuf> {
+    const VAR: &str = "OPENSHELL_TEST_GVPROXY";
+    let Some(path) = std::env::var_os(VAR) else {
+        let why = format!("{VAR} is not set: gvproxy tests run through `cargo xtask test`");
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipped: {why}");
+        return None;
+    };
+    let path = PathBuf::from(path);
+    assert!(path.is_file(), "{VAR}={}: no such file", path.display());
+    Some(path)
+}
+
+/// A TCP port nothing listens on right now on 127.0.0.1 (the kernel picks it; racy only against
+/// other binders).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The local addresses listening on TCP `port` on this host, IPv4 and IPv6, as /proc/net/tcp
+/// and tcp6 write them (`0100007F:PORT` is 127.0.0.1, `00000000:PORT` every IPv4 interface, 32
+/// zeros every IPv6 one).
+pub fn listeners_on(port: u16) -> Vec<String> {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|path| {
+            let table = std::fs::read_to_string(path).unwrap_or_default();
+            table
+                .lines()
+                .skip(1)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // st 0A is LISTEN.
+            (cols.get(3) == Some(&"0A") && cols.get(1)?.ends_with(&suffix))
+                .then(|| cols[1].to_string())
+        })
+        .collect()
+}
+
+/// One HTTP/1.0 GET of `/index.html` on 127.0.0.1:`port` (a forward into the guest); the whole
+/// answer, or `None` while nothing answers yet.
+pub fn http_get(port: u16) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(
+        &(std::net::Ipv4Addr::LOCALHOST, port).into(),
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    (!answer.is_empty()).then_some(answer)
+}
+
 /// The `openshell-host` binary under test: `OPENSHELL_HOST_BIN`, else the one cargo built next to
 /// this test binary (`target/<profile>/deps/<test>` → `target/<profile>/openshell-host`).
 pub fn host_bin() -> PathBuf {

@@ -9,15 +9,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// The cache's place: one rule for xtask and the host (`openshell_shared::cache`).
 pub fn root() -> PathBuf {
-    if let Some(dir) = std::env::var_os("OPENSHELL_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("openshell-vm");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/openshell-vm")
+    openshell_shared::cache::root()
 }
 
 /// Accumulates inputs into a short, stable key.

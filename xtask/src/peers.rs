@@ -41,9 +41,7 @@ impl GoPeer {
     /// The binary, built into the cache when missing (a few minutes the first time: Go
     /// downloads the module and its dependencies through its proxy).
     pub fn build(&self) -> Result<PathBuf> {
-        let dir = cache::root()
-            .join("go")
-            .join(format!("{}-{}", self.name, self.version));
+        let dir = openshell_shared::cache::go_program_dir(&cache::root(), self.name, self.version);
         let dir = cache::entry(&dir, |tmp| {
             eprintln!(
                 "xtask: go install {}@{} (once per version)",

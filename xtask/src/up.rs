@@ -10,7 +10,7 @@ use openshell_shared::Arch;
 
 use crate::artifacts::{artifacts, Artifacts};
 use crate::error::{Error, Result};
-use crate::{cache, gateway, k3s, rootfs, tools};
+use crate::{cache, gateway, k3s, peers, rootfs, tools};
 
 /// Which root filesystem `up` boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -105,6 +105,9 @@ pub fn run(args: UpArgs) -> Result<i32> {
     let host = tools::host(true)?;
     let root = instance_root(&copy_name, args.arch, &a.rootfs)?;
     let mut cmd = host_up(&host, args.arch, &args.name, &a, &root);
+    if let Some(gvproxy) = pinned_gvproxy(&args.host_args) {
+        cmd.arg("--gvproxy").arg(gvproxy);
+    }
     cmd.args(&args.host_args);
     if !args.exec.is_empty() {
         cmd.arg("--exec").args(&args.exec);
@@ -113,6 +116,22 @@ pub fn run(args: UpArgs) -> Result<i32> {
         .status()
         .map_err(|e| Error::msg(format!("cannot run openshell-host: {e}")))?;
     Ok(status.code().unwrap_or(1))
+}
+
+/// The pinned gvproxy CI runs, built into the cache once, so `up` boots the network every macOS
+/// user gets; none when the host arguments name one already or it cannot be built (no Go
+/// toolchain), and then `openshell-host` picks the network itself and says which.
+fn pinned_gvproxy(host_args: &[String]) -> Option<PathBuf> {
+    if host_args.iter().any(|a| a.starts_with("--gvproxy")) {
+        return None;
+    }
+    match peers::GVPROXY.build() {
+        Ok(path) => Some(path),
+        Err(e) => {
+            eprintln!("xtask: no pinned gvproxy ({e}); openshell-host picks the network");
+            None
+        }
+    }
 }
 
 /// `openshell-host up` for instance `name` booting `root` with the kernel and helpers of `a`.

@@ -9,6 +9,11 @@
 //!
 //! A DHCP lease is then kept for as long as the VM runs by [`lease`], on its own thread. What
 //! both do to the link and to `resolv.conf` is [`configure`].
+//!
+//! Before any of that, TCP to `network.blocked_tcp` (gvproxy's control API, which can open ports
+//! on the user's host) is refused by an nftables table. The phase is fatal and fails closed: when
+//! the refusal cannot be installed the link is never brought up and the boot stops, naming what
+//! the kernel refused; a guest whose network cannot be configured is no gateway either.
 
 pub mod configure;
 pub mod lease;
@@ -32,10 +37,10 @@ use openshell_init::clock::Stopwatch;
 pub const PHASE: Phase = Phase {
     name: "network",
     after: &["config"],
-    fatal: false,
+    fatal: true,
     waits: true,
     purpose:
-        "address, route, MTU and DNS by DHCP (static plan when no lease, dummy without a device)",
+        "refusal of blocked TCP, then address, route, MTU and DNS by DHCP (static plan when no lease, dummy without a device)",
     run,
 };
 
@@ -56,6 +61,8 @@ pub struct Configured {
 
 fn run(ctx: &Ctx) -> PhaseResult {
     let cfg = &ctx.config().network;
+    // First: the guest never has a network without the refusal.
+    let denied = deny(&cfg.blocked_tcp)?;
     let mut done = bring_up(cfg, |level, text| ctx.reporter.log(level, text))?;
     let _ = ctx.node_ip.set(done.address);
     let dns = usable_dns(&done.dns, &cfg.fallback_dns, |level, text| {
@@ -63,9 +70,6 @@ fn run(ctx: &Ctx) -> PhaseResult {
     });
     let resolv = ctx.path("/etc/resolv.conf");
     let _ = write_resolv_conf(&resolv, &dns)?;
-    let denied = deny(&cfg.blocked_tcp, |level, text| {
-        ctx.reporter.log(level, text)
-    });
     if let Some(bound) = done.lease.take() {
         let reporter = std::sync::Arc::clone(&ctx.reporter);
         let keeper = lease::Keeper {
@@ -97,22 +101,27 @@ fn run(ctx: &Ctx) -> PhaseResult {
     ))))
 }
 
-/// Refuses TCP to `blocked` for pods and the guest; a kernel without nf_tables is reported, not
-/// fatal (the block protects the host, k3s runs without it). Returns a note for the phase's line.
-fn deny(blocked: &[std::net::SocketAddrV4], mut log: impl FnMut(Level, String)) -> String {
+/// The refusal could not be installed: the boot must not go on without it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot refuse TCP to {list} (network.blocked_tcp): {source}; not bringing up the network without it")]
+pub struct RefusalError {
+    list: String,
+    source: crate::nftables::NftError,
+}
+
+/// Refuses TCP to `blocked` for pods and the guest. Returns a note for the phase's line.
+fn deny(blocked: &[std::net::SocketAddrV4]) -> Result<String, RefusalError> {
     if blocked.is_empty() {
-        return String::new();
+        return Ok(String::new());
     }
-    let list: Vec<String> = blocked.iter().map(|d| d.to_string()).collect();
+    let list = blocked
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     match crate::nftables::deny_tcp(blocked) {
-        Ok(_) => format!("; TCP to {} refused", list.join(", ")),
-        Err(e) => {
-            log(
-                Level::Warn,
-                format!("cannot refuse TCP to {}: {e}", list.join(", ")),
-            );
-            String::new()
-        }
+        Ok(_) => Ok(format!("; TCP to {list} refused")),
+        Err(source) => Err(RefusalError { list, source }),
     }
 }
 

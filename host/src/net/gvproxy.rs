@@ -4,8 +4,9 @@
 //! its HTTP API on a unix socket, and that API answers 500 while its network stack is still
 //! coming up, so exposing retries with backoff inside one budget.
 //!
-//! gvproxy cannot be installed on the machines this project is tested on: [`args`] and the API
-//! client are tested against a local HTTP server that checks the exact requests.
+//! The VM tests run real gvproxy (`tests/vm/gvproxy.rs`). The unit tests here script its API's
+//! answers on a local socket instead, for what real gvproxy gives only by chance of timing (500
+//! while its network stack starts, "already running" after a lost answer) or never (a 400).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -181,7 +182,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     /// A stand-in for gvproxy's API: answers each connection with the next scripted reply and
-    /// records the request bytes it got.
+    /// records the request bytes it got. Real gvproxy decides its answers itself (see the module
+    /// doc); its reply shapes (status line, plain-text error body) are the ones scripted here.
     fn api(
         dir: &Path,
         replies: Vec<&'static str>,

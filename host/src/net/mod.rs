@@ -1,11 +1,12 @@
-//! The guest's user-mode network: which backend runs it (one module each), and the TCP port
-//! forwards from the host into the guest. Forwards listen on 127.0.0.1 only: the gateway is for
-//! the user on this machine, never for the network the laptop sits on.
+//! The guest's user-mode network: which backend runs it (one module each; `choice` picks one),
+//! and the TCP port forwards from the host into the guest. Forwards listen on 127.0.0.1 only:
+//! the gateway is for the user on this machine, never for the network the laptop sits on.
 
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
+pub mod choice;
 pub mod gvproxy;
 pub mod passt;
 
@@ -15,26 +16,18 @@ pub const GATEWAY_PORT: u16 = 30051;
 /// The address forwards listen on.
 pub const FORWARD_LISTEN: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// The network a boot runs; `choice` picks it from `--net`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetBackend {
     /// No network device: the guest comes up on a dummy interface.
     None,
-    /// Debian's `passt`, over a unix stream socket (the Linux default).
+    /// Debian's `passt`, over a unix stream socket.
     Passt,
-    /// gvisor-tap-vsock's `gvproxy` (the macOS default).
+    /// gvisor-tap-vsock's `gvproxy`.
     Gvproxy,
 }
 
 impl NetBackend {
-    /// passt is packaged for Linux distributions; gvproxy is what macOS users have.
-    pub fn platform_default() -> Self {
-        if cfg!(target_os = "macos") {
-            NetBackend::Gvproxy
-        } else {
-            NetBackend::Passt
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             NetBackend::None => "none",

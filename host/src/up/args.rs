@@ -7,7 +7,8 @@ use openshell_shared::Arch;
 
 use crate::backend::qemu::Accel;
 use crate::backend::BackendChoice;
-use crate::net::{Forward, NetBackend};
+use crate::net::choice::NetChoice;
+use crate::net::Forward;
 
 /// Exit codes of `up` besides the workload's own status.
 pub mod code {
@@ -100,9 +101,10 @@ pub struct UpArgs {
     /// Guest console log; `<run-dir>/console.log` by default.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
-    /// User-mode network for the guest (passt on Linux, gvproxy on macOS by default).
-    #[arg(long, value_enum, default_value_t = NetBackend::platform_default())]
-    pub net: NetBackend,
+    /// User-mode network for the guest. `auto`: gvproxy when one is found (--gvproxy, PATH, the
+    /// cache `cargo xtask` fills, podman's helpers), else passt on Linux.
+    #[arg(long, value_enum, default_value_t = NetChoice::Auto)]
+    pub net: NetChoice,
     /// Forward TCP 127.0.0.1:HOST on this machine to GUEST in the VM (repeatable; a bare PORT
     /// means the same port on both sides). Default: the gateway's 30051.
     #[arg(short = 'p', long = "port", value_name = "HOST:GUEST")]
@@ -110,9 +112,9 @@ pub struct UpArgs {
     /// passt binary.
     #[arg(long, default_value = "passt")]
     pub passt: PathBuf,
-    /// gvproxy binary.
-    #[arg(long, default_value = "gvproxy")]
-    pub gvproxy: PathBuf,
+    /// gvproxy binary; else looked for on PATH, in the cache and in podman's helpers.
+    #[arg(long, value_name = "PATH")]
+    pub gvproxy: Option<PathBuf>,
     /// Print every event as a JSON line instead of human-readable lines.
     #[arg(long)]
     pub json: bool,
@@ -162,9 +164,9 @@ mod tests {
         assert_eq!(a.virtiofsd, PathBuf::from("/usr/lib/qemu/virtiofsd"));
         assert_eq!(a.backend, BackendChoice::Auto);
         assert_eq!(a.accel, Accel::Tcg);
-        assert_eq!(a.net, NetBackend::platform_default());
+        assert_eq!(a.net, NetChoice::Auto);
         assert_eq!(a.passt, PathBuf::from("passt"));
-        assert_eq!(a.gvproxy, PathBuf::from("gvproxy"));
+        assert!(a.gvproxy.is_none());
         assert!(a.ports.is_empty() && a.exec.is_empty());
         assert!(a.run_dir.is_none() && a.libkrun.is_none() && a.qemu.is_none());
         assert!(a.cmdline_extra.is_none() && a.report.is_none() && a.console_log.is_none());
@@ -211,10 +213,21 @@ mod tests {
         );
         assert_eq!(a.backend, BackendChoice::Libkrun);
         assert_eq!(a.accel, Accel::Kvm);
-        assert_eq!(a.net, NetBackend::None);
+        assert_eq!(a.net, NetChoice::None);
         assert_eq!(a.arch, Arch::Aarch64);
         assert!(with_required(&["-p", "0"]).is_err(), "port 0 is refused");
         assert!(with_required(&["--backend", "vbox"]).is_err());
+    }
+
+    #[test]
+    fn network_names_and_the_gvproxy_path() {
+        let a = with_required(&["--net", "gvproxy", "--gvproxy", "/x/gvproxy"]).expect("parse");
+        assert_eq!(a.net, NetChoice::Gvproxy);
+        assert_eq!(a.gvproxy, Some(PathBuf::from("/x/gvproxy")));
+        for (name, choice) in [("auto", NetChoice::Auto), ("passt", NetChoice::Passt)] {
+            assert_eq!(with_required(&["--net", name]).expect(name).net, choice);
+        }
+        assert!(with_required(&["--net", "slirp"]).is_err());
     }
 
     /// Everything after `--exec` is the guest command, flags included.

@@ -10,6 +10,7 @@ use crate::children::ChildError;
 use crate::failure::Failure;
 use crate::lifecycle::reset::ResetError;
 use crate::lifecycle::state::StateError;
+use crate::net::choice::NetChoiceError;
 use crate::net::gvproxy::ExposeError;
 use crate::net::passt::PasstDirError;
 use crate::net::ForwardError;
@@ -27,6 +28,8 @@ pub enum UpError {
     NoKernel(PathBuf),
     #[error("root filesystem {0} is not a directory")]
     NoRootfs(PathBuf),
+    #[error(transparent)]
+    Net(#[from] NetChoiceError),
     #[error(transparent)]
     Passt(#[from] PasstDirError),
     #[error(transparent)]

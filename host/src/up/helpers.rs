@@ -3,7 +3,7 @@
 //! (`net::passt`, `net::gvproxy`, `backend::qemu`); this one starts them and waits for their
 //! sockets.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use super::error::UpError;
 use crate::backend::qemu;
 use crate::backend::Chosen;
 use crate::children::Helper;
+use crate::net::choice::Network;
 use crate::net::gvproxy::{self, Framing};
 use crate::net::{passt, Forward, NetBackend};
 use crate::rundir::RunDir;
@@ -21,12 +22,13 @@ use crate::rundir::RunDir;
 /// VM's network device connects to, if it has one.
 pub fn start(
     args: &UpArgs,
+    network: &Network,
     dir: &RunDir,
     backend: &Chosen,
     forwards: &[Forward],
     helpers: &mut Vec<Helper>,
 ) -> Result<Option<PathBuf>, UpError> {
-    let net = start_network(args, dir, backend, forwards)?;
+    let net = start_network(args, network, dir, backend, forwards)?;
     let vhost = if matches!(backend, Chosen::Qemu) {
         start_vhost_helpers(args, dir, helpers)
     } else {
@@ -44,16 +46,17 @@ struct NetHelper {
     within: Duration,
 }
 
-/// Starts the network helper `args.net` names (none for `--net none`). It is not waited for
+/// Starts the helper of the chosen `network` (none for `--net none`). It is not waited for
 /// here: the vhost-user helpers start while it comes up, since each takes milliseconds to create
 /// its socket and waiting for them one after the other adds up.
 fn start_network(
     args: &UpArgs,
+    network: &Network,
     dir: &RunDir,
     backend: &Chosen,
     forwards: &[Forward],
 ) -> Result<Option<NetHelper>, UpError> {
-    Ok(match args.net {
+    Ok(match network.backend {
         NetBackend::None => None,
         NetBackend::Passt => {
             let (_, socket) = passt::socket_dir(&dir.path)?;
@@ -68,7 +71,8 @@ fn start_network(
         }
         NetBackend::Gvproxy => {
             let (socket, api) = (dir.gvproxy_socket(), dir.gvproxy_api_socket());
-            let mut cmd = Command::new(&args.gvproxy);
+            let program = network.gvproxy.as_deref().unwrap_or(Path::new("gvproxy"));
+            let mut cmd = Command::new(program);
             cmd.args(gvproxy::args(gvproxy_framing(backend), &socket, &api));
             let helper = Helper::spawn("gvproxy", cmd, &dir.path.join("gvproxy.log"))?;
             Some(NetHelper {

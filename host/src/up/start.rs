@@ -24,6 +24,7 @@ use crate::backend::Chosen;
 use crate::channel::Channel;
 use crate::children::Helper;
 use crate::lifecycle::state::{self as instance, InstanceState};
+use crate::net::choice::{self, Network, Search};
 use crate::net::{gvproxy, Forward, NetBackend};
 use crate::progress::Progress;
 use crate::report::Timeline;
@@ -67,6 +68,7 @@ pub fn start(
 ) -> Result<Started, UpError> {
     let now = || clock.elapsed().as_micros() as u64;
     check_inputs(args)?;
+    let network = choose_network(args, progress, timeline, now())?;
     let dir = run_dir(args, progress)?;
     session.run_dir = Some(dir.clone());
     let (backend, note) = crate::backend::choose(args.backend, args.arch, args.libkrun.as_deref())?;
@@ -79,14 +81,25 @@ pub fn start(
     let writer: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
     channel.serve(clock, tx.clone(), wrap_channel, Arc::clone(&writer));
 
-    let forwards = crate::net::forwards(args.net, &args.ports)?;
+    let forwards = crate::net::forwards(network.backend, &args.ports)?;
     let host_port = |guest| forwards.iter().find(|f| f.guest == guest).map(|f| f.host);
     let gateway_forward = host_port(crate::net::GATEWAY_PORT);
     let api_forward = host_port(crate::kubeconfig::API_PORT);
-    let net_socket = helpers::start(args, &dir, &backend, &forwards, &mut session.helpers)?;
+    let net_socket = helpers::start(
+        args,
+        &network,
+        &dir,
+        &backend,
+        &forwards,
+        &mut session.helpers,
+    )?;
     if !forwards.is_empty() {
         let list: Vec<String> = forwards.iter().map(|f| f.to_string()).collect();
-        progress.note(&format!("forwarding {} ({})", list.join(", "), args.net));
+        progress.note(&format!(
+            "forwarding {} ({})",
+            list.join(", "),
+            network.backend
+        ));
     }
     timeline.host(now(), "helpers-ready", json!(null));
 
@@ -96,7 +109,14 @@ pub fn start(
         .unwrap_or_else(|| dir.console_log());
     timeline.console_log = Some(console_log.clone());
     let spec = vm_spec(args, &backend, &dir, net_socket, &console_log);
-    let vmm = vmm::start(&backend, args, &spec, &dir, &mut session.helpers)?;
+    let vmm = vmm::start(
+        &backend,
+        network.backend,
+        args,
+        &spec,
+        &dir,
+        &mut session.helpers,
+    )?;
     let vmm_started_us = now();
     record_instance(args, &vmm, &forwards, &dir, &console_log, session)?;
     timeline.summary.vmm_started_us = Some(vmm_started_us);
@@ -115,7 +135,7 @@ pub fn start(
     ));
     // Reap the VMM on its own thread so its exit is an event like any other.
     let waiter = vmm::watch(vmm.pid, tx.clone());
-    if args.net == NetBackend::Gvproxy && !forwards.is_empty() {
+    if network.backend == NetBackend::Gvproxy && !forwards.is_empty() {
         expose_forwards(dir.gvproxy_api_socket(), forwards, tx.clone());
     }
     Ok(Started {
@@ -127,6 +147,28 @@ pub fn start(
         writer,
         waiter,
     })
+}
+
+/// The network for this boot (see `net::choice`), said on a line of its own and in the timeline.
+fn choose_network(
+    args: &UpArgs,
+    progress: &Progress,
+    timeline: &mut Timeline,
+    now_us: u64,
+) -> Result<Network, UpError> {
+    let network = choice::choose(
+        args.net,
+        args.gvproxy.as_deref(),
+        &Search::from_env(),
+        cfg!(target_os = "macos"),
+    )?;
+    progress.note(&network.to_string());
+    timeline.host(
+        now_us,
+        "network",
+        json!({ "backend": network.backend.name(), "why": network.why }),
+    );
+    Ok(network)
 }
 
 fn check_inputs(args: &UpArgs) -> Result<(), UpError> {

@@ -37,6 +37,7 @@ pub struct StartedVmm {
 /// tied to the thread that forks it.
 pub fn start(
     backend: &Chosen,
+    net: NetBackend,
     args: &UpArgs,
     spec: &VmSpec,
     dir: &RunDir,
@@ -73,7 +74,7 @@ pub fn start(
                     .net_socket
                     .clone()
                     .map(|path| match gvproxy_framing(backend) {
-                        Framing::VfkitDatagram if args.net == NetBackend::Gvproxy => {
+                        Framing::VfkitDatagram if net == NetBackend::Gvproxy => {
                             libkrun::Net::VfkitDatagram(path)
                         }
                         _ => libkrun::Net::UnixStream(path),

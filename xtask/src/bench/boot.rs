@@ -2,7 +2,9 @@
 //! timeline, where the time goes; and, alternating with those boots, the old way for comparison:
 //! the same kernel, root filesystem and VM booted with a busybox shell script as PID 1 doing the
 //! old init's steps (`rootfs/base/opt/bench/shell-init.sh`).
-//! Also checks the init binary's size and peak RSS against their targets.
+//! Also checks the init binary's size and peak RSS against their targets. A third boot each
+//! round has real gvproxy as its network, so the network phase and the guest's lease from
+//! gvproxy and from passt stand side by side.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ use super::stats::stats;
 use super::{chart, timeline};
 use crate::artifacts::{artifacts, Artifacts};
 use crate::error::{Error, Result};
-use crate::{tools, up};
+use crate::{peers, tools, up};
 
 /// Init's phases that the shell way also does, step for step.
 const CORE: &[&str] = &["mounts", "hostname", "loopback"];
@@ -77,6 +79,7 @@ impl Samples {
 fn boot(arch: Arch, runs: usize) -> Result<Value> {
     let a = artifacts(arch)?;
     let host = tools::host(true)?;
+    let gvproxy = peers::GVPROXY.build()?;
     let root = up::instance_root("bench", arch, &a.rootfs)?;
     let report = root.join("bench-report.json");
     let shell_console = root.join("bench-shell-console.log");
@@ -84,26 +87,14 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
     let mut rss = Vec::new();
     for i in 0..runs {
         eprintln!("xtask bench: boot {}/{runs} ({})", i + 1, arch.name());
-        let status = bench_up(&host, arch, &a, &root)?
-            .arg("--report")
-            .arg(&report)
-            .args(["--json", "--exec", "/bin/true"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map_err(|e| Error::msg(format!("cannot run openshell-host: {e}")))?;
-        if !status.success() {
-            return Err(Error::msg(format!(
-                "boot {} failed ({status}); see the console log",
-                i + 1
-            )));
-        }
-        let report_json = timeline::read(&report)?;
+        let report_json = timed_boot(&mut bench_up(&host, arch, &a, &root, &passt())?, &report, i)?;
         collect(&report_json, &mut samples, &mut rss)?;
+        network_rows(&report_json, "passt", &mut samples)?;
         // The old way on the same kernel, root and VM: the shell script as PID 1. It never says
         // hello on the boot channel, so `up` ends with the VM and an error; the kernel log has
         // the timings.
         let _ = std::fs::remove_file(&shell_console);
-        let _ = bench_up(&host, arch, &a, &root)?
+        let _ = bench_up(&host, arch, &a, &root, &passt())?
             .arg("--console-log")
             .arg(&shell_console)
             .args(["--timeout", "60", "--cmdline-extra"])
@@ -117,6 +108,9 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
         let ms = shell_init_ms(&console)
             .map_err(|e| Error::msg(format!("{}: {e}", shell_console.display())))?;
         samples.add(SHELL, ms);
+        // The same boot with real gvproxy: only its network rows are kept.
+        let mut cmd = bench_up(&host, arch, &a, &root, &gvproxy_net(&gvproxy))?;
+        network_rows(&timed_boot(&mut cmd, &report, i)?, "gvproxy", &mut samples)?;
     }
     let init_size = std::fs::metadata(&a.init)
         .map_err(|e| Error::io("stat", &a.init, e))?
@@ -124,16 +118,87 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
     Ok(print_and_judge(arch, runs, &samples, init_size, &rss))
 }
 
-/// `openshell-host up` of the bench instance with a network as users boot with it: passt, the
-/// guest's DHCP, one forward.
-fn bench_up(host: &Path, arch: Arch, a: &Artifacts, root: &Path) -> Result<std::process::Command> {
+/// One boot of `/bin/true` by `cmd` with its timeline written to `report`; the timeline.
+fn timed_boot(cmd: &mut std::process::Command, report: &Path, i: usize) -> Result<Value> {
+    let status = cmd
+        .arg("--report")
+        .arg(report)
+        .args(["--json", "--exec", "/bin/true"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| Error::msg(format!("cannot run openshell-host: {e}")))?;
+    if !status.success() {
+        return Err(Error::msg(format!(
+            "boot {} failed ({status}); see the console log",
+            i + 1
+        )));
+    }
+    timeline::read(report)
+}
+
+fn passt() -> Vec<String> {
+    vec!["--net".into(), "passt".into()]
+}
+
+fn gvproxy_net(gvproxy: &Path) -> Vec<String> {
+    let path = gvproxy.display().to_string();
+    vec!["--net".into(), "gvproxy".into(), "--gvproxy".into(), path]
+}
+
+/// `openshell-host up` of the bench instance with a network as users boot with it (`net`: the
+/// `--net` options), the guest's DHCP and one forward.
+fn bench_up(
+    host: &Path,
+    arch: Arch,
+    a: &Artifacts,
+    root: &Path,
+    net: &[String],
+) -> Result<std::process::Command> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| Error::msg(format!("no free port: {e}")))?;
     let mut cmd = up::host_up(host, arch, "bench", a, root);
-    cmd.args(["--net", "passt", "--port", &format!("{port}:30051")]);
+    cmd.args(net).args(["--port", &format!("{port}:30051")]);
     Ok(cmd)
+}
+
+/// The network phase and the guest's lease (its DHCP client's start to the address configured,
+/// as the phase's line says) of one boot, as rows labelled with the network `net`.
+fn network_rows(t: &Value, net: &str, s: &mut Samples) -> Result<()> {
+    let us = |v: &Value| v.as_u64().map(|n| n as f64 / 1000.0);
+    let phase = t["summary"]["phases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "network")
+        .and_then(|p| us(&p["duration_us"]))
+        .ok_or_else(|| Error::msg(format!("{net} boot: no network phase in the report")))?;
+    let line = t["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["event"]["text"].as_str())
+        .find(|text| text.starts_with("network: "))
+        .unwrap_or_default();
+    let lease = lease_ms(line).ok_or_else(|| {
+        Error::msg(format!(
+            "{net} boot: no DHCP lease in the network line `{line}`"
+        ))
+    })?;
+    s.add(&format!("network phase, {net}"), phase);
+    s.add(
+        &format!("DHCP lease, {net} (client start to address)"),
+        lease,
+    );
+    Ok(())
+}
+
+/// The milliseconds in the network phase's `DHCP from SERVER in N ms` (none: no lease).
+fn lease_ms(line: &str) -> Option<f64> {
+    let rest = &line[line.find("DHCP from ")?..];
+    let after_in = rest.split_once(" in ")?.1;
+    after_in.split_once(" ms")?.0.parse().ok()
 }
 
 /// The shell init's entry-to-workload time from its two kernel-log lines, in milliseconds.
@@ -268,6 +333,29 @@ mod tests {
         let err = shell_init_ms("[    1.0] shell-init: entry\n").unwrap_err();
         assert!(err.contains("workload"), "{err}");
         assert!(shell_init_ms("shell-init: entry\nshell-init: workload\n").is_err());
+    }
+
+    #[test]
+    fn the_lease_time_comes_from_the_network_line() {
+        let line = "network: eth0 192.168.127.2/24 via 192.168.127.1 dns 192.168.127.1 (DHCP from 192.168.127.1 in 54.23 ms (exchange 40.46 ms, first answer after 27.29 ms), 1 DISCOVER(s), lease 3600 s, MTU 1500); TCP to 192.168.127.1:80 refused";
+        assert_eq!(lease_ms(line), Some(54.23));
+        assert_eq!(
+            lease_ms("network: eth0 10.0.0.2/24 via dev dns  (static fallback: no offer)"),
+            None
+        );
+        let t = serde_json::json!({
+            "summary": {"phases": [{"name": "network", "duration_us": 120_500}]},
+            "events": [{"event": {"type": "log", "text": line}}]
+        });
+        let mut s = Samples::default();
+        network_rows(&t, "gvproxy", &mut s).expect("rows");
+        assert_eq!(s.get("network phase, gvproxy"), Some(&vec![120.5]));
+        assert_eq!(
+            s.get("DHCP lease, gvproxy (client start to address)"),
+            Some(&vec![54.23])
+        );
+        let no_lease = serde_json::json!({"summary": t["summary"], "events": []});
+        assert!(network_rows(&no_lease, "passt", &mut s).is_err());
     }
 
     #[test]
