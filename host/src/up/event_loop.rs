@@ -399,6 +399,8 @@ impl<'a, E: Effects> EventLoop<'a, E> {
         self.state.shutdown_sent = true;
         match sent {
             Some(Ok(())) => {
+                self.timeline
+                    .host(self.now_us(), "shutdown-requested", json!(grace_ms));
                 self.state.kill_deadline =
                     Some(now + Duration::from_millis(grace_ms) + POWER_OFF_MARGIN);
             }
@@ -818,6 +820,8 @@ mod tests {
         let r = lp.state.readiness.as_ref().expect("still not ready");
         assert_eq!(r.awaited(), Some(stage::WORKLOAD_STARTED));
         assert_eq!(r.deadline(), None, "reported once");
+        let last = lp.timeline.events.last().expect("timeline");
+        assert_eq!(last.event["type"], "shutdown-requested");
         let kill_at = late + Duration::from_millis(10_000) + POWER_OFF_MARGIN;
         assert_eq!(lp.state.deadline(), Some(kill_at));
         lp.on_deadline(kill_at - Duration::from_millis(1));
