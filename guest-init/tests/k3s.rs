@@ -1,8 +1,13 @@
 //! `openshell-init k3s --root DIR` against a stand-in k3s (`fixtures/fake-k3s.sh`; real k3s
 //! cannot be downloaded here): the command line and environment it was started with, the
-//! readiness stages in order, k3s's admin kubeconfig sent after `apiserver-ready`, the CNI configuration and plugin links (made by the inotify
-//! watcher, since the stand-in extracts its data directory only once started), a second
-//! `k3s-prep` that changes nothing, a stage that times out, and SIGTERM within the grace period.
+//! readiness stages in order, k3s's admin kubeconfig sent after `apiserver-ready`, the CNI
+//! configuration and plugin links (made by the inotify watcher, since the stand-in extracts its
+//! data directory only once started), a second `k3s-prep` that changes nothing, a stage that
+//! times out, and SIGTERM within the grace period.
+//!
+//! Each run has a network namespace of its own whose `eth0` holds the node IP: the stand-in serves
+//! the gateway's NodePort there and not on 127.0.0.1, as kube-proxy's nftables mode does, so
+//! `gateway-ready` is only reached by a probe of the node IP.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -21,22 +26,35 @@ const FAKE_K3S: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fake
 const HASH: &str = "0123456789abcdef";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const GRACE_MS: u64 = 3000;
+/// The node IP the runs get, on their namespace's `eth0`.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 9);
+/// The gateway's NodePort; each run's namespace is its own, so no VM on this host is in the way.
+const GATEWAY_PORT: u16 = 30051;
 
-fn have_busybox() -> bool {
-    let ok = Command::new("busybox")
-        .arg("true")
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("skipped: the stand-in k3s needs busybox (for nc)");
-    }
-    ok
-}
-
-/// A port nothing listens on now (the gateway's 30051 may belong to a VM on this host).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    l.local_addr().expect("addr").port()
+/// The stand-in needs busybox (for nc); the namespace needs root, util-linux's `unshare` and
+/// iproute2's `ip` (busybox's cannot make veth links).
+fn can_run() -> bool {
+    let works = |prog: &str, arg: &str| {
+        Command::new(prog)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let missing = if !nix::unistd::geteuid().is_root() {
+        "root, for a network namespace"
+    } else if !works("busybox", "true") {
+        "busybox, for the stand-in's nc"
+    } else if !works("unshare", "--version") {
+        "util-linux's unshare"
+    } else if !works("ip", "-V") {
+        "iproute2's ip"
+    } else {
+        return true;
+    };
+    eprintln!("skipped: needs {missing}");
+    false
 }
 
 /// A root with the stand-in as its k3s and a configuration with a k3s section.
@@ -53,7 +71,7 @@ impl Root {
         std::fs::copy(FAKE_K3S, bin.join("k3s")).expect("install stand-in");
         let state = dir.path().join("fake-k3s");
         std::fs::create_dir_all(&state).expect("mkdir");
-        let port = free_port();
+        let port = GATEWAY_PORT;
         std::fs::write(state.join("gateway-port"), port.to_string()).expect("port");
         // Stale configurations k3s-prep must remove.
         for stale in [
@@ -90,11 +108,25 @@ struct Running {
     seen: Vec<Value>,
 }
 
+/// Brings up loopback and an `eth0` (one end of a veth pair) with the node IP in the fresh
+/// namespace, then becomes the command given after it. The namespace ends with its processes.
+const NODE_NETWORK: &str = r#"set -e
+ip link set lo up
+ip link add eth0 type veth peer name peer0
+ip addr add "$NODE_IP/24" dev eth0
+ip link set peer0 up
+ip link set eth0 up
+exec "$@""#;
+
 impl Running {
     fn start(root: &Root) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["k3s", "--node-ip", "192.168.127.9", "--root"])
+        let node_ip = NODE_IP.to_string();
+        // unshare and sh exec in turn: the child's pid is the CLI's, for SIGTERM.
+        let mut child = Command::new("unshare")
+            .args(["--net", "--", "sh", "-c", NODE_NETWORK, "sh", BIN])
+            .args(["k3s", "--node-ip", &node_ip, "--root"])
             .arg(root.dir.path())
+            .env("NODE_IP", &node_ip)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -165,8 +197,39 @@ impl Running {
         // The reader thread ends at EOF; what it still had is collected here.
         std::thread::sleep(Duration::from_millis(100));
         self.seen.extend(self.events.try_iter());
-        (status.code(), took, self.seen)
+        (status.code(), took, std::mem::take(&mut self.seen))
     }
+}
+
+/// A failed assertion must not leave the CLI and the stand-in running (and holding the test
+/// harness's output pipe): SIGTERM, as on a clean stop, then SIGKILL.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_millis(GRACE_MS + 2000);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a TCP connect to `ip`:`port` succeeds inside the network namespace of process `pid`
+/// (from a thread of its own: `setns` moves only the calling thread).
+fn connects_in(pid: u32, ip: Ipv4Addr, port: u16) -> bool {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("netns of the run");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let addr = std::net::SocketAddr::from((ip, port));
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+    })
+    .join()
+    .expect("probe thread")
 }
 
 fn is_stage(stage: &'static str) -> impl Fn(&Value) -> bool {
@@ -183,13 +246,17 @@ fn lines_of(path: &Path) -> Vec<String> {
 
 #[test]
 fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
-    if !have_busybox() {
+    if !can_run() {
         return;
     }
     let root = Root::new(10_000);
     let mut run = Running::start(&root);
     let all_ready = run.until(Duration::from_secs(20), is_stage("gateway-ready"));
     assert!(all_ready, "no gateway-ready: {:#?}", run.seen);
+    // The stand-in serves the NodePort as nftables-mode kube-proxy does: on the node IP only.
+    let pid = run.child.id();
+    assert!(connects_in(pid, NODE_IP, GATEWAY_PORT));
+    assert!(!connects_in(pid, Ipv4Addr::LOCALHOST, GATEWAY_PORT));
     assert_eq!(
         run.ready_stages(),
         [
@@ -231,9 +298,9 @@ fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
 
     // Command line and environment: what the builder makes of this configuration.
     let k3s_cfg = root.config.k3s.clone().expect("k3s section");
-    let expected = openshell_init::k3s_args::argv(&k3s_cfg, Ipv4Addr::new(192, 168, 127, 9));
+    let expected = openshell_init::k3s_args::argv(&k3s_cfg, NODE_IP);
     assert_eq!(lines_of(&root.state("argv")), expected[1..]);
-    assert!(expected.contains(&"--node-ip=192.168.127.9".to_string()));
+    assert!(expected.contains(&format!("--node-ip={NODE_IP}")));
     let env: BTreeMap<String, String> = lines_of(&root.state("env"))
         .iter()
         .filter_map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())))
@@ -306,7 +373,7 @@ fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
 
 #[test]
 fn a_stage_that_never_arrives_is_reported_by_name_and_later_ones_not_awaited() {
-    if !have_busybox() {
+    if !can_run() {
         return;
     }
     let root = Root::new(1500);

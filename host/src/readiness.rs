@@ -1,7 +1,8 @@
 //! When the VM counts as ready. The guest announces in `hello` the readiness stages it will
 //! report; the host waits for the last of them, each within a deadline (a stage that does not come
-//! is named), and when that last stage is the gateway's port answering inside the guest, the host
-//! also probes the forwarded port from its side, since that is the path the user's tools take.
+//! is named), and when that last stage is the gateway's NodePort answering on the guest's node IP,
+//! the host also probes the port it forwarded to it, since that is the path the user's tools take
+//! (the forward reaches the guest's own address, never its loopback).
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

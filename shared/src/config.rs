@@ -266,7 +266,8 @@ pub struct K3s {
     /// revision 2 with the guest kernel.
     pub kube_proxy_mode: String,
     pub kubelet: Kubelet,
-    /// The gateway's NodePort; `gateway-ready` is a TCP connect to it on 127.0.0.1.
+    /// The gateway's NodePort; `gateway-ready` is a TCP connect to it on the node IP (kube-proxy's
+    /// nftables mode does not serve NodePorts on 127.0.0.1).
     pub gateway_port: u16,
     pub readiness: Readiness,
     /// Appended to the command line as given.

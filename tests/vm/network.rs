@@ -254,7 +254,9 @@ fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
 }
 both_arches!(ready_waits_for_the_gateway_and_the_hosts_probe);
 
-/// A stage that never comes is named, and the host stops the VM instead of waiting forever.
+/// A stage that never comes is named, and the host stops the VM instead of waiting forever: by
+/// asking the guest to shut down, so k3s gets SIGTERM and the filesystems are synced, not by
+/// killing the VMM under it.
 fn a_missing_stage_is_named_and_the_vm_stopped(arch: &str) {
     let Some(boot) = Boot::new(arch) else { return };
     let _slot = vm_slot();
@@ -269,6 +271,27 @@ fn a_missing_stage_is_named_and_the_vm_stopped(arch: &str) {
         done.stderr
             .contains("readiness stage `apiserver-ready` did not arrive within 8 s"),
         "{}",
+        done.output()
+    );
+    assert!(
+        done.stdout.contains("asking the guest to shut down"),
+        "{}",
+        done.output()
+    );
+    assert!(
+        !done.output().contains("killing the VM"),
+        "{}",
+        done.output()
+    );
+    // The guest's own shutdown: the stand-in got SIGTERM and exited 0, filesystems synced.
+    let (status, _, synced) = done.exit_message();
+    assert_eq!(status, 0, "{}", done.output());
+    assert!(synced, "{}", done.output());
+    let log = std::fs::read_to_string(done.boot.root_path("fake-k3s/log")).unwrap_or_default();
+    assert_eq!(
+        log,
+        "term\n",
+        "the stand-in k3s saw SIGTERM\n{}",
         done.output()
     );
 }

@@ -47,13 +47,15 @@ pub fn workload(ctx: &Ctx, cfg: &K3s, node_ip: Ipv4Addr) -> Workload {
 
 /// Runs k3s under the supervisor with the readiness thread; returns its exit status.
 pub fn supervise(ctx: &Ctx, cfg: &K3s, grace: Duration, scope: Scope) -> i32 {
-    let workload = workload(ctx, cfg, node_ip(ctx));
+    let node_ip = node_ip(ctx);
+    let workload = workload(ctx, cfg, node_ip);
     let probes = readiness::Probes::new(
         cfg,
         ctx.path(&cfg.binary),
         ctx.path(paths::KUBECONFIG),
         workload.env.get("PATH").map(String::as_str),
         &ctx.config().hostname,
+        node_ip,
     );
     let stop = Arc::new(AtomicBool::new(false));
     let status = supervisor::run_watched(&workload, grace, scope, &ctx.reporter, || {

@@ -3,7 +3,9 @@
 //!
 //! The API server is asked through k3s's own kubectl: k3s turns anonymous auth off and init has
 //! no TLS client (nor should it carry one for this), while k3s's kubectl reads the admin
-//! kubeconfig. The gateway is a TCP connect to its NodePort on 127.0.0.1.
+//! kubeconfig. The gateway is a TCP connect to its NodePort on the node IP, the way traffic from
+//! outside reaches it: kube-proxy in nftables mode serves NodePorts on the node's addresses and
+//! never on 127.0.0.1 (it has no `route_localnet` trick), so a loopback probe would never succeed.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -44,6 +46,8 @@ pub struct Probes {
     pub kubeconfig: PathBuf,
     /// The node's name: the hostname, which k3s registers the node under.
     pub node: String,
+    /// k3s's `--node-ip`: where the gateway's NodePort answers.
+    pub node_ip: Ipv4Addr,
     pub gateway_port: u16,
     pub apiserver_timeout: Duration,
     pub node_timeout: Duration,
@@ -57,6 +61,7 @@ impl Probes {
         kubeconfig: PathBuf,
         path_var: Option<&str>,
         node: &str,
+        node_ip: Ipv4Addr,
     ) -> Self {
         let mut env = BTreeMap::new();
         if let Some(p) = path_var {
@@ -72,6 +77,7 @@ impl Probes {
             env,
             kubeconfig,
             node: node.to_string(),
+            node_ip,
             gateway_port: cfg.gateway_port,
             apiserver_timeout: Duration::from_millis(r.apiserver_ready_ms),
             node_timeout: Duration::from_millis(r.node_ready_ms),
@@ -120,7 +126,7 @@ impl Probes {
     }
 
     fn gateway_ready(&self) -> bool {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.gateway_port));
+        let addr = SocketAddr::from((self.node_ip, self.gateway_port));
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
     }
 }
@@ -188,10 +194,18 @@ fn watch(probes: &Probes, reporter: &Reporter, stop: &AtomicBool) {
             }
             let now = Instant::now();
             if now >= deadline {
+                let probed = if stage == GATEWAY_READY {
+                    format!(
+                        " (nothing accepted on {}:{})",
+                        probes.node_ip, probes.gateway_port
+                    )
+                } else {
+                    String::new()
+                };
                 reporter.log(
                     Level::Error,
                     format!(
-                        "readiness stage {stage} did not arrive within {} ms; later stages are not awaited",
+                        "readiness stage {stage} did not arrive within {} ms{probed}; later stages are not awaited",
                         timeout.as_millis()
                     ),
                 );

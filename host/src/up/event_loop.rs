@@ -27,6 +27,10 @@ use crate::progress::Progress;
 use crate::readiness::{Readiness, Step};
 use crate::report::Timeline;
 
+/// What a guest asked to shut down gets beyond the workload's grace to sync and power off before
+/// its VMM is killed.
+const POWER_OFF_MARGIN: Duration = Duration::from_secs(15);
+
 /// What the handlers do to the world beyond the loop's own state and output.
 pub trait Effects {
     /// Stops the VM at once; its exit then arrives as [`Event::VmmExited`].
@@ -80,7 +84,10 @@ pub struct LoopState {
     /// Until the VM is ready; `None` after.
     readiness: Option<Readiness>,
     kill_deadline: Option<Instant>,
+    /// The guest was asked to shut down (for a signal or a host error).
     shutdown_sent: bool,
+    /// A signal came: the next one stops the VM at once.
+    signalled: bool,
     verdict: Verdict,
 }
 
@@ -91,6 +98,7 @@ impl LoopState {
             readiness: Some(Readiness::new(stage_timeout)),
             kill_deadline: None,
             shutdown_sent: false,
+            signalled: false,
             verdict: Verdict::default(),
         }
     }
@@ -186,8 +194,9 @@ impl<'a, E: Effects> EventLoop<'a, E> {
         None
     }
 
-    /// A deadline passed: no hello, no power-off after the exit or the shutdown request, or a
-    /// readiness stage late. Each stops the VM.
+    /// A deadline passed: no hello, no power-off after the exit or the shutdown request (each
+    /// kills the VM), or a readiness stage late (the guest is asked to shut down: k3s may be
+    /// writing its database).
     fn on_deadline(&mut self, now: Instant) {
         if self.state.hello_deadline.is_some_and(|d| now >= d) {
             self.state.hello_deadline = None;
@@ -219,7 +228,7 @@ impl<'a, E: Effects> EventLoop<'a, E> {
                 within.as_secs(),
                 self.run.console_log.display()
             ));
-            self.effects.kill_vmm();
+            self.stop_cleanly(now);
         }
     }
 
@@ -292,9 +301,12 @@ impl<'a, E: Effects> EventLoop<'a, E> {
         self.session.publish(self.timeline, self.progress);
     }
 
-    /// The guest is about to power off: it gets 10 s to do so.
+    /// The guest is about to power off: it gets 10 s to do so. No later stage can come.
     fn on_exit(&mut self, status: i32) {
         self.state.verdict.exit = Some(status);
+        if let Some(r) = self.state.readiness.as_mut() {
+            r.stop();
+        }
         // Tell the guest we have everything: it waits for this close.
         if let Some(w) = self
             .run
@@ -322,37 +334,83 @@ impl<'a, E: Effects> EventLoop<'a, E> {
         }
     }
 
-    /// The first signal asks the guest to shut down (within the grace time and 15 s more);
-    /// another one, or one before the guest connected, stops the VM.
+    /// The first signal asks the guest to shut down (unless it already was); another one, or one
+    /// before the guest connected, stops the VM.
     fn on_signal(&mut self, sig: Signal) {
         self.timeline
             .host(self.now_us(), "signal", json!(sig.as_str()));
+        let first = !std::mem::replace(&mut self.state.signalled, true);
+        if !first || !self.channel_open() {
+            self.progress.note(&format!("{sig}: stopping the VM"));
+            self.effects.kill_vmm();
+        } else if self.state.shutdown_sent {
+            self.progress.note(&format!(
+                "{sig}: the guest is already shutting down; another signal stops the VM at once"
+            ));
+        } else {
+            self.progress.note(&format!(
+                "{sig}: asking the guest to shut down (grace {} ms)",
+                self.run.args.grace_ms
+            ));
+            self.request_shutdown(Instant::now());
+        }
+    }
+
+    fn channel_open(&self) -> bool {
+        let w = self.run.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.is_some()
+    }
+
+    /// Stops the VM for a host error the guest is not to blame for (a late stage, a gateway that
+    /// does not answer, a failed forward) the way a signal does: through the guest's own
+    /// shutdown, so that k3s's database is not cut mid-write. Killed at once only when there is
+    /// no channel to ask on.
+    fn stop_cleanly(&mut self, now: Instant) {
+        if self.state.shutdown_sent {
+            return;
+        }
+        if !self.channel_open() {
+            self.effects.kill_vmm();
+            return;
+        }
+        self.progress.note(&format!(
+            "asking the guest to shut down (grace {} ms)",
+            self.run.args.grace_ms
+        ));
+        self.request_shutdown(now);
+    }
+
+    /// Sends `shutdown` (the workload gets SIGTERM, SIGKILL after the grace; init syncs and
+    /// powers off) and arms the kill for a guest that has not powered off by the grace plus
+    /// [`POWER_OFF_MARGIN`] after `now`. A request that cannot be written kills at once.
+    fn request_shutdown(&mut self, now: Instant) {
         let grace_ms = self.run.args.grace_ms;
-        let writer = self.run.writer;
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        match (w.as_mut(), self.state.shutdown_sent) {
-            (Some(stream), false) => {
-                self.progress.note(&format!(
-                    "{sig}: asking the guest to shut down (grace {grace_ms} ms)"
-                ));
-                let sent = channel::send(
+        let sent = {
+            let mut w = self.run.writer.lock().unwrap_or_else(|p| p.into_inner());
+            w.as_mut().map(|stream| {
+                channel::send(
                     stream,
                     0,
                     self.run.clock,
                     HostMessage::Shutdown { grace_ms },
-                );
-                self.state.shutdown_sent = true;
-                if sent.is_err() {
-                    self.effects.kill_vmm();
-                }
-                self.state.kill_deadline = Some(
-                    Instant::now() + Duration::from_millis(grace_ms) + Duration::from_secs(15),
-                );
+                )
+            })
+        };
+        self.state.shutdown_sent = true;
+        match sent {
+            Some(Ok(())) => {
+                self.timeline
+                    .host(self.now_us(), "shutdown-requested", json!(grace_ms));
+                self.state.kill_deadline =
+                    Some(now + Duration::from_millis(grace_ms) + POWER_OFF_MARGIN);
             }
-            _ => {
-                self.progress.note(&format!("{sig}: stopping the VM"));
+            Some(Err(e)) => {
+                self.progress.error(&format!(
+                    "cannot ask the guest to shut down: {e}; killing the VM"
+                ));
                 self.effects.kill_vmm();
             }
+            None => self.effects.kill_vmm(),
         }
     }
 
@@ -368,7 +426,7 @@ impl<'a, E: Effects> EventLoop<'a, E> {
             self.run.gateway_forward.unwrap_or_default(),
             self.run.args.stage_timeout
         ));
-        self.effects.kill_vmm();
+        self.stop_cleanly(Instant::now());
     }
 
     fn on_forwarded(&mut self, result: Result<Vec<(Forward, u32)>, ExposeError>) {
@@ -382,7 +440,7 @@ impl<'a, E: Effects> EventLoop<'a, E> {
                     .host(now_us, "forward-failed", json!(e.to_string()));
                 self.progress.error(&format!("{e}; stopping the VM"));
                 self.state.verdict.error = Some(code::SETUP);
-                self.effects.kill_vmm();
+                self.stop_cleanly(Instant::now());
             }
         }
     }
@@ -555,6 +613,26 @@ mod tests {
         )
     }
 
+    /// Connects the boot channel's write side: the returned end is the guest's.
+    fn connect(f: &Fixture) -> UnixStream {
+        let (ours, guest_end) = UnixStream::pair().expect("pair");
+        *f.writer.lock().expect("lock") = Some(ours);
+        guest_end
+    }
+
+    /// The one host message the guest end has received.
+    fn received(guest_end: &mut UnixStream) -> HostMessage {
+        let mut decoder = FrameDecoder::default();
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(guest_end, &mut buf).expect("read");
+        decoder.push(&buf[..n]);
+        decoder
+            .next_frame::<HostMessage>()
+            .expect("a frame")
+            .expect("complete")
+            .msg
+    }
+
     /// Feeds `events`, none of which may end the loop, then the VMM's exit; returns the code.
     fn feed(lp: &mut EventLoop<'_, Recorder>, events: Vec<Event>) -> i32 {
         for e in events {
@@ -675,8 +753,7 @@ mod tests {
     #[test]
     fn a_signal_asks_the_guest_to_shut_down_once() {
         let mut f = Fixture::new();
-        let (ours, mut guest_end) = UnixStream::pair().expect("pair");
-        *f.writer.lock().expect("lock") = Some(ours);
+        let mut guest_end = connect(&f);
         let mut lp = f.event_loop(None);
         lp.handle(hello(&[]));
         let before = Instant::now();
@@ -684,16 +761,11 @@ mod tests {
         assert_eq!(lp.effects.kills, 0);
         assert!(lp.state.shutdown_sent);
         let deadline = lp.state.kill_deadline.expect("a deadline to power off");
-        assert!(deadline >= before + Duration::from_millis(10_000) + Duration::from_secs(15));
-        let mut decoder = FrameDecoder::default();
-        let mut buf = [0u8; 256];
-        let n = std::io::Read::read(&mut guest_end, &mut buf).expect("read");
-        decoder.push(&buf[..n]);
-        let sent = decoder
-            .next_frame::<HostMessage>()
-            .expect("a frame")
-            .expect("complete");
-        assert_eq!(sent.msg, HostMessage::Shutdown { grace_ms: 10_000 });
+        assert!(deadline >= before + Duration::from_millis(10_000) + POWER_OFF_MARGIN);
+        assert_eq!(
+            received(&mut guest_end),
+            HostMessage::Shutdown { grace_ms: 10_000 }
+        );
         lp.handle(Event::Signal(Signal::SIGINT));
         assert_eq!(lp.effects.kills, 1);
         assert_eq!(feed(&mut lp, vec![exit(1, 143)]), 143);
@@ -730,16 +802,82 @@ mod tests {
         assert!(lp.timeline.summary.ready_us.is_none());
     }
 
+    /// A late stage is named and the guest asked to shut down: no kill while it may still be
+    /// stopping k3s and syncing, a kill once the grace and the margin are spent.
     #[test]
-    fn a_late_stage_is_named_and_stops_the_vm() {
+    fn a_late_stage_asks_the_guest_to_shut_down_and_kills_only_after_the_grace() {
+        let mut f = Fixture::new();
+        let mut guest_end = connect(&f);
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[stage::WORKLOAD_STARTED, stage::K3S_STARTED]));
+        let late = Instant::now() + Duration::from_secs(301);
+        lp.on_deadline(late);
+        assert_eq!(lp.effects.kills, 0, "asked, not killed");
+        assert_eq!(
+            received(&mut guest_end),
+            HostMessage::Shutdown { grace_ms: 10_000 }
+        );
+        let r = lp.state.readiness.as_ref().expect("still not ready");
+        assert_eq!(r.awaited(), Some(stage::WORKLOAD_STARTED));
+        assert_eq!(r.deadline(), None, "reported once");
+        let last = lp.timeline.events.last().expect("timeline");
+        assert_eq!(last.event["type"], "shutdown-requested");
+        let kill_at = late + Duration::from_millis(10_000) + POWER_OFF_MARGIN;
+        assert_eq!(lp.state.deadline(), Some(kill_at));
+        lp.on_deadline(kill_at - Duration::from_millis(1));
+        assert_eq!(lp.effects.kills, 0, "not before the grace and the margin");
+        lp.on_deadline(kill_at);
+        assert_eq!(lp.effects.kills, 1, "a guest that hangs is killed");
+        assert_eq!(feed(&mut lp, vec![]), code::TIMEOUT);
+    }
+
+    /// A guest that shuts down in time is never killed; the run still ends with the timeout's code.
+    #[test]
+    fn a_late_stage_with_a_guest_that_powers_off_in_time_is_not_killed() {
+        let mut f = Fixture::new();
+        let mut guest_end = connect(&f);
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[stage::K3S_STARTED]));
+        let late = Instant::now() + Duration::from_secs(301);
+        lp.on_deadline(late);
+        assert!(matches!(
+            received(&mut guest_end),
+            HostMessage::Shutdown { .. }
+        ));
+        lp.handle(exit(1, 143));
+        lp.on_deadline(late + Duration::from_secs(1));
+        assert_eq!(feed(&mut lp, vec![]), code::TIMEOUT);
+        assert_eq!(lp.effects.kills, 0);
+        // The guest's exit closed the channel: it waits for that close before powering off.
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut guest_end, &mut rest).expect("closed");
+        assert!(rest.is_empty());
+    }
+
+    /// Once the guest is shutting down for a late stage, the user's first signal does not cut it
+    /// short; a second one does.
+    #[test]
+    fn a_signal_during_that_shutdown_waits_and_a_second_kills() {
+        let mut f = Fixture::new();
+        let mut guest_end = connect(&f);
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[stage::K3S_STARTED]));
+        lp.on_deadline(Instant::now() + Duration::from_secs(301));
+        received(&mut guest_end);
+        lp.handle(Event::Signal(Signal::SIGINT));
+        assert_eq!(lp.effects.kills, 0);
+        lp.handle(Event::Signal(Signal::SIGINT));
+        assert_eq!(lp.effects.kills, 1);
+    }
+
+    /// Before the guest connected there is no one to ask: the VM is stopped at once.
+    #[test]
+    fn a_late_stage_without_a_channel_stops_the_vm() {
         let mut f = Fixture::new();
         let mut lp = f.event_loop(None);
         lp.handle(hello(&[stage::WORKLOAD_STARTED, stage::K3S_STARTED]));
         lp.on_deadline(Instant::now() + Duration::from_secs(301));
         assert_eq!(lp.effects.kills, 1);
-        let r = lp.state.readiness.as_ref().expect("still not ready");
-        assert_eq!(r.awaited(), Some(stage::WORKLOAD_STARTED));
-        assert_eq!(r.deadline(), None, "reported once");
         assert_eq!(feed(&mut lp, vec![]), code::TIMEOUT);
     }
 
@@ -760,17 +898,23 @@ mod tests {
         assert_eq!(lp.effects.kills, 0);
     }
 
+    /// A forwarded gateway port that does not answer is the last stage not arriving: the guest
+    /// is asked to shut down.
     #[test]
-    fn a_gateway_port_that_does_not_answer_stops_the_vm() {
+    fn a_gateway_port_that_does_not_answer_stops_the_vm_cleanly() {
         let mut f = Fixture::new();
+        let mut guest_end = connect(&f);
         let mut lp = f.event_loop(Some(30051));
         lp.handle(hello(&[stage::GATEWAY_READY]));
         lp.handle(ready(1, stage::GATEWAY_READY));
+        lp.handle(Event::GatewayProbed(false));
         assert_eq!(
-            feed(&mut lp, vec![Event::GatewayProbed(false)]),
-            code::TIMEOUT
+            received(&mut guest_end),
+            HostMessage::Shutdown { grace_ms: 10_000 }
         );
-        assert_eq!(lp.effects.kills, 1);
+        assert!(lp.state.kill_deadline.is_some());
+        assert_eq!(feed(&mut lp, vec![exit(2, 0)]), code::TIMEOUT);
+        assert_eq!(lp.effects.kills, 0);
     }
 
     /// Without a forwarded gateway port there is nothing to probe: its stage is enough.
