@@ -1,13 +1,13 @@
 //! VM network tests: the guest's own DHCP client against passt's DHCP, and port forwards from
 //! 127.0.0.1 on the host into a service the guest runs, on both architectures.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use openshell_shared::GuestMessage;
-use openshell_tests::{both_arches, vm_slot, Boot, BOOT_DEADLINE};
+use openshell_tests::{
+    both_arches, free_port, http_get, listeners_on, vm_slot, Boot, BOOT_DEADLINE,
+};
 
 /// With passt as the network, the guest's own DHCP client gets its lease from passt's DHCP.
 fn passt_gives_the_guest_a_lease(arch: &str) {
@@ -41,44 +41,6 @@ fn passt_gives_the_guest_a_lease(arch: &str) {
 }
 both_arches!(passt_gives_the_guest_a_lease);
 
-/// A port nothing listens on right now (the kernel picks it; racy only against other binders).
-fn free_port() -> u16 {
-    TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// Local addresses (hex `ADDR:PORT` as in /proc/net/tcp) listening on `port`.
-fn listeners_on(port: u16) -> Vec<String> {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    let suffix = format!(":{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            // st 0A is LISTEN.
-            (cols.get(3) == Some(&"0A") && cols.get(1)?.ends_with(&suffix))
-                .then(|| cols[1].to_string())
-        })
-        .collect()
-}
-
-/// One HTTP GET through the forward; `None` while nothing in the guest answers yet.
-fn get(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(
-        &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(),
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    (!answer.is_empty()).then_some(answer)
-}
-
 /// `-p HOST:GUEST` with passt: a web server the guest starts on GUEST answers on 127.0.0.1:HOST
 /// on the host, and only on the loopback address.
 fn forwarded_port_reaches_a_guest_service(arch: &str) {
@@ -99,7 +61,7 @@ fn forwarded_port_reaches_a_guest_service(arch: &str) {
             running.is_running(),
             "host exited before the service answered"
         );
-        if let Some(a) = get(host_port) {
+        if let Some(a) = http_get(host_port) {
             break a;
         }
         assert!(
