@@ -130,6 +130,34 @@ pub fn http_get(port: u16) -> Option<String> {
     (!answer.is_empty()).then_some(answer)
 }
 
+/// Starts `boot` with a busybox web server on guest port 8080 (its page names the guest's arch)
+/// behind `-p HOST:8080`, and waits until 127.0.0.1:`host_port` answers; returns the running boot
+/// and the answer. Whatever network `boot` was given carries the forward.
+pub fn serve_web(boot: Boot, host_port: u16) -> (Running, String) {
+    let script = "mkdir -p /tmp/www && echo \"served by $(uname -m)\" > /tmp/www/index.html \
+                  && exec busybox httpd -f -p 8080 -h /tmp/www";
+    let mut running = boot
+        .arg("-p")
+        .arg(&format!("{host_port}:8080"))
+        .exec(&["/bin/sh", "-c", script])
+        .start();
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    loop {
+        assert!(
+            running.is_running(),
+            "host exited before the service answered"
+        );
+        if let Some(answer) = http_get(host_port) {
+            return (running, answer);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer on 127.0.0.1:{host_port}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The `openshell-host` binary under test: `OPENSHELL_HOST_BIN`, else the one cargo built next to
 /// this test binary (`target/<profile>/deps/<test>` → `target/<profile>/openshell-host`).
 pub fn host_bin() -> PathBuf {
