@@ -23,8 +23,8 @@ use crate::backend::spec::STATE_DISK_SERIAL;
 /// Size of a new disk unless `--state-disk-size` says otherwise; an existing smaller one (whose
 /// size we recorded) grows to it, as the old system's did.
 pub const DEFAULT_SIZE: u64 = 32 << 30;
-/// Below this no filesystem the guest makes is useful.
-pub const MIN_SIZE: u64 = 16 << 20;
+/// The guest formats no smaller disk (kine alone wants 64 MiB free): refused here already.
+pub const MIN_SIZE: u64 = 64 << 20;
 const SECTOR: u64 = 512;
 
 const IMAGE: &str = "state.img";
@@ -563,9 +563,9 @@ mod tests {
         assert_eq!(p("32GiB"), Ok(32 << 30));
         assert_eq!(p("512m"), Ok(512 << 20));
         assert_eq!(p("1T"), Ok(1 << 40));
-        assert_eq!(p("16777216"), Ok(16 << 20));
-        assert!(p("1M").unwrap_err().contains("minimum 16 MiB"));
-        assert!(p("16777217").unwrap_err().contains("512-byte sectors"));
+        assert_eq!(p("67108864"), Ok(64 << 20));
+        assert!(p("63M").unwrap_err().contains("minimum 64 MiB"));
+        assert!(p("67108865").unwrap_err().contains("512-byte sectors"));
         assert!(p("32X").unwrap_err().contains("unknown unit"));
         assert!(p("G").is_err() && p("").is_err() && p("-1G").is_err());
         assert!(p("99999999999T").unwrap_err().contains("too large"));

@@ -194,7 +194,7 @@ mod tests {
                 .no_state_disk
         );
         let err = with_required(&["--state-disk-size", "1M"]).unwrap_err();
-        assert!(err.to_string().contains("minimum 16 MiB"), "{err}");
+        assert!(err.to_string().contains("minimum 64 MiB"), "{err}");
         assert!(
             with_required(&["--no-state-disk", "--state-disk-size", "64G"]).is_err(),
             "a size for no disk is a contradiction"
