@@ -72,6 +72,21 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Keeps `fd` open in the program `cmd` runs (std opens every descriptor close-on-exec): for a
+/// lock the child must hold for as long as it lives.
+pub fn keep_open(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: fcntl is async-signal-safe, and after the fork it changes only the child's table.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A started helper with its name for messages.
 pub struct Helper {
     pub name: &'static str,

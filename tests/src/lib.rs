@@ -220,6 +220,9 @@ pub struct Boot {
     /// `--net` for the boot: `none` unless a test is about the network, so boots stay fast and
     /// never compete for the default forwarded port.
     pub net: String,
+    /// `--state-disk-size` for the boot; unset, `--no-state-disk`: the base root cannot format
+    /// a state disk, so only the tests about the disk get one.
+    pub state_disk: Option<String>,
 }
 
 impl Boot {
@@ -255,6 +258,7 @@ impl Boot {
             exec: Vec::new(),
             extra_args: Vec::new(),
             net: "none".into(),
+            state_disk: None,
         })
     }
 
@@ -265,6 +269,12 @@ impl Boot {
 
     pub fn net(mut self, backend: &str) -> Self {
         self.net = backend.to_string();
+        self
+    }
+
+    /// Boots with a state disk of `size` (`--state-disk-size`).
+    pub fn state_disk(mut self, size: &str) -> Self {
+        self.state_disk = Some(size.to_string());
         self
     }
 
@@ -292,12 +302,22 @@ impl Boot {
         self.run_dir.path().join("state")
     }
 
+    /// The state directory of instance `name` (lock, state file, state disk).
+    pub fn instance_dir(&self, name: &str) -> PathBuf {
+        self.state_home().join("openshell").join(name)
+    }
+
     pub fn report_path(&self) -> PathBuf {
         self.run_dir.path().join("report.json")
     }
 
-    /// The `up` options that say which VM this is: arch, kernel, root, vsock helper, run directory.
+    /// The `up` options that say which VM this is: arch, kernel, root, vsock helper, run
+    /// directory, state disk.
     pub fn vm_args(&self, cmd: &mut Command, run_dir: &Path) {
+        match &self.state_disk {
+            Some(size) => cmd.arg("--state-disk-size").arg(size),
+            None => cmd.arg("--no-state-disk"),
+        };
         cmd.arg("--arch")
             .arg(&self.arch)
             .arg("--kernel")

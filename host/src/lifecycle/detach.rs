@@ -113,7 +113,7 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
             if !args.rootfs.is_dir() {
                 return Err(DetachError::NoRootfs(args.rootfs.clone()));
             }
-            println!("{}", reset::run(&args.rootfs, args.yes)?);
+            println!("{}", reset::run(&args.rootfs, &sdir, args.yes)?);
         }
     }
     let log_path = sdir.host_log_path();

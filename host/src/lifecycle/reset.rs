@@ -1,11 +1,15 @@
-//! `up --reset`: removes the guest's runtime state from the root filesystem before a boot, so the
-//! next boot starts k3s and the pods fresh. Removes pod directories, CNI state and the k3s
+//! `up --reset`: removes the guest's runtime state before a boot, so the next boot starts a fresh
+//! cluster. Removes the instance's state disk image (k3s, containerd, the PKI when the guest
+//! keeps them there) and, from the root filesystem, pod directories, CNI state and the k3s
 //! server database; never the rootfs itself, never `var/run` (a symlink on many distributions
 //! that the guest needs), and never anything reached through a symlink: links are removed as
 //! links, and a target whose parent directory is a symlink is left alone.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+
+use super::state::StateDir;
+use super::state_disk::{self, StateDiskError};
 
 /// Removed whole, relative to the rootfs.
 const TREES: [&str; 2] = ["var/lib/kubelet/pods", "var/lib/cni"];
@@ -24,6 +28,8 @@ pub enum ResetError {
     NotConfirmed { rootfs: PathBuf },
     #[error("reset of {rootfs} declined")]
     Declined { rootfs: PathBuf },
+    #[error(transparent)]
+    Disk(#[from] StateDiskError),
 }
 
 /// True when every directory between `root` and `rel`'s last component is a real directory:
@@ -98,7 +104,7 @@ pub fn confirm(rootfs: &Path, paths: &[PathBuf], yes: bool) -> Result<(), ResetE
         });
     }
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "--reset removes from {}:", rootfs.display());
+    let _ = writeln!(err, "--reset removes:");
     for p in paths {
         let _ = writeln!(err, "  {}", p.display());
     }
@@ -114,12 +120,16 @@ pub fn confirm(rootfs: &Path, paths: &[PathBuf], yes: bool) -> Result<(), ResetE
     }
 }
 
-/// Plans, confirms and removes; returns a note for the user.
-pub fn run(rootfs: &Path, yes: bool) -> Result<String, ResetError> {
-    let paths = plan(rootfs);
+/// Plans, confirms and removes the runtime state in `rootfs` and the state disk of the instance
+/// in `sdir` (whose lock the caller holds); returns a note for the user.
+pub fn run(rootfs: &Path, sdir: &StateDir, yes: bool) -> Result<String, ResetError> {
+    // No VM may have the disk open while it goes (a VMM of a killed `up` may still).
+    let _disk = state_disk::lock(sdir)?;
+    let mut paths = plan(rootfs);
+    paths.extend(state_disk::reset_paths(sdir));
     if paths.is_empty() {
         return Ok(format!(
-            "reset: no runtime state in {} to remove",
+            "reset: no runtime state in {} and no state disk to remove",
             rootfs.display()
         ));
     }
@@ -140,6 +150,13 @@ pub fn run(rootfs: &Path, yes: bool) -> Result<String, ResetError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    /// An instance state directory without a state disk.
+    fn no_disk(tmp: &tempfile::TempDir) -> StateDir {
+        let dir = StateDir::at("t", tmp.path().join("state"));
+        dir.create().expect("state dir");
+        dir
+    }
 
     fn touch(p: &Path) {
         std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
@@ -166,7 +183,7 @@ mod tests {
 
         let planned = plan(&root);
         assert_eq!(planned.len(), 5, "{planned:?}");
-        run(&root, true).expect("reset");
+        run(&root, &no_disk(&tmp), true).expect("reset");
 
         assert!(!root.join("var/lib/kubelet/pods").exists());
         assert!(std::fs::symlink_metadata(root.join("var/lib/cni")).is_err());
@@ -191,7 +208,7 @@ mod tests {
         std::fs::create_dir_all(root.join("var")).expect("var");
         symlink(&outside, root.join("var/lib")).expect("link");
         assert!(plan(&root).is_empty());
-        run(&root, true).expect("reset");
+        run(&root, &no_disk(&tmp), true).expect("reset");
         assert!(outside.join("kubelet/pods/keep").exists());
         assert!(outside.join("rancher/k3s/server/db/state.db").exists());
     }
@@ -210,5 +227,39 @@ mod tests {
         }
         assert!(root.join("var/lib/cni/net").exists());
         confirm(&root, &plan(&root), true).expect("--yes");
+    }
+
+    /// The state disk goes with the rootfs state, its lock file stays; while another VM holds
+    /// the disk's lock nothing at all is removed.
+    #[test]
+    fn reset_removes_the_state_disk_unless_a_vm_holds_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path().join("rootfs");
+        touch(&root.join("var/lib/cni/net"));
+        let sdir = no_disk(&tmp);
+        {
+            let lock = state_disk::lock(&sdir).expect("lock");
+            let req = state_disk::Request {
+                size: 16 << 20,
+                explicit: true,
+            };
+            state_disk::prepare(&sdir, req, &lock).expect("disk");
+            let err = run(&root, &sdir, true).unwrap_err();
+            assert!(
+                matches!(err, ResetError::Disk(StateDiskError::Busy { .. })),
+                "{err}"
+            );
+            assert!(root.join("var/lib/cni/net").exists());
+            assert_eq!(state_disk::reset_paths(&sdir).len(), 2);
+        }
+        let note = run(&root, &sdir, true).expect("reset");
+        assert!(
+            note.contains("state.img") && note.contains("(3 entries)"),
+            "{note}"
+        );
+        assert!(state_disk::reset_paths(&sdir).is_empty());
+        assert!(state_disk::usage(&sdir).is_none());
+        assert!(!root.join("var/lib/cni").exists());
+        assert!(sdir.path.join("state.img.lock").exists());
     }
 }

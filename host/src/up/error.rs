@@ -10,6 +10,7 @@ use crate::children::ChildError;
 use crate::failure::Failure;
 use crate::lifecycle::reset::ResetError;
 use crate::lifecycle::state::StateError;
+use crate::lifecycle::state_disk::StateDiskError;
 use crate::net::choice::NetChoiceError;
 use crate::net::gvproxy::ExposeError;
 use crate::net::passt::PasstDirError;
@@ -44,6 +45,8 @@ pub enum UpError {
     State(#[from] StateError),
     #[error(transparent)]
     Reset(#[from] ResetError),
+    #[error(transparent)]
+    StateDisk(#[from] StateDiskError),
 }
 
 impl Failure for UpError {
