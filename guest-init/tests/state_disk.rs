@@ -124,7 +124,7 @@ fn a_blank_disk_is_formatted_and_seeded_once() {
         line.starts_with(&format!("state-disk: {node}: ext4 ")),
         "{line}"
     );
-    assert!(line.contains(" MiB free; formatted in "), "{line}");
+    assert!(line.contains(" MiB free; found and checked in "), "{line}");
     assert!(
         line.contains("formatted in ") && line.contains("journal clean"),
         "{line}"

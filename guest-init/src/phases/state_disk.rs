@@ -91,13 +91,17 @@ pub enum StateDiskError {
 /// What the phase did, for its report.
 #[derive(Debug, Default)]
 struct Report {
+    /// Finding, opening and reading the disk, formatting or checking included.
+    check_ms: f64,
     formatted_ms: Option<f64>,
     fsck: Option<(e2fs::Checked, f64)>,
     replayed: bool,
     unclean: bool,
     mount_ms: f64,
     grew: Option<(u64, f64)>,
-    seeded: Option<(seed::Seeded, f64)>,
+    seeded: Option<seed::Seeded>,
+    /// Seeding, or finding the marker that says it is done.
+    seed_ms: f64,
     binds: usize,
     binds_ms: f64,
 }
@@ -116,45 +120,38 @@ fn run(ctx: &Ctx) -> PhaseResult {
             "no state disk attached (no openshell.state_disk= on the kernel command line)".into(),
         ));
     };
+    let w = Stopwatch::start();
     let shown = device::find(&ctx.root, &named)?;
     let dev = Device::open(&ctx.root, &shown)?;
     let (path, size) = (dev.path.clone(), dev.size);
     let tools = E2fs::new(&ctx.root, ctx.pid1);
     let mut report = Report::default();
     let ext = prepare(ctx, dev, &tools, &mut report)?;
+    report.check_ms = ms(&w);
     let mount_point = ctx.path(MOUNT_POINT);
     mount(&path, &shown, &mount_point, &ext, &mut report)?;
     if size >= ext.bytes() + GROW_MIN_BYTES {
-        let w = Stopwatch::start();
-        match tools.grow(&path, &shown) {
-            Ok(()) => report.grew = Some((ext.bytes(), ms(&w))),
-            Err(e) => ctx.reporter.log(
-                Level::Warn,
-                format!(
-                    "state-disk: the disk is {} MiB, its filesystem {} MiB, and growing it failed: {e}; going on at the old size",
-                    mib(size),
-                    mib(ext.bytes())
-                ),
-            ),
-        }
+        grow(ctx, &tools, &path, &shown, (size, ext.bytes()), &mut report);
     }
     let w = Stopwatch::start();
-    if let Some(s) = seed::ensure(&ctx.root, &mount_point, &shown)? {
-        let took = ms(&w);
+    let seeded = seed::ensure(&ctx.root, &mount_point, &shown)?;
+    report.seed_ms = ms(&w);
+    if let Some(s) = seeded {
         ctx.reporter.log(
             Level::Info,
             format!(
-                "state-disk: first use: seeded {} entries ({} MiB) from {} in {took:.1} ms",
+                "state-disk: first use: seeded {} entries ({} MiB) from {} in {:.1} ms",
                 s.copied.entries,
                 mib(s.copied.bytes),
                 if s.from_root.is_empty() {
                     "nothing in the root".to_string()
                 } else {
                     s.from_root.join(", ")
-                }
+                },
+                report.seed_ms
             ),
         );
-        report.seeded = Some((s, took));
+        report.seeded = Some(s);
     }
     let bound = bind(&ctx.root, &mount_point, &mut report)?;
     let _ = ctx.state_disk.set(StateDiskInUse {
@@ -168,6 +165,30 @@ fn run(ctx: &Ctx) -> PhaseResult {
         &mount_point,
         &report,
     ))))
+}
+
+/// Grows the mounted filesystem to the disk's `(size, fs)`; a failure is a warning: the disk
+/// still works at its old size.
+fn grow(
+    ctx: &Ctx,
+    tools: &E2fs,
+    path: &Path,
+    shown: &str,
+    (size, fs): (u64, u64),
+    report: &mut Report,
+) {
+    let w = Stopwatch::start();
+    match tools.grow(path, shown) {
+        Ok(()) => report.grew = Some((fs, ms(&w))),
+        Err(e) => ctx.reporter.log(
+            Level::Warn,
+            format!(
+                "state-disk: the disk is {} MiB, its filesystem {} MiB, and growing it failed: {e}; going on at the old size",
+                mib(size),
+                mib(fs)
+            ),
+        ),
+    }
 }
 
 /// Reads what the disk holds and makes it our filesystem, ready to mount: formats a blank
@@ -387,9 +408,10 @@ fn describe(shown: &str, named: &str, mount_point: &Path, r: &Report) -> String 
         format!("{shown} (serial {named})")
     };
     parts.push(format!(
-        "{name}: ext4 {} MiB, {} MiB free",
+        "{name}: ext4 {} MiB, {} MiB free; found and checked in {:.1} ms",
         mib(size),
-        mib(free)
+        mib(free),
+        r.check_ms
     ));
     if let Some(t) = r.formatted_ms {
         parts.push(format!("formatted in {t:.1} ms"));
@@ -415,12 +437,16 @@ fn describe(shown: &str, named: &str, mount_point: &Path, r: &Report) -> String 
         parts.push(format!("grown from {} MiB in {t:.1} ms", mib(from)));
     }
     parts.push(match &r.seeded {
-        Some((s, t)) => format!(
-            "seeded {} entries ({} MiB) in {t:.1} ms",
+        Some(s) => format!(
+            "seeded {} entries ({} MiB) in {:.1} ms",
             s.copied.entries,
-            mib(s.copied.bytes)
+            mib(s.copied.bytes),
+            r.seed_ms
         ),
-        None => "seeded on an earlier boot".into(),
+        None => format!(
+            "seeded on an earlier boot (marker read in {:.1} ms)",
+            r.seed_ms
+        ),
     });
     parts.push(format!("{} binds in {:.1} ms", r.binds, r.binds_ms));
     parts.join("; ")

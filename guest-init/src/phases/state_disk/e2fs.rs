@@ -16,6 +16,13 @@ const DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
+    #[error("{device}: {program} is needed to {purpose}, but the root has only BusyBox's ({path}), which cannot make or mend ext4 as e2fsprogs does; a root with e2fsprogs is needed")]
+    BusyBox {
+        device: String,
+        program: &'static str,
+        purpose: &'static str,
+        path: PathBuf,
+    },
     #[error("{device}: {program} is needed to {purpose}, but there is none in {searched}")]
     Missing {
         device: String,
@@ -70,21 +77,27 @@ impl E2fs {
         purpose: &'static str,
         device: &str,
     ) -> Result<PathBuf, ToolError> {
-        self.dirs
-            .iter()
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-            .ok_or_else(|| ToolError::Missing {
+        let found = self.dirs.iter().map(|d| d.join(name)).find(|p| p.is_file());
+        // BusyBox has applets by these names that take none of the options used here.
+        if let Some(path) = found.as_ref().filter(|p| is_busybox(p)) {
+            return Err(ToolError::BusyBox {
                 device: device.to_string(),
                 program: name,
                 purpose,
-                searched: self
-                    .dirs
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+                path: path.clone(),
+            });
+        }
+        found.ok_or_else(|| ToolError::Missing {
+            device: device.to_string(),
+            program: name,
+            purpose,
+            searched: self
+                .dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
     }
 
     /// Runs `name args... dev`; returns its exit status and its last lines of output.
@@ -203,6 +216,14 @@ impl E2fs {
     }
 }
 
+/// A BusyBox applet: a link (of any depth) to a program called `busybox`.
+fn is_busybox(program: &Path) -> bool {
+    std::fs::canonicalize(program)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n == "busybox"))
+        .unwrap_or(false)
+}
+
 /// e2fsck's exit status, in words (its manual's table; bits may combine).
 fn fsck_meaning(code: i32) -> &'static str {
     if code & 4 != 0 {
@@ -260,6 +281,26 @@ mod tests {
                 "/dev/vdb: mke2fs is needed to format the blank disk, but there is none in \
                  {dir}/usr/sbin, {dir}/sbin, {dir}/usr/bin, {dir}/bin"
             )
+        );
+    }
+
+    /// The base root's mke2fs is a BusyBox applet: named for what it is, never run.
+    #[test]
+    fn a_busybox_applet_is_not_taken_for_e2fsprogs() {
+        let root = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(root.path().join("bin")).expect("mkdir");
+        std::fs::write(root.path().join("bin/busybox"), "#!/bin/sh\nexit 0\n").expect("write");
+        std::os::unix::fs::symlink("busybox", root.path().join("bin/mke2fs")).expect("link");
+        let err = E2fs::new(root.path(), true)
+            .format(Path::new("/nonexistent"), "/dev/vda")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "/dev/vda: mke2fs is needed to format the blank disk, but the root has only BusyBox's ({}/bin/mke2fs)",
+                root.path().display()
+            )),
+            "{err}"
         );
     }
 
