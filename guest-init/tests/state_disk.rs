@@ -435,3 +435,58 @@ fn caps_effective() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Runs debugfs's `request` on the (unattached) disk's device, writable.
+fn debugfs_w(disk: &LoopDisk, request: &str) {
+    disk.wait_free();
+    let ok = Command::new("debugfs")
+        .args(["-w", "-R", request])
+        .arg(&disk.dev)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "debugfs -w -R {request}");
+}
+
+/// ext4 recorded errors: e2fsck -p mends what it can before the mount and says so.
+#[test]
+fn recorded_errors_are_checked_before_the_mount() {
+    let Some(disk) = Image::new(128 * MIB).attach() else {
+        return;
+    };
+    let root = gateway_root();
+    let node = disk.node_in(root.path());
+    assert!(phase(root.path(), &node, &disk).ok);
+    debugfs_w(&disk, "ssv state 3");
+    debugfs_w(&disk, "ssv error_count 2");
+    let run = phase(root.path(), &node, &disk);
+    assert!(run.ok, "{}", run.outcome());
+    let line = run.outcome();
+    assert!(
+        line.contains("e2fsck -p (the filesystem recorded errors): status 0 in ")
+            && line.contains("check forced"),
+        "{line}"
+    );
+    assert_eq!(disk.dumpe2fs()["Filesystem state"], "clean");
+}
+
+/// Damage e2fsck -p will not mend alone: the boot stops with e2fsck's own words.
+#[test]
+fn damage_e2fsck_cannot_mend_stops_the_boot() {
+    let Some(disk) = Image::new(128 * MIB).attach() else {
+        return;
+    };
+    let root = gateway_root();
+    let node = disk.node_in(root.path());
+    assert!(phase(root.path(), &node, &disk).ok);
+    debugfs_w(&disk, "clri <2>");
+    debugfs_w(&disk, "ssv state 3");
+    let run = phase(root.path(), &node, &disk);
+    assert!(!run.ok);
+    let text = run.outcome();
+    assert!(
+        text.starts_with(&format!(
+            "{node}: `e2fsck -p {node}` failed (exit status 4: errors left uncorrected): "
+        )) && text.contains("RUN fsck MANUALLY"),
+        "{text}"
+    );
+}

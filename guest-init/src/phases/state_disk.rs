@@ -82,6 +82,8 @@ pub enum StateDiskError {
     },
     #[error("{target} in the root is a symbolic link: not binding the state disk over it")]
     LinkTarget { target: String },
+    #[error("{name} on the state disk is not a directory (a link?): not binding it")]
+    NotDirOnDisk { name: String },
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error(transparent)]
@@ -383,6 +385,12 @@ fn bind(
             .create(&target)
             .map_err(err("create"))?;
         let source: PathBuf = mount_point.join(STATE_DIR).join(b.name);
+        // What pods wrote lives on the disk: never bind through a link planted there.
+        if !crate::remove::is_real_dir(&source) {
+            return Err(StateDiskError::NotDirOnDisk {
+                name: format!("{STATE_DIR}/{}", b.name),
+            });
+        }
         nix::mount::mount(
             Some(&source),
             &target,

@@ -239,3 +239,48 @@ fn overlay_upper_on_the_disk_works_and_not_without_d_type() {
     let e = without.unwrap_err();
     assert!(e.contains("(d_type)"), "{e}");
 }
+
+/// A link planted on the disk where a bound directory belongs is not bound through.
+#[test]
+fn a_link_on_the_disk_is_not_bound_through() {
+    let Some(disk) = Image::new(128 * MIB).attach() else {
+        return;
+    };
+    let (root, node) = root_for(&disk);
+    let r = root.path().to_path_buf();
+    let result = in_private_mount_ns(move || {
+        detail((PHASE.run)(&ctx_for(&r, &node)));
+        let pki = under(&r, MOUNT_POINT).join("state/pki");
+        crate::teardown::unmount_all(&r, &[]);
+        // The disk alone, mounted again, gets the link.
+        let mp = under(&r, MOUNT_POINT);
+        nix::mount::mount(
+            Some(&under(&r, &node)),
+            &mp,
+            Some("ext4"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount");
+        crate::remove::remove_tree(&pki).expect("rm");
+        std::os::unix::fs::symlink("/etc", &pki).expect("link");
+        nix::mount::umount2(&mp, nix::mount::MntFlags::empty()).expect("umount");
+        let err = (PHASE.run)(&ctx_for(&r, &node))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        let bound_etc = mounted_under(&r)
+            .iter()
+            .any(|(p, _)| p == "/opt/openshell/pki");
+        crate::teardown::unmount_all(&r, &[]);
+        (err, bound_etc)
+    });
+    let Some((err, bound_etc)) = result else {
+        return;
+    };
+    assert_eq!(
+        err,
+        "state/pki on the state disk is not a directory (a link?): not binding it"
+    );
+    assert!(!bound_etc);
+}
