@@ -11,7 +11,7 @@
 mod copy;
 mod device;
 mod e2fs;
-pub mod layout;
+mod layout;
 mod ondisk;
 mod seed;
 
