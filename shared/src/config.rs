@@ -31,6 +31,7 @@ pub struct BootConfig {
     pub network: Network,
     pub manifests: Manifests,
     pub pki: Pki,
+    pub state_disk: StateDisk,
     /// Present: PID 1 runs k3s (command line built from this) instead of `workload.argv`,
     /// after the `k3s-prep` phase. Absent (the base profile): neither happens.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -48,6 +49,7 @@ impl Default for BootConfig {
             network: Network::default(),
             manifests: Manifests::default(),
             pki: Pki::default(),
+            state_disk: StateDisk::default(),
             k3s: None,
         }
     }
@@ -245,6 +247,55 @@ impl Default for Pki {
     fn default() -> Self {
         Self {
             renew_before_days: 30,
+        }
+    }
+}
+
+/// The serial the host gives the state disk's virtio-blk device, and the value of
+/// `openshell.state_disk=` it passes when it attaches one.
+pub const STATE_DISK_SERIAL: &str = "openshell-state";
+
+/// The state disk (`state-disk` phase): the block device that holds k3s's, containerd's and the
+/// PKI's state. Unset, there is none and that state stays in the root filesystem.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateDisk {
+    /// The disk by its virtio-blk serial ([`STATE_DISK_SERIAL`]), or, for debugging, by an
+    /// absolute `/dev/...` path. Set by the host with `openshell.state_disk=`.
+    pub device: Option<String>,
+}
+
+impl StateDisk {
+    /// The longest serial virtio-blk carries (VIRTIO_BLK_ID_BYTES).
+    pub const MAX_SERIAL: usize = 20;
+
+    /// Checks a value for [`StateDisk::device`]: a `/dev/` path without `..`, or a serial of
+    /// 1 to 20 characters from `[A-Za-z0-9._-]`.
+    pub fn check_device(value: &str) -> Result<(), String> {
+        if value.starts_with('/') {
+            let dev = value.strip_prefix("/dev/").unwrap_or("");
+            if dev.is_empty()
+                || dev
+                    .split('/')
+                    .any(|c| c.is_empty() || c == "." || c == "..")
+                || value.contains('\0')
+            {
+                return Err(format!("`{value}` is not a path under /dev/"));
+            }
+            return Ok(());
+        }
+        let ok = !value.is_empty()
+            && value.len() <= Self::MAX_SERIAL
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{value}` is neither a /dev/ path nor a virtio-blk serial (1 to {} characters from A-Z a-z 0-9 . _ -)",
+                Self::MAX_SERIAL
+            ))
         }
     }
 }
@@ -498,6 +549,11 @@ impl BootConfig {
                     self.k3s = None;
                 }
                 "cwd" => self.workload.cwd = value.clone(),
+                "state_disk" => {
+                    StateDisk::check_device(value)
+                        .map_err(|reason| ConfigError::invalid(&src, full, reason))?;
+                    self.state_disk.device = Some(value.clone());
+                }
                 "grace_ms" => self.shutdown.grace_ms = parse_num(&src, full, value)?,
                 "dhcp_timeout_ms" => self.network.dhcp_timeout_ms = parse_num(&src, full, value)?,
                 "interface" => self.network.interface = value.clone(),
@@ -637,6 +693,10 @@ impl BootConfig {
             ));
         }
         self.validate_manifests(source)?;
+        if let Some(device) = &self.state_disk.device {
+            StateDisk::check_device(device)
+                .map_err(|r| ConfigError::invalid(source, "state_disk.device", r))?;
+        }
         if let Some(k3s) = &self.k3s {
             k3s.validate(source)?;
         }
@@ -1146,6 +1206,44 @@ mod tests {
                 other => panic!("{line}: {other:?}"),
             }
         }
+    }
+
+    /// The host's key names the disk by serial; a `/dev/` path is for debugging; anything else
+    /// is refused with the key named, from the command line and from the file alike.
+    #[test]
+    fn state_disk_is_a_serial_or_a_dev_path() {
+        let mut c = BootConfig::default();
+        assert_eq!(c.state_disk.device, None);
+        c.apply_cmdline(&Cmdline::parse(&format!(
+            "openshell.state_disk={STATE_DISK_SERIAL}"
+        )))
+        .expect("serial");
+        assert_eq!(c.state_disk.device.as_deref(), Some(STATE_DISK_SERIAL));
+        c.apply_cmdline(&Cmdline::parse("openshell.state_disk=/dev/loop3"))
+            .expect("path");
+        assert_eq!(c.state_disk.device.as_deref(), Some("/dev/loop3"));
+        for bad in [
+            "",
+            "/etc/passwd",
+            "/dev/",
+            "/dev/../etc/shadow",
+            "/dev//vda",
+            "has space",
+            "a-serial-longer-than-20",
+            "semi;colon",
+        ] {
+            let mut c = BootConfig::default();
+            match c.apply_cmdline(&Cmdline::parse(&format!("openshell.state_disk=\"{bad}\""))) {
+                Err(ConfigError::Invalid { field, .. }) => {
+                    assert_eq!(field, "openshell.state_disk", "{bad:?}")
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        let err = BootConfig::from_yaml("state_disk:\n  device: /tmp/x\n", &file()).unwrap_err();
+        assert!(err.to_string().contains("state_disk.device"), "{err}");
+        let ok = BootConfig::from_yaml("state_disk:\n  device: /dev/vdb\n", &file()).expect("ok");
+        assert_eq!(ok.state_disk.device.as_deref(), Some("/dev/vdb"));
     }
 
     #[test]

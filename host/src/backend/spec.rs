@@ -34,8 +34,8 @@ pub struct VmSpec {
 }
 
 /// The virtio-blk serial (libkrun: block id) of the state disk, which the guest finds it by; in
-/// the guest `/sys/block/vdX/serial` reads it.
-pub const STATE_DISK_SERIAL: &str = "openshell-state";
+/// the guest `/sys/block/vdX/serial` reads it. One value, shared with the guest.
+pub use openshell_shared::config::STATE_DISK_SERIAL;
 
 /// The kernel command line key that tells the guest a state disk is attached (and which): with
 /// it the guest requires the disk, without it the guest runs with none.
