@@ -88,11 +88,11 @@ impl Helper {
             program: program.clone(),
             source,
         };
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(spawn_err)?;
+        let out = crate::private_dir::open_no_follow(
+            log,
+            std::fs::OpenOptions::new().create(true).append(true),
+        )
+        .map_err(spawn_err)?;
         let err = out.try_clone().map_err(spawn_err)?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         die_with_parent(&mut cmd);

@@ -12,6 +12,7 @@ mod failure;
 mod kubeconfig;
 mod lifecycle;
 mod net;
+mod private_dir;
 mod progress;
 mod readiness;
 mod report;

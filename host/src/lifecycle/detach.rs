@@ -131,7 +131,14 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
 /// its own, its output in `log_path`. Returns the child and when it was spawned (Unix ms).
 fn spawn_background(log_path: &Path) -> Result<(Child, u64), DetachError> {
     let open_log = || {
-        std::fs::File::create(log_path).map_err(|source| DetachError::Log {
+        crate::private_dir::open_no_follow(
+            log_path,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true),
+        )
+        .map_err(|source| DetachError::Log {
             path: log_path.to_path_buf(),
             source,
         })
