@@ -233,7 +233,8 @@ impl Supervisor {
                 },
                 Event::HostShutdown(grace_ms) => {
                     if deadline.is_none() {
-                        self.grace = Duration::from_millis(grace_ms);
+                        // Clamped: the host's number must not overflow the deadline below.
+                        self.grace = openshell_shared::config::grace(grace_ms);
                         reporter.log(
                             Level::Info,
                             format!("host asked to shut down: stopping the workload (grace {grace_ms} ms)"),
