@@ -17,6 +17,7 @@ mod progress;
 mod readiness;
 mod report;
 mod rundir;
+mod safe_text;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -213,7 +213,7 @@ fn wait_ready(
                     return Ok(0);
                 }
                 if let (Some(f), false) = (&state.failed, reported_failure) {
-                    eprintln!("openshell-host: {f}");
+                    eprintln!("openshell-host: {}", crate::safe_text::escape(f));
                     reported_failure = true;
                 }
             }
