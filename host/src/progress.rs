@@ -152,6 +152,12 @@ impl Progress {
             .take(3)
             .map(|p| format!("{} {:.1} ms", p.name, p.duration_us as f64 / 1000.0))
             .collect();
+        if summary.events_dropped > 0 {
+            self.line(&format!(
+                "the guest sent more than the timeline keeps: its {} oldest events were dropped",
+                summary.events_dropped
+            ));
+        }
         if let (Some(vmm), Some(ready)) = (summary.vmm_started_us, summary.ready_us) {
             self.line(&format!(
                 "boot: {:.1} ms from VM start to ready; slowest phases: {}; exit {code}",
