@@ -113,6 +113,7 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
             if !args.rootfs.is_dir() {
                 return Err(DetachError::NoRootfs(args.rootfs.clone()));
             }
+            let _root = reset::lock_root(&args.rootfs, true)?;
             println!("{}", reset::run(&args.rootfs, args.yes)?);
         }
     }

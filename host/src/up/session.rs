@@ -24,6 +24,8 @@ pub struct Session {
     /// Held for the whole run: a second `up` of the instance fails while it is.
     pub lock: Option<InstanceLock>,
     pub state: Option<StateDir>,
+    /// Held for the whole run: no `--reset` of this root while the VM uses it.
+    pub root: Option<reset::RootLock>,
     /// The state file as last written, updated as ready stages arrive.
     pub record: Option<InstanceState>,
 }
@@ -37,12 +39,15 @@ impl Session {
         if let Some(note) = sdir.clear_stale() {
             progress.note(&note);
         }
+        // Exclusive to reset (refused while any VM uses the root), shared to boot from it.
+        let root = reset::lock_root(&args.rootfs, args.reset)?;
         if args.reset {
             progress.note(&reset::run(&args.rootfs, args.yes)?);
         }
         Ok(Self {
             lock: Some(lock),
             state: Some(sdir),
+            root: Some(root),
             ..Self::default()
         })
     }
@@ -92,7 +97,9 @@ impl Session {
             }
             state.remove_state();
         }
-        // The lock goes last: until here another `up` of this instance must wait.
+        // The locks go last: until here another `up` of this instance, or a reset of its
+        // root, must wait.
         drop(self.lock.take());
+        drop(self.root.take());
     }
 }
