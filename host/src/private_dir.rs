@@ -28,8 +28,16 @@ pub const NO_SHARED_WRITE: u32 = 0o022;
 pub enum Problem {
     Link,
     NotDirectory,
-    Owner { uid: u32, ours: u32 },
-    Mode { mode: u32, forbidden: u32 },
+    Owner {
+        uid: u32,
+        ours: u32,
+    },
+    Mode {
+        mode: u32,
+        forbidden: u32,
+    },
+    /// Every directory on the path lets other users through.
+    Reachable,
 }
 
 impl std::fmt::Display for Problem {
@@ -48,6 +56,10 @@ impl std::fmt::Display for Problem {
             Problem::Mode { mode, .. } => {
                 write!(f, "its mode {mode:04o} lets other users write to it")
             }
+            Problem::Reachable => write!(
+                f,
+                "other users can reach it (no directory on its path is closed to them)"
+            ),
         }
     }
 }
@@ -195,6 +207,28 @@ pub fn check_base(base: &Path) -> Result<(), DirError> {
     Ok(())
 }
 
+/// `path` (links resolved) sits below, or is, a directory other users cannot pass: one without
+/// search permission for others, and for its group unless that is root's. A guest's setuid
+/// files in a tree only root can reach give nobody anything root does not have.
+pub fn check_closed_to_others(path: &Path) -> Result<(), DirError> {
+    use std::os::unix::fs::MetadataExt;
+    let real = path.canonicalize().map_err(|source| DirError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let closed = real.ancestors().any(|dir| {
+        std::fs::metadata(dir)
+            .is_ok_and(|m| m.mode() & 0o001 == 0 && (m.mode() & 0o010 == 0 || m.gid() == 0))
+    });
+    if closed {
+        return Ok(());
+    }
+    Err(DirError::Unsafe {
+        path: real,
+        problem: Problem::Reachable,
+    })
+}
+
 /// Opens `path` with `opts` but never through a link at its last component (`O_NOFOLLOW`): a
 /// link planted where a log or lock goes is refused, not written through.
 pub fn open_no_follow(
@@ -340,6 +374,31 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
         check_base(&open).expect("sticky, like /tmp");
         check_base(Path::new("/tmp")).expect("/tmp");
+    }
+
+    #[test]
+    fn a_tree_others_can_reach_is_named() {
+        let t = private_tmp();
+        check_closed_to_others(&t.path().join(".")).expect("below a 0700 directory");
+        let open = tempfile::tempdir_in("/tmp").expect("tmp");
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let root = open.path().join("root");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        if check_closed_to_others(Path::new("/tmp")).is_ok() {
+            eprintln!("skipped: / or /tmp is closed to others here");
+            return;
+        }
+        let err = check_closed_to_others(&root).unwrap_err();
+        assert!(
+            err.to_string().contains(&root.display().to_string())
+                && err.to_string().contains("other users can reach it"),
+            "{err}"
+        );
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        check_closed_to_others(&root).expect("closed above it");
     }
 
     #[test]
