@@ -20,6 +20,8 @@ pub enum RunDirError {
     Create(#[from] DirError),
     #[error("socket path {path} is {len} bytes, over the {MAX_SOCKET_PATH}-byte limit: choose a shorter --run-dir")]
     TooLong { path: PathBuf, len: usize },
+    #[error("console log {path}: {why}")]
+    Console { path: PathBuf, why: String },
     #[error("{path} is in use by a running instance (something answers on it)")]
     InUse { path: PathBuf },
     #[error("cannot remove stale socket {path}: {source}")]
@@ -169,6 +171,39 @@ impl RunDir {
 
 const VSOCK_UDS: &str = "vsock.sock";
 
+/// Makes the console log the VMM will open (qemu's `-serial file:` truncates through links) a
+/// regular file of ours before it does: never through a link, and in a directory where nobody
+/// else can replace it afterwards (not writable by others, or sticky with the file ours). The
+/// run directory's own console log passes trivially; this is for `--console-log`.
+pub fn prepare_console_log(path: &Path) -> Result<(), RunDirError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |why: String| RunDirError::Console {
+        path: path.to_path_buf(),
+        why,
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    private_dir::check_base(parent).map_err(|e| err(e.to_string()))?;
+    let file = private_dir::open_no_follow(
+        path,
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() || meta.uid() != private_dir::our_uid() {
+        return Err(err(format!(
+            "not a regular file of ours (uid {}): remove it",
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
 /// [`RunDir::default_path`] from its inputs. On macOS `tmpdir` (per user, where podman machine
 /// keeps its sockets) is taken when the longest socket path still fits.
 fn default_path_from(
@@ -306,6 +341,35 @@ mod tests {
             0o777,
             "not repaired behind the user's back"
         );
+    }
+
+    /// `--console-log` at a link another user planted (to a file of ours): refused, and the
+    /// target keeps its content; in a directory others may write to, refused too.
+    #[test]
+    fn a_console_log_at_a_link_or_in_an_open_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = private_tmp();
+        let precious = tmp.path().join("shadow");
+        std::fs::write(&precious, b"mine").expect("write");
+        let link = tmp.path().join("console.log");
+        std::os::unix::fs::symlink(&precious, &link).expect("link");
+        let msg = prepare_console_log(&link).unwrap_err().to_string();
+        assert!(
+            msg.contains(&link.display().to_string()) && msg.contains("symbolic link"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&precious).expect("read"), b"mine");
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let msg = prepare_console_log(&open.join("console.log"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("lets other users write"), "{msg}");
+        assert!(!open.join("console.log").exists());
+        let fine = tmp.path().join("c.log");
+        prepare_console_log(&fine).expect("ours");
+        prepare_console_log(&fine).expect("ours again");
     }
 
     #[test]

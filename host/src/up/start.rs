@@ -107,6 +107,7 @@ pub fn start(
         .console_log
         .clone()
         .unwrap_or_else(|| dir.console_log());
+    crate::rundir::prepare_console_log(&console_log)?;
     timeline.console_log = Some(console_log.clone());
     let spec = vm_spec(args, &backend, &dir, net_socket, &console_log);
     let vmm = vmm::start(
