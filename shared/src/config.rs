@@ -427,6 +427,16 @@ impl Default for Shutdown {
     }
 }
 
+/// The longest grace a workload gets: one hour. A configuration asking for more is refused;
+/// a grace from elsewhere (the host's `shutdown` message) is clamped to it with [`grace`].
+pub const MAX_GRACE_MS: u64 = 3_600_000;
+
+/// `grace_ms` as a duration, at most [`MAX_GRACE_MS`]: any `u64` the host sends can be added
+/// to an `Instant` without overflowing (which panics, and PID 1 must not).
+pub fn grace(grace_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(grace_ms.min(MAX_GRACE_MS))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Channel {
@@ -628,11 +638,11 @@ impl BootConfig {
                 "must be an absolute path",
             ));
         }
-        if self.shutdown.grace_ms > 3_600_000 {
+        if self.shutdown.grace_ms > MAX_GRACE_MS {
             return Err(ConfigError::invalid(
                 source,
                 "shutdown.grace_ms",
-                "must be at most 3600000 (one hour)",
+                format!("must be at most {MAX_GRACE_MS} (one hour)"),
             ));
         }
         // Ports below 1024 are reserved by vsock conventions; 0 and u32::MAX mean "any".
@@ -1256,6 +1266,34 @@ mod tests {
     }
 
     proptest! {
+        /// Over the whole `u64` range, from the command line and from the file: a grace is
+        /// refused naming the field, or it is one PID 1 can add to its clock (with the host's
+        /// margin on top) without overflowing.
+        #[test]
+        fn any_grace_is_refused_or_safe_to_add(
+            ms in prop_oneof![any::<u64>(), 0..=MAX_GRACE_MS + 1, Just(u64::MAX)]
+        ) {
+            let mut c = BootConfig::default();
+            let line = format!("openshell.grace_ms={ms}");
+            match c.apply_cmdline(&Cmdline::parse(&line)) {
+                Ok(()) => {
+                    prop_assert!(ms <= MAX_GRACE_MS);
+                    let grace = std::time::Duration::from_millis(c.shutdown.grace_ms);
+                    prop_assert!(std::time::Instant::now().checked_add(grace * 2).is_some());
+                }
+                Err(ConfigError::Invalid { field, .. }) => {
+                    prop_assert!(ms > MAX_GRACE_MS);
+                    prop_assert_eq!(field, "shutdown.grace_ms");
+                }
+                Err(e) => prop_assert!(false, "{e}"),
+            }
+            let yaml = format!("shutdown:\n  grace_ms: {ms}\n");
+            prop_assert_eq!(BootConfig::from_yaml(&yaml, &file()).is_ok(), ms <= MAX_GRACE_MS);
+            // What the host sends is clamped, never refused.
+            prop_assert_eq!(grace(ms).as_millis() as u64, ms.min(MAX_GRACE_MS));
+            prop_assert!(std::time::Instant::now().checked_add(grace(ms) * 2).is_some());
+        }
+
         #[test]
         fn argv_survives_the_command_line(prog in "/[a-z/]{0,8}", args in proptest::collection::vec(".*", 0..6)) {
             let argv: Vec<String> = std::iter::once(prog).chain(args).collect();

@@ -229,9 +229,10 @@ impl Boot {
     /// Prepares a boot with a fresh copy of the root filesystem, or `None` when VM tests skip.
     pub fn new(arch: &str) -> Option<Self> {
         let artifacts = artifacts(arch)?;
+        // Inside a directory closed to other users: as root, `up` refuses a root they can reach.
         let root = tempfile::Builder::new()
             .prefix("openshell-root-")
-            .tempdir()
+            .tempdir_in(private_roots())
             .expect("temp dir");
         // cp -a keeps device nodes, symlinks and modes, which the guest needs.
         let status = Command::new("cp")
@@ -376,6 +377,16 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<String> {
         }
         text
     })
+}
+
+/// `<tmp>/openshell-test-roots`, 0700: where boots copy their root filesystems.
+fn private_roots() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join("openshell-test-roots");
+    let _ = std::fs::create_dir(&dir);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
 }
 
 /// A boot in progress.

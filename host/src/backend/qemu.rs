@@ -109,6 +109,11 @@ fn state_disk_args(image: &Path) -> [String; 4] {
 }
 
 /// virtiofsd serving `rootfs` on the vhost-user `socket` qemu's `vhost-user-fs-device` connects to.
+/// Without CAP_MKNOD: a guest's device nodes would land in the host's tree, where whoever reaches
+/// them gets the host's device (the guest's own /dev is devtmpfs, and k3s's state is not on
+/// virtio-fs). Setuid bits a guest root sets on its own files cannot be stopped this way (the
+/// owner may set them without any capability): `up` refuses, as root, a root filesystem other
+/// users can reach.
 pub fn virtiofsd_args(socket: &Path, rootfs: &Path) -> Vec<OsString> {
     vec![
         format!("--socket-path={}", socket.display()).into(),
@@ -116,6 +121,8 @@ pub fn virtiofsd_args(socket: &Path, rootfs: &Path) -> Vec<OsString> {
         format!("source={}", rootfs.display()).into(),
         "-o".into(),
         "cache=auto".into(),
+        "-o".into(),
+        "modcaps=-mknod".into(),
     ]
 }
 
@@ -259,7 +266,9 @@ mod tests {
                 "-o",
                 "source=/images/root",
                 "-o",
-                "cache=auto"
+                "cache=auto",
+                "-o",
+                "modcaps=-mknod"
             ]
             .map(OsString::from)
         );

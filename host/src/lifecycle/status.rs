@@ -90,7 +90,7 @@ pub fn run(args: &StatusArgs) -> Result<i32, StateError> {
                     if r.ready_stages.is_empty() {
                         "not yet".into()
                     } else {
-                        r.ready_stages.join(", ")
+                        crate::safe_text::escape(&r.ready_stages.join(", ")).into_owned()
                     }
                 );
                 println!("  console: {}", r.console_log.display());
@@ -146,7 +146,7 @@ fn print_boot(boot: &Value) {
     for p in boot["phases"].as_array().into_iter().flatten() {
         println!(
             "  {:<16} {:<8} {:>9.3} ms",
-            p["name"].as_str().unwrap_or("?"),
+            crate::safe_text::escape(p["name"].as_str().unwrap_or("?")),
             p["outcome"].as_str().unwrap_or("?"),
             p["duration_us"].as_u64().unwrap_or(0) as f64 / 1000.0
         );
@@ -155,7 +155,7 @@ fn print_boot(boot: &Value) {
         println!("  guest exit status: {status}");
     }
     if let Some(e) = boot["error"].as_str() {
-        println!("  error: {e}");
+        println!("  error: {}", crate::safe_text::escape(e));
     }
 }
 

@@ -106,8 +106,10 @@ pub struct UpArgs {
     /// Seconds to wait for the guest's hello.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
-    /// Time the workload gets to stop when the host is asked to shut down.
-    #[arg(long, default_value_t = 10_000)]
+    /// Time the workload gets to stop when the host is asked to shut down (at most an hour:
+    /// the guest's own limit, and the host adds it to its clock).
+    #[arg(long, default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(..=openshell_shared::config::MAX_GRACE_MS))]
     pub grace_ms: u64,
     /// Guest console log; `<run-dir>/console.log` by default.
     #[arg(long)]
@@ -257,6 +259,21 @@ mod tests {
             assert_eq!(with_required(&["--net", name]).expect(name).net, choice);
         }
         assert!(with_required(&["--net", "slirp"]).is_err());
+    }
+
+    /// A grace past an hour would overflow the host's deadline: refused naming the flag.
+    #[test]
+    fn a_grace_past_an_hour_is_refused() {
+        assert_eq!(
+            with_required(&["--grace-ms", "3600000"])
+                .expect("an hour")
+                .grace_ms,
+            3_600_000
+        );
+        for big in ["3600001", "18446744073709551615"] {
+            let err = with_required(&["--grace-ms", big]).unwrap_err().to_string();
+            assert!(err.contains("--grace-ms"), "{err}");
+        }
     }
 
     /// Everything after `--exec` is the guest command, flags included.

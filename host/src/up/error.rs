@@ -29,6 +29,8 @@ pub enum UpError {
     NoKernel(PathBuf),
     #[error("root filesystem {0} is not a directory")]
     NoRootfs(PathBuf),
+    #[error("root filesystem: {0}; as root, a guest's setuid files would be root's there: close a directory above it to others (chmod 700)")]
+    OpenRootfs(crate::private_dir::DirError),
     #[error(transparent)]
     Net(#[from] NetChoiceError),
     #[error(transparent)]

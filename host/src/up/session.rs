@@ -27,6 +27,8 @@ pub struct Session {
     /// Held for the whole run when the VM gets the state disk (the VMM inherits it).
     pub disk_lock: Option<DiskLock>,
     pub state: Option<StateDir>,
+    /// Held for the whole run: no `--reset` of this root while the VM uses it.
+    pub root: Option<reset::RootLock>,
     /// The state file as last written, updated as ready stages arrive.
     pub record: Option<InstanceState>,
 }
@@ -40,6 +42,8 @@ impl Session {
         if let Some(note) = sdir.clear_stale() {
             progress.note(&note);
         }
+        // Exclusive to reset (refused while any VM uses the root), shared to boot from it.
+        let root = reset::lock_root(&args.rootfs, args.reset)?;
         if args.reset {
             progress.note(&reset::run(&args.rootfs, &sdir, args.yes)?);
         }
@@ -51,6 +55,7 @@ impl Session {
             lock: Some(lock),
             disk_lock,
             state: Some(sdir),
+            root: Some(root),
             ..Self::default()
         })
     }
@@ -100,8 +105,10 @@ impl Session {
             }
             state.remove_state();
         }
-        // The locks go last: until here another `up` of this instance must wait.
+        // The locks go last: until here another `up` of this instance, or a reset of its
+        // root, must wait.
         drop(self.disk_lock.take());
         drop(self.lock.take());
+        drop(self.root.take());
     }
 }

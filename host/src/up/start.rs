@@ -110,6 +110,7 @@ pub fn start(
         .console_log
         .clone()
         .unwrap_or_else(|| dir.console_log());
+    crate::rundir::prepare_console_log(&console_log)?;
     timeline.console_log = Some(console_log.clone());
     let spec = vm_spec(args, &backend, &dir, net_socket, &console_log, disk);
     let vmm = vmm::start(
@@ -205,6 +206,11 @@ fn check_inputs(args: &UpArgs) -> Result<(), UpError> {
     }
     if !args.rootfs.is_dir() {
         return Err(UpError::NoRootfs(args.rootfs.clone()));
+    }
+    // As root the guest's setuid files and device nodes are root's on the host: only root may
+    // reach them (see `backend::qemu::virtiofsd_args`).
+    if nix::unistd::geteuid().is_root() {
+        crate::private_dir::check_closed_to_others(&args.rootfs).map_err(UpError::OpenRootfs)?;
     }
     Ok(())
 }
@@ -385,7 +391,10 @@ mod tests {
 
     #[test]
     fn a_missing_kernel_or_rootfs_is_named() {
+        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
         let kernel = tmp.path().join("bzImage");
         let rootfs = tmp.path().join("root");
         let args = |k: &Path, r: &Path| {
@@ -409,5 +418,16 @@ mod tests {
         );
         std::fs::create_dir(&rootfs).expect("rootfs");
         check_inputs(&args(&kernel, &rootfs).expect("parse")).expect("both there");
+        if nix::unistd::geteuid().is_root() {
+            // Every directory up to it open to others: a guest's setuid files would be
+            // anyone's way to root.
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            let err = check_inputs(&args(&kernel, &rootfs).expect("parse")).unwrap_err();
+            assert!(
+                err.to_string().contains("other users can reach it"),
+                "{err}"
+            );
+        }
     }
 }
