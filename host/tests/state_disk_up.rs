@@ -16,7 +16,11 @@ struct Instance {
 
 impl Instance {
     fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().expect("tmp");
+        // Closed to other users: as root, `up` refuses a root filesystem they can reach.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
         std::fs::create_dir_all(tmp.path().join("root")).expect("rootfs");
         std::fs::write(tmp.path().join("bzImage"), b"not booted").expect("kernel");
         Self { tmp }
