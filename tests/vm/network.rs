@@ -90,7 +90,12 @@ fn with_stand_in_k3s(boot: &Boot, port: u16, never_ready: bool) {
     }
     let config = boot.root_path("etc/openshell/init.yaml");
     let mut text = std::fs::read_to_string(&config).expect("init.yaml");
-    text.push_str(&format!("k3s:\n  gateway_port: {port}\n"));
+    // The base root boots without a state disk (it cannot format one), and containerd's
+    // overlayfs snapshotter cannot work on the virtio-fs root, which the capabilities phase
+    // refuses; the stand-in runs no containers, so it gets the snapshotter that works there.
+    text.push_str(&format!(
+        "k3s:\n  gateway_port: {port}\n  snapshotter: native\n"
+    ));
     std::fs::write(&config, text).expect("write init.yaml");
 }
 
