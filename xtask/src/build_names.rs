@@ -7,6 +7,8 @@ pub trait BuildNames {
     fn kernel_arch(self) -> &'static str;
     fn cross_prefix(self) -> &'static str;
     fn debian(self) -> &'static str;
+    /// Debian's multiarch directory name (`usr/lib/<this>/`).
+    fn gnu_triple(self) -> &'static str;
 }
 
 impl BuildNames for Arch {
@@ -26,6 +28,12 @@ impl BuildNames for Arch {
         match self {
             Arch::X86_64 => "amd64",
             Arch::Aarch64 => "arm64",
+        }
+    }
+    fn gnu_triple(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-linux-gnu",
+            Arch::Aarch64 => "aarch64-linux-gnu",
         }
     }
 }

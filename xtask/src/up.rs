@@ -166,6 +166,21 @@ pub fn host_up(host: &Path, arch: Arch, name: &str, a: &Artifacts, root: &Path) 
     cmd
 }
 
+/// `openshell-host up` for instance `name` booting `root` (one that can format a disk) with a
+/// state disk of `size`.
+pub fn host_up_with_disk(
+    host: &Path,
+    arch: Arch,
+    name: &str,
+    a: &Artifacts,
+    root: &Path,
+    size: &str,
+) -> Command {
+    let mut cmd = host_cmd(host, arch, name, a, root);
+    cmd.args(["--state-disk-size", size]);
+    cmd
+}
+
 /// `openshell-host up` for instance `name` booting `root` with the kernel and helpers of `a`.
 fn host_cmd(host: &Path, arch: Arch, name: &str, a: &Artifacts, root: &Path) -> Command {
     let mut cmd = Command::new(host);

@@ -4,7 +4,9 @@
 //! old init's steps (`rootfs/base/opt/bench/shell-init.sh`).
 //! Also checks the init binary's size and peak RSS against their targets. A third boot each
 //! round has real gvproxy as its network, so the network phase and the guest's lease from
-//! gvproxy and from passt stand side by side.
+//! gvproxy and from passt stand side by side. Three more each round measure the state disk
+//! (first boot's format and seed, a warm boot's mount, kine on the disk and on virtio-fs; see
+//! [`disk`]).
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +14,7 @@ use openshell_shared::Arch;
 use serde_json::Value;
 
 use super::stats::stats;
-use super::{chart, timeline};
+use super::{chart, disk, timeline};
 use crate::artifacts::{artifacts, Artifacts};
 use crate::error::{Error, Result};
 use crate::{peers, tools, up};
@@ -85,6 +87,12 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
     let shell_console = root.join("bench-shell-console.log");
     let mut samples = Samples::default();
     let mut rss = Vec::new();
+    let disk_root = disk::prepare_root(arch, &a.rootfs)?;
+    // The disk rounds' own state directory: each first boot starts from no image.
+    let state_home = tempfile::Builder::new()
+        .prefix("osh-bench-disk-")
+        .tempdir()
+        .map_err(|e| Error::io("create", &std::env::temp_dir(), e))?;
     for i in 0..runs {
         eprintln!("xtask bench: boot {}/{runs} ({})", i + 1, arch.name());
         let report_json = timed_boot(&mut bench_up(&host, arch, &a, &root, &passt())?, &report, i)?;
@@ -111,11 +119,49 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
         // The same boot with real gvproxy: only its network rows are kept.
         let mut cmd = bench_up(&host, arch, &a, &root, &gvproxy_net(&gvproxy))?;
         network_rows(&timed_boot(&mut cmd, &report, i)?, "gvproxy", &mut samples)?;
+        disk_round(&host, arch, &a, &disk_root, &state_home, i, &mut samples)?;
     }
     let init_size = std::fs::metadata(&a.init)
         .map_err(|e| Error::io("stat", &a.init, e))?
         .len();
     Ok(print_and_judge(arch, runs, &samples, init_size, &rss))
+}
+
+/// The state disk's round (see [`disk`]): kine on the virtio-fs root without a disk, then a
+/// blank disk formatted and seeded, then the same disk mounted warm with kine on it.
+fn disk_round(
+    host: &Path,
+    arch: Arch,
+    a: &Artifacts,
+    root: &Path,
+    state_home: &tempfile::TempDir,
+    i: usize,
+    samples: &mut Samples,
+) -> Result<()> {
+    let report = state_home.path().join("report.json");
+    let image = state_home.path().join("openshell/bench-disk/state.img");
+    let mut no_disk = up::host_up(host, arch, "bench-disk", a, root);
+    no_disk.env("XDG_STATE_HOME", state_home.path());
+    let t = timed_boot(&mut no_disk, &report, i)?;
+    samples.add(disk::KINE_ROOT, disk::phase(&t, "kine")?.0);
+    match std::fs::remove_file(&image) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io("remove", &image, e))
+        }
+        _ => {}
+    }
+    for first in [true, false] {
+        let mut cmd = up::host_up_with_disk(host, arch, "bench-disk", a, root, disk::SIZE);
+        cmd.env("XDG_STATE_HOME", state_home.path());
+        let t = timed_boot(&mut cmd, &report, i)?;
+        let (ms, detail) = disk::phase(&t, "state-disk")?;
+        disk::check_round(&detail, first)?;
+        samples.add(if first { disk::FIRST } else { disk::WARM }, ms);
+        if !first {
+            samples.add(disk::KINE_DISK, disk::phase(&t, "kine")?.0);
+        }
+    }
+    Ok(())
 }
 
 /// One boot of `/bin/true` by `cmd` with its timeline written to `report`; the timeline.
@@ -280,6 +326,11 @@ fn print_and_judge(arch: Arch, runs: usize, s: &Samples, init_size: u64, rss: &[
     let median = |name: &str| s.get(name).map(|v| stats(v).1).unwrap_or(f64::NAN);
     let (init, shell, host, ready) = (median(INIT), median(SHELL), median(HOST), median(READY));
     let init_workload = median(INIT_WORKLOAD);
+    let (warm, kine_disk, kine_root) = (
+        median(disk::WARM),
+        median(disk::KINE_DISK),
+        median(disk::KINE_ROOT),
+    );
     let speedup = shell / init;
     let overhead = (init + host) / ready * 100.0;
     let peak_rss = rss.iter().copied().max().unwrap_or(0);
@@ -293,6 +344,19 @@ fn print_and_judge(arch: Arch, runs: usize, s: &Samples, init_size: u64, rss: &[
         (
             format!("init plus host overhead {overhead:.1}% of host start to ready (target < 20%)"),
             overhead < 20.0,
+        ),
+        (
+            format!(
+                "state-disk phase on a warm boot {warm:.1} ms (target <= {} ms)",
+                disk::WARM_TARGET_MS
+            ),
+            warm <= disk::WARM_TARGET_MS,
+        ),
+        (
+            format!(
+                "kine phase on the state disk {kine_disk:.1} ms, on the virtio-fs root {kine_root:.1} ms (target: no slower on the disk)"
+            ),
+            kine_disk <= kine_root,
         ),
         (
             format!(

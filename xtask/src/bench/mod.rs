@@ -5,6 +5,7 @@
 mod boot;
 mod chart;
 mod dhcp;
+mod disk;
 mod host;
 mod kine;
 mod profile;

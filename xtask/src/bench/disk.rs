@@ -1,0 +1,165 @@
+//! The state disk's rounds of `cargo xtask bench boot`: a copy of the base root that can format
+//! a disk (e2fsprogs and the glibc it links against, taken from the gateway's cached Debian
+//! stage, as the gateway root has them) and ships a kine database, booted three ways each round:
+//! without a disk (kine on the virtio-fs root), with a fresh blank disk (the state-disk phase
+//! formats and seeds it, the database copied onto it) and again with that disk (a warm boot:
+//! mount, journal check, binds; kine on the disk). The rows are the phases' own durations.
+
+use std::path::{Path, PathBuf};
+
+use openshell_shared::Arch;
+use serde_json::Value;
+
+use crate::build_names::BuildNames;
+use crate::error::{Error, Result};
+use crate::fixtures::crashed_root::{kine_database, KINE_DB};
+use crate::{gateway, rootfs, up};
+
+/// Copies `rel` (under the Debian stage `stage`) to `to` under the root, making its directory.
+fn install(stage: &Path, rel: &str, root: &Path, to: &str, mode: u32) -> Result<()> {
+    let dest = root.join(to);
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    }
+    rootfs::copy(&stage.join(rel), &dest, mode)
+}
+
+/// Rows of the boot bench's table.
+pub const FIRST: &str = "state-disk phase, first boot (format + seed)";
+pub const WARM: &str = "state-disk phase, warm boot (mount + binds)";
+pub const KINE_ROOT: &str = "kine phase, database on the virtio-fs root";
+pub const KINE_DISK: &str = "kine phase, database on the state disk";
+/// Warm boot's budget for the phase under TCG.
+pub const WARM_TARGET_MS: f64 = 15.0;
+/// The disk the rounds give the guest: small, so a blank one formats as users' 32 GiB would
+/// (lazy inode tables make the size matter little), and sparse on the host.
+pub const SIZE: &str = "1G";
+/// Rows in the shipped kine database: a gateway's worth of history.
+const KINE_ROWS: u64 = 5_000;
+/// What mke2fs, e2fsck and resize2fs need, from the Debian stage's `usr/lib/<triple>/`.
+const LIBS: &[&str] = &[
+    "libext2fs.so.2",
+    "libcom_err.so.2",
+    "libblkid.so.1",
+    "libuuid.so.1",
+    "libe2p.so.2",
+    "libc.so.6",
+];
+const TOOLS: &[&str] = &["mke2fs", "e2fsck", "resize2fs"];
+
+/// The bench instance's root for the disk rounds (`bench-disk`), made from `base` once and
+/// given e2fsprogs and the kine database; reused while `base` is unchanged.
+pub fn prepare_root(arch: Arch, base: &Path) -> Result<PathBuf> {
+    let root = up::instance_root("bench-disk", arch, base)?;
+    let marker = root.join("opt/bench/disk-ready");
+    if marker.exists() {
+        return Ok(root);
+    }
+    let stage = gateway::debootstrap(arch)?.join("root");
+    let triple = format!("usr/lib/{}", arch.gnu_triple());
+    for tool in TOOLS {
+        let rel = format!("usr/sbin/{tool}");
+        install(&stage, &rel, &root, &rel, 0o755)?;
+    }
+    let loader = loader(arch);
+    for lib in LIBS.iter().chain([&loader.0]) {
+        let rel = format!("{triple}/{lib}");
+        install(&stage, &rel, &root, &rel, 0o755)?;
+    }
+    // The interpreter path the binaries name.
+    let ld = format!("{triple}/{}", loader.0);
+    install(&stage, &ld, &root, loader.1, 0o755)?;
+    install(&stage, "etc/mke2fs.conf", &root, "etc/mke2fs.conf", 0o644)?;
+    let db = root.join(KINE_DB);
+    let _ = std::fs::remove_file(&db);
+    std::fs::create_dir_all(db.parent().unwrap_or(&root))
+        .map_err(|e| Error::io("create", &db, e))?;
+    kine_database(&db, KINE_ROWS).map_err(|e| Error::msg(format!("{}: {e}", db.display())))?;
+    std::fs::write(&marker, b"").map_err(|e| Error::io("write", &marker, e))?;
+    Ok(root)
+}
+
+/// The dynamic loader's name in `usr/lib/<triple>/` and the interpreter path in the binaries.
+fn loader(arch: Arch) -> (&'static str, &'static str) {
+    match arch {
+        Arch::X86_64 => ("ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
+        Arch::Aarch64 => ("ld-linux-aarch64.so.1", "lib/ld-linux-aarch64.so.1"),
+    }
+}
+
+/// One phase of a boot's timeline: its duration in ms and what it reported on success (the
+/// `NAME: ...` log line the engine sends); `Err` when the phase did not run to completion.
+pub fn phase(t: &Value, name: &str) -> Result<(f64, String)> {
+    let p = t["summary"]["phases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == name)
+        .ok_or_else(|| Error::msg(format!("the boot report has no {name} phase")))?;
+    let prefix = format!("{name}: ");
+    let detail = t["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["event"]["type"] == "log")
+        .filter_map(|e| e["event"]["text"].as_str()?.strip_prefix(&prefix))
+        .next_back()
+        .unwrap_or_default()
+        .to_string();
+    if p["outcome"] != "ok" {
+        return Err(Error::msg(format!(
+            "phase {name} did not run to completion ({})",
+            p["outcome"]
+        )));
+    }
+    let ms = p["duration_us"]
+        .as_u64()
+        .map(|us| us as f64 / 1000.0)
+        .ok_or_else(|| Error::msg(format!("phase {name} has no duration")))?;
+    Ok((ms, detail))
+}
+
+/// Checks that a state-disk phase did what its row says: formatted a blank disk on the first
+/// boot, mounted an existing one on a warm boot.
+pub fn check_round(detail: &str, first: bool) -> Result<()> {
+    let formatted = detail.contains("formatted");
+    if formatted != first {
+        return Err(Error::msg(format!(
+            "state-disk phase on a {} boot said: {detail}",
+            if first { "first" } else { "warm" }
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(outcome: &str, detail: &str) -> Value {
+        serde_json::json!({
+            "summary": {"phases": [{"name": "state-disk", "outcome": outcome, "duration_us": 12_500}]},
+            "events": [
+                {"source": "guest", "event": {"type": "log", "level": "info", "text": "kine: other"}},
+                {"source": "guest", "event": {"type": "log", "level": "info", "text": format!("state-disk: {detail}")}}
+            ]
+        })
+    }
+
+    #[test]
+    fn a_phase_row_comes_from_the_timeline_and_must_have_run() {
+        let (ms, detail) = phase(&report("ok", "formatted /dev/vda"), "state-disk").expect("row");
+        assert_eq!((ms, detail.as_str()), (12.5, "formatted /dev/vda"));
+        let err = phase(&report("skipped", "no disk"), "state-disk").unwrap_err();
+        assert!(err.to_string().contains("skipped"), "{err}");
+        assert!(phase(&report("ok", ""), "kine").is_err());
+    }
+
+    #[test]
+    fn a_round_is_checked_against_what_the_phase_did() {
+        check_round("formatted /dev/vda (ext4)", true).expect("first");
+        check_round("mounted /dev/vda, journal clean", false).expect("warm");
+        assert!(check_round("mounted /dev/vda", true).is_err());
+        assert!(check_round("formatted /dev/vda", false).is_err());
+    }
+}
