@@ -355,7 +355,7 @@ impl Payload {
         let mut out = Vec::new();
         if self.chart.is_none() {
             out.push(format!(
-                "no chart (--chart FILE): {HELMCHART} asks k3s for /static/charts/{chart_file}, \
+                "no chart (--chart FILE): /{HELMCHART} asks k3s for /static/charts/{chart_file}, \
                  which the root lacks, so the HelmChart install will fail and the gateway is never deployed"
             ));
         }
