@@ -301,7 +301,13 @@ fn resolve_images(
             });
         }
         let archive = image_archive::inspect(&input.path)?;
-        let size = placed("--images", &input.path)?.size;
+        let size = std::fs::metadata(&input.path)
+            .map_err(|source| PayloadError::Read {
+                flag: "--images",
+                file: input.path.clone(),
+                source,
+            })?
+            .len();
         images.push(Image {
             input,
             size,
