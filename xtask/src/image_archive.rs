@@ -650,13 +650,15 @@ mod tests {
     }
 
     #[test]
-    fn docker_archives_plain_gzip_and_zstd_are_read() {
+    fn docker_archives_are_read_plain_and_in_every_compression_k3s_takes() {
         let t = tempfile::tempdir().expect("tmp");
         let tar = docker_archive_bytes(&["openshell/gateway:dev", "ghcr.io/x/y:1"]);
         for (name, c) in [
             ("a.tar", Compression::None),
             ("a.tar.gz", Compression::Gzip),
             ("a.tar.zst", Compression::Zstd),
+            ("a.TBZ", Compression::Bzip2),
+            ("a.tar.lz4", Compression::Lz4),
         ] {
             let f = t.path().join(name);
             write_compressed(&f, &tar, c).expect("write");
