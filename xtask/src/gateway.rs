@@ -2,7 +2,8 @@
 //! with what k3s needs at run time, k3s and its airgap images, the bundled gateway manifests
 //! (pre-deployed by this root's own openshell-init), openshell-init as PID 1 and the boot
 //! configuration with a `k3s` section; pre-initialised with a kine database when one is given
-//! (`--state-db`), pruned at build time by the root's own init.
+//! (`--state-db`), pruned at build time by the root's own init; and the gateway's payload
+//! (chart, image archives, sandbox supervisor: `payload.rs`).
 //!
 //! Two cache entries: the debootstrap stage (keyed by suite, arch, mirror, package list and its
 //! recipe), so a new openshell-init does not run debootstrap again; and the assembled root
@@ -11,7 +12,8 @@
 //! machine-id, `*-old` backups, the host's resolv.conf and hostname, password-change dates) are
 //! removed or normalised, Perl's hash order is fixed while debconf writes its databases, and every
 //! mtime is set to 0. `manifest.json` records the Debian package versions (the snapshot used),
-//! k3s, the images, openshell-init and the overlay with their SHA-256, and a hash of the tree.
+//! k3s, the images, the payload, openshell-init and the overlay with their SHA-256, what the
+//! gateway lacks, and a hash of the tree.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
@@ -27,11 +29,12 @@ use openshell_shared::Arch;
 
 use crate::build_names::BuildNames;
 use crate::error::{Error, Result};
+use crate::payload::{self, Payload, IMAGES_DIR};
 use crate::process::run_output;
 use crate::{progress, rootfs};
 
 const DEBOOTSTRAP_RECIPE: &str = "debootstrap-v1";
-const RECIPE: &str = "rootfs-gateway-v2";
+const RECIPE: &str = "rootfs-gateway-v3";
 pub const SUITE: &str = "bookworm";
 pub const VARIANT: &str = "minbase";
 pub const MIRROR: &str = "http://deb.debian.org/debian";
@@ -46,17 +49,17 @@ pub const PACKAGES: &[&str] = &[
     "util-linux",
     "zstd",
 ];
-pub const IMAGES_DIR: &str = "var/lib/rancher/k3s/agent/images";
-
-/// Local inputs for the gateway profile (`--k3s`, `--images`).
+/// Local inputs for the gateway profile (`--k3s`, `--state-db`; the payload flags, `--images`
+/// among them, are [`payload::Args`]).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Inputs {
     /// A local k3s binary instead of the pinned download (its SHA-256 goes into the manifest;
     /// one that differs from the pin is marked unpinned).
     #[arg(long, value_name = "FILE")]
     pub k3s: Option<PathBuf>,
-    /// A directory whose files are k3s airgap image tarballs, copied into the root.
-    #[arg(long, value_name = "DIR")]
+    /// A directory of image archives, as one more `--images DIR` (for callers in code; the
+    /// command line's `--images` is [`payload::Args::images`]).
+    #[arg(skip)]
     pub images: Option<PathBuf>,
     /// A kine database from a k3s that ran (a gateway root's
     /// `var/lib/rancher/k3s/server/db/state.db`, its `-wal` beside it if there is one): the root
@@ -80,9 +83,20 @@ pub struct Built {
     pub key: String,
 }
 
-/// Builds (or finds) the gateway root for `arch` with openshell-init (built by `init`, once the
-/// inputs are known to be there) as PID 1.
+/// [`build_with`] without a payload beyond `inputs.images`.
 pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs) -> Result<Built> {
+    build_with(arch, init, inputs, &payload::Args::default())
+}
+
+/// Builds (or finds) the gateway root for `arch` with openshell-init (built by `init`, once the
+/// inputs are known to be there) as PID 1 and the payload `given`; prints what the gateway
+/// lacks, whether the root was built now or found in the cache.
+pub fn build_with(
+    arch: Arch,
+    init: impl FnOnce() -> Result<PathBuf>,
+    inputs: &Inputs,
+    given: &payload::Args,
+) -> Result<Built> {
     // Everything that can be missing is checked before debootstrap runs.
     let k3s =
         k3s::resolve_k3s(arch, inputs.k3s.as_deref()).map_err(|e| Error::msg(e.to_string()))?;
@@ -95,21 +109,26 @@ pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs
             k3s::VERSION
         );
     }
-    let (images, images_note) = k3s::resolve_images(arch, inputs.images.as_deref())
-        .map_err(|e| Error::msg(e.to_string()))?;
-    if let Some(note) = &images_note {
-        eprintln!(
-            "xtask: warning: no airgap images ({note}); the first boot pulls k3s's images from the network (give --images DIR to bake them in)"
-        );
-    }
-    for i in images.iter().filter(|i| !i.pinned) {
-        eprintln!(
-            "xtask: note: image tarball {} (SHA-256 {}) is unpinned",
-            i.path.display(),
-            i.sha256
-        );
-    }
     let overlay = rootfs::overlay_files("gateway")?;
+    let helmchart = overlay
+        .iter()
+        .find(|(rel, _)| rel == payload::HELMCHART)
+        .map(|(_, p)| p.clone())
+        .ok_or_else(|| Error::msg(format!("the gateway overlay has no {}", payload::HELMCHART)))?;
+    let payload = payload::resolve(arch, given, inputs.images.as_deref(), &helmchart)
+        .map_err(|e| Error::msg(e.to_string()))?;
+    if let Some(note) = &payload.images_note {
+        eprintln!(
+            "xtask: warning: no airgap images ({note}); the first boot pulls k3s's images from the network (give --images FILE to bake them in)"
+        );
+    }
+    for i in payload.images.iter().filter(|i| !i.input.pinned) {
+        eprintln!(
+            "xtask: note: image archive {} (SHA-256 {}) is unpinned",
+            i.input.path.display(),
+            i.input.sha256
+        );
+    }
     if let Some(db) = &inputs.state_db {
         if !db.is_file() {
             return Err(Error::msg(format!(
@@ -128,9 +147,7 @@ pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs
     let mut key = Key::new(RECIPE);
     key.str(arch.name()).str(&stage_name).file(init)?;
     key.str(&k3s.sha256);
-    for i in &images {
-        key.str(&i.name).str(&i.sha256);
-    }
+    payload.key(&mut key);
     for (rel, path) in &overlay {
         key.str(rel).file(path)?;
     }
@@ -153,14 +170,30 @@ pub fn build(arch: Arch, init: impl FnOnce() -> Result<PathBuf>, inputs: &Inputs
                 stage: &stage,
                 init,
                 k3s: &k3s,
-                images: &images,
-                images_note: images_note.as_deref(),
+                payload: &payload,
                 overlay: &overlay,
                 state_db: inputs.state_db.as_deref(),
             },
         )
     })?;
+    for line in recorded_lacks(&root)? {
+        eprintln!("xtask: warning: {line}");
+    }
     Ok(Built { root, key })
+}
+
+/// What the gateway lacks, as the root's manifest records it.
+fn recorded_lacks(root: &Path) -> Result<Vec<String>> {
+    let path = root.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+    Ok(v["payload"]["lacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.as_str().map(str::to_string))
+        .collect())
 }
 
 struct Assembly<'a> {
@@ -168,8 +201,7 @@ struct Assembly<'a> {
     stage: &'a Path,
     init: &'a Path,
     k3s: &'a Input,
-    images: &'a [Input],
-    images_note: Option<&'a str>,
+    payload: &'a Payload,
     overlay: &'a [(String, PathBuf)],
     state_db: Option<&'a Path>,
 }
@@ -194,10 +226,11 @@ fn assemble(root: &Path, a: &Assembly) -> Result<()> {
     rootfs::copy(&a.k3s.path, &root.join("usr/local/bin/k3s"), 0o755)?;
     let kubectl = root.join("usr/local/bin/kubectl");
     std::os::unix::fs::symlink("k3s", &kubectl).map_err(|e| Error::io("symlink", &kubectl, e))?;
-    for i in a.images {
-        copy_with_progress(&i.path, &root.join(IMAGES_DIR).join(&i.name))?;
+    for i in &a.payload.images {
+        copy_with_progress(&i.input.path, &root.join(IMAGES_DIR).join(&i.input.name))?;
     }
     rootfs::install_overlay(root, a.overlay)?;
+    a.payload.place(root)?;
     rootfs::copy(a.init, &root.join("sbin/openshell-init"), 0o755)?;
     // The configuration must be one init accepts, and its hostname is the root's.
     let cfg_path = root.join("etc/openshell/init.yaml");
@@ -220,6 +253,7 @@ fn assemble(root: &Path, a: &Assembly) -> Result<()> {
         ensure_binfmt(a.arch)?;
     }
     predeploy_manifests(root, a.init)?;
+    let lacks = lacks(root, a.payload)?;
     let state_db_sha256 = match a.state_db {
         Some(db) => Some(install_state_db(root, db)?),
         None => None,
@@ -242,9 +276,10 @@ fn assemble(root: &Path, a: &Assembly) -> Result<()> {
         packages: parse_packages(&packages),
         k3s: a.k3s,
         k3s_pin: k3s::k3s_pin(a.arch),
-        images: a.images,
+        images: &a.payload.images,
         images_pin: k3s::images_pin(a.arch),
-        images_note: a.images_note,
+        images_note: a.payload.images_note.as_deref(),
+        payload: payload::manifest_json(a.payload, &lacks),
         init_sha256: &cache::sha256_file(a.init)?,
         overlay: &overlay,
         state_db_sha256: state_db_sha256.as_deref(),
@@ -254,6 +289,14 @@ fn assemble(root: &Path, a: &Assembly) -> Result<()> {
     let mpath = root.join("manifest.json");
     std::fs::write(&mpath, doc).map_err(|e| Error::io("write", &mpath, e))?;
     rootfs::fix_mtimes(root)
+}
+
+/// What the gateway will lack with this payload, from the manifests as pre-deployed.
+fn lacks(root: &Path, p: &Payload) -> Result<Vec<String>> {
+    let msg = |e: payload::PayloadError| Error::msg(e.to_string());
+    let wanted = payload::wanted_images(root).map_err(msg)?;
+    let chart_file = payload::chart_file_named(&root.join(payload::HELMCHART)).map_err(msg)?;
+    Ok(p.lacks(&wanted, &chart_file))
 }
 
 /// Deploys the bundled manifests into k3s's auto-deploy directory with the root's own init and
@@ -774,9 +817,11 @@ pub struct Manifest<'a> {
     pub packages: BTreeMap<String, String>,
     pub k3s: &'a Input,
     pub k3s_pin: k3s::Pin,
-    pub images: &'a [Input],
+    pub images: &'a [payload::Image],
     pub images_pin: k3s::Pin,
     pub images_note: Option<&'a str>,
+    /// [`payload::manifest_json`]: chart, supervisor, what the gateway lacks.
+    pub payload: serde_json::Value,
     pub init_sha256: &'a str,
     pub overlay: &'a BTreeMap<String, String>,
     /// The `--state-db` the root was pre-initialised with, as given (before pruning).
@@ -794,15 +839,10 @@ impl Manifest<'_> {
             .images
             .iter()
             .map(|i| {
-                if !i.pinned {
-                    unpinned.push(format!("{IMAGES_DIR}/{}", i.name));
+                if !i.input.pinned {
+                    unpinned.push(format!("{IMAGES_DIR}/{}", i.input.name));
                 }
-                serde_json::json!({
-                    "path": format!("{IMAGES_DIR}/{}", i.name),
-                    "sha256": i.sha256,
-                    "pinned": i.pinned,
-                    "origin": i.origin,
-                })
+                payload::image_json(i)
             })
             .collect();
         let doc = serde_json::json!({
@@ -839,6 +879,7 @@ impl Manifest<'_> {
                 "sha256": self.init_sha256,
                 "path": "sbin/openshell-init",
             },
+            "payload": self.payload,
             "overlay": self.overlay,
             "state_db": self.state_db_sha256.map(|sha| serde_json::json!({
                 "path": KINE_DB,
@@ -871,7 +912,15 @@ mod tests {
     #[test]
     fn manifest_records_versions_checksums_and_unpinned_inputs() {
         let k3s = input("fake-k3s.sh", "aa11", false);
-        let images = [input("a.tar.zst", "bb22", false)];
+        let images = [payload::Image {
+            input: input("a.tar.zst", "bb22", false),
+            size: 7,
+            archive: crate::image_archive::Archive {
+                compression: crate::image_archive::Compression::Zstd,
+                format: crate::image_archive::Format::DockerArchive,
+                refs: vec!["openshell/gateway:dev".into()],
+            },
+        }];
         let overlay = BTreeMap::from([("etc/openshell/init.yaml".to_string(), "cc33".to_string())]);
         let m = Manifest {
             arch: Arch::X86_64,
@@ -882,6 +931,7 @@ mod tests {
             images: &images,
             images_pin: k3s::images_pin(Arch::X86_64),
             images_note: None,
+            payload: serde_json::json!({"lacks": ["no chart"]}),
             init_sha256: "dd44",
             overlay: &overlay,
             state_db_sha256: None,
@@ -901,6 +951,13 @@ mod tests {
             "3ae8e35a62ac83e8e197c117858a564134057a7b8703cf73e67ce60d19f4a22b"
         );
         assert_eq!(v["images"]["files"][0]["sha256"], "bb22");
+        assert_eq!(v["images"]["files"][0]["size"], 7);
+        assert_eq!(
+            v["images"]["files"][0]["path"],
+            "var/lib/rancher/k3s/agent/images/a.tar.zst"
+        );
+        assert_eq!(v["images"]["files"][0]["refs"][0], "openshell/gateway:dev");
+        assert_eq!(v["payload"]["lacks"][0], "no chart");
         assert_eq!(v["images"]["pin"], serde_json::Value::Null);
         assert_eq!(v["openshell-init"]["sha256"], "dd44");
         assert_eq!(v["overlay"]["etc/openshell/init.yaml"], "cc33");

@@ -1,6 +1,6 @@
 //! k3s and its airgap images for the gateway profile: pinned by version and SHA-256, downloaded
 //! from the real GitHub release into the artifact cache when the network allows, or taken from
-//! local copies (`--k3s FILE`, `--images DIR`).
+//! local copies (`--k3s FILE`, `--images FILE|DIR`).
 //!
 //! A download is only ever used when its SHA-256 equals the pin; an asset whose SHA-256 we could
 //! not find from a source we trust has no pin (`None`) and is never downloaded: a local copy is
@@ -111,7 +111,7 @@ pub fn missing_k3s_text(arch: Arch, reason: &str) -> String {
     format!(
         "the gateway profile needs k3s {VERSION} for {arch} and none is available: {reason}.\n\
          Give a local copy: --k3s FILE (the release asset `{asset}`: {url}, expected SHA-256 {sha}),\n\
-         and optionally --images DIR (a directory with the airgap images, e.g. `{iasset}`: {iurl}, expected SHA-256 {isha});\n\
+         and optionally --images FILE (the airgap images, `{iasset}`: {iurl}, expected SHA-256 {isha});\n\
          or boot the base profile (--profile base).",
         arch = arch.name(),
         asset = pin.asset,
@@ -344,7 +344,7 @@ pub fn available(arch: Arch) -> bool {
     cached(k3s_pin(arch)).is_some()
 }
 
-/// Airgap images for a build: every regular file of `--images DIR` (sorted by name), else a
+/// Airgap images for a build: every regular file of an `--images DIR` (sorted by name), else a
 /// verified download; `Ok(empty)` when there are none (the first boot then pulls images).
 pub fn resolve_images(
     arch: Arch,
@@ -464,7 +464,7 @@ mod tests {
             "https://github.com/k3s-io/k3s/releases/download/v1.35.2%2Bk3s1/k3s, expected SHA-256",
             "3ae8e35a62ac83e8e197c117858a564134057a7b8703cf73e67ce60d19f4a22b",
             "--k3s FILE",
-            "--images DIR",
+            "--images FILE",
             "k3s-airgap-images-amd64.tar.zst",
             "--profile base",
         ] {

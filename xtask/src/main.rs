@@ -9,15 +9,18 @@ mod build_names;
 mod cache;
 #[cfg(test)]
 mod doc_links;
+mod elf;
 mod error;
 mod fixtures;
 mod gateway;
+mod image_archive;
 mod k3s;
 mod kernel;
 #[cfg(test)]
 mod layering;
 mod libkrun;
 mod paths;
+mod payload;
 mod peers;
 mod process;
 mod progress;
@@ -66,6 +69,8 @@ enum Cmd {
         init: Option<PathBuf>,
         #[command(flatten)]
         gateway: gateway::Inputs,
+        #[command(flatten)]
+        payload: payload::Args,
     },
     /// Install vhost-device-vsock into the cache; prints its path.
     VsockHelper,
@@ -99,7 +104,8 @@ fn main() {
             copy_to,
             init,
             gateway,
-        } => rootfs_cmd(&profile, arch, copy_to, init, &gateway),
+            payload,
+        } => rootfs_cmd(&profile, arch, copy_to, init, &gateway, &payload),
         Cmd::VsockHelper => tools::vsock_helper().map(|p| println!("{}", p.display())),
         Cmd::Libkrun => libkrun::build().map(|p| println!("{}", p.display())),
         Cmd::Peers => [peers::GVPROXY, peers::KINE].iter().try_for_each(|p| {
@@ -135,6 +141,7 @@ fn rootfs_cmd(
     copy_to: Option<PathBuf>,
     init: Option<PathBuf>,
     inputs: &gateway::Inputs,
+    payload: &payload::Args,
 ) -> Result<()> {
     let init = || match &init {
         Some(given) => Ok(given.clone()),
@@ -142,14 +149,14 @@ fn rootfs_cmd(
     };
     let root = match profile {
         "base" => {
-            if inputs.given() {
+            if inputs.given() || payload.given() {
                 return Err(Error::msg(
-                    "--k3s, --images and --state-db are for the gateway profile (--profile gateway)",
+                    "--k3s, --state-db, --chart, --images and --sandbox-bin are for the gateway profile (--profile gateway)",
                 ));
             }
             rootfs::build_base(arch, &init()?)?
         }
-        "gateway" => gateway::build(arch, init, inputs)?.root,
+        "gateway" => gateway::build_with(arch, init, inputs, payload)?.root,
         other => {
             return Err(Error::msg(format!(
                 "unknown profile `{other}`: `base` or `gateway`"

@@ -13,7 +13,7 @@ use openshell_shared::Arch;
 
 use crate::artifacts::{artifacts, Artifacts};
 use crate::error::{Error, Result};
-use crate::{cache, gateway, k3s, peers, rootfs, tools};
+use crate::{cache, gateway, k3s, payload, peers, rootfs, tools};
 
 /// Which root filesystem `up` boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -36,6 +36,8 @@ pub struct UpArgs {
     pub profile: Option<Profile>,
     #[command(flatten)]
     pub gateway: gateway::Inputs,
+    #[command(flatten)]
+    pub payload: payload::Args,
     /// Command to run in the guest instead of the configured workload (k3s on a gateway root).
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
     pub exec: Vec<String>,
@@ -46,13 +48,14 @@ pub struct UpArgs {
 pub fn choose(
     forced: Option<Profile>,
     inputs: &gateway::Inputs,
+    payload: &payload::Args,
     cached_k3s: bool,
 ) -> Result<(Profile, String)> {
     Ok(match forced {
         Some(Profile::Base) => {
-            if inputs.given() {
+            if inputs.given() || payload.given() {
                 return Err(Error::msg(
-                    "--k3s, --images and --state-db are for the gateway profile, not --profile base",
+                    "--k3s, --state-db, --chart, --images and --sandbox-bin are for the gateway profile, not --profile base",
                 ));
             }
             (Profile::Base, "asked for with --profile base".into())
@@ -63,9 +66,9 @@ pub fn choose(
             Profile::Gateway,
             format!("a verified k3s {} is in the cache", k3s::VERSION),
         ),
-        None if inputs.images.is_some() => (
+        None if inputs.images.is_some() || payload.given() => (
             Profile::Gateway,
-            "images given with --images (k3s must come from the pinned download)".into(),
+            "a payload given with --chart, --images or --sandbox-bin (k3s must come from the pinned download)".into(),
         ),
         None => (
             Profile::Base,
@@ -78,7 +81,12 @@ pub fn choose(
 }
 
 pub fn run(args: UpArgs) -> Result<i32> {
-    let (profile, why) = choose(args.profile, &args.gateway, k3s::available(args.arch))?;
+    let (profile, why) = choose(
+        args.profile,
+        &args.gateway,
+        &args.payload,
+        k3s::available(args.arch),
+    )?;
     if profile == Profile::Gateway {
         // Before anything is built: no k3s is the same clear error as `rootfs` gives.
         k3s::resolve_k3s(args.arch, args.gateway.k3s.as_deref())
@@ -102,7 +110,8 @@ pub fn run(args: UpArgs) -> Result<i32> {
                 args.arch.name()
             );
             let init = a.init.clone();
-            a.rootfs = gateway::build(args.arch, || Ok(init), &args.gateway)?.root;
+            a.rootfs =
+                gateway::build_with(args.arch, || Ok(init), &args.gateway, &args.payload)?.root;
             format!("{}-gateway", args.name)
         }
     };
@@ -218,17 +227,29 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn inputs(k3s: bool, images: bool) -> gateway::Inputs {
+    fn inputs(k3s: bool) -> gateway::Inputs {
         gateway::Inputs {
             k3s: k3s.then(|| PathBuf::from("/x/k3s")),
-            images: images.then(|| PathBuf::from("/x/images")),
+            images: None,
             state_db: None,
+        }
+    }
+
+    fn payload(images: bool) -> payload::Args {
+        payload::Args {
+            images: if images {
+                vec![PathBuf::from("/x/images")]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
         }
     }
 
     #[test]
     fn gateway_when_k3s_is_available_base_otherwise() {
-        let pick = |forced, k, i, cached| choose(forced, &inputs(k, i), cached).map(|c| c.0);
+        let pick =
+            |forced, k, i, cached| choose(forced, &inputs(k), &payload(i), cached).map(|c| c.0);
         assert_eq!(pick(None, false, false, false).expect("ok"), Profile::Base);
         assert_eq!(
             pick(None, true, false, false).expect("ok"),
@@ -251,7 +272,8 @@ mod tests {
             Profile::Gateway
         );
         assert!(pick(Some(Profile::Base), true, false, false).is_err());
-        let (_, why) = choose(None, &inputs(false, false), false).expect("ok");
+        assert!(pick(Some(Profile::Base), false, true, false).is_err());
+        let (_, why) = choose(None, &inputs(false), &payload(false), false).expect("ok");
         assert!(why.contains("--k3s FILE"), "{why}");
     }
 
