@@ -63,8 +63,10 @@ impl StandIns {
         let fake = workspace().join("guest-init/tests/fixtures/fake-k3s.sh");
         let images = tempfile::tempdir().map_err(|e| fail(e.to_string()))?;
         let image = images.path().join("stand-in-images.tar");
-        std::fs::write(&image, b"a small stand-in for an airgap image tarball\n")
-            .map_err(|e| Error::io("write", &image, e))?;
+        // A docker-archive k3s's import would read (one empty layer, not runnable): the build
+        // refuses anything that is not an image archive.
+        let bytes = crate::image_archive::docker_archive_bytes(&["docker.io/library/stand-in:v1"]);
+        std::fs::write(&image, bytes).map_err(|e| Error::io("write", &image, e))?;
         Ok(Self {
             fake,
             images,
