@@ -8,6 +8,7 @@
 //! artifact is a failure: CI must never pass by skipping.
 
 pub mod crashed_root;
+pub mod oci_image;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,28 @@ pub fn artifacts(arch: &str) -> Option<Artifacts> {
     let found: Artifacts = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{}: not an artifact list: {e}", Path::new(&path).display()));
     Some(found)
+}
+
+/// The `containerd-test` root for `arch` (Debian's containerd and runc: `cargo xtask rootfs
+/// --profile containerd-test`), named by `OPENSHELL_TEST_CONTAINERD_ROOTFS_<ARCH>`, or `None`
+/// with a message; under CI its absence is a failure.
+pub fn containerd_rootfs(arch: &str) -> Option<PathBuf> {
+    let var = format!("OPENSHELL_TEST_CONTAINERD_ROOTFS_{}", arch.to_uppercase());
+    let Some(path) = std::env::var_os(&var) else {
+        let why = format!(
+            "{var} is not set: `cargo xtask rootfs --profile containerd-test --arch {arch}` builds it"
+        );
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipped: {why}");
+        return None;
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.join("usr/bin/containerd").is_file(),
+        "{var}={}: no usr/bin/containerd there",
+        path.display()
+    );
+    Some(path)
 }
 
 /// The real gvproxy the gvproxy tests boot with: `OPENSHELL_TEST_GVPROXY` (`cargo xtask test`
@@ -198,6 +221,17 @@ impl Boot {
     /// Prepares a boot with a fresh copy of the root filesystem, or `None` when VM tests skip.
     pub fn new(arch: &str) -> Option<Self> {
         let artifacts = artifacts(arch)?;
+        let rootfs = artifacts.rootfs.clone();
+        Some(Self::on_copy_of(arch, artifacts, &rootfs))
+    }
+
+    /// The same with a fresh copy of another root (another profile's) instead of the base root;
+    /// `artifacts.rootfs` stays the base root's.
+    pub fn with_rootfs(arch: &str, rootfs: &Path) -> Option<Self> {
+        Some(Self::on_copy_of(arch, artifacts(arch)?, rootfs))
+    }
+
+    fn on_copy_of(arch: &str, artifacts: Artifacts, rootfs: &Path) -> Self {
         let root = tempfile::Builder::new()
             .prefix("openshell-root-")
             .tempdir()
@@ -205,21 +239,17 @@ impl Boot {
         // cp -a keeps device nodes, symlinks and modes, which the guest needs.
         let status = Command::new("cp")
             .arg("-a")
-            .arg(format!("{}/.", artifacts.rootfs.display()))
+            .arg(format!("{}/.", rootfs.display()))
             .arg(root.path())
             .status()
             .expect("run cp");
-        assert!(
-            status.success(),
-            "copying {} failed",
-            artifacts.rootfs.display()
-        );
+        assert!(status.success(), "copying {} failed", rootfs.display());
         // Short path: unix socket paths must stay under 104 bytes.
         let run_dir = tempfile::Builder::new()
             .prefix("osh-")
             .tempdir_in("/tmp")
             .expect("run dir");
-        Some(Self {
+        Self {
             arch: arch.to_string(),
             artifacts,
             root,
@@ -227,7 +257,7 @@ impl Boot {
             exec: Vec::new(),
             extra_args: Vec::new(),
             net: "none".into(),
-        })
+        }
     }
 
     pub fn exec<S: AsRef<str>>(mut self, argv: &[S]) -> Self {

@@ -24,10 +24,14 @@ use crate::{gateway, rootfs};
 
 pub const PROFILE: &str = "containerd-test";
 const STAGE_RECIPE: &str = "apt-extra-v1";
-const RECIPE: &str = "rootfs-containerd-test-v1";
+const RECIPE: &str = "rootfs-containerd-test-v2";
 /// Installed on top of the gateway's Debian stage (their dependencies come along; e2fsprogs,
 /// for the state disk, is already in the stage).
 pub const EXTRA: &[&str] = &["containerd", "runc"];
+/// k3s's agent directory, where k3s keeps containerd's root: the guest's `state-disk` phase binds
+/// it onto the state disk in a root that has k3s's data directory, and the tests put their
+/// containerd there (no k3s runs).
+const K3S_AGENT: &str = "var/lib/rancher/k3s/agent";
 /// The one file taken from `rootfs/base/`: a configuration without k3s.
 const CONFIG: &str = "etc/openshell/init.yaml";
 
@@ -69,6 +73,8 @@ fn assemble(
     );
     rootfs::copy_tree(&stage.join("root"), root)?;
     rootfs::install_overlay(root, std::slice::from_ref(config))?;
+    let agent = root.join(K3S_AGENT);
+    std::fs::create_dir_all(&agent).map_err(|e| Error::io("create", &agent, e))?;
     rootfs::copy(init, &root.join("sbin/openshell-init"), 0o755)?;
     let cfg_path = root.join(CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io("read", &cfg_path, e))?;
