@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use openshell_shared::{GuestMessage, Outcome};
 use openshell_tests::oci_image::busybox_image;
-use openshell_tests::{containerd_rootfs, host_bin, processes_using, vm_slot, Boot, Finished};
+use openshell_tests::{
+    both_arches, containerd_rootfs, host_bin, processes_using, vm_slot, Boot, Finished,
+};
 
 /// The image's name in containerd (the importer takes it from `index.json`).
 const IMAGE: &str = "docker.io/openshell/busybox:test";
@@ -168,12 +170,7 @@ fn virtiofs_fails_and_tmpfs_runs(arch: &str) {
     );
 }
 
-mod virtiofs_fails_and_tmpfs_runs {
-    #[test]
-    fn x86_64() {
-        super::virtiofs_fails_and_tmpfs_runs("x86_64");
-    }
-}
+both_arches!(virtiofs_fails_and_tmpfs_runs);
 
 /// The qemu of a boot whose run directory is `run`, once it exists.
 fn vmm_pid(run: &Path) -> i32 {
