@@ -26,6 +26,32 @@ pub struct Ctx {
     pub config: OnceLock<BootConfig>,
     /// Set by the `network` phase to the address it configured; k3s's `--node-ip`.
     pub node_ip: OnceLock<Ipv4Addr>,
+    /// Set by the `state-disk` phase once the disk is mounted and bound, so later phases can
+    /// name the disk their files are on.
+    pub state_disk: OnceLock<StateDiskInUse>,
+}
+
+/// The state disk as the `state-disk` phase left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDiskInUse {
+    /// The device node as the guest sees it (`/dev/vdb`).
+    pub device: String,
+    /// How the host named it: a virtio-blk serial, or the same path.
+    pub named: String,
+    /// Guest paths now bound onto the disk.
+    pub bound: Vec<&'static str>,
+}
+
+impl StateDiskInUse {
+    /// Whether `guest_path` lies on the disk (under one of the bound paths).
+    pub fn holds(&self, guest_path: &str) -> bool {
+        self.bound.iter().any(|b| {
+            guest_path == *b
+                || guest_path
+                    .strip_prefix(b)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
 }
 
 impl Ctx {
@@ -38,6 +64,7 @@ impl Ctx {
             cmdline: None,
             config: OnceLock::new(),
             node_ip: OnceLock::new(),
+            state_disk: OnceLock::new(),
         }
     }
 

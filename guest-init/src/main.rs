@@ -7,6 +7,7 @@ mod context;
 mod engine;
 mod exec_service;
 mod k3s;
+mod mountinfo;
 mod netlink;
 mod nftables;
 mod panic;
@@ -16,6 +17,7 @@ mod power;
 mod remove;
 mod reporter;
 mod supervisor;
+mod teardown;
 
 use openshell_init::clock;
 

@@ -38,14 +38,18 @@ pub fn boot(init_entry_us: u64) -> ! {
     power::finish(&reporter, status, true)
 }
 
-/// A fatal boot error: make sure the host hears about it (the channel may not be started yet if
-/// the configuration itself was bad), then power off.
+/// A fatal boot error: make sure the host hears about it (the channel may not be started yet:
+/// the configuration itself was bad, or a fatal phase failed before the `channel` phase ran),
+/// then power off.
 fn fail(ctx: &Ctx, reporter: &Arc<Reporter>, fatal: engine::Fatal) -> ! {
-    if ctx.config.get().is_none() {
-        let defaults = BootConfig::default().channel;
+    if !reporter.channel_started() {
+        let channel = match ctx.config.get() {
+            Some(c) => c.channel.clone(),
+            None => BootConfig::default().channel,
+        };
         reporter.connect(
-            defaults.port,
-            Duration::from_millis(defaults.connect_timeout_ms),
+            channel.port,
+            Duration::from_millis(channel.connect_timeout_ms),
             supervisor::host_handler(),
         );
     }

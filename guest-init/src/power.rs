@@ -1,4 +1,4 @@
-//! The end of the VM: flush filesystems, report the exit, and power off so that the VMM ends.
+//! The end of the VM: flush and unmount filesystems, report the exit, and power off so that the VMM ends.
 //!
 //! Power-off is `reboot(RB_AUTOBOOT)`: the VMMs we run under end on a guest reset (qemu with
 //! `-no-reboot`, libkrun), while RB_POWER_OFF has no way out on x86 microvm without ACPI and
@@ -29,25 +29,51 @@ pub fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Syncs and, as PID 1, remounts the root read-only. Returns whether both worked.
+/// Syncs and, as PID 1, unmounts everything mounted since boot (the state disk among it, after
+/// its binds and whatever the workload left mounted on it) and remounts the root read-only.
+/// Returns whether all of it worked.
 pub fn sync_filesystems(pid1: bool, reporter: &Reporter) -> bool {
     nix::unistd::sync();
     if !pid1 {
         return true;
     }
-    match nix::mount::mount(
+    let keep: Vec<&str> = crate::phases::mounts::TABLE
+        .iter()
+        .map(|m| m.target)
+        .collect();
+    let torn = crate::teardown::unmount_all(std::path::Path::new("/"), &keep);
+    let mut ok = torn.busy.is_empty();
+    if !ok {
+        let list: Vec<String> = torn
+            .busy
+            .iter()
+            .map(|(p, e)| format!("{} ({e})", p.display()))
+            .collect();
+        reporter.log(
+            Level::Warn,
+            format!(
+                "unmounted {} filesystems; still busy, detached: {}",
+                torn.unmounted,
+                list.join(", ")
+            ),
+        );
+    } else if torn.unmounted > 0 {
+        reporter.log(
+            Level::Info,
+            format!("unmounted {} filesystems", torn.unmounted),
+        );
+    }
+    if let Err(e) = nix::mount::mount(
         None::<&str>,
         "/",
         None::<&str>,
         MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
         None::<&str>,
     ) {
-        Ok(()) => true,
-        Err(e) => {
-            reporter.log(Level::Warn, format!("remount / read-only failed: {e}"));
-            false
-        }
+        reporter.log(Level::Warn, format!("remount / read-only failed: {e}"));
+        ok = false;
     }
+    ok
 }
 
 /// Reports the exit and ends the VM (or, outside a VM, the process) with `status`.

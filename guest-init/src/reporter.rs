@@ -280,6 +280,15 @@ impl Reporter {
         }
     }
 
+    /// Whether [`Reporter::connect`] was called, or the channel given up or disabled.
+    pub fn channel_started(&self) -> bool {
+        self.connector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+            || !matches!(self.lock().conn, Conn::Pending)
+    }
+
     pub fn is_connected(&self) -> bool {
         matches!(self.lock().conn, Conn::Connected(_))
     }

@@ -233,7 +233,8 @@ impl Supervisor {
                 },
                 Event::HostShutdown(grace_ms) => {
                     if deadline.is_none() {
-                        self.grace = Duration::from_millis(grace_ms);
+                        // Clamped: the host's number must not overflow the deadline below.
+                        self.grace = openshell_shared::config::grace(grace_ms);
                         reporter.log(
                             Level::Info,
                             format!("host asked to shut down: stopping the workload (grace {grace_ms} ms)"),
@@ -411,5 +412,62 @@ mod tests {
             Some(143)
         );
         assert_eq!(status_code(WaitStatus::StillAlive), None);
+    }
+
+    /// The host's `shutdown` with the largest grace a u64 holds: clamped to the configuration's
+    /// limit, the workload is stopped and its status returned. (Linux's `Instant` happens to
+    /// hold 584 million years; where it does not, the unclamped sum panics, and for PID 1 that is
+    /// a kernel panic.) In a forked child: the supervisor reaps every child of its process and
+    /// owns the process-wide shutdown pipe.
+    #[test]
+    fn a_huge_grace_from_the_host_is_clamped() {
+        use nix::unistd::ForkResult;
+        // SAFETY: the child runs the supervisor single-threaded and ends in _exit.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            ForkResult::Child => {
+                let code = std::panic::catch_unwind(|| {
+                    block_signals().expect("block");
+                    let mut sup = Supervisor::new(Scope::WorkloadGroup, Duration::from_secs(1))
+                        .expect("supervisor");
+                    let workload = Workload {
+                        argv: vec!["/bin/sleep".into(), "30".into()],
+                        env: Default::default(),
+                        cwd: "/".into(),
+                    };
+                    let pid = sup.spawn(&workload).expect("spawn");
+                    host_handler()(HostMessage::Shutdown { grace_ms: u64::MAX });
+                    let reporter = Reporter::new(crate::reporter::Sink::JsonLines, 0);
+                    (sup.wait(pid, &reporter), sup.grace)
+                });
+                let max = Duration::from_millis(openshell_shared::config::MAX_GRACE_MS);
+                let status = match code {
+                    Ok((143, grace)) if grace <= max => 0,
+                    Ok(_) => 1,
+                    Err(_) => 2,
+                };
+                // SAFETY: ends the forked child without the test harness's exit path.
+                unsafe { libc::_exit(status) };
+            }
+            ForkResult::Parent { child } => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let status = loop {
+                    match waitpid(child, Some(WaitPidFlag::WNOHANG)).expect("waitpid") {
+                        WaitStatus::StillAlive if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        WaitStatus::StillAlive => {
+                            let _ = kill(child, Signal::SIGKILL);
+                            panic!("the supervisor did not stop the workload in 30 s");
+                        }
+                        other => break other,
+                    }
+                };
+                assert_eq!(
+                    status,
+                    WaitStatus::Exited(child, 0),
+                    "1: not SIGTERM's status or the grace not clamped, 2: panicked"
+                );
+            }
+        }
     }
 }

@@ -42,7 +42,23 @@ fn plan_is_printed_in_order() {
         .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
     assert_eq!(names[..2], ["mounts", "config"]);
-    assert_eq!(names.len(), 14, "{text}");
+    assert_eq!(names.len(), 15, "{text}");
+    // The state disk is bound before anything that works on what it holds.
+    let pos = |n: &str| {
+        names
+            .iter()
+            .position(|x| *x == n)
+            .unwrap_or_else(|| panic!("{n}: {text}"))
+    };
+    for after in [
+        "manifests",
+        "pki",
+        "runtime-cleanup",
+        "kine",
+        "capabilities",
+    ] {
+        assert!(pos("state-disk") < pos(after), "{after}: {text}");
+    }
     for name in [
         "runtime-cleanup",
         "manifests",

@@ -427,6 +427,17 @@ fn expired_lease_with_no_server_falls_back_to_the_static_plan() {
     assert!(resolv.contains("nameserver 192.168.127.1"), "{resolv}");
 }
 
+/// The network phase in the client namespace with the configuration file `config`, on `root`.
+fn phase_with_config(n: &Net, config: &Path, root: &Path) -> std::process::Output {
+    in_netns(&n.cli, BIN)
+        .args(["phase", "network", "--in-place", "--config"])
+        .arg(config)
+        .arg("--root")
+        .arg(root)
+        .output()
+        .expect("phase")
+}
+
 /// Connects to `addr` from inside network namespace `ns` (a thread that joins it).
 fn connect_from(ns: &str, addr: &str) -> std::io::Result<()> {
     let (ns, addr) = (format!("/run/netns/{ns}"), addr.to_string());
@@ -515,13 +526,7 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
     .expect("config");
     let root = tempfile::tempdir().expect("root");
     let run = || {
-        let out = in_netns(&n.cli, BIN)
-            .args(["phase", "network", "--in-place", "--config"])
-            .arg(&config)
-            .arg("--root")
-            .arg(root.path())
-            .output()
-            .expect("phase");
+        let out = phase_with_config(&n, &config, root.path());
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "{text}");
         text
@@ -600,13 +605,7 @@ fn the_network_stays_down_when_the_refusal_cannot_be_installed() {
     let root = tempfile::tempdir().expect("root");
     let config = n.dir.path().join("init.yaml");
     std::fs::write(&config, "network:\n  blocked_tcp: [\"10.77.0.1:80\"]\n").expect("config");
-    let out = in_netns(&n.cli, BIN)
-        .args(["phase", "network", "--in-place", "--config"])
-        .arg(&config)
-        .arg("--root")
-        .arg(root.path())
-        .output()
-        .expect("phase");
+    let out = phase_with_config(&n, &config, root.path());
     let _ = owner.kill();
     let _ = owner.wait();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -2,7 +2,15 @@
 //! host, even when the host is killed with SIGKILL, and stopped and reaped on every way out.
 //!
 //! Linux: PR_SET_PDEATHSIG(SIGKILL) in the child. It fires when the *thread* that forked exits,
-//! so children are spawned from the main thread only.
+//! so children are spawned from the main thread only. The kernel clears it when a process
+//! changes its credentials, and passt started as root switches to `nobody` at once: as root a
+//! watcher process does the job too ([`linux_guard`]). It is forked from the host before the
+//! first helper and holds only the read end of a pipe whose write end only the host keeps;
+//! each helper, between fork and exec (still root, still under its parent-death signal), writes
+//! its own pid there, so no helper runs unregistered however early the host dies. The watcher
+//! opens a pidfd for each pid (a pidfd names one process, never a later one with the same pid)
+//! and, at end of file on the pipe (the host is gone, however it died), SIGKILLs every helper
+//! still running and exits.
 //!
 //! macOS has no parent-death signal, so a guard process does the job (compile-checked only: no
 //! macOS machine here). Before the first helper starts, the host forks a watcher (fork without
@@ -59,6 +67,7 @@ pub fn die_with_parent(cmd: &mut Command) {
                 if libc::getppid() != parent {
                     libc::_exit(1);
                 }
+                linux_guard::register_self();
                 let mut empty: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut empty);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -69,6 +78,21 @@ pub fn die_with_parent(cmd: &mut Command) {
     #[cfg(not(target_os = "linux"))]
     {
         let _ = cmd;
+    }
+}
+
+/// Keeps `fd` open in the program `cmd` runs (std opens every descriptor close-on-exec): for a
+/// lock the child must hold for as long as it lives.
+pub fn keep_open(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: fcntl is async-signal-safe, and after the fork it changes only the child's table.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -88,11 +112,11 @@ impl Helper {
             program: program.clone(),
             source,
         };
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(spawn_err)?;
+        let out = crate::private_dir::open_no_follow(
+            log,
+            std::fs::OpenOptions::new().create(true).append(true),
+        )
+        .map_err(spawn_err)?;
         let err = out.try_clone().map_err(spawn_err)?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         die_with_parent(&mut cmd);
@@ -153,12 +177,14 @@ impl Helper {
     }
 }
 
-/// Starts the exit watcher that kills the helpers when the host dies (macOS; a no-op elsewhere,
-/// where the kernel's parent-death signal does it). Idempotent; a failure is reported once and
-/// helpers then die with a normal exit only.
+/// Starts the exit watcher that kills the helpers when the host dies (macOS always; Linux as
+/// root, where a helper may drop the parent-death signal with its privileges). Idempotent; a
+/// failure is reported once and helpers then die with a normal exit only.
 pub fn start_guard() {
     #[cfg(target_os = "macos")]
     mac_guard::start();
+    #[cfg(target_os = "linux")]
+    linux_guard::start();
 }
 
 /// Registers a helper with the exit watcher (macOS; a no-op elsewhere).
@@ -175,6 +201,171 @@ pub fn release_child(pid: u32) {
     mac_guard::send(-(pid as i32));
     #[cfg(not(target_os = "macos"))]
     let _ = pid;
+}
+
+#[cfg(target_os = "linux")]
+mod linux_guard {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::sync::Mutex;
+
+    /// Most helpers a host runs at once, with room to spare; more are not guarded.
+    const MAX_PIDS: usize = 64;
+
+    /// Write end of the pipe to the watcher, -1 without one. Read between fork and exec.
+    static FD: AtomicI32 = AtomicI32::new(-1);
+    /// The pid that started the watcher: a process forked from the host inherits `FD` but must
+    /// not register with the host's watcher, which would not see it die.
+    static OWNER: Mutex<u32> = Mutex::new(0);
+
+    pub fn start() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let mut owner = OWNER.lock().unwrap_or_else(|p| p.into_inner());
+        let me = std::process::id();
+        if *owner == me {
+            return;
+        }
+        let inherited = FD.swap(-1, Ordering::SeqCst);
+        if inherited >= 0 {
+            // SAFETY: our copy of the parent's write end, owned by nobody else here.
+            unsafe { libc::close(inherited) };
+        }
+        *owner = me;
+        match fork_watcher() {
+            Ok(fd) => FD.store(fd, Ordering::SeqCst),
+            Err(e) => eprintln!(
+                "openshell-host: cannot start the helper exit watcher: {e}; a helper that drops root may outlive a killed host"
+            ),
+        }
+    }
+
+    /// In a child between fork and exec: registers its own pid. Async-signal-safe.
+    pub fn register_self() {
+        let fd = FD.load(Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: getpid and a 4-byte write (atomic, below PIPE_BUF) to a descriptor this
+            // process holds.
+            unsafe {
+                let pid = libc::getpid();
+                libc::write(fd, (&pid as *const libc::pid_t).cast(), 4);
+            }
+        }
+    }
+
+    fn fork_watcher() -> std::io::Result<i32> {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given; both close on exec,
+        // so helpers hold the write end only until their exec.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the child runs only `watch`: async-signal-safe system calls on stack memory,
+        // ending in _exit.
+        match unsafe { libc::fork() } {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => watch(fds[0]),
+            _ => {
+                // SAFETY: the read end is the watcher's now.
+                unsafe { libc::close(fds[0]) };
+                Ok(fds[1])
+            }
+        }
+    }
+
+    /// The watcher: never returns, never allocates.
+    fn watch(rfd: i32) -> ! {
+        // SAFETY: only async-signal-safe system calls on this process's own descriptors and
+        // stack, as required in the child of a multi-threaded process.
+        unsafe {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::signal(sig, libc::SIG_IGN);
+            }
+            let max = libc::getdtablesize().clamp(0, 65_536);
+            for fd in 0..max {
+                if fd != rfd {
+                    libc::close(fd);
+                }
+            }
+            let mut pidfds = [-1i32; MAX_PIDS];
+            let mut pids = [0 as libc::pid_t; MAX_PIDS];
+            while wait_once(rfd, &mut pidfds, &mut pids) {}
+            for i in 0..MAX_PIDS {
+                if pidfds[i] >= 0 {
+                    let null: *const libc::siginfo_t = std::ptr::null();
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfds[i],
+                        libc::SIGKILL,
+                        null,
+                        0,
+                    );
+                } else if pids[i] > 0 {
+                    // No pidfds (before Linux 5.3): by pid.
+                    libc::kill(pids[i], libc::SIGKILL);
+                }
+            }
+            libc::_exit(0)
+        }
+    }
+
+    /// One wait for a registration, a helper's exit or the end of the pipe; false at the end.
+    ///
+    /// # Safety
+    /// Async-signal-safe system calls only; for the watcher process.
+    unsafe fn wait_once(
+        rfd: i32,
+        pidfds: &mut [i32; MAX_PIDS],
+        pids: &mut [libc::pid_t; MAX_PIDS],
+    ) -> bool {
+        let mut polled: [libc::pollfd; MAX_PIDS + 1] = std::mem::zeroed();
+        polled[0] = libc::pollfd {
+            fd: rfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        for i in 0..MAX_PIDS {
+            // A negative descriptor is skipped by poll.
+            polled[i + 1] = libc::pollfd {
+                fd: pidfds[i],
+                events: libc::POLLIN,
+                revents: 0,
+            };
+        }
+        if libc::poll(polled.as_mut_ptr(), (MAX_PIDS + 1) as libc::nfds_t, -1) < 0 {
+            return *libc::__errno_location() == libc::EINTR;
+        }
+        // A helper ended: its slot is free (its pidfd readable means it exited).
+        for i in 0..MAX_PIDS {
+            if pidfds[i] >= 0 && polled[i + 1].revents != 0 {
+                libc::close(pidfds[i]);
+                pidfds[i] = -1;
+                pids[i] = 0;
+            }
+        }
+        if polled[0].revents == 0 {
+            return true;
+        }
+        let mut pid: libc::pid_t = 0;
+        match libc::read(rfd, (&mut pid as *mut libc::pid_t).cast(), 4) {
+            4 => {
+                if let Some(i) = (0..MAX_PIDS).find(|&i| pidfds[i] < 0 && pids[i] == 0) {
+                    let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+                    if fd >= 0 {
+                        pidfds[i] = fd as i32;
+                        pids[i] = pid;
+                    } else if *libc::__errno_location() == libc::ENOSYS {
+                        pids[i] = pid;
+                    }
+                    // Otherwise (ESRCH) the helper is gone already: nothing to kill later.
+                }
+                true
+            }
+            // End of file: every writer, the host last, is gone.
+            0 => false,
+            _ => *libc::__errno_location() == libc::EINTR,
+        }
+    }
 }
 
 #[cfg(target_os = "macos")]

@@ -2,13 +2,18 @@
 //! the boot channel, kept where the OpenShell CLI looks for it
 //! (`$XDG_CONFIG_HOME/openshell/gateways/openshell-vm-<instance>/`), with the gateway's metadata.
 //! Files are replaced atomically, the directory is 0700 and the key 0600. A CA other than the
-//! stored one (the guest made its PKI anew, after a reset) replaces the bundle, said out loud.
+//! stored one (the guest made its PKI anew, after a reset, or a guest is lying) replaces the
+//! bundle, and both CAs' SHA-256 fingerprints are reported so the user can tell which is which.
 //!
-//! The guest is untrusted input: each part must be a PEM of the expected kind and small.
+//! The guest is untrusted input: each part must be exactly one PEM block of the expected kind,
+//! small, and parse whole; the CA must be a self-signed CA, the client certificate must be
+//! signed by it, and the key must be the client certificate's.
 
 use std::path::{Path, PathBuf};
 
 use openshell_shared::fsutil::write_atomic_mode;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
 
 /// Each PEM is a few KiB; more is not a certificate or key of ours.
 const MAX_PEM: usize = 16 * 1024;
@@ -20,22 +25,42 @@ pub enum CredentialsError {
         what: &'static str,
         label: &'static str,
     },
+    #[error("the guest's {what} holds {count} PEM blocks where exactly one {label} belongs")]
+    Count {
+        what: &'static str,
+        label: &'static str,
+        count: usize,
+    },
+    #[error("the guest's {what} does not parse: {reason}")]
+    Parse { what: &'static str, reason: String },
+    #[error("the guest's CA certificate is not a self-signed CA: {0}")]
+    NotCa(&'static str),
+    #[error("the guest's client certificate is not from its CA: {0}")]
+    NotFromCa(String),
+    #[error("the guest's client key is not the client certificate's key")]
+    KeyMismatch,
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("credentials directory: {0}")]
+    Unsafe(#[from] crate::private_dir::DirError),
     #[error("no configuration directory: set XDG_CONFIG_HOME or HOME")]
     NoConfigDir,
 }
 
 /// How storing went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
     New,
     Unchanged,
-    /// The guest's CA differs from the stored one: the bundle was replaced.
-    Replaced,
+    /// The guest's CA differs from the stored one: the bundle was replaced. Both CAs' SHA-256
+    /// fingerprints (the old one's, or why it could not be read).
+    Replaced {
+        old: String,
+        new: String,
+    },
 }
 
 pub fn gateway_name(instance: &str) -> String {
@@ -55,12 +80,114 @@ pub fn gateway_dir(instance: &str) -> Result<PathBuf, CredentialsError> {
         .join(gateway_name(instance)))
 }
 
-fn check_pem(what: &'static str, text: &str, label: &'static str) -> Result<(), CredentialsError> {
+/// The DER inside `text`, which must be exactly one PEM block labelled `label` and nothing else.
+fn one_pem(
+    what: &'static str,
+    text: &str,
+    label: &'static str,
+) -> Result<Vec<u8>, CredentialsError> {
+    let t = text.trim();
+    let count = t
+        .matches("-----BEGIN ")
+        .count()
+        .max(t.matches("-----END ").count());
+    if count > 1 {
+        return Err(CredentialsError::Count { what, label, count });
+    }
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
-    let t = text.trim();
     if t.len() > MAX_PEM || !t.starts_with(&begin) || !t.ends_with(&end) {
         return Err(CredentialsError::NotPem { what, label });
+    }
+    let parse = |reason: String| CredentialsError::Parse { what, reason };
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(t.as_bytes()).map_err(|e| parse(e.to_string()))?;
+    if pem.label != label {
+        return Err(CredentialsError::NotPem { what, label });
+    }
+    Ok(pem.contents)
+}
+
+/// A certificate that is all of `der`.
+fn certificate<'a>(
+    what: &'static str,
+    der: &'a [u8],
+) -> Result<X509Certificate<'a>, CredentialsError> {
+    let parse = |reason: String| CredentialsError::Parse { what, reason };
+    match X509Certificate::from_der(der) {
+        Ok(([], cert)) => Ok(cert),
+        Ok((rest, _)) => Err(parse(format!("{} bytes after the certificate", rest.len()))),
+        Err(e) => Err(parse(e.to_string())),
+    }
+}
+
+/// Checks the bundle as a whole; returns the CA's DER.
+fn check(ca: &str, cert: &str, key: &str) -> Result<Vec<u8>, CredentialsError> {
+    let ca_der = one_pem("CA certificate", ca, "CERTIFICATE")?;
+    let crt_der = one_pem("client certificate", cert, "CERTIFICATE")?;
+    one_pem("client key", key, "PRIVATE KEY")?;
+    let ca_cert = certificate("CA certificate", &ca_der)?;
+    if !ca_cert.is_ca() {
+        return Err(CredentialsError::NotCa(
+            "its basic constraints do not make it a CA",
+        ));
+    }
+    ca_cert
+        .verify_signature(None)
+        .map_err(|_| CredentialsError::NotCa("its signature does not verify with its own key"))?;
+    let client = certificate("client certificate", &crt_der)?;
+    if client.issuer() != ca_cert.subject() {
+        return Err(CredentialsError::NotFromCa(format!(
+            "issued by `{}`, the CA is `{}`",
+            client.issuer(),
+            ca_cert.subject()
+        )));
+    }
+    client
+        .verify_signature(Some(ca_cert.public_key()))
+        .map_err(|_| {
+            CredentialsError::NotFromCa("its signature does not verify with the CA's key".into())
+        })?;
+    let pair = rcgen::KeyPair::from_pem(key.trim()).map_err(|e| CredentialsError::Parse {
+        what: "client key",
+        reason: e.to_string(),
+    })?;
+    if pair.public_key_raw() != client.public_key().subject_public_key.data.as_ref() {
+        return Err(CredentialsError::KeyMismatch);
+    }
+    Ok(ca_der)
+}
+
+/// `SHA256:AB:CD:...` of a certificate's DER, as `openssl x509 -fingerprint -sha256` shows it.
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let hex: Vec<String> = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+    format!("SHA256:{}", hex.join(":"))
+}
+
+/// The stored CA's fingerprint, or what keeps it from having one.
+fn stored_fingerprint(text: &str) -> String {
+    match one_pem("stored CA", text, "CERTIFICATE") {
+        Ok(der) => fingerprint(&der),
+        Err(e) => format!("unreadable ({e})"),
+    }
+}
+
+/// Makes `dir/mtls`, 0700. As root, every directory on the way must be root's and none of
+/// ours a link (see `private_dir`): the key must not land where a user can redirect it.
+fn make_dirs(dir: &Path, mtls: &Path) -> Result<(), CredentialsError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CredentialsError::Io { path, source }
+    };
+    if nix::unistd::geteuid().is_root() {
+        let (base, rest) = crate::private_dir::split_existing(mtls);
+        crate::private_dir::ensure(&base, &rest, crate::private_dir::NO_SHARED_WRITE)?;
+    }
+    for d in [dir, mtls] {
+        std::fs::create_dir_all(d).map_err(io(d))?;
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io(d))?;
     }
     Ok(())
 }
@@ -74,19 +201,13 @@ pub fn store(
     key: &str,
     gateway_port: Option<u16>,
 ) -> Result<Stored, CredentialsError> {
-    check_pem("CA certificate", ca, "CERTIFICATE")?;
-    check_pem("client certificate", cert, "CERTIFICATE")?;
-    check_pem("client key", key, "PRIVATE KEY")?;
+    let ca_der = check(ca, cert, key)?;
     let mtls = dir.join("mtls");
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| CredentialsError::Io { path, source }
     };
-    for d in [dir, &mtls] {
-        std::fs::create_dir_all(d).map_err(io(d))?;
-        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(io(d))?;
-    }
+    make_dirs(dir, &mtls)?;
     let files = [
         (mtls.join("ca.crt"), ca, 0o644),
         (mtls.join("tls.crt"), cert, 0o644),
@@ -98,7 +219,10 @@ pub fn store(
         .all(|(p, text, _)| std::fs::read_to_string(p).ok().as_deref() == Some(text));
     let stored = match old_ca {
         _ if unchanged => Stored::Unchanged,
-        Some(old) if old.trim() != ca.trim() => Stored::Replaced,
+        Some(old) if old.trim() != ca.trim() => Stored::Replaced {
+            old: stored_fingerprint(&old),
+            new: fingerprint(&ca_der),
+        },
         Some(_) => Stored::Unchanged,
         None => Stored::New,
     };
@@ -122,26 +246,49 @@ pub fn store(
     Ok(stored)
 }
 
+/// What `up` says when the CA changed: loud, with both fingerprints, so a user who did not reset
+/// the gateway sees that something else now speaks for it.
+pub fn replaced_warning(dir: &Path, old: &str, new: &str) -> String {
+    format!(
+        "WARNING: the gateway's CA changed (stored {old}, now {new}); the client credentials in \
+         {} were replaced. Expected after `up --reset`; otherwise treat the guest as suspect.",
+        dir.display()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     use std::os::unix::fs::PermissionsExt;
 
-    fn pem(label: &str, body: &str) -> String {
-        format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n")
+    /// A CA named `cn` (PEM, DER) and what signs with it.
+    fn ca(cn: &str) -> (String, Vec<u8>, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let cert = p.self_signed(&key).expect("ca");
+        (cert.pem(), cert.der().to_vec(), Issuer::new(p, key))
+    }
+
+    /// A client certificate and its key, signed by `issuer`.
+    fn client(issuer: &Issuer<'static, KeyPair>) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(DnType::CommonName, "client");
+        let cert = p.signed_by(&key, issuer).expect("client");
+        (cert.pem(), key.serialize_pem())
     }
 
     #[test]
     fn stored_private_then_unchanged_then_replaced_on_a_new_ca() {
         let t = tempfile::tempdir().expect("tmp");
         let dir = t.path().join("openshell-vm-default");
-        let (ca, crt, key) = (
-            pem("CERTIFICATE", "ca1"),
-            pem("CERTIFICATE", "crt"),
-            pem("PRIVATE KEY", "key"),
-        );
+        let (ca1, ca1_der, issuer1) = ca("openshell-ca");
+        let (crt, key) = client(&issuer1);
         assert_eq!(
-            store(&dir, &ca, &crt, &key, Some(30051)).expect("store"),
+            store(&dir, &ca1, &crt, &key, Some(30051)).expect("store"),
             Stored::New
         );
         let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
@@ -155,47 +302,146 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.join("metadata.json")).expect("meta"))
                 .expect("json");
         assert_eq!(meta["gateway_endpoint"], "https://127.0.0.1:30051");
-        let before = std::fs::metadata(dir.join("mtls/tls.key"))
-            .expect("meta")
-            .modified()
-            .expect("mtime");
+        let mtime = || {
+            std::fs::metadata(dir.join("mtls/tls.key"))
+                .expect("meta")
+                .modified()
+                .expect("mtime")
+        };
+        let before = mtime();
         assert_eq!(
-            store(&dir, &ca, &crt, &key, Some(30051)).expect("again"),
+            store(&dir, &ca1, &crt, &key, Some(30051)).expect("again"),
             Stored::Unchanged
         );
-        let after = std::fs::metadata(dir.join("mtls/tls.key"))
-            .expect("meta")
-            .modified()
-            .expect("mtime");
-        assert_eq!(before, after, "unchanged files are not rewritten");
-        let ca2 = pem("CERTIFICATE", "ca2");
+        assert_eq!(before, mtime(), "unchanged files are not rewritten");
+
+        // A swapped CA of the same name: replaced, with both fingerprints.
+        let (ca2, ca2_der, issuer2) = ca("openshell-ca");
+        let (crt2, key2) = client(&issuer2);
+        let stored = store(&dir, &ca2, &crt2, &key2, None).expect("drift");
         assert_eq!(
-            store(&dir, &ca2, &crt, &key, None).expect("drift"),
-            Stored::Replaced
+            stored,
+            Stored::Replaced {
+                old: fingerprint(&ca1_der),
+                new: fingerprint(&ca2_der)
+            }
         );
+        assert_ne!(fingerprint(&ca1_der), fingerprint(&ca2_der));
         assert_eq!(
             std::fs::read_to_string(dir.join("mtls/ca.crt")).expect("ca"),
             ca2
         );
+        let warning = replaced_warning(&dir, &fingerprint(&ca1_der), &fingerprint(&ca2_der));
+        assert!(
+            warning.contains(&fingerprint(&ca1_der)) && warning.contains(&fingerprint(&ca2_der)),
+            "{warning}"
+        );
     }
 
+    /// The fingerprint is the one openssl shows for the same certificate.
     #[test]
-    fn anything_but_the_expected_pem_is_refused_and_nothing_written() {
+    fn the_fingerprint_is_openssls() {
+        let (pem, der, _) = ca("openshell-ca");
+        let t = tempfile::tempdir().expect("tmp");
+        let path = t.path().join("ca.crt");
+        std::fs::write(&path, &pem).expect("write");
+        let out = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(&path)
+            .output();
+        let Ok(out) = out else {
+            eprintln!("skipped: no openssl");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let theirs = text.trim().rsplit('=').next().expect("value");
+        assert_eq!(fingerprint(&der), format!("SHA256:{theirs}"));
+    }
+
+    /// As root, a configuration directory in a home another user owns is refused: the key
+    /// never lands where that user could redirect it.
+    #[test]
+    fn as_root_a_config_directory_in_another_users_home_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let home = t.path().join("alice");
+        std::fs::create_dir(&home).expect("home");
+        nix::unistd::chown(&home, Some(65534.into()), None).expect("chown");
+        let (ca_pem, _, issuer) = ca("openshell-ca");
+        let (crt, key) = client(&issuer);
+        let dir = home.join(".config/openshell/gateways/openshell-vm-default");
+        let err = store(&dir, &ca_pem, &crt, &key, None).expect_err("refused");
+        assert!(
+            matches!(err, CredentialsError::Unsafe(_)) && err.to_string().contains("uid 65534"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(&home).expect("ls").count(), 0);
+    }
+
+    /// A hostile guest's bundles: each refused with the reason, and nothing written.
+    #[test]
+    fn a_bundle_that_does_not_hold_together_is_refused_and_nothing_written() {
         let t = tempfile::tempdir().expect("tmp");
         let dir = t.path().join("g");
-        let good = pem("CERTIFICATE", "x");
-        let key = pem("PRIVATE KEY", "k");
-        let huge = pem("CERTIFICATE", &"A".repeat(MAX_PEM));
-        for (ca, crt, k) in [
-            ("garbage", good.as_str(), key.as_str()),
-            (good.as_str(), good.as_str(), good.as_str()),
-            (huge.as_str(), good.as_str(), key.as_str()),
-        ] {
-            assert!(matches!(
-                store(&dir, ca, crt, k, None),
-                Err(CredentialsError::NotPem { .. })
-            ));
+        let (ca_pem, _, issuer) = ca("openshell-ca");
+        let (crt, key) = client(&issuer);
+        let (_, other_key) = client(&issuer);
+        let (other_ca, _, other_issuer) = ca("openshell-ca");
+        let (foreign_crt, foreign_key) = client(&other_issuer);
+        let huge = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            "A".repeat(MAX_PEM)
+        );
+        let two = format!("{ca_pem}{other_ca}");
+        let garbage_body =
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n";
+        type Check = fn(&CredentialsError) -> bool;
+        let cases: Vec<(&str, &str, &str, Check)> = vec![
+            ("garbage", &crt, &key, |e| {
+                matches!(e, CredentialsError::NotPem { .. })
+            }),
+            (&ca_pem, &crt, &crt, |e| {
+                matches!(
+                    e,
+                    CredentialsError::NotPem {
+                        what: "client key",
+                        ..
+                    }
+                )
+            }),
+            (&huge, &crt, &key, |e| {
+                matches!(e, CredentialsError::NotPem { .. })
+            }),
+            (&two, &crt, &key, |e| {
+                matches!(e, CredentialsError::Count { count: 2, .. })
+            }),
+            (garbage_body, &crt, &key, |e| {
+                matches!(
+                    e,
+                    CredentialsError::Parse {
+                        what: "CA certificate",
+                        ..
+                    }
+                )
+            }),
+            (&crt, &crt, &key, |e| {
+                matches!(e, CredentialsError::NotCa(_))
+            }),
+            (&ca_pem, &foreign_crt, &foreign_key, |e| {
+                matches!(e, CredentialsError::NotFromCa(_))
+            }),
+            (&ca_pem, &crt, &other_key, |e| {
+                matches!(e, CredentialsError::KeyMismatch)
+            }),
+        ];
+        for (i, (ca, crt, key, want)) in cases.into_iter().enumerate() {
+            let err = store(&dir, ca, crt, key, None).expect_err("refused");
+            assert!(want(&err), "case {i}: {err}");
         }
         assert!(!dir.exists());
+        store(&dir, &ca_pem, &crt, &key, None).expect("the consistent bundle");
     }
 }

@@ -44,6 +44,8 @@ pub enum KubeconfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("kubeconfig directory: {0}")]
+    Unsafe(#[from] crate::private_dir::DirError),
     #[error("no home directory: set HOME")]
     NoHome,
 }
@@ -286,6 +288,11 @@ pub fn store(
         return Ok(Written::Unchanged);
     }
     if let Some(dir) = path.parent() {
+        // As root, not into a directory a user could redirect (`sudo` keeping `$HOME`).
+        if nix::unistd::geteuid().is_root() {
+            let (base, rest) = crate::private_dir::split_existing(dir);
+            crate::private_dir::ensure(&base, &rest, crate::private_dir::NO_SHARED_WRITE)?;
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -376,6 +383,26 @@ users:
             "https://127.0.0.1:6443"
         );
         assert_eq!(v["current-context"], "openshell-default");
+    }
+
+    /// As root, `~/.kube` in a home another user owns is refused and nothing is written there.
+    #[test]
+    fn as_root_a_kube_directory_in_another_users_home_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let home = t.path().join("alice");
+        std::fs::create_dir(&home).expect("home");
+        nix::unistd::chown(&home, Some(65534.into()), None).expect("chown");
+        let path = home.join(".kube/openshell-default.yaml");
+        let err = store(&path, K3S_YAML, "default", None).expect_err("refused");
+        assert!(
+            matches!(err, KubeconfigError::Unsafe(_)) && err.to_string().contains("uid 65534"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(&home).expect("ls").count(), 0);
     }
 
     #[test]

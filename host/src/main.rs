@@ -12,10 +12,12 @@ mod failure;
 mod kubeconfig;
 mod lifecycle;
 mod net;
+mod private_dir;
 mod progress;
 mod readiness;
 mod report;
 mod rundir;
+mod safe_text;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -1,11 +1,13 @@
 //! What `up` prints while the guest boots: one line per phase with its duration, log lines,
 //! readiness, errors, and a closing summary. With `--json`, one JSON object per line instead.
+//! Every line goes through `safe_text` on its way out: much of it is the guest's text.
 
 use std::io::Write;
 
 use openshell_shared::{GuestMessage, Level, Outcome};
 
 use crate::report::Summary;
+use crate::safe_text;
 
 pub struct Progress {
     json: bool,
@@ -28,7 +30,18 @@ impl Progress {
         Self { json, live }
     }
 
+    /// `text` as it may reach the terminal: one line, no control characters.
+    fn shown<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        if self.json {
+            safe_text::escape_json(text)
+        } else {
+            safe_text::escape(text)
+        }
+    }
+
     fn line(&self, text: &str) {
+        let text = self.shown(text);
+        let text = text.as_ref();
         if let Some(bar) = &self.live {
             bar.println(text);
             return;
@@ -41,7 +54,7 @@ impl Progress {
     /// What the spinner says, on a terminal.
     fn status(&self, text: String) {
         if let Some(bar) = &self.live {
-            bar.set_message(text);
+            bar.set_message(safe_text::escape(&text).into_owned());
         }
     }
 
@@ -56,7 +69,10 @@ impl Progress {
     pub fn error(&self, text: &str) {
         if self.json {
             self.line(&serde_json::json!({ "type": "host_error", "text": text }).to_string());
-        } else if let Some(bar) = &self.live {
+            return;
+        }
+        let text = safe_text::escape(text);
+        if let Some(bar) = &self.live {
             bar.suspend(|| eprintln!("openshell-host: {text}"));
         } else {
             eprintln!("openshell-host: {text}");
@@ -136,6 +152,12 @@ impl Progress {
             .take(3)
             .map(|p| format!("{} {:.1} ms", p.name, p.duration_us as f64 / 1000.0))
             .collect();
+        if summary.events_dropped > 0 {
+            self.line(&format!(
+                "the guest sent more than the timeline keeps: its {} oldest events were dropped",
+                summary.events_dropped
+            ));
+        }
         if let (Some(vmm), Some(ready)) = (summary.vmm_started_us, summary.ready_us) {
             self.line(&format!(
                 "boot: {:.1} ms from VM start to ready; slowest phases: {}; exit {code}",
@@ -143,5 +165,27 @@ impl Progress {
                 slowest.join(", ")
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest log line with a screen clear and a fake host line reaches the terminal as one
+    /// escaped line; in JSON mode the line stays JSON with the same text.
+    #[test]
+    fn guest_text_is_escaped_on_the_way_out() {
+        let hostile = "x\u{1b}[2J\nopenshell-host: ready\u{9b}";
+        let text = Progress::new(false);
+        let shown = text.shown(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert!(shown.contains("\\u{1b}[2J\\nopenshell-host"), "{shown}");
+        let json = Progress::new(true);
+        let line = serde_json::json!({ "text": hostile }).to_string();
+        let shown = json.shown(&line);
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        let back: serde_json::Value = serde_json::from_str(&shown).expect("JSON");
+        assert_eq!(back["text"], hostile);
     }
 }

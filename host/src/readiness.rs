@@ -19,7 +19,19 @@ pub enum Step {
     Ready,
     /// The last stage is the gateway's: probe its forwarded port first.
     Probe,
+    /// Not a stage to act on: unknown, not announced, reported before, or after the last one.
+    /// A guest repeating stages must not make the host rewrite its state each time.
+    Ignored,
 }
+
+/// The stages there are (`openshell_shared::protocol::stage`); a guest may announce no others.
+const KNOWN: [&str; 5] = [
+    stage::WORKLOAD_STARTED,
+    stage::K3S_STARTED,
+    stage::APISERVER_READY,
+    stage::NODE_READY,
+    stage::GATEWAY_READY,
+];
 
 #[derive(Debug)]
 pub struct Readiness {
@@ -39,14 +51,32 @@ impl Readiness {
         }
     }
 
-    /// The guest said which stages come: the first is now awaited.
+    /// The guest said which stages come: the first is now awaited. Only known stages count,
+    /// each once, so what the host keeps per stage is bounded whatever the guest announces.
     pub fn hello(&mut self, stages: &[String], now: Instant) {
-        self.expected = stages.to_vec();
+        self.expected.clear();
+        for s in stages {
+            if KNOWN.contains(&s.as_str()) && !self.expected.contains(s) {
+                self.expected.push(s.clone());
+            }
+        }
         self.deadline = Some(now + self.timeout);
     }
 
-    /// A stage arrived. A guest that announced nothing is ready at its first stage.
+    /// A stage arrived. A guest that announced nothing is ready at its first (known) stage.
     pub fn stage(&mut self, name: &str, now: Instant) -> Step {
+        let announced = if self.expected.is_empty() {
+            KNOWN.contains(&name) && self.reached.is_empty()
+        } else {
+            self.expected.iter().any(|s| s == name)
+        };
+        let finished = self
+            .expected
+            .last()
+            .is_some_and(|l| self.reached.contains(l));
+        if !announced || finished || self.reached.iter().any(|s| s == name) {
+            return Step::Ignored;
+        }
         self.reached.push(name.to_string());
         let last = match self.expected.last() {
             None => true,
@@ -166,7 +196,42 @@ mod tests {
         assert_eq!(r.stage("workload-started", now), Step::Ready);
         let mut silent = Readiness::new(Duration::from_secs(1));
         silent.hello(&[], now);
-        assert_eq!(silent.stage("anything", now), Step::Ready);
+        assert_eq!(silent.stage("anything", now), Step::Ignored, "not a stage");
+        assert_eq!(silent.stage(stage::K3S_STARTED, now), Step::Ready);
+        assert_eq!(
+            silent.stage(stage::NODE_READY, now),
+            Step::Ignored,
+            "after ready"
+        );
+    }
+
+    /// A hostile guest announcing thousands of names, repeating stages and sending unknown
+    /// ones: only the known announced stages count, each once.
+    #[test]
+    fn repeated_unknown_and_late_stages_are_ignored() {
+        let now = Instant::now();
+        let mut r = Readiness::new(Duration::from_secs(1));
+        let mut announced: Vec<String> = (0..10_000).map(|i| format!("s{i}")).collect();
+        announced.extend(stages(&[stage::WORKLOAD_STARTED, stage::WORKLOAD_STARTED]));
+        announced.push(stage::K3S_STARTED.into());
+        r.hello(&announced, now);
+        assert_eq!(
+            r.expected,
+            stages(&[stage::WORKLOAD_STARTED, stage::K3S_STARTED])
+        );
+        assert_eq!(r.stage(stage::WORKLOAD_STARTED, now), Step::Waiting);
+        for _ in 0..1000 {
+            assert_eq!(r.stage(stage::WORKLOAD_STARTED, now), Step::Ignored);
+            assert_eq!(r.stage("s1", now), Step::Ignored);
+            assert_eq!(
+                r.stage(stage::NODE_READY, now),
+                Step::Ignored,
+                "not announced"
+            );
+        }
+        assert_eq!(r.stage(stage::K3S_STARTED, now), Step::Ready);
+        assert_eq!(r.stage(stage::K3S_STARTED, now), Step::Ignored);
+        assert_eq!(r.reached.len(), 2);
     }
 
     #[test]

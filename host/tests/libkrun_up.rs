@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn up(dir: &Path, libkrun: &Path, kernel: &Path) -> Output {
+    use std::os::unix::fs::PermissionsExt;
+    // Closed to other users: as root, `up` refuses a root filesystem they can reach.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let rootfs = dir.join("root");
     std::fs::create_dir_all(&rootfs).expect("rootfs");
     let mut child = Command::new(env!("CARGO_BIN_EXE_openshell-host"))

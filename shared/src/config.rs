@@ -31,6 +31,7 @@ pub struct BootConfig {
     pub network: Network,
     pub manifests: Manifests,
     pub pki: Pki,
+    pub state_disk: StateDisk,
     /// Present: PID 1 runs k3s (command line built from this) instead of `workload.argv`,
     /// after the `k3s-prep` phase. Absent (the base profile): neither happens.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -48,6 +49,7 @@ impl Default for BootConfig {
             network: Network::default(),
             manifests: Manifests::default(),
             pki: Pki::default(),
+            state_disk: StateDisk::default(),
             k3s: None,
         }
     }
@@ -249,6 +251,55 @@ impl Default for Pki {
     }
 }
 
+/// The serial the host gives the state disk's virtio-blk device, and the value of
+/// `openshell.state_disk=` it passes when it attaches one.
+pub const STATE_DISK_SERIAL: &str = "openshell-state";
+
+/// The state disk (`state-disk` phase): the block device that holds k3s's, containerd's and the
+/// PKI's state. Unset, there is none and that state stays in the root filesystem.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateDisk {
+    /// The disk by its virtio-blk serial ([`STATE_DISK_SERIAL`]), or, for debugging, by an
+    /// absolute `/dev/...` path. Set by the host with `openshell.state_disk=`.
+    pub device: Option<String>,
+}
+
+impl StateDisk {
+    /// The longest serial virtio-blk carries (VIRTIO_BLK_ID_BYTES).
+    pub const MAX_SERIAL: usize = 20;
+
+    /// Checks a value for [`StateDisk::device`]: a `/dev/` path without `..`, or a serial of
+    /// 1 to 20 characters from `[A-Za-z0-9._-]`.
+    pub fn check_device(value: &str) -> Result<(), String> {
+        if value.starts_with('/') {
+            let dev = value.strip_prefix("/dev/").unwrap_or("");
+            if dev.is_empty()
+                || dev
+                    .split('/')
+                    .any(|c| c.is_empty() || c == "." || c == "..")
+                || value.contains('\0')
+            {
+                return Err(format!("`{value}` is not a path under /dev/"));
+            }
+            return Ok(());
+        }
+        let ok = !value.is_empty()
+            && value.len() <= Self::MAX_SERIAL
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{value}` is neither a /dev/ path nor a virtio-blk serial (1 to {} characters from A-Z a-z 0-9 . _ -)",
+                Self::MAX_SERIAL
+            ))
+        }
+    }
+}
+
 /// How init starts k3s and decides it is ready. The defaults are the command line the VM has
 /// always used (k3s server with the built-in CNI, flannel and network policy off).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,6 +427,16 @@ impl Default for Shutdown {
     }
 }
 
+/// The longest grace a workload gets: one hour. A configuration asking for more is refused;
+/// a grace from elsewhere (the host's `shutdown` message) is clamped to it with [`grace`].
+pub const MAX_GRACE_MS: u64 = 3_600_000;
+
+/// `grace_ms` as a duration, at most [`MAX_GRACE_MS`]: any `u64` the host sends can be added
+/// to an `Instant` without overflowing (which panics, and PID 1 must not).
+pub fn grace(grace_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(grace_ms.min(MAX_GRACE_MS))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Channel {
@@ -498,6 +559,11 @@ impl BootConfig {
                     self.k3s = None;
                 }
                 "cwd" => self.workload.cwd = value.clone(),
+                "state_disk" => {
+                    StateDisk::check_device(value)
+                        .map_err(|reason| ConfigError::invalid(&src, full, reason))?;
+                    self.state_disk.device = Some(value.clone());
+                }
                 "grace_ms" => self.shutdown.grace_ms = parse_num(&src, full, value)?,
                 "dhcp_timeout_ms" => self.network.dhcp_timeout_ms = parse_num(&src, full, value)?,
                 "interface" => self.network.interface = value.clone(),
@@ -572,11 +638,11 @@ impl BootConfig {
                 "must be an absolute path",
             ));
         }
-        if self.shutdown.grace_ms > 3_600_000 {
+        if self.shutdown.grace_ms > MAX_GRACE_MS {
             return Err(ConfigError::invalid(
                 source,
                 "shutdown.grace_ms",
-                "must be at most 3600000 (one hour)",
+                format!("must be at most {MAX_GRACE_MS} (one hour)"),
             ));
         }
         // Ports below 1024 are reserved by vsock conventions; 0 and u32::MAX mean "any".
@@ -637,6 +703,10 @@ impl BootConfig {
             ));
         }
         self.validate_manifests(source)?;
+        if let Some(device) = &self.state_disk.device {
+            StateDisk::check_device(device)
+                .map_err(|r| ConfigError::invalid(source, "state_disk.device", r))?;
+        }
         if let Some(k3s) = &self.k3s {
             k3s.validate(source)?;
         }
@@ -1148,6 +1218,44 @@ mod tests {
         }
     }
 
+    /// The host's key names the disk by serial; a `/dev/` path is for debugging; anything else
+    /// is refused with the key named, from the command line and from the file alike.
+    #[test]
+    fn state_disk_is_a_serial_or_a_dev_path() {
+        let mut c = BootConfig::default();
+        assert_eq!(c.state_disk.device, None);
+        c.apply_cmdline(&Cmdline::parse(&format!(
+            "openshell.state_disk={STATE_DISK_SERIAL}"
+        )))
+        .expect("serial");
+        assert_eq!(c.state_disk.device.as_deref(), Some(STATE_DISK_SERIAL));
+        c.apply_cmdline(&Cmdline::parse("openshell.state_disk=/dev/loop3"))
+            .expect("path");
+        assert_eq!(c.state_disk.device.as_deref(), Some("/dev/loop3"));
+        for bad in [
+            "",
+            "/etc/passwd",
+            "/dev/",
+            "/dev/../etc/shadow",
+            "/dev//vda",
+            "has space",
+            "a-serial-longer-than-20",
+            "semi;colon",
+        ] {
+            let mut c = BootConfig::default();
+            match c.apply_cmdline(&Cmdline::parse(&format!("openshell.state_disk=\"{bad}\""))) {
+                Err(ConfigError::Invalid { field, .. }) => {
+                    assert_eq!(field, "openshell.state_disk", "{bad:?}")
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        let err = BootConfig::from_yaml("state_disk:\n  device: /tmp/x\n", &file()).unwrap_err();
+        assert!(err.to_string().contains("state_disk.device"), "{err}");
+        let ok = BootConfig::from_yaml("state_disk:\n  device: /dev/vdb\n", &file()).expect("ok");
+        assert_eq!(ok.state_disk.device.as_deref(), Some("/dev/vdb"));
+    }
+
     #[test]
     fn cmdline_quotes_and_last_wins() {
         let cl = Cmdline::parse("a=1 b=\"x y\" a=2 flag");
@@ -1158,6 +1266,34 @@ mod tests {
     }
 
     proptest! {
+        /// Over the whole `u64` range, from the command line and from the file: a grace is
+        /// refused naming the field, or it is one PID 1 can add to its clock (with the host's
+        /// margin on top) without overflowing.
+        #[test]
+        fn any_grace_is_refused_or_safe_to_add(
+            ms in prop_oneof![any::<u64>(), 0..=MAX_GRACE_MS + 1, Just(u64::MAX)]
+        ) {
+            let mut c = BootConfig::default();
+            let line = format!("openshell.grace_ms={ms}");
+            match c.apply_cmdline(&Cmdline::parse(&line)) {
+                Ok(()) => {
+                    prop_assert!(ms <= MAX_GRACE_MS);
+                    let grace = std::time::Duration::from_millis(c.shutdown.grace_ms);
+                    prop_assert!(std::time::Instant::now().checked_add(grace * 2).is_some());
+                }
+                Err(ConfigError::Invalid { field, .. }) => {
+                    prop_assert!(ms > MAX_GRACE_MS);
+                    prop_assert_eq!(field, "shutdown.grace_ms");
+                }
+                Err(e) => prop_assert!(false, "{e}"),
+            }
+            let yaml = format!("shutdown:\n  grace_ms: {ms}\n");
+            prop_assert_eq!(BootConfig::from_yaml(&yaml, &file()).is_ok(), ms <= MAX_GRACE_MS);
+            // What the host sends is clamped, never refused.
+            prop_assert_eq!(grace(ms).as_millis() as u64, ms.min(MAX_GRACE_MS));
+            prop_assert!(std::time::Instant::now().checked_add(grace(ms) * 2).is_some());
+        }
+
         #[test]
         fn argv_survives_the_command_line(prog in "/[a-z/]{0,8}", args in proptest::collection::vec(".*", 0..6)) {
             let argv: Vec<String> = std::iter::once(prog).chain(args).collect();

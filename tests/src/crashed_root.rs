@@ -271,6 +271,22 @@ fn socket(path: &Path) -> Result<()> {
         .map_err(fail("bind", path))
 }
 
+/// What the sqlite3 CLI prints for `sql` on `db`, trimmed; for tests, so a failure panics with
+/// the statement and sqlite3's message.
+pub fn query(db: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("sqlite3 (Debian package sqlite3)");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,20 +294,6 @@ mod tests {
     /// The prefixes the kine phase prunes at boot by default.
     fn boot_prefixes() -> Vec<String> {
         openshell_shared::config::Kine::default().prune_prefixes
-    }
-
-    fn sqlite(db: &Path, sql: &str) -> String {
-        let out = Command::new("sqlite3")
-            .arg(db)
-            .arg(sql)
-            .output()
-            .expect("sqlite3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     #[test]
@@ -305,19 +307,19 @@ mod tests {
         .build(root)
         .expect("built");
         let db = root.join(KINE_DB);
-        assert_eq!(sqlite(&db, "PRAGMA integrity_check"), "ok");
-        assert_eq!(sqlite(&db, "SELECT count(*) FROM kine"), "102");
+        assert_eq!(query(&db, "PRAGMA integrity_check"), "ok");
+        assert_eq!(query(&db, "SELECT count(*) FROM kine"), "102");
         // Of 100: 20 events, 20 leases, 10 endpoint slices; and the bootstrap lock. Pods are
         // kept at boot.
-        assert_eq!(sqlite(&db, &stale_rows(&boot_prefixes())), "51");
+        assert_eq!(query(&db, &stale_rows(&boot_prefixes())), "51");
         assert_eq!(
-            sqlite(
+            query(
                 &db,
                 "SELECT count(*) FROM kine WHERE name LIKE '/registry/pods/%'"
             ),
             "10"
         );
-        assert!(!sqlite(&db, &kept_rows(&boot_prefixes())).is_empty());
+        assert!(!query(&db, &kept_rows(&boot_prefixes())).is_empty());
         let ctrd = root.join(CONTAINERD);
         let tasks = ctrd.join("io.containerd.runtime.v2.task/k8s.io");
         assert_eq!(std::fs::read_dir(tasks).expect("tasks").count(), 3);
@@ -357,7 +359,7 @@ mod tests {
         let db = dir.path().join("state.db");
         kine_database(&db, 400).expect("first");
         kine_database(&db, 400).expect("second");
-        assert_eq!(sqlite(&db, "SELECT count(*) FROM kine"), "802");
+        assert_eq!(query(&db, "SELECT count(*) FROM kine"), "802");
         for (what, sql) in [
             (
                 "a row's previous revision is its key's row before it",
@@ -380,17 +382,17 @@ mod tests {
                 "SELECT count(*) FROM kine WHERE deleted = 1 AND value IS NOT NULL",
             ),
         ] {
-            assert_eq!(sqlite(&db, sql), "0", "{what}");
+            assert_eq!(query(&db, sql), "0", "{what}");
         }
         assert!(
-            sqlite(&db, "SELECT count(*) FROM kine WHERE deleted = 1")
+            query(&db, "SELECT count(*) FROM kine WHERE deleted = 1")
                 .parse::<u32>()
                 .expect("n")
                 > 10
         );
         assert_eq!(
-            sqlite(&db, "SELECT count(*) FROM kine WHERE created = 1 AND prev_revision != 0"),
-            sqlite(&db, "SELECT count(DISTINCT name) FROM kine WHERE deleted = 1 AND name IN (SELECT name FROM kine WHERE id > 402)"),
+            query(&db, "SELECT count(*) FROM kine WHERE created = 1 AND prev_revision != 0"),
+            query(&db, "SELECT count(DISTINCT name) FROM kine WHERE deleted = 1 AND name IN (SELECT name FROM kine WHERE id > 402)"),
             "an expired event written again is created anew"
         );
     }

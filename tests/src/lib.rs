@@ -153,6 +153,34 @@ pub fn http_get(port: u16) -> Option<String> {
     (!answer.is_empty()).then_some(answer)
 }
 
+/// Starts `boot` with a busybox web server on guest port 8080 (its page names the guest's arch)
+/// behind `-p HOST:8080`, and waits until 127.0.0.1:`host_port` answers; returns the running boot
+/// and the answer. Whatever network `boot` was given carries the forward.
+pub fn serve_web(boot: Boot, host_port: u16) -> (Running, String) {
+    let script = "mkdir -p /tmp/www && echo \"served by $(uname -m)\" > /tmp/www/index.html \
+                  && exec busybox httpd -f -p 8080 -h /tmp/www";
+    let mut running = boot
+        .arg("-p")
+        .arg(&format!("{host_port}:8080"))
+        .exec(&["/bin/sh", "-c", script])
+        .start();
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    loop {
+        assert!(
+            running.is_running(),
+            "host exited before the service answered"
+        );
+        if let Some(answer) = http_get(host_port) {
+            return (running, answer);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer on 127.0.0.1:{host_port}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The `openshell-host` binary under test: `OPENSHELL_HOST_BIN`, else the one cargo built next to
 /// this test binary (`target/<profile>/deps/<test>` → `target/<profile>/openshell-host`).
 pub fn host_bin() -> PathBuf {
@@ -215,6 +243,9 @@ pub struct Boot {
     /// `--net` for the boot: `none` unless a test is about the network, so boots stay fast and
     /// never compete for the default forwarded port.
     pub net: String,
+    /// `--state-disk-size` for the boot; unset, `--no-state-disk`: the base root cannot format
+    /// a state disk, so only the tests about the disk get one.
+    pub state_disk: Option<String>,
 }
 
 impl Boot {
@@ -232,9 +263,10 @@ impl Boot {
     }
 
     fn on_copy_of(arch: &str, artifacts: Artifacts, rootfs: &Path) -> Self {
+        // Inside a directory closed to other users: as root, `up` refuses a root they can reach.
         let root = tempfile::Builder::new()
             .prefix("openshell-root-")
-            .tempdir()
+            .tempdir_in(private_roots())
             .expect("temp dir");
         // cp -a keeps device nodes, symlinks and modes, which the guest needs.
         let status = Command::new("cp")
@@ -257,6 +289,7 @@ impl Boot {
             exec: Vec::new(),
             extra_args: Vec::new(),
             net: "none".into(),
+            state_disk: None,
         }
     }
 
@@ -267,6 +300,12 @@ impl Boot {
 
     pub fn net(mut self, backend: &str) -> Self {
         self.net = backend.to_string();
+        self
+    }
+
+    /// Boots with a state disk of `size` (`--state-disk-size`).
+    pub fn state_disk(mut self, size: &str) -> Self {
+        self.state_disk = Some(size.to_string());
         self
     }
 
@@ -294,12 +333,22 @@ impl Boot {
         self.run_dir.path().join("state")
     }
 
+    /// The state directory of instance `name` (lock, state file, state disk).
+    pub fn instance_dir(&self, name: &str) -> PathBuf {
+        self.state_home().join("openshell").join(name)
+    }
+
     pub fn report_path(&self) -> PathBuf {
         self.run_dir.path().join("report.json")
     }
 
-    /// The `up` options that say which VM this is: arch, kernel, root, vsock helper, run directory.
+    /// The `up` options that say which VM this is: arch, kernel, root, vsock helper, run
+    /// directory, state disk.
     pub fn vm_args(&self, cmd: &mut Command, run_dir: &Path) {
+        match &self.state_disk {
+            Some(size) => cmd.arg("--state-disk-size").arg(size),
+            None => cmd.arg("--no-state-disk"),
+        };
         cmd.arg("--arch")
             .arg(&self.arch)
             .arg("--kernel")
@@ -358,6 +407,16 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<String> {
         }
         text
     })
+}
+
+/// `<tmp>/openshell-test-roots`, 0700: where boots copy their root filesystems.
+fn private_roots() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join("openshell-test-roots");
+    let _ = std::fs::create_dir(&dir);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
 }
 
 /// A boot in progress.

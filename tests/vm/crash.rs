@@ -7,32 +7,17 @@
 //! files) must be byte for byte as it was, and kine's current revision the same; then `openshell-host down` must shut it down cleanly with a synced exit.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use openshell_shared::config::Kine;
 use openshell_shared::GuestMessage;
-use openshell_tests::crashed_root::{kept_rows, stale_rows, CrashedRoot};
+use openshell_tests::crashed_root::{kept_rows, query, stale_rows, CrashedRoot};
 use openshell_tests::{both_arches, processes_using, vm_slot, Boot, BOOT_DEADLINE};
 
 const KILLS: usize = 10;
 
 /// kine's current revision: its newest row.
 const REVISION: &str = "SELECT max(id) FROM kine";
-
-fn sqlite(db: &Path, sql: &str) -> String {
-    let out = Command::new("sqlite3")
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("sqlite3 (Debian package sqlite3)");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// The qemu of a boot whose run directory is `run`, once it exists.
 fn vmm_pid(run: &Path, deadline: Instant) -> Option<i32> {
@@ -115,9 +100,9 @@ fn survives_being_killed_during_boot(arch: &str) {
     let db = first.root_path("var/lib/rancher/k3s/server/db/state.db");
     let boot = Kine::default().prune_prefixes;
     let (stale, kept_sql) = (stale_rows(&boot), kept_rows(&boot));
-    let kept_rows = sqlite(&db, &kept_sql);
-    let revision = sqlite(&db, REVISION);
-    assert!(sqlite(&db, &stale).parse::<u32>().expect("count") > 1000);
+    let kept_rows = query(&db, &kept_sql);
+    let revision = query(&db, REVISION);
+    assert!(query(&db, &stale).parse::<u32>().expect("count") > 1000);
     assert!(kept_rows.contains("/registry/pods/"), "pods are kept rows");
     let (seed_value, moments) = moments(KILLS);
     let mut before_ready = 0;
@@ -193,15 +178,15 @@ fn survives_being_killed_during_boot(arch: &str) {
     assert_eq!(status, 128 + libc::SIGTERM, "{}", done.output());
     assert!(synced, "{}", done.output());
     let root = done.boot.root.path();
-    assert_eq!(sqlite(&db_in(root), "PRAGMA integrity_check"), "ok");
-    assert_eq!(sqlite(&db_in(root), &stale), "0", "stale rows left");
+    assert_eq!(query(&db_in(root), "PRAGMA integrity_check"), "ok");
+    assert_eq!(query(&db_in(root), &stale), "0", "stale rows left");
     assert_eq!(
-        sqlite(&db_in(root), &kept_sql),
+        query(&db_in(root), &kept_sql),
         kept_rows,
         "kept rows changed"
     );
     assert_eq!(
-        sqlite(&db_in(root), REVISION),
+        query(&db_in(root), REVISION),
         revision,
         "the revision moved"
     );

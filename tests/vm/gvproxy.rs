@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use openshell_shared::GuestMessage;
 use openshell_tests::{
-    both_arches, free_port, gvproxy, http_get, listeners_on, processes_using, vm_slot, Boot,
+    both_arches, free_port, gvproxy, listeners_on, processes_using, serve_web, vm_slot, Boot,
     Running, BOOT_DEADLINE,
 };
 
@@ -132,28 +132,7 @@ fn api_get(socket: &Path, path: &str) -> String {
 fn serving(arch: &str) -> Option<(Running, u16, String)> {
     let (boot, _) = gvproxy_boot(arch)?;
     let host_port = free_port();
-    let script = "mkdir -p /tmp/www && echo \"served by $(uname -m)\" > /tmp/www/index.html \
-                  && exec busybox httpd -f -p 8080 -h /tmp/www";
-    let mut running = boot
-        .arg("-p")
-        .arg(&format!("{host_port}:8080"))
-        .exec(&["/bin/sh", "-c", script])
-        .start();
-    let deadline = Instant::now() + BOOT_DEADLINE;
-    let answer = loop {
-        assert!(
-            running.is_running(),
-            "host exited before the service answered"
-        );
-        if let Some(a) = http_get(host_port) {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no answer on 127.0.0.1:{host_port}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (running, answer) = serve_web(boot, host_port);
     Some((running, host_port, answer))
 }
 

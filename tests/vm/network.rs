@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use openshell_shared::GuestMessage;
 use openshell_tests::{
-    both_arches, free_port, http_get, listeners_on, vm_slot, Boot, BOOT_DEADLINE,
+    both_arches, free_port, listeners_on, serve_web, vm_slot, Boot, BOOT_DEADLINE,
 };
 
 /// With passt as the network, the guest's own DHCP client gets its lease from passt's DHCP.
@@ -47,29 +47,7 @@ fn forwarded_port_reaches_a_guest_service(arch: &str) {
     let Some(boot) = Boot::new(arch) else { return };
     let _slot = vm_slot();
     let host_port = free_port();
-    let script = "mkdir -p /tmp/www && echo \"served by $(uname -m)\" > /tmp/www/index.html \
-                  && exec busybox httpd -f -p 8080 -h /tmp/www";
-    let mut running = boot
-        .net("passt")
-        .arg("-p")
-        .arg(&format!("{host_port}:8080"))
-        .exec(&["/bin/sh", "-c", script])
-        .start();
-    let deadline = Instant::now() + BOOT_DEADLINE;
-    let answer = loop {
-        assert!(
-            running.is_running(),
-            "host exited before the service answered"
-        );
-        if let Some(a) = http_get(host_port) {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no answer on 127.0.0.1:{host_port}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (running, answer) = serve_web(boot.net("passt"), host_port);
     let listening = listeners_on(host_port);
     running.signal(libc::SIGTERM);
     let done = running.wait(BOOT_DEADLINE);

@@ -3,6 +3,8 @@
 //! `bench state`) and the kine database in it (for `bench kine` too); real kine driven through
 //! etcdctl (for `bench kine` and the pre-initialised root's test).
 
+// Its query helper is for the VM tests.
+#[allow(dead_code)]
 #[path = "../../tests/src/crashed_root.rs"]
 pub mod crashed_root;
 

@@ -2,7 +2,8 @@
 //! (its own `cdylib` target, its own `Cargo.lock`) into the artifact cache. Nothing of libkrun's
 //! source enters the checkout.
 //!
-//! Features: `net` (virtio-net over unix sockets, for passt and gvproxy) and not the default
+//! Features: `net` (virtio-net over unix sockets, for passt and gvproxy), `blk` (virtio-blk, for
+//! the state disk: `krun_add_disk3`) and not the default
 //! `init-blob`: that one compiles libkrun's C init statically with `cc` and serves it as
 //! `/init.krun`, but our kernel command line names `init=/sbin/openshell-init`, which replaces
 //! libkrun's `init=/init.krun`, so it would never run.
@@ -16,7 +17,7 @@ use crate::process::{run, run_output};
 use crate::tools::cargo;
 
 pub const VERSION: &str = "1.19.7";
-const FEATURES: &str = "net";
+const FEATURES: &str = "net,blk";
 /// Bumped when the steps below change what they produce.
 const RECIPE: &str = "libkrun-v1";
 

@@ -1,7 +1,10 @@
 //! `cargo xtask up`: builds whatever is missing and boots the VM with openshell-host.
 //!
-//! Each instance boots from its own copy of the root filesystem (the guest writes to it, and a
-//! gateway keeps its state there), refreshed when the cached base it came from changes.
+//! Each instance boots from its own copy of the root filesystem (the guest writes to it),
+//! replaced when the cached base it came from changes (a new openshell-init, say). A gateway keeps
+//! its cluster on the state disk, which lives in openshell-host's state directory for the
+//! instance, so a new root never touches it. The base root boots without a state disk: it has no
+//! mke2fs to format one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,17 +87,18 @@ pub fn run(args: UpArgs) -> Result<i32> {
     let mut a = artifacts(args.arch)?;
     // The writable copies of the two profiles live apart, so booting one never wipes the
     // other's state (a gateway keeps its cluster in its root).
+    let (disk, disk_why) = state_disk_args(profile, &args.host_args);
     let copy_name = match profile {
         Profile::Base => {
             eprintln!(
-                "xtask: booting profile `base` ({}): {why}",
+                "xtask: booting profile `base` ({}): {why}; {disk_why}",
                 args.arch.name()
             );
             args.name.clone()
         }
         Profile::Gateway => {
             eprintln!(
-                "xtask: booting profile `gateway` ({}): {why}",
+                "xtask: booting profile `gateway` ({}): {why}; {disk_why}",
                 args.arch.name()
             );
             let init = a.init.clone();
@@ -104,7 +108,8 @@ pub fn run(args: UpArgs) -> Result<i32> {
     };
     let host = tools::host(true)?;
     let root = instance_root(&copy_name, args.arch, &a.rootfs)?;
-    let mut cmd = host_up(&host, args.arch, &args.name, &a, &root);
+    let mut cmd = host_cmd(&host, args.arch, &args.name, &a, &root);
+    cmd.args(disk);
     if let Some(gvproxy) = pinned_gvproxy(&args.host_args) {
         cmd.arg("--gvproxy").arg(gvproxy);
     }
@@ -134,8 +139,35 @@ fn pinned_gvproxy(host_args: &[String]) -> Option<PathBuf> {
     }
 }
 
-/// `openshell-host up` for instance `name` booting `root` with the kernel and helpers of `a`.
+/// The state disk options for a profile, and the words for the summary line. The base root
+/// boots without one (it has no mke2fs to format it) unless the host arguments ask for a size.
+fn state_disk_args(profile: Profile, host_args: &[String]) -> (&'static [&'static str], String) {
+    let sized = host_args.iter().any(|a| a.starts_with("--state-disk-size"));
+    match profile {
+        Profile::Base if !sized => (
+            &["--no-state-disk"],
+            "no state disk (the base root cannot format one)".into(),
+        ),
+        _ if host_args.iter().any(|a| a == "--no-state-disk") => {
+            (&[], "no state disk (--no-state-disk)".into())
+        }
+        _ => (
+            &[],
+            "state disk in openshell-host's state directory, kept when the root is replaced".into(),
+        ),
+    }
+}
+
+/// `openshell-host up` for instance `name` booting the base root `root` (or a copy of it) with
+/// the kernel and helpers of `a`, without a state disk: the base root cannot format one.
 pub fn host_up(host: &Path, arch: Arch, name: &str, a: &Artifacts, root: &Path) -> Command {
+    let mut cmd = host_cmd(host, arch, name, a, root);
+    cmd.arg("--no-state-disk");
+    cmd
+}
+
+/// `openshell-host up` for instance `name` booting `root` with the kernel and helpers of `a`.
+fn host_cmd(host: &Path, arch: Arch, name: &str, a: &Artifacts, root: &Path) -> Command {
     let mut cmd = Command::new(host);
     cmd.args(["up", "--arch", arch.name(), "--name", name])
         .arg("--kernel")
@@ -206,5 +238,20 @@ mod tests {
         assert!(pick(Some(Profile::Base), true, false, false).is_err());
         let (_, why) = choose(None, &inputs(false, false), false).expect("ok");
         assert!(why.contains("--k3s FILE"), "{why}");
+    }
+
+    #[test]
+    fn the_gateway_gets_a_state_disk_and_the_base_root_none() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (base, why) = state_disk_args(Profile::Base, &[]);
+        assert_eq!(base, ["--no-state-disk"]);
+        assert!(why.starts_with("no state disk"), "{why}");
+        let (gw, why) = state_disk_args(Profile::Gateway, &[]);
+        assert!(gw.is_empty());
+        assert!(why.contains("kept when the root is replaced"), "{why}");
+        let (gw, why) = state_disk_args(Profile::Gateway, &args(&["--no-state-disk"]));
+        assert!(gw.is_empty() && why.contains("(--no-state-disk)"), "{why}");
+        let (base, _) = state_disk_args(Profile::Base, &args(&["--state-disk-size=64G"]));
+        assert!(base.is_empty(), "a size asked for is a disk asked for");
     }
 }

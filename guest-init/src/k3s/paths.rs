@@ -11,6 +11,18 @@ pub const K3S_DATA_DIR: &str = "/var/lib/rancher/k3s/data";
 pub const K3S_MANIFESTS: &str = "/var/lib/rancher/k3s/server/manifests";
 /// Charts that HelmChart manifests refer to, served by k3s itself.
 pub const K3S_CHARTS: &str = "/var/lib/rancher/k3s/server/static/charts";
+/// The agent's directory: containerd's content, snapshots and metadata, the airgap images.
+pub const K3S_AGENT: &str = "/var/lib/rancher/k3s/agent";
+/// The server's database directory (kine's SQLite files).
+pub const K3S_SERVER_DB: &str = "/var/lib/rancher/k3s/server/db";
+/// The cluster's certificates and keys.
+pub const K3S_SERVER_TLS: &str = "/var/lib/rancher/k3s/server/tls";
+/// Credentials: node passwords, the passwd file.
+pub const K3S_SERVER_CRED: &str = "/var/lib/rancher/k3s/server/cred";
+/// Configuration k3s generates for its components (encryption config among it).
+pub const K3S_SERVER_ETC: &str = "/var/lib/rancher/k3s/server/etc";
+/// The local-path provisioner's volumes (PersistentVolumeClaims).
+pub const K3S_STORAGE: &str = "/var/lib/rancher/k3s/storage";
 /// kine's SQLite database: the cluster state when k3s runs without etcd.
 pub const KINE_DB: &str = "/var/lib/rancher/k3s/server/db/state.db";
 /// The node password k3s generates and checks the node against.
@@ -66,6 +78,12 @@ mod tests {
     fn paths_are_absolute_and_k3s_ones_under_its_directories() {
         for p in [
             K3S_DATA_DIR,
+            K3S_AGENT,
+            K3S_SERVER_DB,
+            K3S_SERVER_TLS,
+            K3S_SERVER_CRED,
+            K3S_SERVER_ETC,
+            K3S_STORAGE,
             K3S_MANIFESTS,
             K3S_CHARTS,
             KINE_DB,
@@ -90,6 +108,11 @@ mod tests {
             assert!(p.starts_with('/'), "{p}");
         }
         assert!(CNI_CONFLIST.starts_with(&format!("{CNI_CONF_DIR}/")));
+        // The state disk binds these directories: what lives in them goes with them.
+        assert!(KINE_DB.starts_with(&format!("{K3S_SERVER_DB}/")));
+        assert!(NODE_PASSWD.starts_with(&format!("{K3S_SERVER_CRED}/")));
+        assert!(CONTAINERD_ROOT.starts_with(&format!("{K3S_AGENT}/")));
+        assert!(FLANNEL_CONFLIST.starts_with(&format!("{K3S_AGENT}/")));
         assert_eq!(k3s_data_bin("h1"), "/var/lib/rancher/k3s/data/h1/bin");
     }
 }

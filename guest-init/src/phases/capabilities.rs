@@ -11,6 +11,12 @@
 //! A passed check is recorded in the root filesystem under the kernel's build id and a digest
 //! of the requirements; the next boot of the same kernel build trusts it instead of probing
 //! again (any other kernel, or another requirement list, is probed).
+//!
+//! When k3s will run with the overlayfs snapshotter, an overlay is also mounted where
+//! containerd's snapshots will live ([`overlay`]), at every boot: that depends on the
+//! filesystem there (the state disk or the root), not only on the kernel.
+
+pub(crate) mod overlay;
 
 use std::path::Path;
 
@@ -21,11 +27,12 @@ use openshell_shared::Level;
 
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
+use crate::k3s::paths::{CONTAINERD_OVERLAYFS, CONTAINERD_ROOT};
 use crate::netlink;
 
 pub const PHASE: Phase = Phase {
     name: "capabilities",
-    after: &["mounts"],
+    after: &["mounts", "state-disk"],
     fatal: true,
     waits: false,
     purpose: "check the kernel has what k3s needs (the kernel-config/ list), by using each feature",
@@ -192,7 +199,49 @@ pub struct Missing {
     list: String,
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("containerd's overlayfs snapshotter cannot work in {dir} (on {fs}): {reason}")]
+pub struct OverlayUnusable {
+    dir: String,
+    fs: String,
+    reason: String,
+}
+
 fn run(ctx: &Ctx) -> PhaseResult {
+    let kernel = kernel(ctx)?;
+    let uses_overlay = ctx
+        .config()
+        .k3s
+        .as_ref()
+        .is_some_and(|k| k.snapshotter == "overlayfs");
+    if !uses_overlay {
+        return Ok(kernel);
+    }
+    // Where containerd's overlayfs snapshotter keeps its snapshots.
+    let shown = format!("{CONTAINERD_ROOT}/{CONTAINERD_OVERLAYFS}");
+    let dir = ctx.path(&shown);
+    let watch = openshell_init::clock::Stopwatch::start();
+    let result = overlay::check(&dir);
+    let fs = overlay::fs_name(&dir);
+    if let Err(reason) = result {
+        return Err(Box::new(OverlayUnusable {
+            dir: shown,
+            fs,
+            reason,
+        }));
+    }
+    let line = format!(
+        "overlay with its upper directory on {fs} ({shown}) works ({:.1} ms)",
+        watch.elapsed_us() as f64 / 1000.0
+    );
+    Ok(match kernel {
+        Done::Ok(Some(d)) => Done::Ok(Some(format!("{d}; {line}"))),
+        _ => Done::Ok(Some(line)),
+    })
+}
+
+/// The kernel's part: the recorded result for this build, or the probes.
+fn kernel(ctx: &Ctx) -> PhaseResult {
     let key = record_key(&ctx.root);
     let record = ctx.path(RECORD);
     if let Some(seen) = key.as_ref().and_then(|k| read_record(&record, k)) {

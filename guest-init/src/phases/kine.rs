@@ -16,13 +16,13 @@ use std::time::Duration;
 use openshell_shared::config::Kine;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use crate::context::Ctx;
+use crate::context::{Ctx, StateDiskInUse};
 use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::k3s::paths::KINE_DB;
 
 pub const PHASE: Phase = Phase {
     name: "kine",
-    after: &["config"],
+    after: &["config", "state-disk"],
     fatal: true,
     waits: false,
     purpose:
@@ -32,11 +32,13 @@ pub const PHASE: Phase = Phase {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KineError {
-    #[error("{path}: only {free_mib} MiB free, {min_mib} MiB needed: not touching the database and not starting k3s")]
+    #[error("{path}: only {free_mib} MiB free{on}, {min_mib} MiB needed: not touching the database and not starting k3s")]
     NoSpace {
         path: PathBuf,
         free_mib: u64,
         min_mib: u64,
+        /// Which disk, when it is the state disk (empty otherwise).
+        on: String,
     },
     #[error("{path}: cannot check free space: {errno}")]
     Statvfs {
@@ -124,8 +126,36 @@ fn run(ctx: &Ctx) -> PhaseResult {
     if !db.exists() {
         return Ok(Done::Skipped("no kine database yet".into()));
     }
-    let report = maintain(&db, &ctx.config().kine)?;
+    let report = maintain(&db, &ctx.config().kine).map_err(|e| e.on(ctx.state_disk.get()))?;
     Ok(Done::Ok(Some(report.describe())))
+}
+
+impl KineError {
+    /// A space error names the state disk when the database lives on it: that disk, not the
+    /// root, is the one to make bigger.
+    fn on(self, disk: Option<&StateDiskInUse>) -> Self {
+        match (self, disk) {
+            (
+                KineError::NoSpace {
+                    path,
+                    free_mib,
+                    min_mib,
+                    ..
+                },
+                Some(d),
+            ) if d.holds(KINE_DB) => KineError::NoSpace {
+                path,
+                free_mib,
+                min_mib,
+                on: if d.named == d.device {
+                    format!(" on the state disk {}", d.device)
+                } else {
+                    format!(" on the state disk {} (serial {})", d.device, d.named)
+                },
+            },
+            (e, _) => e,
+        }
+    }
 }
 
 /// Checks, recovers if needed, and prunes the database at `db`.
@@ -335,6 +365,7 @@ fn check_space(dir: &Path, min_mib: u64) -> Result<(), KineError> {
             path: dir.to_path_buf(),
             free_mib,
             min_mib,
+            on: String::new(),
         });
     }
     Ok(())
@@ -794,6 +825,27 @@ mod tests {
         match maintain(&db, &greedy) {
             Err(KineError::NoSpace { .. }) => {}
             other => panic!("expected no space, got {other:?}"),
+        }
+        // The phase names the state disk when the database lives on it, and only then.
+        let disk = |bound| StateDiskInUse {
+            device: "/dev/vdb".into(),
+            named: "openshell-state".into(),
+            bound,
+        };
+        let on_disk = maintain(&db, &greedy)
+            .unwrap_err()
+            .on(Some(&disk(vec![crate::k3s::paths::K3S_SERVER_DB])))
+            .to_string();
+        assert!(
+            on_disk.contains(" MiB free on the state disk /dev/vdb (serial openshell-state), "),
+            "{on_disk}"
+        );
+        for elsewhere in [Some(disk(vec![crate::k3s::paths::K3S_AGENT])), None] {
+            let text = maintain(&db, &greedy)
+                .unwrap_err()
+                .on(elsewhere.as_ref())
+                .to_string();
+            assert!(!text.contains("state disk"), "{text}");
         }
         let conn = Connection::open(&db).expect("open");
         assert_eq!(

@@ -31,7 +31,7 @@ use crate::k3s::paths::{K3S_CHARTS, K3S_MANIFESTS, TLS_SECRETS_MANIFEST};
 
 pub const PHASE: Phase = Phase {
     name: "manifests",
-    after: &["config"],
+    after: &["config", "state-disk"],
     fatal: false,
     waits: false,
     purpose: "deploy the bundled manifests and charts for k3s, HelmChart values from the config",

@@ -18,6 +18,7 @@ pub mod network;
 pub mod network_cleanup;
 pub mod pki;
 pub mod runtime_cleanup;
+pub mod state_disk;
 
 /// The boot plan, in a valid order; the engine derives concurrency from `after`. On one CPU,
 /// phases that are ready at the same time run in this order (a waiting phase such as `network`
@@ -27,6 +28,7 @@ pub const PLAN: &[&Phase] = &[
     &mounts::PHASE,
     &config::PHASE,
     &exec_service::PHASE,
+    &state_disk::PHASE,
     &manifests::PHASE,
     &pki::PHASE,
     &runtime_cleanup::PHASE,

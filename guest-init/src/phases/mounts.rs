@@ -198,21 +198,7 @@ pub fn mount_one(root: &Path, m: &Mount, mountinfo: &str) -> Result<Mounted, Mou
 
 /// Looks `target` up in mountinfo text; the last matching line wins (the top of a stack).
 pub fn find_mount(mountinfo: &str, target: &Path) -> Option<String> {
-    let want = target.to_str()?;
-    mountinfo.lines().rev().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mount_point = left.split(' ').nth(4)?;
-        let fstype = right.split(' ').next()?;
-        (unescape_mountinfo(mount_point) == want).then(|| fstype.to_string())
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    crate::mountinfo::find(&crate::mountinfo::parse(mountinfo), target).map(|e| e.fstype.clone())
 }
 
 fn dev_links(root: &Path) -> Result<usize, MountError> {

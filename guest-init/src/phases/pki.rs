@@ -41,7 +41,7 @@ use openshell_init::guest_path::under;
 
 pub const PHASE: Phase = Phase {
     name: "pki",
-    after: &["config"],
+    after: &["config", "state-disk"],
     fatal: false,
     waits: false,
     purpose: "keep or issue the gateway's CA, server and client certificates; write their Secrets",

@@ -21,7 +21,7 @@ use crate::remove::{empty_dir, is_real_dir, remove_tree, CleanupError};
 
 pub const PHASE: Phase = Phase {
     name: "runtime-cleanup",
-    after: &["mounts"],
+    after: &["mounts", "state-disk"],
     fatal: false,
     waits: false,
     purpose: "remove stale containerd task/shim state, sockets and the k3s node password",

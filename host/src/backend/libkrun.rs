@@ -25,11 +25,12 @@
 //! not.
 
 use std::ffi::{CString, NulError};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use openshell_shared::Arch;
 
-use super::spec::{VmSpec, GUEST_MAC};
+use super::spec::{VmSpec, GUEST_MAC, STATE_DISK_SERIAL};
 
 /// The library name the dynamic loader is asked for when no path is given (the soname).
 #[cfg(target_os = "macos")]
@@ -53,6 +54,16 @@ pub const NET_FLAG_VFKIT: u32 = 1;
 /// `krun_set_kernel` formats.
 const KERNEL_FORMAT_RAW: u32 = 0;
 const KERNEL_FORMAT_ELF: u32 = 1;
+
+/// `krun_add_disk3` image format: raw.
+const DISK_FORMAT_RAW: u32 = 0;
+/// `krun_add_disk3` sync mode as the old system set it: on macOS RELAXED (1: a guest flush is an
+/// fsync, not F_FULLFSYNC, which is slow on Apple disks), elsewhere FULL (2: every guest flush
+/// reaches the disk). The same as libkrun's own default for `krun_add_disk2` on each OS.
+#[cfg(target_os = "macos")]
+pub const DISK_SYNC: u32 = 1;
+#[cfg(not(target_os = "macos"))]
+pub const DISK_SYNC: u32 = 2;
 
 /// Where the library was looked for, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +147,12 @@ pub enum LibkrunError {
     ForeignArch(Arch),
     #[error("cannot fork the libkrun VMM: {0}")]
     Fork(nix::errno::Errno),
+    #[error(
+        "{0} has neither krun_add_disk3 nor krun_add_disk2 (built without the `blk` feature): \
+         it cannot attach the state disk; use a libkrun built with `blk` (`cargo xtask libkrun`) \
+         or pass --no-state-disk"
+    )]
+    NoDisk(Origin),
 }
 
 /// The C API, loaded once per process: every pointer here stays valid because the library is
@@ -157,9 +174,13 @@ mod ffi {
     pub type AddNet = unsafe extern "C" fn(u32, *const c_char, i32, *const u8, u32, u32) -> i32;
     pub type SetExec =
         unsafe extern "C" fn(u32, *const c_char, *const *const c_char, *const *const c_char) -> i32;
+    pub type AddDisk2 = unsafe extern "C" fn(u32, *const c_char, *const c_char, u32, bool) -> i32;
+    pub type AddDisk3 =
+        unsafe extern "C" fn(u32, *const c_char, *const c_char, u32, bool, bool, u32) -> i32;
 
     /// Function pointers copied out of the library (the signatures of libkrun 1.19's
     /// `include/libkrun.h`).
+    #[derive(Clone)]
     pub struct Api {
         pub init_log: Option<InitLog>,
         pub create_ctx: CreateCtx,
@@ -176,6 +197,9 @@ mod ffi {
         pub set_console_output: CtxPath,
         pub set_exec: SetExec,
         pub start_enter: Ctx,
+        /// Only in libraries built with the `blk` feature; needed only for a state disk.
+        pub add_disk3: Option<AddDisk3>,
+        pub add_disk2: Option<AddDisk2>,
     }
 
     fn sym<T: Copy>(
@@ -222,6 +246,8 @@ mod ffi {
             set_console_output: sym(lib, origin, "krun_set_console_output")?,
             set_exec: sym(lib, origin, "krun_set_exec")?,
             start_enter: sym(lib, origin, "krun_start_enter")?,
+            add_disk3: sym(lib, origin, "krun_add_disk3").ok(),
+            add_disk2: sym(lib, origin, "krun_add_disk2").ok(),
         };
         Ok(Box::leak(Box::new(api)))
     }
@@ -270,6 +296,14 @@ pub struct Vm<'a> {
     /// connections, which libkrun has no `CONNECT` handshake for).
     pub exec_socket: &'a Path,
     pub net: Option<Net>,
+}
+
+/// How the state disk is attached: `krun_add_disk3` with our sync mode, else `krun_add_disk2`,
+/// which in libkrun 1.19 applies the same mode per OS.
+#[derive(Clone, Copy)]
+enum DiskCall {
+    Disk3(ffi::AddDisk3),
+    Disk2(ffi::AddDisk2),
 }
 
 /// The guest environment. `KRUN_INIT_PID1=1` keeps any libkrun init from forking our init; an
@@ -383,39 +417,15 @@ impl Libkrun {
     /// [`Context::start`].
     pub fn configure(&self, vm: &Vm<'_>) -> Result<Context, LibkrunError> {
         let api = self.api;
-        let spec = vm.spec;
         // Everything is converted before the first call, so a bad string cannot leave a
         // half-configured context behind.
-        let root = cpath("root directory", vm.rootfs)?;
-        let (kernel_path, format) = kernel(spec.arch, &spec.kernel)?;
-        let kernel_c = cpath("kernel path", &kernel_path)?;
-        let cmdline = cstring("kernel command line", adapt_cmdline(&spec.cmdline))?;
-        let workdir = cstring("workdir", "/")?;
-        let channel = cpath("boot channel socket", vm.channel_socket)?;
-        let exec = cpath("exec socket", vm.exec_socket)?;
-        let console = cpath("console log", &spec.console_log)?;
-        let init = cstring("init path", INIT)?;
-        let env: Vec<CString> = GUEST_ENV
-            .iter()
-            .map(|e| cstring("guest environment", *e))
-            .collect::<Result<_, _>>()?;
-        let mut envp: Vec<*const std::ffi::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-        envp.push(std::ptr::null());
-        let argv: [*const std::ffi::c_char; 1] = [std::ptr::null()];
-        let net = match &vm.net {
-            Some(Net::UnixStream(p)) => Some((cpath("network socket", p)?, false)),
-            Some(Net::VfkitDatagram(p)) => Some((cpath("network socket", p)?, true)),
-            None => None,
+        let c = Converted::new(vm)?;
+        let disk = match (&c.disk, api.add_disk3, api.add_disk2) {
+            (None, _, _) => None,
+            (Some(_), Some(f), _) => Some(DiskCall::Disk3(f)),
+            (Some(_), None, Some(f)) => Some(DiskCall::Disk2(f)),
+            (Some(_), None, None) => return Err(LibkrunError::NoDisk(self.origin.clone())),
         };
-        let mac = mac_bytes(GUEST_MAC).ok_or(LibkrunError::Call {
-            call: "parse GUEST_MAC",
-            errno: nix::errno::Errno::EINVAL,
-        })?;
-        let cpus = u8::try_from(spec.cpus).map_err(|_| LibkrunError::Call {
-            call: "krun_set_vm_config (more than 255 vCPUs)",
-            errno: nix::errno::Errno::EINVAL,
-        })?;
-
         if let Some(init_log) = api.init_log {
             LOG_INIT.call_once(|| {
                 // SAFETY: plain integers. -1: stderr (the child points fd 2 at the VMM log);
@@ -426,76 +436,208 @@ impl Libkrun {
         // SAFETY: no arguments.
         let id = check("krun_create_ctx", unsafe { (api.create_ctx)() })? as u32;
         // From here on the context is freed on every error path by Context's Drop.
-        let ctx = Context { api, id };
+        let mut ctx = Context {
+            api,
+            id,
+            calls: vec!["krun_create_ctx"],
+        };
+        ctx.make_calls(&c, disk)?;
+        Ok(ctx)
+    }
+}
+
+/// Every argument of the configuration calls as C data, made before the first call.
+struct Converted {
+    root: CString,
+    kernel: CString,
+    kernel_format: u32,
+    cmdline: CString,
+    workdir: CString,
+    channel: CString,
+    exec: CString,
+    console: CString,
+    init: CString,
+    /// The guest environment; `envp` points into it.
+    _env: Vec<CString>,
+    envp: Vec<*const std::ffi::c_char>,
+    /// (socket, vfkit framing)
+    net: Option<(CString, bool)>,
+    mac: [u8; 6],
+    cpus: u8,
+    memory_mib: u32,
+    /// (block id, image)
+    disk: Option<(CString, CString)>,
+}
+
+impl Converted {
+    fn new(vm: &Vm<'_>) -> Result<Self, LibkrunError> {
+        let spec = vm.spec;
+        let (kernel_path, kernel_format) = kernel(spec.arch, &spec.kernel)?;
+        let env: Vec<CString> = GUEST_ENV
+            .iter()
+            .map(|e| cstring("guest environment", *e))
+            .collect::<Result<_, _>>()?;
+        let mut envp: Vec<*const std::ffi::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        let net = match &vm.net {
+            Some(Net::UnixStream(p)) => Some((cpath("network socket", p)?, false)),
+            Some(Net::VfkitDatagram(p)) => Some((cpath("network socket", p)?, true)),
+            None => None,
+        };
+        let disk = match &spec.state_disk {
+            Some(p) => Some((
+                cstring("state disk block id", STATE_DISK_SERIAL)?,
+                cpath("state disk image", p)?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            root: cpath("root directory", vm.rootfs)?,
+            kernel: cpath("kernel path", &kernel_path)?,
+            kernel_format,
+            cmdline: cstring("kernel command line", adapt_cmdline(&spec.cmdline))?,
+            workdir: cstring("workdir", "/")?,
+            channel: cpath("boot channel socket", vm.channel_socket)?,
+            exec: cpath("exec socket", vm.exec_socket)?,
+            console: cpath("console log", &spec.console_log)?,
+            init: cstring("init path", INIT)?,
+            _env: env,
+            envp,
+            net,
+            mac: mac_bytes(GUEST_MAC).ok_or(LibkrunError::Call {
+                call: "parse GUEST_MAC",
+                errno: nix::errno::Errno::EINVAL,
+            })?,
+            cpus: u8::try_from(spec.cpus).map_err(|_| LibkrunError::Call {
+                call: "krun_set_vm_config (more than 255 vCPUs)",
+                errno: nix::errno::Errno::EINVAL,
+            })?,
+            memory_mib: spec.memory_mib,
+            disk,
+        })
+    }
+}
+
+impl Context {
+    /// Checks a call's result and notes that it was made.
+    fn call(&mut self, name: &'static str, ret: i32) -> Result<i32, LibkrunError> {
+        self.calls.push(name);
+        check(name, ret)
+    }
+
+    /// The configuration calls, in the order the old system made them.
+    fn make_calls(&mut self, c: &Converted, disk: Option<DiskCall>) -> Result<(), LibkrunError> {
+        let (api, id) = (self.api, self.id);
+        let argv: [*const std::ffi::c_char; 1] = [std::ptr::null()];
         // SAFETY (all calls below): `id` is a live context; every pointer is a NUL-terminated
-        // string or array owned by this function that outlives the call (libkrun copies what it
-        // keeps); the arrays end with NULL; the MAC points at 6 bytes.
+        // string or array owned by `c` or this function that outlives the call (libkrun copies
+        // what it keeps); the arrays end with NULL; the MAC points at 6 bytes.
         unsafe {
-            check(
+            self.call(
                 "krun_set_vm_config",
-                (api.set_vm_config)(id, cpus, spec.memory_mib),
+                (api.set_vm_config)(id, c.cpus, c.memory_mib),
             )?;
-            check("krun_set_root", (api.set_root)(id, root.as_ptr()))?;
-            check(
+            self.call("krun_set_root", (api.set_root)(id, c.root.as_ptr()))?;
+            if let (Some((block, image)), Some(f)) = (&c.disk, disk) {
+                // Read-write, no O_DIRECT (macOS has none; the guest's flushes are what count).
+                match f {
+                    DiskCall::Disk3(f) => self.call(
+                        "krun_add_disk3",
+                        f(
+                            id,
+                            block.as_ptr(),
+                            image.as_ptr(),
+                            DISK_FORMAT_RAW,
+                            false,
+                            false,
+                            DISK_SYNC,
+                        ),
+                    )?,
+                    DiskCall::Disk2(f) => self.call(
+                        "krun_add_disk2",
+                        f(id, block.as_ptr(), image.as_ptr(), DISK_FORMAT_RAW, false),
+                    )?,
+                };
+            }
+            self.call(
                 "krun_set_kernel",
                 (api.set_kernel)(
                     id,
-                    kernel_c.as_ptr(),
-                    format,
+                    c.kernel.as_ptr(),
+                    c.kernel_format,
                     std::ptr::null(),
-                    cmdline.as_ptr(),
+                    c.cmdline.as_ptr(),
                 ),
             )?;
-            check("krun_set_workdir", (api.set_workdir)(id, workdir.as_ptr()))?;
-            check(
+            self.call(
+                "krun_set_workdir",
+                (api.set_workdir)(id, c.workdir.as_ptr()),
+            )?;
+            self.call(
                 "krun_disable_implicit_vsock",
                 (api.disable_implicit_vsock)(id),
             )?;
             // TSI off: the guest has a plain vsock device.
-            check("krun_add_vsock", (api.add_vsock)(id, 0))?;
+            self.call("krun_add_vsock", (api.add_vsock)(id, 0))?;
             // listen=false: the guest connects, libkrun dials our listening socket.
-            check(
+            self.call(
                 "krun_add_vsock_port2",
                 (api.add_vsock_port2)(
                     id,
                     openshell_shared::BOOT_CHANNEL_PORT,
-                    channel.as_ptr(),
+                    c.channel.as_ptr(),
                     false,
                 ),
             )?;
             // listen=true: libkrun listens on the socket and connects to the guest's port.
-            check(
+            self.call(
                 "krun_add_vsock_port2",
-                (api.add_vsock_port2)(id, openshell_shared::exec::EXEC_PORT, exec.as_ptr(), true),
+                (api.add_vsock_port2)(id, openshell_shared::exec::EXEC_PORT, c.exec.as_ptr(), true),
             )?;
-            match &net {
-                Some((path, false)) => check(
+            self.add_net(c)?;
+            self.call(
+                "krun_set_console_output",
+                (api.set_console_output)(id, c.console.as_ptr()),
+            )?;
+            self.call(
+                "krun_set_exec",
+                (api.set_exec)(id, c.init.as_ptr(), argv.as_ptr(), c.envp.as_ptr()),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn add_net(&mut self, c: &Converted) -> Result<(), LibkrunError> {
+        let (api, id) = (self.api, self.id);
+        // SAFETY: as in make_calls.
+        unsafe {
+            match &c.net {
+                Some((path, false)) => self.call(
                     "krun_add_net_unixstream",
-                    (api.add_net_unixstream)(id, path.as_ptr(), -1, mac.as_ptr(), NET_FEATURES, 0),
+                    (api.add_net_unixstream)(
+                        id,
+                        path.as_ptr(),
+                        -1,
+                        c.mac.as_ptr(),
+                        NET_FEATURES,
+                        0,
+                    ),
                 )?,
-                Some((path, true)) => check(
+                Some((path, true)) => self.call(
                     "krun_add_net_unixgram",
                     (api.add_net_unixgram)(
                         id,
                         path.as_ptr(),
                         -1,
-                        mac.as_ptr(),
+                        c.mac.as_ptr(),
                         NET_FEATURES,
                         NET_FLAG_VFKIT,
                     ),
                 )?,
                 None => 0,
             };
-            check(
-                "krun_set_console_output",
-                (api.set_console_output)(id, console.as_ptr()),
-            )?;
-            check(
-                "krun_set_exec",
-                (api.set_exec)(id, init.as_ptr(), argv.as_ptr(), envp.as_ptr()),
-            )?;
         }
-        Ok(ctx)
+        Ok(())
     }
 }
 
@@ -503,6 +645,8 @@ impl Libkrun {
 pub struct Context {
     api: &'static ffi::Api,
     id: u32,
+    /// The libkrun calls made on it so far, in order.
+    pub calls: Vec<&'static str>,
 }
 
 impl Drop for Context {
@@ -517,15 +661,21 @@ impl Context {
     /// runs the VM in `krun_start_enter`, which exits the process with the guest's status. If it
     /// returns, the child writes the negative errno to `log` and exits with [`START_FAILED`].
     /// Must be called from the main thread: the parent-death signal fires when the forking
-    /// thread exits. Returns the child's pid; the caller reaps it.
-    pub fn start(self, log: &Path) -> Result<u32, LibkrunError> {
+    /// thread exits. `keep` (the state disk's lock) stays open in the child as its fd 3, so the
+    /// lock lasts as long as the VM. Returns the child's pid; the caller reaps it.
+    pub fn start(self, log: &Path, keep: Option<RawFd>) -> Result<u32, LibkrunError> {
         // The parent's copy of the context is freed by Drop; the child owns its own copy.
-        fork_vmm(log, self.api.start_enter, self.id)
+        fork_vmm(log, self.api.start_enter, self.id, keep)
     }
 }
 
 /// Forks a child that runs `entry(id)` as described at [`Context::start`].
-fn fork_vmm(log: &Path, entry: ffi::Ctx, id: u32) -> Result<u32, LibkrunError> {
+fn fork_vmm(
+    log: &Path,
+    entry: ffi::Ctx,
+    id: u32,
+    keep: Option<RawFd>,
+) -> Result<u32, LibkrunError> {
     use std::os::fd::AsRawFd;
     {
         let open_err = |source| LibkrunError::Log {
@@ -544,7 +694,7 @@ fn fork_vmm(log: &Path, entry: ffi::Ctx, id: u32) -> Result<u32, LibkrunError> {
         // unwinds before handing over to libkrun, and ends in _exit.
         match unsafe { libc::fork() } {
             -1 => Err(LibkrunError::Fork(nix::errno::Errno::last())),
-            0 => child_main(parent, out_fd, null_fd, entry, id),
+            0 => child_main(parent, [out_fd, null_fd], keep, entry, id),
             pid => {
                 crate::children::guard_child(pid as u32);
                 Ok(pid as u32)
@@ -554,7 +704,13 @@ fn fork_vmm(log: &Path, entry: ffi::Ctx, id: u32) -> Result<u32, LibkrunError> {
 }
 
 /// The VMM child after fork: never returns into Rust code that could unwind.
-fn child_main(parent: libc::pid_t, out_fd: i32, null_fd: i32, start_enter: ffi::Ctx, id: u32) -> ! {
+fn child_main(
+    parent: libc::pid_t,
+    [out_fd, null_fd]: [RawFd; 2],
+    keep: Option<RawFd>,
+    start_enter: ffi::Ctx,
+    id: u32,
+) -> ! {
     // SAFETY: async-signal-safe libc calls on fds this process owns, then libkrun's entry point
     // on a context that fork copied, then _exit.
     unsafe {
@@ -573,8 +729,20 @@ fn child_main(parent: libc::pid_t, out_fd: i32, null_fd: i32, start_enter: ffi::
         libc::dup2(out_fd, 2);
         // Nothing else the host had open belongs in the VMM (no exec follows, so CLOEXEC does
         // not apply): libkrun opens its devices, sockets and console inside krun_start_enter.
+        // The one kept descriptor moves to 3 first.
+        let first_closed = match keep {
+            Some(fd) => {
+                if fd != 3 && libc::dup2(fd, 3) != 3 {
+                    libc::_exit(START_FAILED);
+                }
+                4u32
+            }
+            None => 3u32,
+        };
         #[cfg(target_os = "linux")]
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32);
+        #[cfg(not(target_os = "linux"))]
+        let _ = first_closed;
         // `up` blocks its signals in every thread; the VMM must get them.
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -664,6 +832,7 @@ mod tests {
                 vsock_socket: dir.join("unused-vsock.sock"),
                 console_log: dir.join("console.log"),
                 net_socket: None,
+                state_disk: None,
             };
             Self {
                 spec,
@@ -806,6 +975,55 @@ mod tests {
         }
     }
 
+    /// The call sequence on the real library: the state disk right after the root, through
+    /// krun_add_disk3 (the library `cargo xtask libkrun` builds has the `blk` feature); without
+    /// a disk no disk call at all.
+    #[test]
+    fn the_state_disk_is_added_after_the_root() {
+        let Some(lib) = built_library() else { return };
+        let krun = Libkrun::load(Some(&lib)).expect("load the built libkrun");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut fake = FakeVm::new(tmp.path(), 1);
+        let plain = krun.configure(&fake.vm(None)).expect("configure");
+        assert!(
+            !plain.calls.iter().any(|c| c.starts_with("krun_add_disk")),
+            "{:?}",
+            plain.calls
+        );
+        fake.spec.state_disk = Some(tmp.path().join("state.img"));
+        let ctx = krun
+            .configure(&fake.vm(None))
+            .expect("configure with a disk");
+        assert_eq!(
+            ctx.calls[..4],
+            [
+                "krun_create_ctx",
+                "krun_set_vm_config",
+                "krun_set_root",
+                "krun_add_disk3"
+            ]
+        );
+        assert_eq!(ctx.calls.last(), Some(&"krun_set_exec"));
+        assert_eq!(ctx.calls.len(), plain.calls.len() + 1);
+        assert_eq!(DISK_SYNC, if cfg!(target_os = "macos") { 1 } else { 2 });
+    }
+
+    /// A library without the disk calls cannot attach the disk: named before any call is made.
+    #[test]
+    fn a_library_without_disk_calls_is_named() {
+        let Some(lib) = built_library() else { return };
+        let mut krun = Libkrun::load(Some(&lib)).expect("load the built libkrun");
+        let mut api = krun.api.clone();
+        (api.add_disk3, api.add_disk2) = (None, None);
+        krun.api = Box::leak(Box::new(api));
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut fake = FakeVm::new(tmp.path(), 1);
+        fake.spec.state_disk = Some(tmp.path().join("state.img"));
+        let err = krun.configure(&fake.vm(None)).err().expect("no disk calls");
+        assert!(matches!(err, LibkrunError::NoDisk(_)), "{err}");
+        assert!(err.to_string().contains("--no-state-disk"), "{err}");
+    }
+
     #[test]
     fn a_failing_call_is_named_with_its_errno() {
         let Some(lib) = built_library() else { return };
@@ -863,7 +1081,7 @@ mod tests {
     fn child_reports_an_entry_point_that_returns() {
         let tmp = tempfile::tempdir().expect("tmp");
         let log = tmp.path().join("vmm.log");
-        let pid = fork_vmm(&log, fails_with_eio, 7).expect("fork");
+        let pid = fork_vmm(&log, fails_with_eio, 7, None).expect("fork");
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         let status = wait_with_deadline(pid, Duration::from_secs(10));
         assert_eq!(
@@ -876,6 +1094,30 @@ mod tests {
         );
     }
 
+    /// The state disk's lock given to the child stays held by it after the host lets go, and is
+    /// free once the child is gone.
+    #[test]
+    fn the_vmm_child_keeps_the_disk_lock() {
+        use crate::lifecycle::state::StateDir;
+        use crate::lifecycle::state_disk;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let sdir = StateDir::at("t", tmp.path().join("t"));
+        sdir.create().expect("state dir");
+        let lock = state_disk::lock(&sdir).expect("lock");
+        let log = tmp.path().join("vmm.log");
+        let pid = fork_vmm(&log, runs_forever, 0, Some(lock.raw_fd())).expect("fork");
+        drop(lock);
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let held = state_disk::lock(&sdir);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        assert!(
+            matches!(held, Err(state_disk::StateDiskError::Busy { .. })),
+            "{held:?}"
+        );
+        state_disk::lock(&sdir).expect("free once the VMM is gone");
+    }
+
     /// A VMM child whose host is SIGKILLed dies too (PR_SET_PDEATHSIG).
     #[cfg(target_os = "linux")]
     #[test]
@@ -883,7 +1125,9 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let log = tmp.path().join("vmm.log");
         crate::children::assert_dies_with_killed_host("VMM", || {
-            fork_vmm(&log, runs_forever, 0).ok().map(|pid| pid as i32)
+            fork_vmm(&log, runs_forever, 0, None)
+                .ok()
+                .map(|pid| pid as i32)
         });
     }
 
@@ -901,7 +1145,7 @@ mod tests {
         let pid = krun
             .configure(&vm)
             .expect("configure")
-            .start(&log)
+            .start(&log, None)
             .expect("fork");
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         let status = wait_with_deadline(pid, Duration::from_secs(30));

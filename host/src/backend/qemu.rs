@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use openshell_shared::Arch;
 
-use super::spec::{VmSpec, GUEST_MAC};
+use super::spec::{VmSpec, GUEST_MAC, STATE_DISK_SERIAL};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
@@ -77,13 +77,43 @@ impl Qemu {
                 &format!("virtio-net-device,netdev=net0,mac={}", GUEST_MAC),
             ]);
         }
+        if let Some(image) = &spec.state_disk {
+            push(&state_disk_args(image).each_ref().map(String::as_str));
+        }
         // Debian's virtiofsd speaks only modern virtio.
         push(&["-global", "virtio-mmio.force-legacy=false"]);
         args
     }
 }
 
+/// The state disk as a virtio-blk device on the machine's virtio-mmio bus (microvm and virt
+/// alike), with the serial the guest finds it by.
+///
+/// `cache=writeback`: the device tells the guest it has a volatile write cache, so the guest's
+/// flushes (ext4's journal commits, `sync`) arrive, and qemu answers each with an fdatasync of
+/// the image: what the guest flushed is on the host's disk. (`unsafe` would drop those flushes,
+/// `none`/`directsync` need O_DIRECT, which macOS and some file systems lack.) `aio=threads`
+/// works everywhere `cache=writeback` does. `discard=unmap`: blocks the guest frees become holes
+/// again, so the sparse image shrinks on the host.
+fn state_disk_args(image: &Path) -> [String; 4] {
+    // In qemu's option syntax a comma is written twice.
+    let file = image.display().to_string().replace(',', ",,");
+    [
+        "-drive".into(),
+        format!(
+            "file={file},if=none,id=state,format=raw,cache=writeback,aio=threads,discard=unmap"
+        ),
+        "-device".into(),
+        format!("virtio-blk-device,drive=state,serial={STATE_DISK_SERIAL}"),
+    ]
+}
+
 /// virtiofsd serving `rootfs` on the vhost-user `socket` qemu's `vhost-user-fs-device` connects to.
+/// Without CAP_MKNOD: a guest's device nodes would land in the host's tree, where whoever reaches
+/// them gets the host's device (the guest's own /dev is devtmpfs, and k3s's state is not on
+/// virtio-fs). Setuid bits a guest root sets on its own files cannot be stopped this way (the
+/// owner may set them without any capability): `up` refuses, as root, a root filesystem other
+/// users can reach.
 pub fn virtiofsd_args(socket: &Path, rootfs: &Path) -> Vec<OsString> {
     vec![
         format!("--socket-path={}", socket.display()).into(),
@@ -91,6 +121,8 @@ pub fn virtiofsd_args(socket: &Path, rootfs: &Path) -> Vec<OsString> {
         format!("source={}", rootfs.display()).into(),
         "-o".into(),
         "cache=auto".into(),
+        "-o".into(),
+        "modcaps=-mknod".into(),
     ]
 }
 
@@ -122,6 +154,7 @@ mod tests {
             vsock_socket: "/r/vhost-vsock.sock".into(),
             console_log: "/r/console.log".into(),
             net_socket: None,
+            state_disk: None,
         }
     }
 
@@ -165,6 +198,39 @@ mod tests {
         );
         assert!(line.contains("vhost-user-vsock-device,chardev=vsock"));
         assert!(!line.contains("-netdev"), "no network unless asked");
+        assert!(!line.contains("-drive"), "no disk unless asked");
+    }
+
+    /// The disk comes before the closing `-global` on both machines, with a flushing cache mode,
+    /// the serial the guest looks for, and a comma in the path escaped.
+    #[test]
+    fn state_disk_device() {
+        let q = Qemu {
+            program: None,
+            accel: Accel::Tcg,
+        };
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            let mut s = spec(arch);
+            s.state_disk = Some("/state/a,b/state.img".into());
+            let args: Vec<String> = q
+                .args(&s)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let at = args.iter().position(|a| a == "-drive").expect("-drive");
+            assert_eq!(
+                args[at..at + 6],
+                [
+                    "-drive",
+                    "file=/state/a,,b/state.img,if=none,id=state,format=raw,cache=writeback,\
+                     aio=threads,discard=unmap",
+                    "-device",
+                    "virtio-blk-device,drive=state,serial=openshell-state",
+                    "-global",
+                    "virtio-mmio.force-legacy=false",
+                ]
+            );
+        }
     }
 
     #[test]
@@ -200,7 +266,9 @@ mod tests {
                 "-o",
                 "source=/images/root",
                 "-o",
-                "cache=auto"
+                "cache=auto",
+                "-o",
+                "modcaps=-mknod"
             ]
             .map(OsString::from)
         );

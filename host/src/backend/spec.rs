@@ -29,6 +29,18 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// Stream socket of the user-mode network (passt), if the VM has a network device.
     pub net_socket: Option<PathBuf>,
+    /// Raw image attached as virtio-blk with serial [`STATE_DISK_SERIAL`], if any.
+    pub state_disk: Option<PathBuf>,
+}
+
+/// The virtio-blk serial (libkrun: block id) of the state disk, which the guest finds it by; in
+/// the guest `/sys/block/vdX/serial` reads it. One value, shared with the guest.
+pub use openshell_shared::config::STATE_DISK_SERIAL;
+
+/// The kernel command line key that tells the guest a state disk is attached (and which): with
+/// it the guest requires the disk, without it the guest runs with none.
+pub fn state_disk_cmdline() -> String {
+    format!("openshell.state_disk={STATE_DISK_SERIAL}")
 }
 
 /// The MAC of the guest's eth0: gvproxy's static DHCP lease is tied to this one, and passt

@@ -113,7 +113,8 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
             if !args.rootfs.is_dir() {
                 return Err(DetachError::NoRootfs(args.rootfs.clone()));
             }
-            println!("{}", reset::run(&args.rootfs, args.yes)?);
+            let _root = reset::lock_root(&args.rootfs, true)?;
+            println!("{}", reset::run(&args.rootfs, &sdir, args.yes)?);
         }
     }
     let log_path = sdir.host_log_path();
@@ -131,7 +132,14 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
 /// its own, its output in `log_path`. Returns the child and when it was spawned (Unix ms).
 fn spawn_background(log_path: &Path) -> Result<(Child, u64), DetachError> {
     let open_log = || {
-        std::fs::File::create(log_path).map_err(|source| DetachError::Log {
+        crate::private_dir::open_no_follow(
+            log_path,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true),
+        )
+        .map_err(|source| DetachError::Log {
             path: log_path.to_path_buf(),
             source,
         })
@@ -206,7 +214,7 @@ fn wait_ready(
                     return Ok(0);
                 }
                 if let (Some(f), false) = (&state.failed, reported_failure) {
-                    eprintln!("openshell-host: {f}");
+                    eprintln!("openshell-host: {}", crate::safe_text::escape(f));
                     reported_failure = true;
                 }
             }

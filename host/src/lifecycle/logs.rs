@@ -34,10 +34,21 @@ pub fn event_line(e: &Value) -> String {
             Err(_) => format!("unrecognised {ev}"),
         }
     };
-    format!(
+    let line = format!(
         "+{ms:>10.1} ms {:<5} {what}",
         e["source"].as_str().unwrap_or("?")
-    )
+    );
+    crate::safe_text::escape(&line).into_owned()
+}
+
+/// The guest's console as it may reach a terminal: escaped there (see `safe_text`), raw into
+/// a file or pipe.
+fn console_bytes(chunk: &[u8], terminal: bool) -> std::borrow::Cow<'_, [u8]> {
+    if terminal {
+        std::borrow::Cow::Owned(crate::safe_text::escape_console(chunk))
+    } else {
+        std::borrow::Cow::Borrowed(chunk)
+    }
 }
 
 pub fn run(args: &LogsArgs) -> Result<i32, StateError> {
@@ -50,6 +61,7 @@ pub fn run(args: &LogsArgs) -> Result<i32, StateError> {
             .as_ref()
             .and_then(|b| b["console_log"].as_str().map(PathBuf::from)),
     };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut out = std::io::stdout().lock();
     match &boot {
         Some(b) => {
@@ -75,7 +87,7 @@ pub fn run(args: &LogsArgs) -> Result<i32, StateError> {
     };
     let mut buf = Vec::new();
     let _ = file.read_to_end(&mut buf);
-    let _ = out.write_all(&buf);
+    let _ = out.write_all(&console_bytes(&buf, terminal));
     let _ = out.flush();
     if !args.follow {
         return Ok(0);
@@ -90,7 +102,7 @@ pub fn run(args: &LogsArgs) -> Result<i32, StateError> {
         }
         pos += chunk.len() as u64;
         if !chunk.is_empty() {
-            let _ = out.write_all(&chunk);
+            let _ = out.write_all(&console_bytes(&chunk, terminal));
             let _ = out.flush();
         }
         if !still_running {
@@ -116,5 +128,22 @@ mod tests {
         );
         let host = json!({"host_us": 0, "source": "host", "event": {"type": "vmm-started", "detail": null}});
         assert!(event_line(&host).ends_with("host  vmm-started"));
+    }
+
+    /// A guest's phase name and log text with escape sequences come out escaped, on one line.
+    #[test]
+    fn guest_text_in_events_is_escaped() {
+        let log = json!({"host_us": 0, "source": "guest", "event":
+            {"type": "log", "level": "warn", "text": "\u{1b}]0;pwned\u{7}\nfake"}});
+        let line = event_line(&log);
+        assert!(!line.chars().any(char::is_control), "{line}");
+        assert!(line.contains("\\u{1b}]0;pwned\\u{7}\\nfake"), "{line}");
+        let raw = b"\x1b[2Jcleared\r\n";
+        assert_eq!(
+            &*console_bytes(raw, false),
+            raw,
+            "a file gets the console as is"
+        );
+        assert_eq!(&*console_bytes(raw, true), b"\\u{1b}[2Jcleared\r\n");
     }
 }

@@ -45,6 +45,8 @@ pub enum StateError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("state directory: {0}")]
+    Unsafe(#[from] crate::private_dir::DirError),
     #[error("cannot write state file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -136,8 +138,16 @@ impl StateDir {
         }
     }
 
+    /// Makes the directory (0700). As root every directory on its path must be root's and not
+    /// writable by others, and none of ours a link (`private_dir`): a root host must not write
+    /// its lock and state through a directory a user controls (`sudo` keeping `$HOME`).
     pub fn create(&self) -> Result<(), StateError> {
         use std::os::unix::fs::DirBuilderExt;
+        if nix::unistd::geteuid().is_root() {
+            let (base, rest) = crate::private_dir::split_existing(&self.path);
+            crate::private_dir::ensure(&base, &rest, crate::private_dir::NO_SHARED_WRITE)?;
+            return Ok(());
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -163,17 +173,21 @@ impl StateDir {
         self.path.join("host.log")
     }
 
+    /// Never through a link: another user's link in its place would have us lock (and write our
+    /// pid into) their file.
     fn open_lock(&self) -> Result<File, StateError> {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.lock_path())
-            .map_err(|source| StateError::Lock {
-                path: self.lock_path(),
-                source,
-            })
+        crate::private_dir::open_no_follow(
+            &self.lock_path(),
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+        )
+        .map_err(|source| StateError::Lock {
+            path: self.lock_path(),
+            source,
+        })
     }
 
     /// Tries the lock without waiting: `Some` when we got it, `None` when someone holds it.
@@ -401,6 +415,55 @@ mod tests {
         drop(held);
         assert!(!dir.is_running().expect("probe"));
         dir.lock().expect("free again");
+    }
+
+    /// A link planted where the lock goes (at a file of the user's) is refused: nothing is
+    /// locked or written through it.
+    #[test]
+    fn a_linked_lock_file_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = StateDir::at("t", tmp.path().join("t"));
+        dir.create().expect("create");
+        let precious = tmp.path().join("precious");
+        std::fs::write(&precious, b"mine").expect("write");
+        std::os::unix::fs::symlink(&precious, dir.lock_path()).expect("link");
+        let msg = dir.lock().unwrap_err().to_string();
+        assert!(
+            msg.contains(&dir.lock_path().display().to_string()) && msg.contains("symbolic link"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&precious).expect("read"), b"mine");
+    }
+
+    /// As root, a state directory under a home another user owns (`sudo` keeping `$HOME`) is
+    /// refused naming that directory, and nothing is made in it.
+    #[test]
+    fn as_root_a_state_directory_in_another_users_home_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tmp");
+        let home = tmp.path().join("alice");
+        std::fs::create_dir(&home).expect("home");
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        nix::unistd::chown(&home, Some(65534.into()), None).expect("chown");
+        let dir = StateDir::at("t", home.join(".local/state/openshell/t"));
+        let msg = dir.lock().unwrap_err().to_string();
+        assert!(
+            msg.contains(&home.display().to_string()) && msg.contains("owned by uid 65534"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read_dir(&home).expect("ls").count(), 0);
+        // Root's own directory, 0700: fine, and each part made is root's.
+        let ours = StateDir::at("t", tmp.path().join("root/.local/state/openshell/t"));
+        let _lock = ours.lock().expect("root's own");
+        let mode = std::fs::metadata(&ours.path)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

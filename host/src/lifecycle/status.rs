@@ -1,9 +1,11 @@
 //! `openshell-host status`: whether an instance runs (by its lock), what the state file says
-//! about it, and the phase timings of its last boot. Exit 0 running, 3 not running, 1 on error.
+//! about it, its state disk, and the phase timings of its last boot. Exit 0 running, 3 not
+//! running, 1 on error.
 
 use serde_json::{json, Value};
 
 use super::state::{self, StateDir, StateError};
+use super::state_disk::{self, human};
 
 /// Exit code of `status` when the instance is not running (LSB's "program is not running").
 pub const NOT_RUNNING: i32 = 3;
@@ -59,6 +61,7 @@ pub fn run(args: &StatusArgs) -> Result<i32, StateError> {
             "ports": record.as_ref().map(|r| r.ports.clone()),
             "ready_stages": record.as_ref().map(|r| r.ready_stages.clone()),
             "console_log": record.as_ref().map(|r| r.console_log.clone()),
+            "state_disk": disk_json(&sdir),
             "last_boot": boot,
         });
         println!("{v}");
@@ -87,7 +90,7 @@ pub fn run(args: &StatusArgs) -> Result<i32, StateError> {
                     if r.ready_stages.is_empty() {
                         "not yet".into()
                     } else {
-                        r.ready_stages.join(", ")
+                        crate::safe_text::escape(&r.ready_stages.join(", ")).into_owned()
                     }
                 );
                 println!("  console: {}", r.console_log.display());
@@ -95,9 +98,35 @@ pub fn run(args: &StatusArgs) -> Result<i32, StateError> {
             None if running => println!("instance {:?}: starting", args.name),
             None => println!("instance {:?}: not running", args.name),
         }
+        println!("  {}", disk_line(&sdir));
         print_boot(&boot);
     }
     Ok(if running { 0 } else { NOT_RUNNING })
+}
+
+/// The state disk's image: its path, its size as the guest sees it (apparent) and what it
+/// occupies on the host (allocated blocks; the image is sparse).
+fn disk_json(sdir: &StateDir) -> Value {
+    match state_disk::usage(sdir) {
+        Some(u) => json!({
+            "path": u.path,
+            "apparent_bytes": u.apparent,
+            "allocated_bytes": u.allocated,
+        }),
+        None => Value::Null,
+    }
+}
+
+fn disk_line(sdir: &StateDir) -> String {
+    match state_disk::usage(sdir) {
+        Some(u) => format!(
+            "state disk: {} ({} apparent, {} allocated)",
+            u.path.display(),
+            human(u.apparent),
+            human(u.allocated)
+        ),
+        None => "state disk: none".into(),
+    }
 }
 
 fn print_boot(boot: &Value) {
@@ -117,7 +146,7 @@ fn print_boot(boot: &Value) {
     for p in boot["phases"].as_array().into_iter().flatten() {
         println!(
             "  {:<16} {:<8} {:>9.3} ms",
-            p["name"].as_str().unwrap_or("?"),
+            crate::safe_text::escape(p["name"].as_str().unwrap_or("?")),
             p["outcome"].as_str().unwrap_or("?"),
             p["duration_us"].as_u64().unwrap_or(0) as f64 / 1000.0
         );
@@ -126,7 +155,7 @@ fn print_boot(boot: &Value) {
         println!("  guest exit status: {status}");
     }
     if let Some(e) = boot["error"].as_str() {
-        println!("  error: {e}");
+        println!("  error: {}", crate::safe_text::escape(e));
     }
 }
 
@@ -141,6 +170,44 @@ fn human_duration(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_disk_is_shown_with_both_sizes() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let sdir = StateDir::at("t", tmp.path().join("t"));
+        sdir.create().expect("state dir");
+        assert_eq!(disk_json(&sdir), Value::Null);
+        assert_eq!(disk_line(&sdir), "state disk: none");
+        let lock = state_disk::lock(&sdir).expect("lock");
+        let req = state_disk::Request {
+            size: 64 << 20,
+            explicit: true,
+        };
+        let disk = state_disk::prepare(&sdir, req, &lock).expect("disk");
+        // One MiB of data: allocated, while the rest stays a hole.
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new()
+                .write(true)
+                .open(&disk.path)
+                .expect("open"),
+            &[1u8; 1 << 20],
+            0,
+        )
+        .expect("write");
+        let v = disk_json(&sdir);
+        assert_eq!(v["path"], json!(disk.path));
+        assert_eq!(v["apparent_bytes"], json!(64u64 << 20));
+        let allocated = v["allocated_bytes"].as_u64().expect("allocated");
+        assert!(((1 << 20)..(8 << 20)).contains(&allocated), "{allocated}");
+        let line = disk_line(&sdir);
+        assert!(
+            line.starts_with(&format!(
+                "state disk: {} (64 MiB apparent, ",
+                disk.path.display()
+            )),
+            "{line}"
+        );
+    }
 
     #[test]
     fn durations_read_well() {

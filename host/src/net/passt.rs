@@ -8,6 +8,10 @@
 //! directory of its own under the system's temporary directory, named by a hash of the run
 //! directory, owned by `nobody` and closed to everyone else. Without root, passt runs as the user
 //! and its socket stays inside the run directory.
+//!
+//! Switching to `nobody` also clears passt's parent-death signal, and `--one-off` ends it only
+//! once a VM has connected and gone: as root it is tied to the host's life by the helper
+//! watcher in `children` instead, which kills it when the host dies before any VM connected.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -184,5 +188,36 @@ mod tests {
         let _live = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
         socket_dir(t.path()).expect("live");
         assert!(sock.exists(), "live socket removed");
+    }
+
+    /// The real passt, started as `up` starts it, by a host SIGKILLed before any VM connected:
+    /// passt must not outlive it (as root it drops to `nobody`, which clears the parent-death
+    /// signal, and with no client yet `--one-off` never ends it).
+    #[test]
+    fn a_killed_host_leaves_no_passt() {
+        use crate::children::{assert_dies_with_killed_host, Helper};
+        if std::process::Command::new("passt")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: no passt");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let run = t.path().join("run");
+        std::fs::create_dir(&run).expect("run");
+        let (_, sock) = socket_dir(&run).expect("dir");
+        let log = run.join("passt.log");
+        assert_dies_with_killed_host("passt", || {
+            let mut cmd = std::process::Command::new("passt");
+            cmd.args(args(&sock, &[]));
+            let mut h = Helper::spawn("passt", cmd, &log).ok()?;
+            h.wait_for_socket(&sock, std::time::Duration::from_secs(10))
+                .ok()?;
+            let pid = h.child.id() as i32;
+            std::mem::forget(h);
+            Some(pid)
+        });
     }
 }

@@ -7,6 +7,7 @@ use openshell_shared::Arch;
 
 use crate::backend::qemu::Accel;
 use crate::backend::BackendChoice;
+use crate::lifecycle::state_disk::DiskSize;
 use crate::net::choice::NetChoice;
 use crate::net::Forward;
 
@@ -57,9 +58,19 @@ pub struct UpArgs {
     /// Seconds `--detach` waits for the ready stage before giving up (the VM keeps running).
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub ready_timeout: u64,
-    /// Remove the guest's runtime state (pods, CNI state, k3s database) from the rootfs first.
+    /// Start a fresh cluster: delete the state disk and remove the guest's runtime state (pods,
+    /// CNI state, k3s database) from the rootfs first.
     #[arg(long)]
     pub reset: bool,
+    /// Size of the instance's state disk, `<state dir>/state.img` (sparse; K, M, G or T). A new
+    /// disk is made this size, a smaller one grows to it, a bigger one is an error: a disk never
+    /// shrinks. Default: 32G for a new disk; an existing one keeps its size (at least 32G).
+    #[arg(long, value_name = "SIZE", conflicts_with = "no_state_disk")]
+    pub state_disk_size: Option<DiskSize>,
+    /// Boot without the state disk: the guest keeps all its state in the root filesystem. For
+    /// roots that cannot format one (the base profile's has no mke2fs).
+    #[arg(long)]
+    pub no_state_disk: bool,
     /// Do not ask before `--reset` (needed when not on a terminal).
     #[arg(short = 'y', long)]
     pub yes: bool,
@@ -95,8 +106,10 @@ pub struct UpArgs {
     /// Seconds to wait for the guest's hello.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
-    /// Time the workload gets to stop when the host is asked to shut down.
-    #[arg(long, default_value_t = 10_000)]
+    /// Time the workload gets to stop when the host is asked to shut down (at most an hour:
+    /// the guest's own limit, and the host adds it to its clock).
+    #[arg(long, default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(..=openshell_shared::config::MAX_GRACE_MS))]
     pub grace_ms: u64,
     /// Guest console log; `<run-dir>/console.log` by default.
     #[arg(long)]
@@ -170,6 +183,24 @@ mod tests {
         assert!(a.ports.is_empty() && a.exec.is_empty());
         assert!(a.run_dir.is_none() && a.libkrun.is_none() && a.qemu.is_none());
         assert!(a.cmdline_extra.is_none() && a.report.is_none() && a.console_log.is_none());
+        assert!(a.state_disk_size.is_none() && !a.no_state_disk);
+    }
+
+    #[test]
+    fn state_disk_flags() {
+        let a = with_required(&["--state-disk-size", "64G"]).expect("parse");
+        assert_eq!(a.state_disk_size, Some(DiskSize(64 << 30)));
+        assert!(
+            with_required(&["--no-state-disk"])
+                .expect("parse")
+                .no_state_disk
+        );
+        let err = with_required(&["--state-disk-size", "1M"]).unwrap_err();
+        assert!(err.to_string().contains("minimum 64 MiB"), "{err}");
+        assert!(
+            with_required(&["--no-state-disk", "--state-disk-size", "64G"]).is_err(),
+            "a size for no disk is a contradiction"
+        );
     }
 
     #[test]
@@ -228,6 +259,21 @@ mod tests {
             assert_eq!(with_required(&["--net", name]).expect(name).net, choice);
         }
         assert!(with_required(&["--net", "slirp"]).is_err());
+    }
+
+    /// A grace past an hour would overflow the host's deadline: refused naming the flag.
+    #[test]
+    fn a_grace_past_an_hour_is_refused() {
+        assert_eq!(
+            with_required(&["--grace-ms", "3600000"])
+                .expect("an hour")
+                .grace_ms,
+            3_600_000
+        );
+        for big in ["3600001", "18446744073709551615"] {
+            let err = with_required(&["--grace-ms", big]).unwrap_err().to_string();
+            assert!(err.contains("--grace-ms"), "{err}");
+        }
     }
 
     /// Everything after `--exec` is the guest command, flags included.

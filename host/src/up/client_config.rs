@@ -19,10 +19,9 @@ pub fn store_credentials(
             progress.note(&format!("client credentials stored in {}", dir.display()))
         }
         Ok((_, Stored::Unchanged)) => {}
-        Ok((dir, Stored::Replaced)) => progress.note(&format!(
-            "the gateway's CA changed: client credentials in {} replaced",
-            dir.display()
-        )),
+        Ok((dir, Stored::Replaced { old, new })) => {
+            progress.error(&crate::credentials::replaced_warning(&dir, &old, &new))
+        }
         Err(e) => progress.error(&format!("client credentials not stored: {e}")),
     }
 }

@@ -10,6 +10,7 @@ use crate::children::ChildError;
 use crate::failure::Failure;
 use crate::lifecycle::reset::ResetError;
 use crate::lifecycle::state::StateError;
+use crate::lifecycle::state_disk::StateDiskError;
 use crate::net::choice::NetChoiceError;
 use crate::net::gvproxy::ExposeError;
 use crate::net::passt::PasstDirError;
@@ -28,6 +29,8 @@ pub enum UpError {
     NoKernel(PathBuf),
     #[error("root filesystem {0} is not a directory")]
     NoRootfs(PathBuf),
+    #[error("root filesystem: {0}; as root, a guest's setuid files would be root's there: close a directory above it to others (chmod 700)")]
+    OpenRootfs(crate::private_dir::DirError),
     #[error(transparent)]
     Net(#[from] NetChoiceError),
     #[error(transparent)]
@@ -44,6 +47,8 @@ pub enum UpError {
     State(#[from] StateError),
     #[error(transparent)]
     Reset(#[from] ResetError),
+    #[error(transparent)]
+    StateDisk(#[from] StateDiskError),
 }
 
 impl Failure for UpError {

@@ -269,17 +269,20 @@ impl<'a, E: Effects> EventLoop<'a, E> {
     }
 
     /// A readiness stage: the last one makes the VM ready, or (the gateway's) starts the probe
-    /// of its forwarded port first.
+    /// of its forwarded port first. Only a stage's first report is recorded and published: one
+    /// repeated (or unknown, or after ready) changes nothing on disk.
     fn on_ready(&mut self, stage: &str) {
+        let step = match self.state.readiness.as_mut() {
+            Some(r) => r.stage(stage, Instant::now()),
+            None => Step::Ignored,
+        };
+        if step == Step::Ignored {
+            return;
+        }
         if let Some(r) = self.session.record.as_mut() {
             r.ready_stages.push(stage.to_string());
         }
-        let step = self
-            .state
-            .readiness
-            .as_mut()
-            .map(|r| r.stage(stage, Instant::now()));
-        match (step, self.run.gateway_forward) {
+        match (Some(step), self.run.gateway_forward) {
             (Some(Step::Ready), _) | (Some(Step::Probe), None) => {
                 self.state.readiness = None;
                 self.declare_ready();
@@ -790,6 +793,32 @@ mod tests {
         );
         assert_eq!(feed(&mut lp, vec![exit(3, 0)]), 0);
         assert_eq!(lp.effects.probes, []);
+    }
+
+    /// A guest repeating `ready` (and sending stages it never announced) gets each announced
+    /// stage recorded once; nothing after ready is recorded or published again.
+    #[test]
+    fn repeated_ready_frames_are_recorded_once() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[stage::WORKLOAD_STARTED, stage::K3S_STARTED]));
+        let mut seq = 1;
+        for name in [stage::WORKLOAD_STARTED, "bogus", stage::NODE_READY] {
+            for _ in 0..500 {
+                lp.handle(ready(seq, name));
+                seq += 1;
+            }
+        }
+        lp.handle(ready(seq, stage::K3S_STARTED));
+        for _ in 0..500 {
+            seq += 1;
+            lp.handle(ready(seq, stage::K3S_STARTED));
+        }
+        let record = lp.session.record.as_ref().expect("record");
+        assert_eq!(
+            record.ready_stages,
+            [stage::WORKLOAD_STARTED, stage::K3S_STARTED, "ready"]
+        );
     }
 
     /// Readiness is no part of the exit code: a workload that ends before it passes its status.

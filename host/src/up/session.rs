@@ -1,6 +1,6 @@
-//! What one `up` run holds and must give back: the instance (its lock and state directory), the
-//! run directory, the helper processes, and the state file as last written. Claimed first,
-//! closed last on every way out.
+//! What one `up` run holds and must give back: the instance (its lock and state directory, the
+//! state disk's lock), the run directory, the helper processes, and the state file as last
+//! written. Claimed first, closed last on every way out.
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,6 +12,7 @@ use super::error::UpError;
 use crate::children::Helper;
 use crate::lifecycle::reset;
 use crate::lifecycle::state::{InstanceLock, InstanceState, StateDir};
+use crate::lifecycle::state_disk::{self, DiskLock};
 use crate::progress::Progress;
 use crate::report::Timeline;
 use crate::rundir::RunDir;
@@ -23,26 +24,38 @@ pub struct Session {
     pub run_dir: Option<RunDir>,
     /// Held for the whole run: a second `up` of the instance fails while it is.
     pub lock: Option<InstanceLock>,
+    /// Held for the whole run when the VM gets the state disk (the VMM inherits it).
+    pub disk_lock: Option<DiskLock>,
     pub state: Option<StateDir>,
+    /// Held for the whole run: no `--reset` of this root while the VM uses it.
+    pub root: Option<reset::RootLock>,
     /// The state file as last written, updated as ready stages arrive.
     pub record: Option<InstanceState>,
 }
 
 impl Session {
-    /// Takes the instance: its lock (held until the process ends), stale state cleared, and the
-    /// rootfs reset when asked.
+    /// Takes the instance: its lock (held until the process ends), stale state cleared, the
+    /// rootfs and state disk reset when asked, and the state disk's lock unless there is none.
     pub fn claim(args: &UpArgs, progress: &Progress) -> Result<Self, UpError> {
         let sdir = StateDir::for_name(&args.name)?;
         let lock = sdir.lock()?;
         if let Some(note) = sdir.clear_stale() {
             progress.note(&note);
         }
+        // Exclusive to reset (refused while any VM uses the root), shared to boot from it.
+        let root = reset::lock_root(&args.rootfs, args.reset)?;
         if args.reset {
-            progress.note(&reset::run(&args.rootfs, args.yes)?);
+            progress.note(&reset::run(&args.rootfs, &sdir, args.yes)?);
         }
+        let disk_lock = match args.no_state_disk {
+            true => None,
+            false => Some(state_disk::lock(&sdir)?),
+        };
         Ok(Self {
             lock: Some(lock),
+            disk_lock,
             state: Some(sdir),
+            root: Some(root),
             ..Self::default()
         })
     }
@@ -92,7 +105,10 @@ impl Session {
             }
             state.remove_state();
         }
-        // The lock goes last: until here another `up` of this instance must wait.
+        // The locks go last: until here another `up` of this instance, or a reset of its
+        // root, must wait.
+        drop(self.disk_lock.take());
         drop(self.lock.take());
+        drop(self.root.take());
     }
 }

@@ -1,6 +1,7 @@
-//! Starting a boot: checks the inputs, prepares the run directory, picks the backend, listens on
-//! the boot channel, starts the helpers and the VMM, records the instance for `down` and
-//! `status`, and starts the threads that feed the loop (the VMM's reaper, gvproxy's forwards).
+//! Starting a boot: checks the inputs, makes the state disk ready, prepares the run directory,
+//! picks the backend, listens on the boot channel, starts the helpers and the VMM, records the
+//! instance for `down` and `status`, and starts the threads that feed the loop (the VMM's reaper,
+//! gvproxy's forwards).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -19,11 +20,12 @@ use super::helpers;
 use super::session::Session;
 use super::vmm::{self, StartedVmm};
 use crate::backend::qemu::Accel;
-use crate::backend::spec::{kernel_cmdline, VmSpec};
+use crate::backend::spec::{kernel_cmdline, state_disk_cmdline, VmSpec};
 use crate::backend::Chosen;
 use crate::channel::Channel;
 use crate::children::Helper;
 use crate::lifecycle::state::{self as instance, InstanceState};
+use crate::lifecycle::state_disk::{self, Request};
 use crate::net::choice::{self, Network, Search};
 use crate::net::{gvproxy, Forward, NetBackend};
 use crate::progress::Progress;
@@ -68,6 +70,7 @@ pub fn start(
 ) -> Result<Started, UpError> {
     let now = || clock.elapsed().as_micros() as u64;
     check_inputs(args)?;
+    let disk = prepare_disk(args, progress, timeline, session, now())?;
     let network = choose_network(args, progress, timeline, now())?;
     let dir = run_dir(args, progress)?;
     session.run_dir = Some(dir.clone());
@@ -107,14 +110,16 @@ pub fn start(
         .console_log
         .clone()
         .unwrap_or_else(|| dir.console_log());
+    crate::rundir::prepare_console_log(&console_log)?;
     timeline.console_log = Some(console_log.clone());
-    let spec = vm_spec(args, &backend, &dir, net_socket, &console_log);
+    let spec = vm_spec(args, &backend, &dir, net_socket, &console_log, disk);
     let vmm = vmm::start(
         &backend,
         network.backend,
         args,
         &spec,
         &dir,
+        session.disk_lock.as_ref(),
         &mut session.helpers,
     )?;
     let vmm_started_us = now();
@@ -171,12 +176,41 @@ fn choose_network(
     Ok(network)
 }
 
+/// The state disk for this boot, ready and said on a line of its own and in the timeline; `None`
+/// with `--no-state-disk` (then the session holds no disk lock).
+fn prepare_disk(
+    args: &UpArgs,
+    progress: &Progress,
+    timeline: &mut Timeline,
+    session: &Session,
+    now_us: u64,
+) -> Result<Option<PathBuf>, UpError> {
+    let (Some(lock), Some(sdir)) = (&session.disk_lock, &session.state) else {
+        progress.note("state disk: none (--no-state-disk): the guest keeps its state in the root");
+        timeline.host(now_us, "state-disk", json!(null));
+        return Ok(None);
+    };
+    let disk = state_disk::prepare(sdir, Request::from_flag(args.state_disk_size), lock)?;
+    progress.note(&disk.to_string());
+    timeline.host(
+        now_us,
+        "state-disk",
+        json!({ "path": disk.path, "size_bytes": disk.size, "action": disk.action.name() }),
+    );
+    Ok(Some(disk.path))
+}
+
 fn check_inputs(args: &UpArgs) -> Result<(), UpError> {
     if !args.kernel.is_file() {
         return Err(UpError::NoKernel(args.kernel.clone()));
     }
     if !args.rootfs.is_dir() {
         return Err(UpError::NoRootfs(args.rootfs.clone()));
+    }
+    // As root the guest's setuid files and device nodes are root's on the host: only root may
+    // reach them (see `backend::qemu::virtiofsd_args`).
+    if nix::unistd::geteuid().is_root() {
+        crate::private_dir::check_closed_to_others(&args.rootfs).map_err(UpError::OpenRootfs)?;
     }
     Ok(())
 }
@@ -199,15 +233,19 @@ fn run_dir(args: &UpArgs, progress: &Progress) -> Result<RunDir, UpError> {
 }
 
 /// The VM to start. An x86_64 guest under qemu's TCG gets the TSC options measured on this
-/// machine (see `backend::tsc`) before any `--cmdline-extra`.
+/// machine (see `backend::tsc`) before any `--cmdline-extra`; a state disk is announced there too.
 fn vm_spec(
     args: &UpArgs,
     backend: &Chosen,
     dir: &RunDir,
     net_socket: Option<PathBuf>,
     console_log: &Path,
+    state_disk: Option<PathBuf>,
 ) -> VmSpec {
     let mut extra: Vec<String> = Vec::new();
+    if state_disk.is_some() {
+        extra.push(state_disk_cmdline());
+    }
     if matches!(backend, Chosen::Qemu) && args.accel == Accel::Tcg && args.arch == Arch::X86_64 {
         let cache = instance::state_root().ok();
         if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
@@ -225,6 +263,7 @@ fn vm_spec(
         vsock_socket: dir.vsock_vhost_socket(),
         console_log: console_log.to_path_buf(),
         net_socket,
+        state_disk,
     }
 }
 
@@ -311,6 +350,7 @@ mod tests {
             &dir,
             Some("/run/x/passt/passt.sock".into()),
             Path::new("/logs/console.log"),
+            None,
         );
         assert_eq!(spec.arch, Arch::Aarch64);
         assert_eq!(spec.kernel, PathBuf::from("/k/Image"));
@@ -330,11 +370,31 @@ mod tests {
                 Some("openshell.hostname=gw")
             )
         );
+        assert_eq!(spec.state_disk, None);
+        // With a disk the guest is told, before the user's extra options.
+        let with = vm_spec(
+            &args,
+            &Chosen::Qemu,
+            &dir,
+            None,
+            Path::new("/logs/console.log"),
+            Some("/s/state.img".into()),
+        );
+        assert_eq!(with.state_disk, Some(PathBuf::from("/s/state.img")));
+        assert!(
+            with.cmdline
+                .ends_with(" openshell.state_disk=openshell-state openshell.hostname=gw"),
+            "{}",
+            with.cmdline
+        );
     }
 
     #[test]
     fn a_missing_kernel_or_rootfs_is_named() {
+        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
         let kernel = tmp.path().join("bzImage");
         let rootfs = tmp.path().join("root");
         let args = |k: &Path, r: &Path| {
@@ -358,5 +418,16 @@ mod tests {
         );
         std::fs::create_dir(&rootfs).expect("rootfs");
         check_inputs(&args(&kernel, &rootfs).expect("parse")).expect("both there");
+        if nix::unistd::geteuid().is_root() {
+            // Every directory up to it open to others: a guest's setuid files would be
+            // anyone's way to root.
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            let err = check_inputs(&args(&kernel, &rootfs).expect("parse")).unwrap_err();
+            assert!(
+                err.to_string().contains("other users can reach it"),
+                "{err}"
+            );
+        }
     }
 }

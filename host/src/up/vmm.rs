@@ -19,6 +19,7 @@ use crate::backend::qemu::Qemu;
 use crate::backend::spec::VmSpec;
 use crate::backend::Chosen;
 use crate::children::Helper;
+use crate::lifecycle::state_disk::DiskLock;
 use crate::net::gvproxy::Framing;
 use crate::net::NetBackend;
 use crate::rundir::RunDir;
@@ -34,15 +35,18 @@ pub struct StartedVmm {
 }
 
 /// Starts the chosen VMM for `spec`. Called on the main thread: the VMM's parent-death signal is
-/// tied to the thread that forks it.
+/// tied to the thread that forks it. `disk_lock` (the state disk's lock) is inherited by the VMM,
+/// so no other VM can take the disk until this VMM is gone, even if `up` dies first.
 pub fn start(
     backend: &Chosen,
     net: NetBackend,
     args: &UpArgs,
     spec: &VmSpec,
     dir: &RunDir,
+    disk_lock: Option<&DiskLock>,
     helpers: &mut Vec<Helper>,
 ) -> Result<StartedVmm, UpError> {
+    let keep = disk_lock.map(DiskLock::raw_fd);
     match backend {
         Chosen::Qemu => {
             let qemu = Qemu {
@@ -51,6 +55,9 @@ pub fn start(
             };
             let mut cmd = Command::new(qemu.program(args.arch));
             cmd.args(qemu.args(spec));
+            if let Some(fd) = keep {
+                crate::children::keep_open(&mut cmd, fd);
+            }
             let log = dir.path.join("qemu.log");
             let vmm = Helper::spawn("qemu", cmd, &log)?;
             let pid = vmm.child.id();
@@ -81,7 +88,7 @@ pub fn start(
                     }),
             };
             let log = dir.path.join("libkrun.log");
-            let pid = krun.configure(&vm)?.start(&log)?;
+            let pid = krun.configure(&vm)?.start(&log, keep)?;
             Ok(StartedVmm {
                 name: "libkrun",
                 pid,

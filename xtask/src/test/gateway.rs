@@ -317,6 +317,12 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
         .prefix("osh-gw-")
         .tempdir_in("/tmp")
         .map_err(|e| fail(e.to_string()))?;
+    // Closed to other users: as root, `up` refuses a root filesystem they can reach.
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(|e| fail(e.to_string()))?;
     let root = work.path().join("root");
     rootfs::copy_tree(built, &root)?;
     // The stand-in needs busybox's nc for its gateway listener and its state directory.

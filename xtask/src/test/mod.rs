@@ -286,12 +286,13 @@ const FUZZ_TARGETS: [(&str, &str, &str, &[&str]); 2] = [
     ),
 ];
 
-/// Builds the fuzz targets (`build_only`, one cargo job each) or fuzzes each for `seconds`.
+/// Builds the fuzz targets one after the other (`build_only`), or fuzzes each for `seconds`, all
+/// at once: a fuzzer keeps one core busy, and the gateway boots beside them need one more.
 fn fuzz_all(clock: &Clock, seconds: u32, build_only: bool) -> Result<()> {
     if !build_only && seconds == 0 {
         return Ok(());
     }
-    for (what, dir, target, flags) in FUZZ_TARGETS {
+    let fuzz = |(what, dir, target, flags): (&str, &str, &str, &[&str])| {
         // The rustup proxy, not $CARGO: `+nightly` picks the toolchain.
         let mut cmd = beside("cargo");
         cmd.current_dir(workspace().join(dir))
@@ -301,17 +302,31 @@ fn fuzz_all(clock: &Clock, seconds: u32, build_only: bool) -> Result<()> {
             .arg(target)
             .env_remove("CARGO_TARGET_DIR");
         if build_only {
-            clock.step(BESIDE, &format!("fuzz build: {what}"), || {
+            return clock.step(BESIDE, &format!("fuzz build: {what}"), || {
                 logged::run(&format!("fuzz-build-{target}"), &mut cmd)
-            })?;
-        } else {
-            cmd.arg("--").arg(format!("-max_total_time={seconds}"));
-            clock.step(BESIDE, &format!("fuzz {what} for {seconds} s"), || {
-                logged::run(&format!("fuzz-{target}"), &mut cmd)
-            })?;
+            });
         }
+        cmd.arg("--").arg(format!("-max_total_time={seconds}"));
+        clock.step(BESIDE, &format!("fuzz {what} for {seconds} s"), || {
+            logged::run(&format!("fuzz-{target}"), &mut cmd)
+        })
+    };
+    if build_only {
+        for target in FUZZ_TARGETS {
+            fuzz(target)?;
+        }
+        return Ok(());
     }
-    Ok(())
+    std::thread::scope(|s| {
+        let runs: Vec<_> = FUZZ_TARGETS.map(|t| s.spawn(move || fuzz(t))).into();
+        runs.into_iter()
+            .map(|r| {
+                r.join()
+                    .map_err(|_| Error::msg("a fuzzing thread panicked"))?
+            })
+            .collect::<Result<Vec<String>>>()
+            .map(drop)
+    })
 }
 
 /// Runs a cargo test command, echoing its output and counting its results.
