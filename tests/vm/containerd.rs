@@ -9,9 +9,7 @@
 //!   OOM-killed, one under it is not.
 //! - With its root on the state disk (k3s's agent directory, bound there by the guest's
 //!   `state-disk` phase) the image, the snapshots and a volume's synced data survive a SIGKILL
-//!   of the VMM while a container writes, and the next mount replays the journal. This test
-//!   waits for the state disk: it skips, saying so, while `openshell-host up` has no
-//!   `--state-disk-size`.
+//!   of the VMM while a container writes, and the next mount replays the journal.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use openshell_shared::{GuestMessage, Outcome};
 use openshell_tests::oci_image::busybox_image;
-use openshell_tests::{
-    both_arches, containerd_rootfs, host_bin, processes_using, vm_slot, Boot, Finished,
-};
+use openshell_tests::{both_arches, containerd_rootfs, processes_using, vm_slot, Boot, Finished};
 
 /// The image's name in containerd (the importer takes it from `index.json`).
 const IMAGE: &str = "docker.io/openshell/busybox:test";
@@ -49,15 +45,6 @@ fn probe_boot(arch: &str, steps: &[&str]) -> Option<Boot> {
     let mut argv = vec!["/bin/sh", "/probe.sh"];
     argv.extend_from_slice(steps);
     Some(boot.arg("--memory").arg(MEMORY_MIB).exec(&argv))
-}
-
-/// Whether this `openshell-host up` takes `flag` (the state disk's flags come with its branch).
-fn host_takes(flag: &str) -> bool {
-    let out = Command::new(host_bin())
-        .args(["up", "--help"])
-        .output()
-        .expect("openshell-host up --help");
-    String::from_utf8_lossy(&out.stdout).contains(flag)
 }
 
 /// The probe's `step.name: value` lines, by `step.name`.
@@ -115,12 +102,11 @@ fn assert_runs_with_the_limit(step: &str, get: &dyn Fn(&str) -> String, why: &st
 /// containerd with its root on the virtio-fs root cannot run a container (the overlay mount of
 /// its snapshot is refused); on a tmpfs it runs one with its memory limit enforced.
 fn virtiofs_fails_and_tmpfs_runs(arch: &str) {
-    let Some(mut boot) = probe_boot(arch, &["virtiofs", "tmpfs"]) else {
+    // No state disk (the harness's default, `--no-state-disk`): k3s's agent directory stays in
+    // the root.
+    let Some(boot) = probe_boot(arch, &["virtiofs", "tmpfs"]) else {
         return;
     };
-    if host_takes("--no-state-disk") {
-        boot = boot.arg("--no-state-disk");
-    }
     let _slot = vm_slot();
     let done = boot.start().wait(PROBE_DEADLINE);
     let root = done.boot.root.path().to_path_buf();
@@ -181,7 +167,8 @@ fn vmm_pid(run: &Path) -> i32 {
         .unwrap_or_else(|| panic!("no qemu for {}", run.display()))
 }
 
-/// What the guest's `state-disk` phase said of the mount (its log line), once it finished ok.
+/// What the guest's `state-disk` phase said (its line, and on first use its format and seed
+/// rows), once it finished ok.
 fn state_disk_report(done: &Finished) -> String {
     let messages = done.guest_messages();
     let finished_ok = messages.iter().any(|m| {
@@ -192,32 +179,77 @@ fn state_disk_report(done: &Finished) -> String {
         "the state-disk phase did not finish ok\n{}",
         done.output()
     );
-    messages
+    let lines: Vec<String> = messages
         .into_iter()
-        .find_map(|m| match m {
+        .filter_map(|m| match m {
             GuestMessage::Log { text, .. } if text.starts_with("state-disk: ") => Some(text),
             _ => None,
         })
-        .unwrap_or_else(|| panic!("the state-disk phase said nothing\n{}", done.output()))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("found and checked")),
+        "the state-disk phase's line is missing: {lines:?}\n{}",
+        done.output()
+    );
+    lines.join("\n")
 }
 
-/// containerd's root on the state disk: import, run with the limit, write a volume there, and
-/// SIGKILL the VMM while a container appends and syncs records. The next boot finds the image
-/// and runs it from the kept snapshots, the volume's payload and every record acknowledged
-/// before the kill intact, and the journal replayed by the mount.
-fn state_disk_survives_a_kill(arch: &str) {
-    if !host_takes("--state-disk-size") {
-        // Not a CI failure: the state disk is another branch's, not merged yet.
-        eprintln!(
-            "skipped: waiting for the state disk (openshell-host up has no --state-disk-size)"
+/// The records the writer left, checked against what it acknowledged: every line is `record N`
+/// with N counting up from 1, and at least `acked` of them are whole. Only a line past the
+/// acknowledged ones may be cut short (written, not yet synced, when the VM died). Returns the
+/// number of whole records.
+fn check_records(records: &str, acked: u64) -> u64 {
+    let lines: Vec<&str> = records.split_terminator('\n').collect();
+    let mut whole = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let want = format!("record {}", i + 1);
+        let last = i + 1 == lines.len();
+        if *line == want && (!last || records.ends_with('\n')) {
+            whole += 1;
+            continue;
+        }
+        assert!(
+            last && i as u64 >= acked && want.starts_with(line),
+            "record {} of {}: {line:?}, {acked} acknowledged",
+            i + 1,
+            lines.len()
         );
-        return;
     }
-    let Some(boot) = probe_boot(arch, &["disk-write"]) else {
-        return;
-    };
-    let _slot = vm_slot();
-    let boot = boot.arg("--state-disk-size").arg("1G");
+    assert!(
+        whole >= acked,
+        "{whole} whole records, {acked} acknowledged"
+    );
+    whole
+}
+
+/// The newest acknowledgement the writer made whole, from the acknowledgements file it keeps on
+/// the virtio-fs root (the kill may have cut the last line short).
+fn newest_ack(root: &Path) -> Option<u64> {
+    std::fs::read_to_string(root.join("probe-acks/synced"))
+        .unwrap_or_default()
+        .split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n')?.parse().ok())
+        .max()
+}
+
+/// `e2fsck -fn` of the state disk image on the host (after a clean power-off): its status and
+/// words; 0 is a filesystem with nothing to fix.
+fn host_fsck(image: &Path) -> (i32, String) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap_or_else(|e| panic!("e2fsck (the host's e2fsprogs): {e}"));
+    let words =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), words)
+}
+
+/// The first boot on a blank disk: the phase formats and seeds it, the probe imports and runs
+/// the image with the limit on the disk, writes the payload, and starts the writer; the VMM is
+/// SIGKILLed once records are acknowledged. Returns the boot, the payload's digest and the
+/// newest acknowledged record.
+fn write_then_kill(boot: Boot) -> (Finished, String, u64) {
     let run = boot.run_dir.path().join("run");
     let root = boot.root.path().to_path_buf();
     let mut running = boot.start();
@@ -229,24 +261,42 @@ fn state_disk_survives_a_kill(arch: &str) {
     }
     // Let the writer run on a little, then kill the VMM in the middle of it.
     std::thread::sleep(Duration::from_millis(500));
+    let qemu = vmm_pid(&run);
     // SAFETY: kill(2) on a pid we just looked up; no memory is involved.
-    assert_eq!(unsafe { libc::kill(vmm_pid(&run), libc::SIGKILL) }, 0);
+    assert_eq!(unsafe { libc::kill(qemu, libc::SIGKILL) }, 0);
     let first = running.wait(PROBE_DEADLINE);
     let found = results(&root);
     let get = |k: &str| found.get(k).cloned().unwrap_or_else(|| "(missing)".into());
     let why = evidence(&root, Some(&first));
+    let mounted = state_disk_report(&first);
+    assert!(
+        mounted.contains("formatted in") && mounted.contains("seeded "),
+        "{mounted}\n{why}"
+    );
     assert_eq!(get("disk-write.agent-fstype"), "ext2/ext3", "{why}");
     assert_eq!(get("disk-write.fstype"), "ext2/ext3", "{why}");
     assert_eq!(get("disk-write.writer-status"), "0", "{why}");
     assert_runs_with_the_limit("disk-write", &get, &why);
     let payload = get("disk-write.payload");
-    // The newest acknowledgement written whole (the kill may have cut the last one short).
-    let acks = std::fs::read_to_string(root.join("probe-acks/synced")).unwrap_or_default();
-    let acked: u64 = acks
-        .split_terminator('\n')
-        .filter_map(|l| l.parse().ok())
-        .max()
-        .unwrap_or_else(|| panic!("no acknowledged record: {why}"));
+    assert_eq!(payload.len(), 64, "{why}");
+    let acked = newest_ack(&root).unwrap_or_else(|| panic!("no acknowledged record: {why}"));
+    eprintln!("first boot: {mounted}\nkilled qemu {qemu} after {acked} acknowledged records");
+    (first, payload, acked)
+}
+
+/// containerd's root on the state disk: import, run with the limit, write a volume there, and
+/// SIGKILL the VMM while a container appends and syncs records. The next boot finds the image
+/// and runs it from the kept snapshots, the volume's payload and every record acknowledged
+/// before the kill intact, and the journal replayed by the mount; after that boot's clean
+/// power-off the host's e2fsck finds nothing to fix.
+fn state_disk_survives_a_kill(arch: &str) {
+    let Some(boot) = probe_boot(arch, &["disk-write"]) else {
+        return;
+    };
+    let _slot = vm_slot();
+    let (first, payload, acked) = write_then_kill(boot.state_disk("1G"));
+    let root = first.boot.root.path().to_path_buf();
+    let image = first.boot.instance_dir("default").join("state.img");
 
     // The next boot, on the same root and the same instance (so the same disk).
     let mut again = first.boot;
@@ -259,11 +309,20 @@ fn state_disk_survives_a_kill(arch: &str) {
     let why = evidence(&root, Some(&second));
     assert!(second.status.success(), "{why}");
     let mounted = state_disk_report(&second);
-    assert!(mounted.contains("journal replayed"), "{mounted}\n{why}");
+    assert!(
+        mounted.contains("not cleanly unmounted: journal replayed by the mount"),
+        "{mounted}\n{why}"
+    );
+    assert!(!mounted.contains("formatted"), "{mounted}\n{why}");
+    assert!(
+        mounted.contains("seeded on an earlier boot"),
+        "{mounted}\n{why}"
+    );
     assert!(
         get("disk-check.ext4").contains("recovery complete"),
         "{why}"
     );
+    assert_eq!(get("disk-check.agent-fstype"), "ext2/ext3", "{why}");
     assert_eq!(get("disk-check.containerd"), "up", "{why}");
     assert!(
         get("disk-check.images").split(' ').any(|n| n == IMAGE),
@@ -272,27 +331,55 @@ fn state_disk_survives_a_kill(arch: &str) {
     assert_eq!(get("disk-check.payload"), payload, "{why}");
     assert_eq!(get("disk-check.again-status"), "0", "{why}");
     assert_eq!(get("disk-check.again-output"), "1", "{why}");
+    assert_eq!(get("disk-check.records-copied"), "0", "{why}");
     let records = std::fs::read_to_string(root.join("probe-records")).expect("records copied");
-    let lines: Vec<&str> = records.lines().collect();
-    assert!(
-        lines.len() as u64 >= acked,
-        "{} records kept, {acked} acknowledged",
-        lines.len()
+    let whole = check_records(&records, acked);
+    let (status, words) = host_fsck(&image);
+    assert_eq!(status, 0, "e2fsck -fn {}: {words}", image.display());
+    eprintln!(
+        "next boot: {mounted}\n{whole} records kept, {acked} acknowledged; image {IMAGE} listed \
+         and run again; e2fsck -fn on the host: clean"
     );
-    for (i, line) in lines.iter().enumerate() {
-        assert_eq!(
-            *line,
-            format!("record {}", i + 1),
-            "record {} of {}",
-            i + 1,
-            lines.len()
-        );
-    }
 }
 
 mod state_disk_survives_a_kill {
     #[test]
     fn x86_64() {
         super::state_disk_survives_a_kill("x86_64");
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::check_records;
+
+    #[test]
+    fn whole_records_at_least_the_acknowledged() {
+        assert_eq!(check_records("record 1\nrecord 2\nrecord 3\n", 2), 3);
+        assert_eq!(check_records("", 0), 0);
+    }
+
+    #[test]
+    fn a_record_cut_short_past_the_acknowledged_is_allowed() {
+        assert_eq!(check_records("record 1\nrecord 2\nreco", 2), 2);
+        assert_eq!(check_records("record 1\nrecord 2\nrecord 3", 2), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "acknowledged")]
+    fn a_lost_acknowledged_record_fails() {
+        check_records("record 1\n", 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "record 2 of 3")]
+    fn a_gap_fails() {
+        check_records("record 1\nrecord 3\nrecord 4\n", 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "record 2 of 2")]
+    fn an_acknowledged_record_cut_short_fails() {
+        check_records("record 1\nreco", 2);
     }
 }
