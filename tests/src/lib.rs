@@ -224,6 +224,48 @@ pub fn processes_using(dir: &std::path::Path) -> Vec<(i32, String)> {
     found
 }
 
+/// The qemu of a boot whose run directory is `run`, once it exists (before `deadline`).
+pub fn vmm_pid(run: &Path, deadline: Instant) -> Option<i32> {
+    while Instant::now() < deadline {
+        if let Some((pid, _)) = processes_using(run)
+            .into_iter()
+            .find(|(_, cmd)| cmd.starts_with("qemu-system"))
+        {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// Waits until the guest console log `console` contains `needle` (e.g. `phase kine: started`);
+/// false at `deadline`.
+pub fn wait_for_console(console: &Path, needle: &str, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        if std::fs::read(console)
+            .map(|b| String::from_utf8_lossy(&b).contains(needle))
+            .unwrap_or(false)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    false
+}
+
+/// `e2fsck -fn` of a state disk image on the host (the VM ended): its status and its words; 0
+/// is a filesystem with nothing to fix.
+pub fn fsck_image(image: &Path) -> (i32, String) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap_or_else(|e| panic!("e2fsck (the host's e2fsprogs): {e}"));
+    let words =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), words)
+}
+
 /// Full VM boots under TCG each want a whole core; running them one at a time keeps their timing
 /// (and the deadlines inside the guest) sane on small machines.
 pub fn vm_slot() -> MutexGuard<'static, ()> {

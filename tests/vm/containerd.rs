@@ -13,12 +13,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use openshell_shared::{GuestMessage, Outcome};
 use openshell_tests::oci_image::busybox_image;
-use openshell_tests::{both_arches, containerd_rootfs, processes_using, vm_slot, Boot, Finished};
+use openshell_tests::{
+    both_arches, containerd_rootfs, fsck_image, vm_slot, vmm_pid, Boot, Finished,
+};
 
 /// The image's name in containerd (the importer takes it from `index.json`).
 const IMAGE: &str = "docker.io/openshell/busybox:test";
@@ -158,15 +159,6 @@ fn virtiofs_fails_and_tmpfs_runs(arch: &str) {
 
 both_arches!(virtiofs_fails_and_tmpfs_runs);
 
-/// The qemu of a boot whose run directory is `run`, once it exists.
-fn vmm_pid(run: &Path) -> i32 {
-    processes_using(run)
-        .into_iter()
-        .find(|(_, cmd)| cmd.starts_with("qemu-system"))
-        .map(|(pid, _)| pid)
-        .unwrap_or_else(|| panic!("no qemu for {}", run.display()))
-}
-
 /// What the guest's `state-disk` phase said (its line, and on first use its format and seed
 /// rows), once it finished ok.
 fn state_disk_report(done: &Finished) -> String {
@@ -232,19 +224,6 @@ fn newest_ack(root: &Path) -> Option<u64> {
         .max()
 }
 
-/// `e2fsck -fn` of the state disk image on the host (after a clean power-off): its status and
-/// words; 0 is a filesystem with nothing to fix.
-fn host_fsck(image: &Path) -> (i32, String) {
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(image)
-        .output()
-        .unwrap_or_else(|e| panic!("e2fsck (the host's e2fsprogs): {e}"));
-    let words =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), words)
-}
-
 /// The first boot on a blank disk: the phase formats and seeds it, the probe imports and runs
 /// the image with the limit on the disk, writes the payload, and starts the writer; the VMM is
 /// SIGKILLed once records are acknowledged. Returns the boot, the payload's digest and the
@@ -261,7 +240,8 @@ fn write_then_kill(boot: Boot) -> (Finished, String, u64) {
     }
     // Let the writer run on a little, then kill the VMM in the middle of it.
     std::thread::sleep(Duration::from_millis(500));
-    let qemu = vmm_pid(&run);
+    let qemu = vmm_pid(&run, Instant::now() + Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no qemu for {}", run.display()));
     // SAFETY: kill(2) on a pid we just looked up; no memory is involved.
     assert_eq!(unsafe { libc::kill(qemu, libc::SIGKILL) }, 0);
     let first = running.wait(PROBE_DEADLINE);
@@ -334,7 +314,7 @@ fn state_disk_survives_a_kill(arch: &str) {
     assert_eq!(get("disk-check.records-copied"), "0", "{why}");
     let records = std::fs::read_to_string(root.join("probe-records")).expect("records copied");
     let whole = check_records(&records, acked);
-    let (status, words) = host_fsck(&image);
+    let (status, words) = fsck_image(&image);
     assert_eq!(status, 0, "e2fsck -fn {}: {words}", image.display());
     eprintln!(
         "next boot: {mounted}\n{whole} records kept, {acked} acknowledged; image {IMAGE} listed \
