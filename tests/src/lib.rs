@@ -8,6 +8,7 @@
 //! artifact is a failure: CI must never pass by skipping.
 
 pub mod crashed_root;
+pub mod oci_image;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,28 @@ pub fn artifacts(arch: &str) -> Option<Artifacts> {
     let found: Artifacts = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{}: not an artifact list: {e}", Path::new(&path).display()));
     Some(found)
+}
+
+/// The `containerd-test` root for `arch` (Debian's containerd and runc: `cargo xtask rootfs
+/// --profile containerd-test`), named by `OPENSHELL_TEST_CONTAINERD_ROOTFS_<ARCH>`, or `None`
+/// with a message; under CI its absence is a failure.
+pub fn containerd_rootfs(arch: &str) -> Option<PathBuf> {
+    let var = format!("OPENSHELL_TEST_CONTAINERD_ROOTFS_{}", arch.to_uppercase());
+    let Some(path) = std::env::var_os(&var) else {
+        let why = format!(
+            "{var} is not set: `cargo xtask rootfs --profile containerd-test --arch {arch}` builds it"
+        );
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipped: {why}");
+        return None;
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.join("usr/bin/containerd").is_file(),
+        "{var}={}: no usr/bin/containerd there",
+        path.display()
+    );
+    Some(path)
 }
 
 /// The real gvproxy the gvproxy tests boot with: `OPENSHELL_TEST_GVPROXY` (`cargo xtask test`
@@ -201,6 +224,48 @@ pub fn processes_using(dir: &std::path::Path) -> Vec<(i32, String)> {
     found
 }
 
+/// The qemu of a boot whose run directory is `run`, once it exists (before `deadline`).
+pub fn vmm_pid(run: &Path, deadline: Instant) -> Option<i32> {
+    while Instant::now() < deadline {
+        if let Some((pid, _)) = processes_using(run)
+            .into_iter()
+            .find(|(_, cmd)| cmd.starts_with("qemu-system"))
+        {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// Waits until the guest console log `console` contains `needle` (e.g. `phase kine: started`);
+/// false at `deadline`.
+pub fn wait_for_console(console: &Path, needle: &str, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        if std::fs::read(console)
+            .map(|b| String::from_utf8_lossy(&b).contains(needle))
+            .unwrap_or(false)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    false
+}
+
+/// `e2fsck -fn` of a state disk image on the host (the VM ended): its status and its words; 0
+/// is a filesystem with nothing to fix.
+pub fn fsck_image(image: &Path) -> (i32, String) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap_or_else(|e| panic!("e2fsck (the host's e2fsprogs): {e}"));
+    let words =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), words)
+}
+
 /// Full VM boots under TCG each want a whole core; running them one at a time keeps their timing
 /// (and the deadlines inside the guest) sane on small machines.
 pub fn vm_slot() -> MutexGuard<'static, ()> {
@@ -229,6 +294,17 @@ impl Boot {
     /// Prepares a boot with a fresh copy of the root filesystem, or `None` when VM tests skip.
     pub fn new(arch: &str) -> Option<Self> {
         let artifacts = artifacts(arch)?;
+        let rootfs = artifacts.rootfs.clone();
+        Some(Self::on_copy_of(arch, artifacts, &rootfs))
+    }
+
+    /// The same with a fresh copy of another root (another profile's) instead of the base root;
+    /// `artifacts.rootfs` stays the base root's.
+    pub fn with_rootfs(arch: &str, rootfs: &Path) -> Option<Self> {
+        Some(Self::on_copy_of(arch, artifacts(arch)?, rootfs))
+    }
+
+    fn on_copy_of(arch: &str, artifacts: Artifacts, rootfs: &Path) -> Self {
         // Inside a directory closed to other users: as root, `up` refuses a root they can reach.
         let root = tempfile::Builder::new()
             .prefix("openshell-root-")
@@ -237,21 +313,17 @@ impl Boot {
         // cp -a keeps device nodes, symlinks and modes, which the guest needs.
         let status = Command::new("cp")
             .arg("-a")
-            .arg(format!("{}/.", artifacts.rootfs.display()))
+            .arg(format!("{}/.", rootfs.display()))
             .arg(root.path())
             .status()
             .expect("run cp");
-        assert!(
-            status.success(),
-            "copying {} failed",
-            artifacts.rootfs.display()
-        );
+        assert!(status.success(), "copying {} failed", rootfs.display());
         // Short path: unix socket paths must stay under 104 bytes.
         let run_dir = tempfile::Builder::new()
             .prefix("osh-")
             .tempdir_in("/tmp")
             .expect("run dir");
-        Some(Self {
+        Self {
             arch: arch.to_string(),
             artifacts,
             root,
@@ -260,7 +332,7 @@ impl Boot {
             extra_args: Vec::new(),
             net: "none".into(),
             state_disk: None,
-        })
+        }
     }
 
     pub fn exec<S: AsRef<str>>(mut self, argv: &[S]) -> Self {

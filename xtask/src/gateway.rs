@@ -454,22 +454,26 @@ pub fn debootstrap(arch: Arch) -> Result<PathBuf> {
         unmount_below(&root)?;
         result?;
         cleanup(&root)?;
-        let list = run_output(
-            Command::new("dpkg-query")
-                .arg(format!(
-                    "--admindir={}",
-                    root.join("var/lib/dpkg").display()
-                ))
-                .args(["-W", "-f", "${Package}\t${Version}\t${Architecture}\n"]),
-        )?;
-        let mut lines: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
-        lines.sort();
-        let tsv = tmp.join("packages.tsv");
-        std::fs::write(&tsv, lines.join("\n") + "\n").map_err(|e| Error::io("write", &tsv, e))?;
+        write_package_list(&root, &tmp.join("packages.tsv"))?;
         let v = tmp.join("debootstrap-version");
         std::fs::write(&v, tool.trim()).map_err(|e| Error::io("write", &v, e))?;
         rootfs::fix_mtimes(&root)
     })
+}
+
+/// Writes the packages installed in `root` to `tsv` (package, version, architecture; sorted).
+pub fn write_package_list(root: &Path, tsv: &Path) -> Result<()> {
+    let list = run_output(
+        Command::new("dpkg-query")
+            .arg(format!(
+                "--admindir={}",
+                root.join("var/lib/dpkg").display()
+            ))
+            .args(["-W", "-f", "${Package}\t${Version}\t${Architecture}\n"]),
+    )?;
+    let mut lines: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
+    lines.sort();
+    std::fs::write(tsv, lines.join("\n") + "\n").map_err(|e| Error::io("write", tsv, e))
 }
 
 fn run_debootstrap(arch: Arch, root: &Path) -> Result<()> {
@@ -540,7 +544,7 @@ fn run_debootstrap(arch: Arch, root: &Path) -> Result<()> {
 }
 
 /// Detaches every mount at or below `dir`, deepest first.
-fn unmount_below(dir: &Path) -> Result<()> {
+pub fn unmount_below(dir: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts")
         .map_err(|e| Error::io("read", Path::new("/proc/self/mounts"), e))?;
     let mut points = mounts_below(&mounts, dir);

@@ -7,6 +7,7 @@ mod artifacts;
 mod bench;
 mod build_names;
 mod cache;
+mod containerd_root;
 #[cfg(test)]
 mod doc_links;
 mod elf;
@@ -157,9 +158,19 @@ fn rootfs_cmd(
             rootfs::build_base(arch, &init()?)?
         }
         "gateway" => gateway::build_with(arch, init, inputs, payload)?.root,
+        containerd_root::PROFILE => {
+            if inputs.given() || payload.given() {
+                return Err(Error::msg(format!(
+                    "--k3s, --state-db, --chart, --images and --sandbox-bin are for the gateway profile, not {}",
+                    containerd_root::PROFILE
+                )));
+            }
+            containerd_root::build(arch, init)?
+        }
         other => {
             return Err(Error::msg(format!(
-                "unknown profile `{other}`: `base` or `gateway`"
+                "unknown profile `{other}`: `base`, `gateway` or `{}`",
+                containerd_root::PROFILE
             )))
         }
     };
