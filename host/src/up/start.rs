@@ -1,13 +1,14 @@
 //! Starting a boot: checks the inputs, prepares the run directory, picks the backend, listens on
 //! the boot channel, starts the helpers and the VMM, records the instance for `down` and
-//! `status`, and starts the threads that feed the loop (the VMM's reaper, gvproxy's forwards).
+//! `status`, and starts the VMM's reaper. gvproxy's forwards are left to the loop, which makes
+//! them once the guest confirms its refusals.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use openshell_shared::Arch;
 use serde_json::json;
@@ -25,7 +26,7 @@ use crate::channel::Channel;
 use crate::children::Helper;
 use crate::lifecycle::state::{self as instance, InstanceState};
 use crate::net::choice::{self, Network, Search};
-use crate::net::{gvproxy, Forward, NetBackend};
+use crate::net::{Forward, NetBackend};
 use crate::progress::Progress;
 use crate::report::Timeline;
 use crate::rundir::RunDir;
@@ -42,6 +43,9 @@ pub struct Started {
     pub api_forward: Option<u16>,
     /// The boot channel's write side, set once the guest connects.
     pub writer: Arc<Mutex<Option<UnixStream>>>,
+    /// gvproxy's API socket and the forwards to make through it, once the guest confirms its
+    /// refusals (`network_guarded`).
+    pub gvproxy_forwards: Option<(PathBuf, Vec<Forward>)>,
     waiter: JoinHandle<()>,
 }
 
@@ -69,6 +73,10 @@ pub fn start(
     let now = || clock.elapsed().as_micros() as u64;
     check_inputs(args)?;
     let network = choose_network(args, progress, timeline, now())?;
+    progress.note(&crate::net::host_loopback_summary(
+        network.backend,
+        &args.host_ports,
+    ));
     let dir = run_dir(args, progress)?;
     session.run_dir = Some(dir.clone());
     let (backend, note) = crate::backend::choose(args.backend, args.arch, args.libkrun.as_deref())?;
@@ -108,7 +116,14 @@ pub fn start(
         .clone()
         .unwrap_or_else(|| dir.console_log());
     timeline.console_log = Some(console_log.clone());
-    let spec = vm_spec(args, &backend, &dir, net_socket, &console_log);
+    let spec = vm_spec(
+        args,
+        &backend,
+        network.backend,
+        &dir,
+        net_socket,
+        &console_log,
+    );
     let vmm = vmm::start(
         &backend,
         network.backend,
@@ -135,9 +150,9 @@ pub fn start(
     ));
     // Reap the VMM on its own thread so its exit is an event like any other.
     let waiter = vmm::watch(vmm.pid, tx.clone());
-    if network.backend == NetBackend::Gvproxy && !forwards.is_empty() {
-        expose_forwards(dir.gvproxy_api_socket(), forwards, tx.clone());
-    }
+    // Exposed by the loop once the guest confirms it refuses gvproxy's API, never before.
+    let gvproxy_forwards = (network.backend == NetBackend::Gvproxy && !forwards.is_empty())
+        .then(|| (dir.gvproxy_api_socket(), forwards));
     Ok(Started {
         vmm,
         vmm_started_us,
@@ -145,6 +160,7 @@ pub fn start(
         gateway_forward,
         api_forward,
         writer,
+        gvproxy_forwards,
         waiter,
     })
 }
@@ -172,6 +188,7 @@ fn choose_network(
 }
 
 fn check_inputs(args: &UpArgs) -> Result<(), UpError> {
+    openshell_shared::config::check_host_ports(&args.host_ports).map_err(UpError::HostPorts)?;
     if !args.kernel.is_file() {
         return Err(UpError::NoKernel(args.kernel.clone()));
     }
@@ -203,10 +220,12 @@ fn run_dir(args: &UpArgs, progress: &Progress) -> Result<RunDir, UpError> {
 fn vm_spec(
     args: &UpArgs,
     backend: &Chosen,
+    net: NetBackend,
     dir: &RunDir,
     net_socket: Option<PathBuf>,
     console_log: &Path,
 ) -> VmSpec {
+    let router_is_host_loopback = crate::net::router_is_host_loopback(net, &args.host_ports);
     let mut extra: Vec<String> = Vec::new();
     if matches!(backend, Chosen::Qemu) && args.accel == Accel::Tcg && args.arch == Arch::X86_64 {
         let cache = instance::state_root().ok();
@@ -214,6 +233,12 @@ fn vm_spec(
             extra.push(tsc);
         }
     }
+    // Always given, even empty: the host's list replaces whatever the root's file says.
+    extra.push(format!(
+        "openshell.host_ports={} openshell.router_is_host_loopback={}",
+        openshell_shared::config::encode_host_ports(&args.host_ports),
+        u8::from(router_is_host_loopback)
+    ));
     extra.extend(args.cmdline_extra.clone());
     VmSpec {
         arch: args.arch,
@@ -260,21 +285,6 @@ fn record_instance(
     Ok(())
 }
 
-/// Makes gvproxy's forwards through its API off the loop (it answers 500 until its network
-/// stack is up, so exposing retries); the result arrives as [`Event::Forwarded`].
-fn expose_forwards(api: PathBuf, forwards: Vec<Forward>, tx: Sender<Event>) {
-    std::thread::spawn(move || {
-        let result = forwards
-            .iter()
-            .map(|f| {
-                gvproxy::expose(&api, *f, gvproxy::GUEST_IP, Duration::from_secs(10))
-                    .map(|n| (*f, n))
-            })
-            .collect();
-        let _ = tx.send(Event::Forwarded(result));
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +318,7 @@ mod tests {
         let spec = vm_spec(
             &args,
             &Chosen::Qemu,
+            NetBackend::Gvproxy,
             &dir,
             Some("/run/x/passt/passt.sock".into()),
             Path::new("/logs/console.log"),
@@ -327,8 +338,33 @@ mod tests {
             kernel_cmdline(
                 Arch::Aarch64,
                 &["/bin/true".into()],
-                Some("openshell.hostname=gw")
+                Some("openshell.host_ports= openshell.router_is_host_loopback=0 openshell.hostname=gw")
             )
+        );
+        let listed = parse(&[
+            "--kernel",
+            "/k/Image",
+            "--rootfs",
+            "/r",
+            "--host-port",
+            "8080",
+            "--host-port",
+            "9000",
+        ])
+        .expect("parse");
+        let spec = vm_spec(
+            &listed,
+            &Chosen::Qemu,
+            NetBackend::Passt,
+            &dir,
+            None,
+            Path::new("/c"),
+        );
+        assert!(
+            spec.cmdline
+                .contains(" openshell.host_ports=8080,9000 openshell.router_is_host_loopback=1"),
+            "{}",
+            spec.cmdline
         );
     }
 
