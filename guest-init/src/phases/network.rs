@@ -68,7 +68,9 @@ fn run(ctx: &Ctx) -> PhaseResult {
     // First: the guest never has a network without the refusals.
     let mut denied = guard::install(cfg, None)?;
     let mut done = bring_up(cfg, |level, text| ctx.reporter.log(level, text))?;
-    if done.router.is_some() {
+    // Again, with the router, only when it adds to what holds (passt mapping it to the host):
+    // a second batch is kernel work worth sparing at boot under emulation.
+    if guard::guarded(cfg, done.router) != guard::guarded(cfg, None) {
         denied = guard::install(cfg, done.router)?;
     }
     ctx.reporter.emit(guard::confirmation(cfg, done.router));
