@@ -99,11 +99,14 @@ pub enum Command {
     /// Debugging aid, in the guest only, for tests of the refusal of `network.blocked_tcp`:
     /// `--masquerade IFACE` masquerades traffic leaving IFACE as k3s's CNI does for pods, so a
     /// test's pod namespace is answered from outside; `--remove-refusal` deletes the `openshell`
-    /// table, so a test can show that what it refused is otherwise answered.
+    /// table, so a test can show that what it refused is otherwise answered; `--flush-refusal`
+    /// deletes its rules and keeps the table, as `nft flush table` does.
     #[command(hide = true)]
     NftTest {
         #[arg(long, value_name = "IFACE")]
         masquerade: Option<String>,
+        #[arg(long)]
+        flush_refusal: bool,
         #[arg(long)]
         remove_refusal: bool,
     },
@@ -159,16 +162,23 @@ pub fn main(init_entry_us: u64) -> i32 {
         Command::VsockSend { cid, port, hex } => vsock_send(cid, port, &hex),
         Command::NftTest {
             masquerade,
+            flush_refusal,
             remove_refusal,
-        } => nft_test(masquerade.as_deref(), remove_refusal),
+        } => nft_test(masquerade.as_deref(), flush_refusal, remove_refusal),
     }
 }
 
-fn nft_test(masquerade: Option<&str>, remove_refusal: bool) -> i32 {
+fn nft_test(masquerade: Option<&str>, flush_refusal: bool, remove_refusal: bool) -> i32 {
     let mut failed = false;
     if let Some(out) = masquerade {
         if let Err(e) = crate::nftables::masquerade(out) {
             eprintln!("openshell-init: masquerade out {out}: {e}");
+            failed = true;
+        }
+    }
+    if flush_refusal {
+        if let Err(e) = crate::nftables::flush_refusal() {
+            eprintln!("openshell-init: flush the refusal: {e}");
             failed = true;
         }
     }

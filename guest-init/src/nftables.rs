@@ -33,6 +33,7 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
 const IFNAMSIZ: usize = 16;
 const NFPROTO_IPV4: u8 = 2;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -481,6 +482,17 @@ pub fn remove_refusal() -> Result<(), NftError> {
     let mut b = Batch::new();
     b.nft(NFT_MSG_DELTABLE, 0, format!("delete table {TABLE}"), |a| {
         a.str(NFTA_TABLE_NAME, TABLE);
+    });
+    apply(b.finish())
+}
+
+/// Deletes every rule of the `openshell` table and keeps its chains, as `nft flush table` does
+/// (tests only: a pod trying to lift the refusal without deleting the table).
+pub fn flush_refusal() -> Result<(), NftError> {
+    let mut b = Batch::new();
+    // A rule deletion naming the table and no chain: every rule of every chain in it.
+    b.nft(NFT_MSG_DELRULE, 0, format!("flush table {TABLE}"), |a| {
+        a.str(NFTA_RULE_TABLE, TABLE);
     });
     apply(b.finish())
 }

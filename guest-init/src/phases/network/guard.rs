@@ -282,8 +282,9 @@ mod tests {
     /// Against the real kernel, in a namespace of its own: addresses standing for gvproxy's API,
     /// the host's loopback and the router, with listeners on allowed and unlisted ports. What
     /// the rules allow connects, the rest is refused at once; installed again, the table is
-    /// replaced; and a "pod" (another namespace, with CAP_NET_ADMIN there) that deletes the
-    /// `openshell` table deletes only its own: the refusal here still holds.
+    /// replaced; and a "pod" (another namespace, with CAP_NET_ADMIN there) that flushes or
+    /// deletes the `openshell` table touches only its own: the refusal here still holds, until
+    /// the same flush is made here.
     #[test]
     fn the_kernel_refuses_what_the_policy_says_and_a_pod_cannot_lift_it() {
         if !nix::unistd::geteuid().is_root() {
@@ -329,7 +330,11 @@ mod tests {
             install(&cfg, Some(router)).expect("replaced with the router");
             let pod = std::thread::spawn(|| {
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("pod netns");
-                crate::nftables::remove_refusal().map_err(|e| e.to_string())
+                let flushed = crate::nftables::flush_refusal().map_err(|e| e.to_string());
+                (
+                    flushed,
+                    crate::nftables::remove_refusal().map_err(|e| e.to_string()),
+                )
             })
             .join()
             .expect("pod");
@@ -343,9 +348,15 @@ mod tests {
                 ("router:9090", tcp((router, 9090))),
                 ("udp host:8080", udp((host, 8080), Some(&udp_open))),
                 ("udp host:9090", udp((host, 9090), None)),
-                ("pod removes", format!("{pod:?}")),
+                ("pod flushes", format!("{:?}", pod.0)),
+                ("pod removes", format!("{:?}", pod.1)),
                 ("forward from router", forwarded(router, (guest, 30051))),
                 ("host:9090 after", tcp((host, 9090))),
+                (
+                    "flush here",
+                    format!("{:?}", crate::nftables::flush_refusal()),
+                ),
+                ("host:9090 flushed here", tcp((host, 9090))),
             ])
         });
         let Some(seen) = seen else { return };
@@ -366,13 +377,18 @@ mod tests {
             // A connection the router opens to the guest (a port forward): the guest's replies
             // go to the router's unlisted port, and pass.
             ("forward from router", "open"),
+            // The same flush in this namespace empties the table: the pod's found nothing.
+            ("flush here", "Ok(())"),
+            ("host:9090 flushed here", "open"),
         ];
         for (what, outcome) in expect {
             assert_eq!(seen[what], outcome, "{what}: {seen:#?}");
         }
-        assert!(
-            seen["pod removes"].contains("No such file or directory"),
-            "{seen:#?}"
-        );
+        for what in ["pod flushes", "pod removes"] {
+            assert!(
+                seen[what].contains("No such file or directory"),
+                "{what}: {seen:#?}"
+            );
+        }
     }
 }
