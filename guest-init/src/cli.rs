@@ -83,11 +83,14 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         unix: PathBuf,
     },
-    /// Debugging aid, in the guest only: connect to the host (vsock CID 2) on PORT, write the
-    /// bytes given in hex, then wait until the host closes. For testing the host's handling of
-    /// a guest that breaks the boot channel protocol.
+    /// Debugging aid, in the guest only: connect to vsock CID (the host by default) on PORT,
+    /// write the bytes given in hex, print what comes back (as text) until the peer closes. For
+    /// testing the host's handling of a guest that breaks the boot channel protocol, and the
+    /// exec service's refusal of guest-local peers.
     #[command(hide = true)]
     VsockSend {
+        #[arg(long, default_value_t = crate::reporter::HOST_CID)]
+        cid: u32,
         #[arg(long, default_value_t = openshell_shared::BOOT_CHANNEL_PORT)]
         port: u32,
         #[arg(long)]
@@ -96,11 +99,14 @@ pub enum Command {
     /// Debugging aid, in the guest only, for tests of the refusal of `network.blocked_tcp`:
     /// `--masquerade IFACE` masquerades traffic leaving IFACE as k3s's CNI does for pods, so a
     /// test's pod namespace is answered from outside; `--remove-refusal` deletes the `openshell`
-    /// table, so a test can show that what it refused is otherwise answered.
+    /// table, so a test can show that what it refused is otherwise answered; `--flush-refusal`
+    /// deletes its rules and keeps the table, as `nft flush table` does.
     #[command(hide = true)]
     NftTest {
         #[arg(long, value_name = "IFACE")]
         masquerade: Option<String>,
+        #[arg(long)]
+        flush_refusal: bool,
         #[arg(long)]
         remove_refusal: bool,
     },
@@ -153,19 +159,26 @@ pub fn main(init_entry_us: u64) -> i32 {
             grace_ms,
         } => run_k3s(root, config, node_ip, grace_ms, init_entry_us),
         Command::ExecServe { unix } => exec_serve(&unix),
-        Command::VsockSend { port, hex } => vsock_send(port, &hex),
+        Command::VsockSend { cid, port, hex } => vsock_send(cid, port, &hex),
         Command::NftTest {
             masquerade,
+            flush_refusal,
             remove_refusal,
-        } => nft_test(masquerade.as_deref(), remove_refusal),
+        } => nft_test(masquerade.as_deref(), flush_refusal, remove_refusal),
     }
 }
 
-fn nft_test(masquerade: Option<&str>, remove_refusal: bool) -> i32 {
+fn nft_test(masquerade: Option<&str>, flush_refusal: bool, remove_refusal: bool) -> i32 {
     let mut failed = false;
     if let Some(out) = masquerade {
         if let Err(e) = crate::nftables::masquerade(out) {
             eprintln!("openshell-init: masquerade out {out}: {e}");
+            failed = true;
+        }
+    }
+    if flush_refusal {
+        if let Err(e) = crate::nftables::flush_refusal() {
+            eprintln!("openshell-init: flush the refusal: {e}");
             failed = true;
         }
     }
@@ -178,16 +191,16 @@ fn nft_test(masquerade: Option<&str>, remove_refusal: bool) -> i32 {
     i32::from(failed)
 }
 
-fn vsock_send(port: u32, hex: &str) -> i32 {
+fn vsock_send(cid: u32, port: u32, hex: &str) -> i32 {
     use std::io::{Read, Write};
     let Some(bytes) = decode_hex(hex) else {
         eprintln!("openshell-init: --hex: not an even number of hex digits");
         return 2;
     };
-    let mut stream = match crate::reporter::connect_vsock(port) {
+    let mut stream = match crate::reporter::connect_vsock(cid, port) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("openshell-init: vsock connect to port {port}: {e}");
+            eprintln!("openshell-init: vsock connect to {cid}:{port}: {e}");
             return 1;
         }
     };
@@ -195,9 +208,17 @@ fn vsock_send(port: u32, hex: &str) -> i32 {
         eprintln!("openshell-init: vsock write: {e}");
         return 1;
     }
-    // Stay connected until the host reacts (closes): closing first could race its reading.
-    let _ = stream.read_to_end(&mut Vec::new());
-    0
+    // Stay connected until the peer reacts (closes): closing first could race its reading.
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    print!("{}", String::from_utf8_lossy(&answer));
+    match read {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("openshell-init: vsock read: {e}");
+            1
+        }
+    }
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {

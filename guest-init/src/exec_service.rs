@@ -44,16 +44,45 @@ pub enum Reaping {
     Own,
 }
 
+/// Who connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A vsock peer, by context id: 2 is the host, anything else another VM or the guest itself.
+    Vsock { cid: u32 },
+    /// A unix socket client (`exec-serve` on a host): the socket's permissions decide who may
+    /// connect.
+    Unix,
+}
+
+/// The one vsock peer that may run commands: the host (`VMADDR_CID_HOST`).
+pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("vsock peer with CID {cid} is not the host (CID {HOST_CID}): the exec service serves the host only")]
+pub struct ForeignPeer {
+    pub cid: u32,
+}
+
+/// Whether `peer` may use the service. A guest process reaching the port through a loopback
+/// transport (CID 1 or the guest's own CID; the kernel has none, see the README) or a sibling VM
+/// behind the same vsock device would otherwise get a root shell in the VM.
+pub fn admit(peer: Peer) -> Result<(), ForeignPeer> {
+    match peer {
+        Peer::Vsock { cid } if cid != HOST_CID => Err(ForeignPeer { cid }),
+        _ => Ok(()),
+    }
+}
+
 /// Accepts connections: vsock in the VM, a unix socket on a host.
 pub trait Listener: Send + 'static {
-    fn accept_conn(&self) -> io::Result<File>;
+    fn accept_conn(&self) -> io::Result<(File, Peer)>;
     fn describe(&self) -> String;
 }
 
 impl Listener for UnixListener {
-    fn accept_conn(&self) -> io::Result<File> {
+    fn accept_conn(&self) -> io::Result<(File, Peer)> {
         let (stream, _) = self.accept()?;
-        Ok(File::from(OwnedFd::from(stream)))
+        Ok((File::from(OwnedFd::from(stream)), Peer::Unix))
     }
     fn describe(&self) -> String {
         match self
@@ -104,11 +133,13 @@ impl VsockListener {
 }
 
 impl Listener for VsockListener {
-    fn accept_conn(&self) -> io::Result<File> {
-        use nix::sys::socket::{accept4, SockFlag};
+    fn accept_conn(&self) -> io::Result<(File, Peer)> {
+        use nix::sys::socket::{accept4, getpeername, SockFlag, VsockAddr};
         let raw = accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
         // SAFETY: accept4 just returned this descriptor; nothing else owns it.
-        Ok(File::from(unsafe { OwnedFd::from_raw_fd(raw) }))
+        let conn = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let peer = getpeername::<VsockAddr>(conn.as_raw_fd())?;
+        Ok((conn, Peer::Vsock { cid: peer.cid() }))
     }
     fn describe(&self) -> String {
         format!("vsock port {}", self.port)
@@ -118,10 +149,22 @@ impl Listener for VsockListener {
 /// Serves connections forever, one thread each.
 pub fn serve(listener: impl Listener, reaping: Reaping, log: fn(&str)) {
     let mut failures = 0u32;
+    let mut refused = 0u32;
     loop {
         match listener.accept_conn() {
-            Ok(conn) => {
+            Ok((conn, peer)) => {
                 failures = 0;
+                if let Err(foreign) = admit(peer) {
+                    refused += 1;
+                    // A peer that keeps trying must not flood the console.
+                    if refused == 1 || refused.is_multiple_of(100) {
+                        log(&format!(
+                            "exec service: refused a connection ({refused} so far): {foreign}"
+                        ));
+                    }
+                    turn_away(conn, &foreign);
+                    continue;
+                }
                 let spawned = std::thread::Builder::new()
                     .name("exec-conn".into())
                     .spawn(move || serve_conn(conn, reaping, log));
@@ -266,6 +309,28 @@ fn serve_conn(conn: File, reaping: Reaping, log: fn(&str)) {
         }
     }
     out.finish(Some(&GuestFrame::Exit { code }));
+}
+
+/// Tells a refused peer why in one error frame and closes, never acting on what it sent.
+fn turn_away(mut conn: File, why: &ForeignPeer) {
+    // Never block the accept loop on the peer: one small frame or nothing.
+    let nonblocking = nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK);
+    let _ = nix::fcntl::fcntl(conn.as_raw_fd(), nonblocking);
+    // What it already sent is discarded (a bounded amount): closing on unread bytes would reset
+    // the connection and lose the error frame.
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!(conn.read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let out = Outbox {
+        conn: Mutex::new(conn),
+        closed: AtomicBool::new(false),
+    };
+    out.finish(Some(&GuestFrame::Error {
+        message: why.to_string(),
+    }));
 }
 
 fn refuse(out: &Outbox, why: ConnError) {
@@ -523,6 +588,90 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || serve(listener, Reaping::Own, |_| {}));
         (dir, path)
+    }
+
+    #[test]
+    fn only_the_host_is_admitted() {
+        assert_eq!(admit(Peer::Vsock { cid: 2 }), Ok(()));
+        assert_eq!(admit(Peer::Unix), Ok(()));
+        // 0: the hypervisor; 1: the local loopback; 3 and up: guests, this one included.
+        for cid in [0, 1, 3, 4, u32::MAX] {
+            let refused = admit(Peer::Vsock { cid }).expect_err("not the host");
+            assert_eq!(refused, ForeignPeer { cid });
+            assert!(
+                refused.to_string().contains(&format!("CID {cid} ")),
+                "{refused}"
+            );
+        }
+    }
+
+    /// The guest kernel has no vsock loopback transport (allnoconfig leaves it off and no
+    /// fragment may turn it on): with it, every guest process could reach this port as a peer.
+    #[test]
+    fn the_kernel_fragments_leave_vsock_loopback_off() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../kernel-config");
+        let mut read = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            read += 1;
+            for line in text.lines() {
+                assert!(
+                    !line.starts_with("CONFIG_VSOCKETS_LOOPBACK=y")
+                        && !line.starts_with("CONFIG_VSOCKETS_LOOPBACK=m"),
+                    "{}: {line}",
+                    path.display()
+                );
+            }
+        }
+        assert!(read >= 3, "common, x86_64 and aarch64 fragments");
+    }
+
+    /// Hands out one end of a socket pair as a connection from `peer`, then nothing more.
+    struct OneConnection(Mutex<Option<(File, Peer)>>);
+
+    impl Listener for OneConnection {
+        fn accept_conn(&self) -> io::Result<(File, Peer)> {
+            match self.0.lock().unwrap().take() {
+                Some(c) => Ok(c),
+                None => loop {
+                    std::thread::park();
+                },
+            }
+        }
+        fn describe(&self) -> String {
+            "one connection".into()
+        }
+    }
+
+    /// A request from a peer other than the host gets an error frame naming its CID and runs
+    /// nothing.
+    #[test]
+    fn a_foreign_peer_is_told_why_and_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let touch = format!("touch {}", marker.display());
+        let request = HostFrame::Request(request(&["/bin/sh", "-c", &touch]));
+        ours.write_all(&frames(&[request])).unwrap();
+        let conn = File::from(OwnedFd::from(theirs));
+        let listener = OneConnection(Mutex::new(Some((conn, Peer::Vsock { cid: 3 }))));
+        std::thread::spawn(move || serve(listener, Reaping::Own, |_| {}));
+        let mut decoder = ExecDecoder::new();
+        let mut got = Vec::new();
+        while let Some(frame) = decoder.read_frame::<GuestFrame>(&mut ours).unwrap() {
+            got.push(frame);
+        }
+        assert_eq!(
+            got,
+            [GuestFrame::Error {
+                message: "vsock peer with CID 3 is not the host (CID 2): the exec service serves the host only".into()
+            }]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!marker.exists(), "the command ran");
     }
 
     #[derive(Debug, Default)]

@@ -1,20 +1,28 @@
 //! One nftables transaction over NETLINK_NETFILTER, with no `nft` binary in the guest: the
-//! `openshell` table that denies TCP destinations nothing in the guest may reach. gvproxy serves
-//! its control API (which can open ports on the user's host) on the guest's gateway at port 80,
-//! and every pod could otherwise talk to it.
+//! `openshell` table of destinations nothing in the guest may reach. Each [`Refusal`] is one
+//! rule in the `forward` chain (pods) and one in `output` (the guest's own processes,
+//! host-network pods included): an address, a protocol, and either the one port refused or every
+//! port but the allowed ones. TCP gets a reset, UDP an ICMP port-unreachable, so a caller fails
+//! at once instead of hanging. What is refused is the network phase's policy
+//! (`phases::network::guard`); this module only builds and applies the batch.
 //!
 //! At boot no table exists (netfilter state does not outlive a boot), so the batch creates it
-//! outright. If one is there (the phase run again), the kernel refuses that whole batch and the
-//! table is replaced whole in a second one (create, delete, create again, then its chains and
-//! rules): a second run leaves exactly one copy and a failure leaves the previous one. Tearing
-//! down a table is kernel work worth sparing at boot under emulation.
+//! outright. If one is there (the phase run again, or the rules redone once the router is
+//! known), the kernel refuses that whole batch and the table is replaced whole in a second one
+//! (create, delete, create again, then its chains and rules): one transaction, so the guest is
+//! never without the table, a second run leaves exactly one copy and a failure leaves the
+//! previous one. Tearing down a table is kernel work worth sparing at boot under emulation.
 //!
-//! For the tests of that refusal inside a VM (`openshell-init nft-test`, never run at boot): the
+//! The table lives in the guest's network namespace. A pod has a namespace of its own (unless it
+//! asks for the host's network), so deleting or flushing an `openshell` table there, even with
+//! CAP_NET_ADMIN in it, touches only the pod's own.
+//!
+//! For the tests of the refusal inside a VM (`openshell-init nft-test`, never run at boot): the
 //! masquerade k3s's CNI gives pods, so a test's pod namespace gets answers from outside the
 //! guest as a real pod does, and the removal of the `openshell` table, so a test can show that
 //! what it refused is otherwise answered.
 
-use std::net::SocketAddrV4;
+use std::net::Ipv4Addr;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
@@ -25,6 +33,7 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
 const IFNAMSIZ: usize = 16;
 const NFPROTO_IPV4: u8 = 2;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -54,14 +63,29 @@ const NFTA_CMP_DATA: u16 = 3;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
+const NFTA_BITWISE_SREG: u16 = 1;
+const NFTA_BITWISE_DREG: u16 = 2;
+const NFTA_BITWISE_LEN: u16 = 3;
+const NFTA_BITWISE_MASK: u16 = 4;
+const NFTA_BITWISE_XOR: u16 = 5;
 const NFTA_REJECT_TYPE: u16 = 1;
+const NFTA_REJECT_ICMP_CODE: u16 = 2;
 const NFT_REG_1: u32 = 1;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFT_CMP_EQ: u32 = 0;
+const NFT_CMP_NEQ: u32 = 1;
 const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_L4PROTO: u32 = 16;
+const NFT_CT_STATE: u32 = 0;
+/// Conntrack state bits (NF_CT_STATE_BIT): established and related.
+const CT_ESTABLISHED_OR_RELATED: u32 = 0b110;
+const NFT_REJECT_ICMP_UNREACH: u32 = 0;
 const NFT_REJECT_TCP_RST: u32 = 1;
+/// ICMP destination unreachable, code 3: port unreachable (what a closed UDP port answers).
+const ICMP_PORT_UNREACH: u8 = 3;
 const NF_ACCEPT: u32 = 1;
 const NF_INET_FORWARD: u32 = 2;
 const NF_INET_LOCAL_OUT: u32 = 3;
@@ -137,9 +161,18 @@ impl Attrs<'_> {
     }
     /// Goes on with the rule only if register 1 holds `value`.
     fn equals(&mut self, value: &[u8]) -> &mut Self {
+        self.compare(NFT_CMP_EQ, value)
+    }
+
+    /// Goes on with the rule only if register 1 does not hold `value`.
+    fn differs(&mut self, value: &[u8]) -> &mut Self {
+        self.compare(NFT_CMP_NEQ, value)
+    }
+
+    fn compare(&mut self, op: u32, value: &[u8]) -> &mut Self {
         self.expr("cmp", |d| {
             d.be32(NFTA_CMP_SREG, NFT_REG_1)
-                .be32(NFTA_CMP_OP, NFT_CMP_EQ)
+                .be32(NFTA_CMP_OP, op)
                 .nest(NFTA_CMP_DATA, |v| {
                     v.put(NFTA_DATA_VALUE, value);
                 });
@@ -216,10 +249,126 @@ impl Batch {
     }
 }
 
+/// A transport protocol the table refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => libc::IPPROTO_TCP as u8,
+            Proto::Udp => libc::IPPROTO_UDP as u8,
+        }
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// Which destination ports of an address a rule refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ports {
+    /// This one.
+    Only(u16),
+    /// Every port but these.
+    AllBut(Vec<u16>),
+}
+
+/// One refused destination: `proto` to `addr` on `ports`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub addr: Ipv4Addr,
+    pub proto: Proto,
+    pub ports: Ports,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.ports {
+            Ports::Only(p) => write!(f, "{} {}:{p}", self.proto, self.addr),
+            Ports::AllBut(allowed) if allowed.is_empty() => {
+                write!(f, "{} {}:*", self.proto, self.addr)
+            }
+            Ports::AllBut(allowed) => {
+                let list: Vec<String> = allowed.iter().map(u16::to_string).collect();
+                write!(f, "{} {}:* but {}", self.proto, self.addr, list.join(","))
+            }
+        }
+    }
+}
+
+/// The rule's expressions: a packet that neither belongs to nor relates to a known connection
+/// (replies, such as the guest's answers on a connection a port forward made, pass), to the
+/// address, protocol and ports; then reject.
+fn refusal_rule(l: &mut Attrs<'_>, r: &Refusal) {
+    // ct state & (established | related) == 0; conntrack keeps the state in host order.
+    l.expr("ct", |d| {
+        d.be32(NFTA_CT_DREG, NFT_REG_1)
+            .be32(NFTA_CT_KEY, NFT_CT_STATE);
+    });
+    l.expr("bitwise", |d| {
+        d.be32(NFTA_BITWISE_SREG, NFT_REG_1)
+            .be32(NFTA_BITWISE_DREG, NFT_REG_1)
+            .be32(NFTA_BITWISE_LEN, 4)
+            .nest(NFTA_BITWISE_MASK, |v| {
+                v.put(NFTA_DATA_VALUE, &CT_ESTABLISHED_OR_RELATED.to_ne_bytes());
+            })
+            .nest(NFTA_BITWISE_XOR, |v| {
+                v.put(NFTA_DATA_VALUE, &0u32.to_ne_bytes());
+            });
+    });
+    l.equals(&0u32.to_ne_bytes());
+    // ip daddr == addr; meta l4proto == proto
+    l.payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4)
+        .equals(&r.addr.octets());
+    l.expr("meta", |d| {
+        d.be32(NFTA_META_DREG, NFT_REG_1)
+            .be32(NFTA_META_KEY, NFT_META_L4PROTO);
+    });
+    l.equals(&[r.proto.number()]);
+    // th dport (the same offset for TCP and UDP)
+    let refused = match &r.ports {
+        Ports::Only(_) => true,
+        Ports::AllBut(allowed) => !allowed.is_empty(),
+    };
+    if refused {
+        l.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2);
+    }
+    match &r.ports {
+        Ports::Only(port) => {
+            l.equals(&port.to_be_bytes());
+        }
+        Ports::AllBut(allowed) => {
+            for port in allowed {
+                l.differs(&port.to_be_bytes());
+            }
+        }
+    }
+    // A reset or port-unreachable, not a drop: the caller fails at once instead of hanging.
+    l.expr("reject", |d| match r.proto {
+        Proto::Tcp => {
+            d.be32(NFTA_REJECT_TYPE, NFT_REJECT_TCP_RST);
+        }
+        Proto::Udp => {
+            d.be32(NFTA_REJECT_TYPE, NFT_REJECT_ICMP_UNREACH)
+                .put(NFTA_REJECT_ICMP_CODE, &[ICMP_PORT_UNREACH]);
+        }
+    });
+}
+
 /// The batch that creates the table (`replace`: whatever table of that name exists is replaced;
-/// else an existing one makes the kernel refuse the batch with EEXIST) with one rejecting rule
-/// per chain and destination.
-fn deny_batch(blocked: &[SocketAddrV4], replace: bool) -> Finished {
+/// else an existing one makes the kernel refuse the batch with EEXIST) with one rule per chain
+/// and refusal.
+fn refusal_batch(refusals: &[Refusal], replace: bool) -> Finished {
     let create = (libc::NLM_F_CREATE) as u16;
     let mut b = Batch::new();
     let table = |a: &mut Attrs<'_>| {
@@ -248,51 +397,29 @@ fn deny_batch(blocked: &[SocketAddrV4], replace: bool) -> Finished {
                 .be32(NFTA_CHAIN_POLICY, NF_ACCEPT)
                 .str(NFTA_CHAIN_TYPE, "filter");
         });
-        for dest in blocked {
+        for r in refusals {
             let flags = create | libc::NLM_F_APPEND as u16;
-            b.nft(
-                NFT_MSG_NEWRULE,
-                flags,
-                format!("rule {chain} {dest}"),
-                |a| {
-                    a.str(NFTA_RULE_TABLE, TABLE)
-                        .str(NFTA_RULE_CHAIN, chain)
-                        .nest(NFTA_RULE_EXPRESSIONS, |l| {
-                            // ip daddr == dest.ip
-                            l.payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4)
-                                .equals(&dest.ip().octets());
-                            // meta l4proto == tcp
-                            l.expr("meta", |d| {
-                                d.be32(NFTA_META_DREG, NFT_REG_1)
-                                    .be32(NFTA_META_KEY, NFT_META_L4PROTO);
-                            });
-                            l.equals(&[libc::IPPROTO_TCP as u8]);
-                            // tcp dport == dest.port
-                            l.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)
-                                .equals(&dest.port().to_be_bytes());
-                            // A reset, not a drop: the caller fails at once instead of hanging.
-                            l.expr("reject", |d| {
-                                d.be32(NFTA_REJECT_TYPE, NFT_REJECT_TCP_RST);
-                            });
-                        });
-                },
-            );
+            b.nft(NFT_MSG_NEWRULE, flags, format!("rule {chain} {r}"), |a| {
+                a.str(NFTA_RULE_TABLE, TABLE)
+                    .str(NFTA_RULE_CHAIN, chain)
+                    .nest(NFTA_RULE_EXPRESSIONS, |l| refusal_rule(l, r));
+            });
         }
     }
     b.finish()
 }
 
-/// Replaces the `openshell` table so that TCP to each of `blocked` is refused for pods and for
-/// the guest itself. Returns the number of rules installed.
-pub fn deny_tcp(blocked: &[SocketAddrV4]) -> Result<usize, NftError> {
-    match apply(deny_batch(blocked, false)) {
+/// Replaces the `openshell` table so that each of `refusals` holds for pods and for the guest
+/// itself. Returns the number of rules installed.
+pub fn refuse(refusals: &[Refusal]) -> Result<usize, NftError> {
+    match apply(refusal_batch(refusals, false)) {
         Err(NftError::Refused {
             errno: nix::errno::Errno::EEXIST,
             ..
-        }) => apply(deny_batch(blocked, true))?,
+        }) => apply(refusal_batch(refusals, true))?,
         other => other?,
     }
-    Ok(blocked.len() * CHAINS.len())
+    Ok(refusals.len() * CHAINS.len())
 }
 
 /// The batch that masquerades traffic leaving interface `out` (`oifname OUT masquerade` in a
@@ -359,6 +486,17 @@ pub fn remove_refusal() -> Result<(), NftError> {
     apply(b.finish())
 }
 
+/// Deletes every rule of the `openshell` table and keeps its chains, as `nft flush table` does
+/// (tests only: a pod trying to lift the refusal without deleting the table).
+pub fn flush_refusal() -> Result<(), NftError> {
+    let mut b = Batch::new();
+    // A rule deletion naming the table and no chain: every rule of every chain in it.
+    b.nft(NFT_MSG_DELRULE, 0, format!("flush table {TABLE}"), |a| {
+        a.str(NFTA_RULE_TABLE, TABLE);
+    });
+    apply(b.finish())
+}
+
 /// Sends one batch on a socket of its own and waits for every acknowledgement it asked for.
 fn apply((bytes, mut waiting): Finished) -> Result<(), NftError> {
     let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
@@ -413,10 +551,17 @@ fn apply((bytes, mut waiting): Finished) -> Result<(), NftError> {
 mod tests {
     use super::*;
 
+    fn api() -> Refusal {
+        Refusal {
+            addr: Ipv4Addr::new(192, 168, 127, 1),
+            proto: Proto::Tcp,
+            ports: Ports::Only(80),
+        }
+    }
+
     #[test]
     fn batch_is_framed_and_every_change_is_acknowledged() {
-        let dest: SocketAddrV4 = "192.168.127.1:80".parse().expect("addr");
-        let (bytes, acked) = deny_batch(&[dest], true);
+        let (bytes, acked) = refusal_batch(&[api()], true);
         // Walk the messages: lengths add up, begin and end frame the batch.
         let mut at = 0;
         let mut kinds = Vec::new();
@@ -433,14 +578,14 @@ mod tests {
         assert_eq!(acked.len(), 7);
         assert!(acked
             .iter()
-            .any(|(_, w)| w == "rule forward 192.168.127.1:80"));
+            .any(|(_, w)| w == "rule forward tcp 192.168.127.1:80"));
         // The address and port are in the rule as network-order bytes.
         let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
         assert!(has(&[192, 168, 127, 1]));
         assert!(has(&80u16.to_be_bytes()));
         assert!(has(b"reject\0"));
         // Without replacing: one exclusive table creation instead of create, delete, create.
-        let (fresh, fresh_acked) = deny_batch(&[dest], false);
+        let (fresh, fresh_acked) = refusal_batch(&[api()], false);
         assert_eq!(fresh_acked.len(), 5);
         assert_eq!(fresh_acked[0].1, "table openshell");
         let flags = u16::from_ne_bytes([fresh[26], fresh[27]]);
@@ -450,6 +595,130 @@ mod tests {
             "the fresh table is exclusive"
         );
         assert_eq!(bytes.len() - fresh.len(), 2 * (message_len(&bytes, 1)));
+    }
+
+    /// The expressions of the one rule in `output` of a batch made of `r`, as (name, data).
+    fn expressions(r: &Refusal) -> Vec<(String, Vec<u8>)> {
+        let (bytes, _) = refusal_batch(std::slice::from_ref(r), false);
+        // Messages: begin, table, chain, rule (forward), chain, rule (output), end.
+        let mut at = 0;
+        for _ in 0..5 {
+            at += message_len(&bytes[at..], 0);
+        }
+        let rule = &bytes[at..at + message_len(&bytes[at..], 0)];
+        let attrs = parse_attrs(&rule[20..]);
+        let list = attrs
+            .iter()
+            .find(|(ty, _)| ty & !NLA_F_NESTED == NFTA_RULE_EXPRESSIONS)
+            .expect("expressions");
+        parse_attrs(&list.1)
+            .iter()
+            .map(|(_, elem)| {
+                let parts = parse_attrs(elem);
+                let name = parts
+                    .iter()
+                    .find(|(t, _)| *t == NFTA_EXPR_NAME)
+                    .expect("name");
+                let data = parts
+                    .iter()
+                    .find(|(t, _)| t & !NLA_F_NESTED == NFTA_EXPR_DATA)
+                    .map(|(_, d)| d.clone())
+                    .unwrap_or_default();
+                let name = String::from_utf8_lossy(&name.1)
+                    .trim_end_matches('\0')
+                    .to_string();
+                (name, data)
+            })
+            .collect()
+    }
+
+    /// Netlink attributes as (type, payload), padding skipped.
+    fn parse_attrs(mut b: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        while b.len() >= 4 {
+            let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+            let ty = u16::from_ne_bytes([b[2], b[3]]);
+            out.push((ty, b[4..len].to_vec()));
+            b = &b[((len + 3) & !3).min(b.len())..];
+        }
+        out
+    }
+
+    /// The values the rule's comparisons hold, with their operators.
+    fn comparisons(exprs: &[(String, Vec<u8>)]) -> Vec<(u32, Vec<u8>)> {
+        exprs
+            .iter()
+            .filter(|(n, _)| n == "cmp")
+            .map(|(_, d)| {
+                let a = parse_attrs(d);
+                let op = a.iter().find(|(t, _)| *t == NFTA_CMP_OP).expect("op");
+                let value = a
+                    .iter()
+                    .find(|(t, _)| t & !NLA_F_NESTED == NFTA_CMP_DATA)
+                    .map(|(_, v)| parse_attrs(v)[0].1.clone())
+                    .expect("data");
+                (u32::from_be_bytes(op.1[..4].try_into().expect("op")), value)
+            })
+            .collect()
+    }
+
+    /// Every port but the allowed ones: the address and protocol must match, then each allowed
+    /// port must differ; UDP is refused with port-unreachable, TCP with a reset.
+    #[test]
+    fn all_but_the_allowed_ports_are_refused() {
+        let host = Ipv4Addr::new(192, 168, 127, 254);
+        let udp = Refusal {
+            addr: host,
+            proto: Proto::Udp,
+            ports: Ports::AllBut(vec![8080, 53]),
+        };
+        assert_eq!(udp.to_string(), "udp 192.168.127.254:* but 8080,53");
+        let exprs = expressions(&udp);
+        let names: Vec<&str> = exprs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ct", "bitwise", "cmp", "payload", "cmp", "meta", "cmp", "payload", "cmp", "cmp",
+                "reject"
+            ]
+        );
+        assert_eq!(
+            comparisons(&exprs),
+            [
+                (NFT_CMP_EQ, 0u32.to_ne_bytes().to_vec()),
+                (NFT_CMP_EQ, host.octets().to_vec()),
+                (NFT_CMP_EQ, vec![libc::IPPROTO_UDP as u8]),
+                (NFT_CMP_NEQ, 8080u16.to_be_bytes().to_vec()),
+                (NFT_CMP_NEQ, 53u16.to_be_bytes().to_vec()),
+            ]
+        );
+        let reject = parse_attrs(&exprs.last().expect("reject").1);
+        assert_eq!(
+            reject[0],
+            (
+                NFTA_REJECT_TYPE,
+                NFT_REJECT_ICMP_UNREACH.to_be_bytes().to_vec()
+            )
+        );
+        assert_eq!(reject[1].0, NFTA_REJECT_ICMP_CODE);
+        assert_eq!(reject[1].1[0], ICMP_PORT_UNREACH);
+        // Nothing allowed: the port is not even looked at.
+        let tcp = Refusal {
+            addr: host,
+            proto: Proto::Tcp,
+            ports: Ports::AllBut(vec![]),
+        };
+        assert_eq!(tcp.to_string(), "tcp 192.168.127.254:*");
+        let names: Vec<String> = expressions(&tcp).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["ct", "bitwise", "cmp", "payload", "cmp", "meta", "cmp", "reject"]
+        );
+        let one = expressions(&api());
+        assert_eq!(
+            comparisons(&one)[3],
+            (NFT_CMP_EQ, 80u16.to_be_bytes().to_vec())
+        );
     }
 
     #[test]

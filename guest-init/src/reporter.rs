@@ -22,14 +22,14 @@ use openshell_init::clock::boottime_us;
 /// Events kept while the channel is not up yet. A normal boot emits a few dozen.
 const MAX_PENDING: usize = 1024;
 /// vsock address of the host.
-const HOST_CID: u32 = 2;
+pub(crate) const HOST_CID: u32 = 2;
 
 /// Where events are printed besides the channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sink {
     /// Human-readable lines on the console (PID 1).
     Console,
-    /// One JSON envelope per line on stdout (`openshell-init phase`).
+    /// One JSON envelope per line on stdout (`openshell-init phase`), private keys redacted.
     JsonLines,
 }
 
@@ -113,10 +113,11 @@ impl Reporter {
         match self.sink {
             Sink::Console => console::log(&human(&msg)),
             Sink::JsonLines => {
+                // stdout is a terminal or a log file: private keys stay out of it.
                 let envelope = Envelope {
                     seq: inner.next_seq,
                     t_us,
-                    msg: msg.clone(),
+                    msg: msg.redacted().into_owned(),
                 };
                 if let Ok(line) = serde_json::to_string(&envelope) {
                     let mut out = std::io::stdout().lock();
@@ -184,7 +185,7 @@ impl Reporter {
         let mut attempts = 0u32;
         let stream = loop {
             attempts += 1;
-            match connect_vsock(port) {
+            match connect_vsock(HOST_CID, port) {
                 Ok(f) => break Some(f),
                 Err(e) => last_err = e.to_string(),
             }
@@ -340,7 +341,8 @@ fn send(inner: &mut Inner, t_us: u64, msg: GuestMessage) {
     inner.next_seq += 1;
 }
 
-pub(crate) fn connect_vsock(port: u32) -> nix::Result<File> {
+/// A vsock stream to `cid`:`port` (the host, [`HOST_CID`], for the boot channel).
+pub(crate) fn connect_vsock(cid: u32, port: u32) -> nix::Result<File> {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     let fd = socket(
         AddressFamily::Vsock,
@@ -350,7 +352,7 @@ pub(crate) fn connect_vsock(port: u32) -> nix::Result<File> {
     )?;
     connect(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &VsockAddr::new(HOST_CID, port),
+        &VsockAddr::new(cid, port),
     )?;
     Ok(File::from(fd))
 }

@@ -94,7 +94,18 @@ fn gateway_phases_deploy_once_then_report_unchanged() {
             .arg(root.path())
             .output()
             .expect("run");
+        // The client bundle is printed with its key redacted: stdout may be a shared log.
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("PRIVATE KEY"), "{text}");
         let events = json_lines(&out.stdout);
+        if phase == "pki" {
+            let sent = events.iter().find(|e| e["msg"]["type"] == "credentials");
+            let sent = sent.unwrap_or_else(|| panic!("no credentials in {events:?}"));
+            assert_eq!(sent["msg"]["client_key"], "<redacted>");
+            assert!(sent["msg"]["client_crt"]
+                .as_str()
+                .is_some_and(|c| c.contains("BEGIN CERTIFICATE")));
+        }
         assert_eq!(
             finished(&events)["msg"]["outcome"]["kind"],
             "ok",

@@ -451,8 +451,10 @@ fn connect_from(ns: &str, addr: &str) -> std::io::Result<()> {
     .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
 }
 
-/// `network.blocked_tcp`: the guest and a pod routed through it get a reset from 10.77.0.1:80
-/// while 10.77.0.1:81 still answers; a second run leaves one copy of the rules.
+/// `network.blocked_tcp` and the host-loopback refusal at the router (passt's gateway, when it
+/// maps to the host): the guest and a pod routed through it get a reset from 10.77.0.1:80 (the
+/// blocked one) and :82 (not a listed host port) while :81 (listed) answers; a second run
+/// leaves one copy of the rules, which `nft` reads back.
 #[test]
 fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
     if !can_run("busybox") || !can_run("nft") {
@@ -490,7 +492,7 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
         .status()
         .expect("sysctl");
     assert!(fwd.success());
-    // Two web servers on the "gateway": port 80 is to be refused, 81 not.
+    // Web servers on the "gateway": port 80 is blocked, 81 a listed host port, 82 not listed.
     let www = n.dir.path().join("www");
     std::fs::create_dir_all(&www).expect("www");
     struct Servers(Vec<Child>);
@@ -503,7 +505,7 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
         }
     }
     let _servers = Servers(
-        [80, 81]
+        [80, 81, 82]
             .iter()
             .map(|port| {
                 in_netns(&n.srv, "busybox")
@@ -521,7 +523,7 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
     let config = n.dir.path().join("init.yaml");
     std::fs::write(
         &config,
-        "network:\n  dhcp_timeout_ms: 100\n  fallback: {address: 10.77.0.2, prefix: 24, gateway: 10.77.0.1}\n  blocked_tcp: [\"10.77.0.1:80\"]\n",
+        "network:\n  dhcp_timeout_ms: 100\n  fallback: {address: 10.77.0.2, prefix: 24, gateway: 10.77.0.1}\n  blocked_tcp: [\"10.77.0.1:80\"]\n  host_ports: [81]\n",
     )
     .expect("config");
     let root = tempfile::tempdir().expect("root");
@@ -531,15 +533,18 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
         assert!(out.status.success(), "{text}");
         text
     };
+    let note = "TCP to 10.77.0.1:80 refused; host loopback at 192.168.127.254, 10.77.0.1 (router): ports 81";
     let first = run();
-    assert!(first.contains("TCP to 10.77.0.1:80 refused"), "{first}");
+    assert!(first.contains(note), "{first}");
+    assert!(first.contains(r#""type":"network_guarded""#), "{first}");
     let second = run();
-    assert!(second.contains("TCP to 10.77.0.1:80 refused"), "{second}");
+    assert!(second.contains(note), "{second}");
     // Both servers really listen (seen from their own namespace, which has no rules): a refusal
     // below comes from the rule, not from an empty port.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while connect_from(&n.srv, "10.77.0.1:80").is_err()
-        || connect_from(&n.srv, "10.77.0.1:81").is_err()
+    while ["10.77.0.1:80", "10.77.0.1:81", "10.77.0.1:82"]
+        .iter()
+        .any(|to| connect_from(&n.srv, to).is_err())
     {
         assert!(Instant::now() < deadline, "httpd never listened");
         std::thread::sleep(Duration::from_millis(50));
@@ -547,20 +552,29 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
     for ns in [n.cli.as_str(), pod.as_str()] {
         let open = connect_from(ns, "10.77.0.1:81");
         assert!(open.is_ok(), "{ns} -> :81: {open:?}");
-        let refused = connect_from(ns, "10.77.0.1:80").expect_err("port 80 must be refused");
-        assert_eq!(
-            refused.kind(),
-            std::io::ErrorKind::ConnectionRefused,
-            "{ns}: {refused}"
-        );
+        for to in ["10.77.0.1:80", "10.77.0.1:82"] {
+            let refused = connect_from(ns, to).expect_err("must be refused");
+            assert_eq!(
+                refused.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "{ns} -> {to}: {refused}"
+            );
+        }
     }
     let listing = in_netns(&n.cli, "nft")
         .args(["list", "table", "ip", "openshell"])
         .output()
         .expect("nft");
     let rules = String::from_utf8_lossy(&listing.stdout).into_owned();
-    assert_eq!(rules.matches("reject with tcp reset").count(), 2, "{rules}");
-    assert!(rules.contains("ip daddr 10.77.0.1 tcp dport 80"), "{rules}");
+    assert_eq!(rules.matches("reject with tcp reset").count(), 6, "{rules}");
+    for rule in [
+        "ct state ! established,related ip daddr 10.77.0.1 tcp dport 80 reject with tcp reset",
+        "ip daddr 192.168.127.254 udp dport != 81 reject",
+        "ip daddr 10.77.0.1 tcp dport != 81 tcp dport != 53 reject with tcp reset",
+        "ip daddr 10.77.0.1 udp dport != 81 udp dport != 53 udp dport != 67 reject",
+    ] {
+        assert_eq!(rules.matches(rule).count(), 2, "{rule} in\n{rules}");
+    }
 }
 
 /// Fails closed: when nf_tables refuses the refusal (another process owns a table of that name:
@@ -611,7 +625,7 @@ fn the_network_stays_down_when_the_refusal_cannot_be_installed() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success(), "{text}");
     assert!(
-        text.contains("cannot refuse TCP to 10.77.0.1:80 (network.blocked_tcp): nf_tables refused table openshell: EPERM"),
+        text.contains("cannot install the refusals (tcp 10.77.0.1:80; tcp 192.168.127.254:*; udp 192.168.127.254:*): nf_tables refused table openshell: EPERM"),
         "{text}"
     );
     let link = client(&n, &["-4", "addr", "show", "eth0"]);

@@ -127,6 +127,7 @@ impl Progress {
             }
             // `up` stores them and says where.
             GuestMessage::Credentials { .. } | GuestMessage::Kubeconfig { .. } => {}
+            GuestMessage::NetworkGuarded { .. } => self.line(&format!("  {}", msg.describe())),
             GuestMessage::Exit {
                 status,
                 peak_rss_kib,

@@ -74,6 +74,62 @@ pub struct Network {
     /// TCP destinations that pods and guest processes are refused (a reset): by default
     /// gvproxy's control API, which can open ports on the user's host.
     pub blocked_tcp: Vec<std::net::SocketAddrV4>,
+    /// The user's host loopback ports (127.0.0.1 on the host) the guest may reach: none by
+    /// default. The host passes its `--host-port` list as `openshell.host_ports=`, which
+    /// replaces this one.
+    pub host_ports: Vec<u16>,
+    /// Addresses at which the user-mode network reaches the host's loopback: gvproxy
+    /// translates 192.168.127.254 to 127.0.0.1. TCP and UDP to them is refused except to
+    /// `host_ports`.
+    pub host_loopback: Vec<std::net::Ipv4Addr>,
+    /// Whether the default router is the host's loopback too, and refused the same way (DNS
+    /// and DHCP to it excepted): passt maps its gateway address to the host's loopback unless
+    /// started with `--no-map-gw`. The host says which (`openshell.router_is_host_loopback=`);
+    /// without it, the safe assumption.
+    pub router_is_host_loopback: bool,
+}
+
+/// Most host ports the guest may be given: an allow-list, not a way around the refusal.
+pub const MAX_HOST_PORTS: usize = 32;
+
+/// Parses a comma-separated host port list (`openshell.host_ports=`, `up --host-port`); empty
+/// means none. Ports are 1-65535, each at most once, at most [`MAX_HOST_PORTS`].
+pub fn parse_host_ports(text: &str) -> Result<Vec<u16>, String> {
+    let ports = text
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| p.trim().parse::<u16>().map_err(|e| format!("`{p}`: {e}")))
+        .collect::<Result<Vec<u16>, String>>()?;
+    check_host_ports(&ports)?;
+    Ok(ports)
+}
+
+/// The rules a host port list obeys, whichever way it came.
+pub fn check_host_ports(ports: &[u16]) -> Result<(), String> {
+    if ports.len() > MAX_HOST_PORTS {
+        return Err(format!(
+            "{} ports: at most {MAX_HOST_PORTS} (an allow-list, not a range)",
+            ports.len()
+        ));
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if *p == 0 {
+            return Err("port 0 is not a port".into());
+        }
+        if ports[..i].contains(p) {
+            return Err(format!("port {p} is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Joins a host port list for `openshell.host_ports=` (empty: none).
+pub fn encode_host_ports(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Default for Network {
@@ -97,6 +153,9 @@ impl Default for Network {
                 dns: Vec::new(),
             },
             blocked_tcp: vec![std::net::SocketAddrV4::new(gvproxy, 80)],
+            host_ports: Vec::new(),
+            host_loopback: vec![std::net::Ipv4Addr::new(192, 168, 127, 254)],
+            router_is_host_loopback: true,
         }
     }
 }
@@ -567,6 +626,23 @@ impl BootConfig {
                 "grace_ms" => self.shutdown.grace_ms = parse_num(&src, full, value)?,
                 "dhcp_timeout_ms" => self.network.dhcp_timeout_ms = parse_num(&src, full, value)?,
                 "interface" => self.network.interface = value.clone(),
+                "host_ports" => {
+                    self.network.host_ports = parse_host_ports(value)
+                        .map_err(|reason| ConfigError::invalid(&src, full, reason))?
+                }
+                "router_is_host_loopback" => {
+                    self.network.router_is_host_loopback = match value.as_str() {
+                        "1" | "true" => true,
+                        "0" | "false" => false,
+                        _ => {
+                            return Err(ConfigError::invalid(
+                                &src,
+                                full,
+                                format!("`{value}`: 1, 0, true or false"),
+                            ))
+                        }
+                    }
+                }
                 "channel_port" => self.channel.port = parse_num(&src, full, value)?,
                 "connect_timeout_ms" => {
                     self.channel.connect_timeout_ms = parse_num(&src, full, value)?
@@ -681,6 +757,8 @@ impl BootConfig {
                 format!("`{ifname}` is not an interface name"),
             ));
         }
+        check_host_ports(&self.network.host_ports)
+            .map_err(|reason| ConfigError::invalid(source, "network.host_ports", reason))?;
         if self.network.dhcp_timeout_ms == 0 || self.network.dhcp_timeout_ms > 120_000 {
             return Err(ConfigError::invalid(
                 source,
@@ -1085,6 +1163,8 @@ mod tests {
                 "k3s.readiness.node_ready_ms",
             ),
             ("k3s:\n  extra_args: ['']\n", "k3s.extra_args[0]"),
+            ("network:\n  host_ports: [0]\n", "network.host_ports"),
+            ("network:\n  host_ports: [80, 80]\n", "network.host_ports"),
         ] {
             match BootConfig::from_yaml(yaml, &file()) {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{yaml}"),
@@ -1254,6 +1334,66 @@ mod tests {
         assert!(err.to_string().contains("state_disk.device"), "{err}");
         let ok = BootConfig::from_yaml("state_disk:\n  device: /dev/vdb\n", &file()).expect("ok");
         assert_eq!(ok.state_disk.device.as_deref(), Some("/dev/vdb"));
+    }
+
+    /// No host loopback port by default; the host's list replaces the file's, and a bad one is
+    /// named.
+    #[test]
+    fn host_ports_default_to_none_and_the_command_line_decides() {
+        let n = Network::default();
+        assert!(n.host_ports.is_empty());
+        assert_eq!(
+            n.host_loopback,
+            ["192.168.127.254".parse::<std::net::Ipv4Addr>().expect("ip")]
+        );
+        let mut c =
+            BootConfig::from_yaml("network:\n  host_ports: [22]\n", &file()).expect("valid");
+        assert_eq!(c.network.host_ports, [22]);
+        c.apply_cmdline(&Cmdline::parse("openshell.host_ports=8080,9000"))
+            .expect("valid");
+        assert_eq!(c.network.host_ports, [8080, 9000]);
+        c.apply_cmdline(&Cmdline::parse("openshell.host_ports="))
+            .expect("valid");
+        assert!(c.network.host_ports.is_empty(), "empty means none");
+        assert!(
+            c.network.router_is_host_loopback,
+            "assumed unless the host says"
+        );
+        c.apply_cmdline(&Cmdline::parse("openshell.router_is_host_loopback=0"))
+            .expect("valid");
+        assert!(!c.network.router_is_host_loopback);
+        assert!(c
+            .apply_cmdline(&Cmdline::parse("openshell.router_is_host_loopback=maybe"))
+            .expect_err("maybe")
+            .to_string()
+            .contains("openshell.router_is_host_loopback"));
+        assert_eq!(encode_host_ports(&[8080, 9000]), "8080,9000");
+        assert_eq!(
+            parse_host_ports(&encode_host_ports(&[1, 65535])),
+            Ok(vec![1, 65535])
+        );
+        for (line, why) in [
+            ("openshell.host_ports=80,x", "`x`"),
+            ("openshell.host_ports=80,80", "listed twice"),
+            ("openshell.host_ports=0", "port 0"),
+            ("openshell.host_ports=70000", "`70000`"),
+        ] {
+            let err = BootConfig::default()
+                .apply_cmdline(&Cmdline::parse(line))
+                .expect_err(line);
+            let text = err.to_string();
+            assert!(
+                text.contains("openshell.host_ports") && text.contains(why),
+                "{text}"
+            );
+        }
+        let many = (1..=33)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(parse_host_ports(&many)
+            .expect_err("33")
+            .contains("at most 32"));
     }
 
     #[test]

@@ -20,8 +20,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Bumped on any incompatible change to the messages below (2: `network_guarded`).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// vsock port the host listens on for the guest-initiated boot channel.
 pub const BOOT_CHANNEL_PORT: u32 = 10700;
@@ -97,6 +97,16 @@ pub enum GuestMessage {
     Kubeconfig {
         yaml: String,
     },
+    /// The `network` phase's refusals are in place, sent once when it succeeded: TCP refused
+    /// outright (`network.blocked_tcp`), the addresses where the host's loopback appears
+    /// (`network.host_loopback` and the default router, if any) and the host ports still
+    /// allowed there. On gvproxy the host exposes forwards only after this, and only when its
+    /// control API and host address are in it.
+    NetworkGuarded {
+        refused_tcp: Vec<std::net::SocketAddrV4>,
+        host_loopback: Vec<std::net::Ipv4Addr>,
+        host_ports: Vec<u16>,
+    },
     /// Init is about to power off.
     Exit {
         /// Shell convention: the workload's exit code, or 128 + signal number.
@@ -162,6 +172,20 @@ impl GuestMessage {
             GuestMessage::Kubeconfig { yaml } => {
                 format!("kubeconfig: {} bytes sent to the host", yaml.len())
             }
+            GuestMessage::NetworkGuarded {
+                refused_tcp,
+                host_loopback,
+                host_ports,
+            } => format!(
+                "network guarded: TCP to {} refused; host loopback at {} open to {}",
+                list(refused_tcp),
+                list(host_loopback),
+                if host_ports.is_empty() {
+                    "no port".to_string()
+                } else {
+                    format!("ports {}", list(host_ports))
+                }
+            ),
             GuestMessage::Exit {
                 status,
                 peak_rss_kib,
@@ -184,9 +208,22 @@ impl GuestMessage {
             GuestMessage::Fatal { .. } => "fatal",
             GuestMessage::Credentials { .. } => "credentials",
             GuestMessage::Kubeconfig { .. } => "kubeconfig",
+            GuestMessage::NetworkGuarded { .. } => "network_guarded",
             GuestMessage::Exit { .. } => "exit",
         }
     }
+}
+
+/// Items joined with `, ` (`none` for no item), for the lines people read.
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
+        return "none".into();
+    }
+    items
+        .iter()
+        .map(T::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A message from the host to the guest.
@@ -478,6 +515,21 @@ mod tests {
                 }
             }),
             ".*".prop_map(|yaml| GuestMessage::Kubeconfig { yaml }),
+            (
+                proptest::collection::vec(any::<(u32, u16)>(), 0..3),
+                proptest::collection::vec(any::<u32>(), 0..3),
+                proptest::collection::vec(any::<u16>(), 0..4)
+            )
+                .prop_map(|(refused, loopback, host_ports)| {
+                    GuestMessage::NetworkGuarded {
+                        refused_tcp: refused
+                            .into_iter()
+                            .map(|(ip, port)| std::net::SocketAddrV4::new(ip.into(), port))
+                            .collect(),
+                        host_loopback: loopback.into_iter().map(Into::into).collect(),
+                        host_ports,
+                    }
+                }),
             (any::<i32>(), any::<u64>(), any::<bool>()).prop_map(
                 |(status, peak_rss_kib, synced)| GuestMessage::Exit {
                     status,
@@ -486,6 +538,33 @@ mod tests {
                 }
             ),
         ]
+    }
+
+    #[test]
+    fn the_guard_confirmation_reads_as_people_say_it() {
+        let g = GuestMessage::NetworkGuarded {
+            refused_tcp: vec!["192.168.127.1:80".parse().expect("addr")],
+            host_loopback: vec!["192.168.127.254".parse().expect("ip")],
+            host_ports: vec![],
+        };
+        assert_eq!(
+            g.describe(),
+            "network guarded: TCP to 192.168.127.1:80 refused; host loopback at 192.168.127.254 open to no port"
+        );
+        let json = serde_json::to_string(&g).expect("json");
+        assert_eq!(
+            json,
+            r#"{"type":"network_guarded","refused_tcp":["192.168.127.1:80"],"host_loopback":["192.168.127.254"],"host_ports":[]}"#
+        );
+        // A guest that sends an address that is none is a malformed frame, not a panic.
+        let bad = r#"{"seq":1,"t_us":0,"msg":{"type":"network_guarded","refused_tcp":["x"],"host_loopback":[],"host_ports":[]}}"#;
+        let mut dec = FrameDecoder::default();
+        dec.push(&(bad.len() as u32).to_be_bytes());
+        dec.push(bad.as_bytes());
+        assert!(matches!(
+            dec.next_frame::<GuestMessage>(),
+            Err(ProtocolError::Malformed { .. })
+        ));
     }
 
     #[test]

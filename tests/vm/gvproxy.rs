@@ -46,8 +46,9 @@ fn lease_dns_and_the_api_refusal(arch: &str) {
     };
     let _slot = vm_slot();
     let host_port = free_port();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/gvproxy-probe.sh");
-    std::fs::copy(&script, boot.root_path("probe.sh")).expect("install the probe");
+    let vm = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm");
+    std::fs::copy(vm.join("gvproxy-probe.sh"), boot.root_path("probe.sh")).expect("probe");
+    std::fs::copy(vm.join("pod-netns.sh"), boot.root_path("pod-netns.sh")).expect("pod");
     let done = boot
         .arg("-p")
         .arg(&format!("{host_port}:8080"))
@@ -78,7 +79,7 @@ fn lease_dns_and_the_api_refusal(arch: &str) {
         "{network}"
     );
     assert!(
-        network.ends_with("; TCP to 192.168.127.1:80 refused"),
+        network.contains("; TCP to 192.168.127.1:80 refused; host loopback at 192.168.127.254"),
         "{network}"
     );
 

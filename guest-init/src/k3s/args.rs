@@ -14,7 +14,9 @@ pub fn argv(cfg: &K3s, node_ip: Ipv4Addr) -> Vec<String> {
     }
     // Pods get their network from the bridge CNI config that `k3s-prep` writes.
     argv.push("--disable-network-policy".into());
-    argv.push("--write-kubeconfig-mode=644".into());
+    // The admin kubeconfig holds the cluster-admin key: root only (init's probes and the exec
+    // service run as root; the host gets it over the boot channel).
+    argv.push("--write-kubeconfig-mode=600".into());
     argv.push(format!("--node-ip={node_ip}"));
     argv.push("--kube-apiserver-arg=bind-address=0.0.0.0".into());
     argv.push("--resolv-conf=/etc/resolv.conf".into());
@@ -49,13 +51,14 @@ pub fn argv(cfg: &K3s, node_ip: Ipv4Addr) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// The final command line of the shell-based init, flag for flag.
+    /// The final command line of the shell-based init, flag for flag, except the admin
+    /// kubeconfig's mode (0644 there: readable by every guest user).
     const LEGACY: &[&str] = &[
         "/usr/local/bin/k3s",
         "server",
         "--disable=traefik,servicelb,metrics-server",
         "--disable-network-policy",
-        "--write-kubeconfig-mode=644",
+        "--write-kubeconfig-mode=600",
         "--node-ip=192.168.127.2",
         "--kube-apiserver-arg=bind-address=0.0.0.0",
         "--resolv-conf=/etc/resolv.conf",

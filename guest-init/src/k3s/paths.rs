@@ -29,7 +29,8 @@ pub const KINE_DB: &str = "/var/lib/rancher/k3s/server/db/state.db";
 pub const NODE_PASSWD: &str = "/var/lib/rancher/k3s/server/cred/node-passwd";
 /// k3s's runtime state (containerd's sockets and pid files among it).
 pub const K3S_RUN_DIR: &str = "/run/k3s";
-/// k3s writes its admin kubeconfig here (`--write-kubeconfig-mode=644` lets the probes read it).
+/// k3s writes its admin kubeconfig here, mode 0600 (`--write-kubeconfig-mode`): it holds the
+/// cluster-admin key.
 pub const KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
 /// Written by the `pki` phase into [`K3S_MANIFESTS`]; named like the bundled manifests, which
 /// the `manifests` phase owns, but never removed by it.

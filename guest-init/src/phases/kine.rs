@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use openshell_shared::config::Kine;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::context::{Ctx, StateDiskInUse};
@@ -291,6 +292,11 @@ pub fn prefix_end(prefix: &str) -> Option<String> {
 fn open(db: &Path) -> rusqlite::Result<Connection> {
     // Never create: a missing database is k3s's to make.
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    // The file is data, not code we trust: its schema (views, triggers) may not call functions
+    // or virtual tables with side effects, and no statement may corrupt it on purpose (writable
+    // schema, journal off). A database crafted by whoever could write the root stays data.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+    conn.pragma_update(None, "trusted_schema", false)?;
     // k3s is not running yet, so a lock is someone else's: wait briefly, then say so.
     conn.busy_timeout(Duration::from_secs(2))?;
     Ok(conn)
@@ -805,6 +811,56 @@ mod tests {
         );
         holder.execute_batch("ROLLBACK;").expect("unlock");
         let conn = Connection::open(&db).expect("open");
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM kine WHERE name LIKE '/registry/events/%'"
+            ),
+            20
+        );
+    }
+
+    /// The database is opened as untrusted data: its views and triggers may not reach virtual
+    /// tables or functions with side effects, and the schema cannot be rewritten by a statement.
+    #[test]
+    fn a_crafted_schema_is_not_trusted_and_cannot_be_rewritten() {
+        let (_t, db) = setup();
+        let conn = realistic(&db);
+        conn.execute_batch(
+            "CREATE VIEW peek AS SELECT name FROM pragma_table_info('kine');
+             CREATE TABLE seen (n TEXT);
+             CREATE TRIGGER spy AFTER DELETE ON kine BEGIN
+               INSERT INTO seen SELECT name FROM pragma_table_info('kine');
+             END;",
+        )
+        .expect("hostile schema");
+        assert!(
+            count(&conn, "SELECT count(*) FROM peek") > 0,
+            "trusted by default"
+        );
+        drop(conn);
+        let conn = open(&db).expect("open");
+        assert!(conn
+            .db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE)
+            .expect("defensive"));
+        let trusted: i64 = conn
+            .query_row("PRAGMA trusted_schema", [], |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(trusted, 0);
+        let err = conn
+            .query_row("SELECT count(*) FROM peek", [], |r| r.get::<_, i64>(0))
+            .expect_err("the view may not use a pragma table");
+        assert!(err.to_string().contains("unsafe use"), "{err}");
+        let err = conn
+            .execute_batch("PRAGMA writable_schema=ON; UPDATE sqlite_master SET sql = 'x';")
+            .expect_err("defensive mode");
+        assert!(err.to_string().contains("may not be modified"), "{err}");
+        drop(conn);
+        // Pruning fires the trigger: refused, and the transaction leaves every row in place.
+        let err = maintain(&db, &Kine::default()).expect_err("trigger refused");
+        assert!(err.to_string().contains("unsafe use"), "{err}");
+        let conn = Connection::open(&db).expect("open");
+        assert_eq!(count(&conn, "SELECT count(*) FROM seen"), 0);
         assert_eq!(
             count(
                 &conn,

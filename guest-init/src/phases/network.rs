@@ -10,12 +10,16 @@
 //! A DHCP lease is then kept for as long as the VM runs by [`lease`], on its own thread. What
 //! both do to the link and to `resolv.conf` is [`configure`].
 //!
-//! Before any of that, TCP to `network.blocked_tcp` (gvproxy's control API, which can open ports
-//! on the user's host) is refused by an nftables table. The phase is fatal and fails closed: when
-//! the refusal cannot be installed the link is never brought up and the boot stops, naming what
-//! the kernel refused; a guest whose network cannot be configured is no gateway either.
+//! Before any of that, [`guard`] refuses TCP to `network.blocked_tcp` (gvproxy's control API,
+//! which can open ports on the user's host) and everything to the host's loopback but the listed
+//! host ports, in an nftables table; once the lease names the router, the table is redone with
+//! the router in it, and the host is told what holds (`network_guarded`). The phase is fatal and
+//! fails closed: when the refusals cannot be installed the link is never brought up (or, for the
+//! router's, k3s never starts) and the boot stops, naming what the kernel refused; a guest whose
+//! network cannot be configured is no gateway either.
 
 pub mod configure;
+pub mod guard;
 pub mod lease;
 
 use std::net::Ipv4Addr;
@@ -40,7 +44,7 @@ pub const PHASE: Phase = Phase {
     fatal: true,
     waits: true,
     purpose:
-        "refusal of blocked TCP, then address, route, MTU and DNS by DHCP (static plan when no lease, dummy without a device)",
+        "refusals (gvproxy's API, the host's loopback), then address, route, MTU and DNS by DHCP (static plan when no lease, dummy without a device)",
     run,
 };
 
@@ -61,9 +65,15 @@ pub struct Configured {
 
 fn run(ctx: &Ctx) -> PhaseResult {
     let cfg = &ctx.config().network;
-    // First: the guest never has a network without the refusal.
-    let denied = deny(&cfg.blocked_tcp)?;
+    // First: the guest never has a network without the refusals.
+    let mut denied = guard::install(cfg, None)?;
     let mut done = bring_up(cfg, |level, text| ctx.reporter.log(level, text))?;
+    // Again, with the router, only when it adds to what holds (passt mapping it to the host):
+    // a second batch is kernel work worth sparing at boot under emulation.
+    if guard::guarded(cfg, done.router) != guard::guarded(cfg, None) {
+        denied = guard::install(cfg, done.router)?;
+    }
+    ctx.reporter.emit(guard::confirmation(cfg, done.router));
     let _ = ctx.node_ip.set(done.address);
     let dns = usable_dns(&done.dns, &cfg.fallback_dns, |level, text| {
         ctx.reporter.log(level, text)
@@ -99,30 +109,6 @@ fn run(ctx: &Ctx) -> PhaseResult {
             .join(","),
         done.how
     ))))
-}
-
-/// The refusal could not be installed: the boot must not go on without it.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot refuse TCP to {list} (network.blocked_tcp): {source}; not bringing up the network without it")]
-pub struct RefusalError {
-    list: String,
-    source: crate::nftables::NftError,
-}
-
-/// Refuses TCP to `blocked` for pods and the guest. Returns a note for the phase's line.
-fn deny(blocked: &[std::net::SocketAddrV4]) -> Result<String, RefusalError> {
-    if blocked.is_empty() {
-        return Ok(String::new());
-    }
-    let list = blocked
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    match crate::nftables::deny_tcp(blocked) {
-        Ok(_) => Ok(format!("; TCP to {list} refused")),
-        Err(source) => Err(RefusalError { list, source }),
-    }
 }
 
 /// Configures the calling thread's network namespace per `cfg`. `log` hears about fallbacks.

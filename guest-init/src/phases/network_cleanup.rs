@@ -4,16 +4,18 @@
 //! /run/netns and /var/run/netns (nsfs bind mounts, unmounted before removal). Links (`cni0`,
 //! `flannel.1`, veths) cannot survive a reboot, but where the running kernel still has them
 //! (init restarted, a phase run by hand) they go too.
+//!
+//! Every path is walked from the root without following links ([`crate::remove`]): a link where
+//! a directory belongs is left alone and named in the phase's report, except `/var/run` as a
+//! link to `/run` (every Debian root has it; `/run/netns` is cleaned directly).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
 use crate::k3s::paths::{CNI_IPAM_DIR, CNI_RESULTS_DIR, NETNS_DIRS};
 use crate::netlink;
-use crate::remove::{empty_dir, remove_tree, CleanupError};
-use openshell_init::guest_path::under;
+use crate::remove::{CleanupError, Dir, Root, Walk};
 
 pub const PHASE: Phase = Phase {
     name: "network-cleanup",
@@ -51,6 +53,8 @@ pub struct Cleaned {
     pub results: usize,
     pub netns: usize,
     pub links: Vec<String>,
+    /// Guest paths where a link stood in place of a directory: not followed, nothing beyond.
+    pub not_followed: Vec<String>,
 }
 
 impl Cleaned {
@@ -59,23 +63,31 @@ impl Cleaned {
     }
 
     fn describe(&self) -> String {
-        if self.total() == 0 {
-            return "nothing stale to remove".into();
-        }
-        let mut parts = Vec::new();
-        for (what, n) in [
-            ("IPAM entries", self.ipam_entries),
-            ("CNI results", self.results),
-            ("netns files", self.netns),
-        ] {
-            if n > 0 {
-                parts.push(format!("{what}: {n}"));
+        let mut text = if self.total() == 0 {
+            "nothing stale to remove".to_string()
+        } else {
+            let mut parts = Vec::new();
+            for (what, n) in [
+                ("IPAM entries", self.ipam_entries),
+                ("CNI results", self.results),
+                ("netns files", self.netns),
+            ] {
+                if n > 0 {
+                    parts.push(format!("{what}: {n}"));
+                }
             }
+            if !self.links.is_empty() {
+                parts.push(format!("links: {}", self.links.join(" ")));
+            }
+            format!("removed {}", parts.join(", "))
+        };
+        if !self.not_followed.is_empty() {
+            text.push_str(&format!(
+                "; links not followed: {}",
+                self.not_followed.join(" ")
+            ));
         }
-        if !self.links.is_empty() {
-            parts.push(format!("links: {}", self.links.join(" ")));
-        }
-        format!("removed {}", parts.join(", "))
+        text
     }
 }
 
@@ -87,39 +99,49 @@ fn run(ctx: &Ctx) -> PhaseResult {
 
 /// The on-disk part, under `root`.
 pub fn clean_files(root: &Path) -> Result<Cleaned, NetCleanupError> {
+    let tree = Root::open(root)?;
     let mut cleaned = Cleaned {
-        ipam_entries: empty_dir(&under(root, CNI_IPAM_DIR))?,
-        results: empty_dir(&under(root, CNI_RESULTS_DIR))?,
+        ipam_entries: tree.empty(CNI_IPAM_DIR)?,
+        results: tree.empty(CNI_RESULTS_DIR)?,
         ..Cleaned::default()
     };
-    // /var/run is usually a link to /run: visit each real directory once.
-    let mut seen = HashSet::new();
-    for dir in NETNS_DIRS.map(|d| under(root, d)) {
-        let Ok(real) = std::fs::canonicalize(&dir) else {
-            continue;
-        };
-        if !real.starts_with(root) || !seen.insert(real.clone()) {
-            continue;
+    for dir in NETNS_DIRS {
+        if let Walk::Dir(d) = tree.dir(dir)? {
+            cleaned.netns += clean_netns_dir(&d)?;
         }
-        cleaned.netns += clean_netns_dir(&real)?;
     }
+    cleaned.not_followed = tree
+        .refused()
+        .into_iter()
+        .filter(|p| !(p == "/var/run" && run_alias(root)))
+        .collect();
     Ok(cleaned)
 }
 
+/// Whether `<root>/var/run` is the usual link to `/run` (its text read, never followed).
+fn run_alias(root: &Path) -> bool {
+    std::fs::read_link(root.join("var/run"))
+        .is_ok_and(|t| t == Path::new("/run") || t == Path::new("../run"))
+}
+
 /// Each entry is a bind mount of a namespace file: detach it, then remove the file.
-fn clean_netns_dir(dir: &Path) -> Result<usize, NetCleanupError> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(0);
-    };
+fn clean_netns_dir(dir: &Dir) -> Result<usize, NetCleanupError> {
+    use nix::mount::MntFlags;
     let mut n = 0;
-    for e in entries.flatten() {
-        let path = e.path();
-        match nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH) {
+    for name in dir.names()? {
+        // Through the directory's descriptor; the entry itself is never followed.
+        let path = dir.fd_path(&name);
+        match nix::mount::umount2(&path, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             // EINVAL: not a mount point (a plain leftover file).
             Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
-            Err(errno) => return Err(NetCleanupError::Unmount { path, errno }),
+            Err(errno) => {
+                return Err(NetCleanupError::Unmount {
+                    path: dir.path.join(&name),
+                    errno,
+                })
+            }
         }
-        n += remove_tree(&path)?;
+        n += dir.remove(&name)?;
     }
     Ok(n)
 }
@@ -184,5 +206,31 @@ mod tests {
         let again = clean_files(r).expect("again");
         assert_eq!(again.total(), 0);
         assert_eq!(again.describe(), "nothing stale to remove");
+    }
+
+    /// A link planted where the cleanup expects a directory (`/var/lib/cni`, `/run/netns`) is
+    /// not followed: what it points at stays, and the report names it. `/var/run` linked
+    /// elsewhere than `/run` is named too.
+    #[test]
+    fn planted_links_on_the_paths_are_named_and_not_followed() {
+        let t = tempfile::tempdir().expect("tmp");
+        let outside = tempfile::tempdir().expect("outside");
+        let r = t.path();
+        put(outside.path(), "networks/cbr0/10.42.0.5");
+        put(outside.path(), "netns/precious");
+        std::fs::create_dir_all(r.join("var/lib")).expect("mkdir");
+        std::os::unix::fs::symlink(outside.path(), r.join("var/lib/cni")).expect("link");
+        std::fs::create_dir_all(r.join("run")).expect("mkdir");
+        std::os::unix::fs::symlink(outside.path().join("netns"), r.join("run/netns"))
+            .expect("link");
+        std::os::unix::fs::symlink(outside.path(), r.join("var/run")).expect("link");
+        let cleaned = clean_files(r).expect("clean");
+        assert_eq!(cleaned.total(), 0);
+        assert_eq!(
+            cleaned.describe(),
+            "nothing stale to remove; links not followed: /var/lib/cni /var/lib/cni /run/netns /var/run"
+        );
+        assert!(outside.path().join("networks/cbr0/10.42.0.5").exists());
+        assert!(outside.path().join("netns/precious").exists());
     }
 }

@@ -4,12 +4,12 @@
 //! the one k3s generates. The image metadata (`meta.db`), content blobs and snapshots are kept:
 //! losing them costs minutes of image re-extraction.
 //!
-//! Symlinks are removed as links and never followed, so a planted link cannot point the cleanup
-//! at anything outside these directories.
+//! Every path is walked from the root without following links ([`crate::remove`]): a link inside
+//! a tree is removed as a link, and a link where a directory belongs is left alone and named in
+//! the phase's report, so a planted link cannot point the cleanup at anything outside these
+//! directories.
 
 use std::path::Path;
-
-use openshell_init::guest_path::under;
 
 use crate::context::Ctx;
 use crate::engine::phase::{Done, Phase, PhaseResult};
@@ -17,7 +17,7 @@ use crate::k3s::paths::{
     CONTAINERD_INGEST, CONTAINERD_OVERLAYFS, CONTAINERD_ROOT, CONTAINERD_SHIMS, CONTAINERD_TASKS,
     K3S_ROOT, K3S_RUN_DIR, NODE_PASSWD,
 };
-use crate::remove::{empty_dir, is_real_dir, remove_tree, CleanupError};
+use crate::remove::{is_socket_name, CleanupError, Root, Walk};
 
 pub const PHASE: Phase = Phase {
     name: "runtime-cleanup",
@@ -35,6 +35,8 @@ const CONTAINERD_STALE: &[&str] = &[CONTAINERD_TASKS, CONTAINERD_SHIMS];
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Removed {
     pub entries: Vec<(&'static str, usize)>,
+    /// Guest paths where a link stood in place of a directory: not followed, nothing beyond.
+    pub not_followed: Vec<String>,
 }
 
 impl Removed {
@@ -49,15 +51,23 @@ impl Removed {
     }
 
     fn describe(&self) -> String {
-        if self.entries.is_empty() {
-            return "nothing stale to remove".into();
+        let mut text = if self.entries.is_empty() {
+            "nothing stale to remove".to_string()
+        } else {
+            let parts: Vec<String> = self
+                .entries
+                .iter()
+                .map(|(what, n)| format!("{what}: {n}"))
+                .collect();
+            format!("removed {} entries ({})", self.total(), parts.join(", "))
+        };
+        if !self.not_followed.is_empty() {
+            text.push_str(&format!(
+                "; links not followed: {}",
+                self.not_followed.join(" ")
+            ));
         }
-        let parts: Vec<String> = self
-            .entries
-            .iter()
-            .map(|(what, n)| format!("{what}: {n}"))
-            .collect();
-        format!("removed {} entries ({})", self.total(), parts.join(", "))
+        text
     }
 }
 
@@ -67,57 +77,31 @@ fn run(ctx: &Ctx) -> PhaseResult {
 
 /// Cleans the runtime leftovers under `root`.
 pub fn clean(root: &Path) -> Result<Removed, CleanupError> {
+    let tree = Root::open(root)?;
     let mut removed = Removed::default();
-    let containerd = under(root, CONTAINERD_ROOT);
-    if is_real_dir(&containerd) {
+    if tree.is_dir(CONTAINERD_ROOT)? {
         for dir in CONTAINERD_STALE {
-            removed.add(dir, remove_tree(&containerd.join(dir))?);
+            removed.add(dir, tree.remove(&format!("{CONTAINERD_ROOT}/{dir}"))?);
         }
         // Emptied but kept (containerd expects it).
-        let ingest = containerd.join(CONTAINERD_INGEST);
-        removed.add("content ingest", empty_dir(&ingest)?);
-        for dir in [ingest, containerd.join(CONTAINERD_OVERLAYFS)] {
-            std::fs::create_dir_all(&dir).map_err(|source| CleanupError { path: dir, source })?;
+        let ingest = format!("{CONTAINERD_ROOT}/{CONTAINERD_INGEST}");
+        removed.add("content ingest", tree.empty(&ingest)?);
+        for dir in [ingest, format!("{CONTAINERD_ROOT}/{CONTAINERD_OVERLAYFS}")] {
+            tree.create_dirs(&dir)?;
         }
     }
-    removed.add("node-passwd", remove_tree(&under(root, NODE_PASSWD))?);
-    removed.add(K3S_RUN_DIR, remove_tree(&under(root, K3S_RUN_DIR))?);
+    removed.add("node-passwd", tree.remove(NODE_PASSWD)?);
+    removed.add(K3S_RUN_DIR, tree.remove(K3S_RUN_DIR)?);
     let mut sockets = 0;
-    for dir in [under(root, K3S_ROOT), under(root, "/run")] {
-        sockets += remove_sockets(&dir)?;
+    for dir in [K3S_ROOT, "/run"] {
+        // Every `*.sock` below (sockets or anything else so named, links included).
+        if let Walk::Dir(d) = tree.dir(dir)? {
+            sockets += d.remove_matching(&is_socket_name)?;
+        }
     }
     removed.add("sockets", sockets);
+    removed.not_followed = tree.refused();
     Ok(removed)
-}
-
-/// Removes every `*.sock` below `dir` (sockets or anything else so named, links included),
-/// without descending through links.
-fn remove_sockets(dir: &Path) -> Result<usize, CleanupError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(source) => {
-            return Err(CleanupError {
-                path: dir.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let mut count = 0;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        if path.extension().is_some_and(|e| e == "sock") && !is_dir {
-            std::fs::remove_file(&path).map_err(|source| CleanupError {
-                path: path.clone(),
-                source,
-            })?;
-            count += 1;
-        } else if is_dir {
-            count += remove_sockets(&path)?;
-        }
-    }
-    Ok(count)
 }
 
 #[cfg(test)]
@@ -257,6 +241,50 @@ mod tests {
             .is_err());
         assert_eq!(std::fs::read_to_string(&precious).expect("kept"), "mine");
         assert!(outside.path().join("precious/important.sock").exists());
+    }
+
+    /// A link in place of the containerd root or a directory on the way to the node password:
+    /// nothing behind it is removed or created, and the report names it.
+    #[test]
+    fn links_on_the_way_are_named_and_not_followed() {
+        let t = crashed_root();
+        let r = t.path();
+        let outside = tempfile::tempdir().expect("outside");
+        let theirs = put(
+            outside.path(),
+            "io.containerd.runtime.v2.task/k8s.io/x/init.pid",
+            "1",
+        );
+        put(outside.path(), "cred/node-passwd", "theirs");
+        std::fs::remove_dir_all(r.join("var/lib/rancher/k3s/agent/containerd")).expect("rm");
+        std::os::unix::fs::symlink(
+            outside.path(),
+            r.join("var/lib/rancher/k3s/agent/containerd"),
+        )
+        .expect("link");
+        std::fs::remove_dir_all(r.join("var/lib/rancher/k3s/server/cred")).expect("rm");
+        std::os::unix::fs::symlink(
+            outside.path().join("cred"),
+            r.join("var/lib/rancher/k3s/server/cred"),
+        )
+        .expect("link");
+        let removed = clean(r).expect("clean");
+        assert_eq!(std::fs::read_to_string(&theirs).expect("kept"), "1");
+        assert!(outside.path().join("cred/node-passwd").exists());
+        assert!(!outside
+            .path()
+            .join("io.containerd.content.v1.content")
+            .exists());
+        assert_eq!(
+            removed.not_followed,
+            [
+                "/var/lib/rancher/k3s/agent/containerd",
+                "/var/lib/rancher/k3s/server/cred"
+            ]
+        );
+        assert!(removed.describe().ends_with(
+            "; links not followed: /var/lib/rancher/k3s/agent/containerd /var/lib/rancher/k3s/server/cred"
+        ), "{}", removed.describe());
     }
 
     #[test]

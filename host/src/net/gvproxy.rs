@@ -10,7 +10,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,6 +19,53 @@ use super::{Forward, FORWARD_LISTEN};
 
 /// The address gvproxy's DHCP hands the guest (static lease for our MAC).
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 2);
+
+/// gvproxy's control API as the guest reaches it: it can open ports on every host interface.
+pub const API: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 1), 80);
+
+/// The address gvproxy translates to the host's 127.0.0.1 (its NAT table, and what its DNS
+/// calls `host.containers.internal`).
+pub const HOST_LOOPBACK: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 254);
+
+/// Why the guest's confirmation (`network_guarded`) does not allow exposing forwards.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotGuarded {
+    #[error(
+        "the guest did not confirm that it refuses gvproxy's control API ({API}): no forwards"
+    )]
+    Api,
+    #[error("the guest did not confirm that it guards the host's loopback ({HOST_LOOPBACK}): no forwards")]
+    HostLoopback,
+    #[error("the guest allows host ports {extra:?} that were not asked for with --host-port: no forwards")]
+    ExtraPorts { extra: Vec<u16> },
+    #[error("the guest reported ready without confirming its refusals: no forwards")]
+    Missing,
+}
+
+/// Checks the guest's confirmation before its forwards are exposed: gvproxy's API refused, its
+/// host address guarded, and no host port open there beyond `asked`.
+pub fn check_guarded(
+    refused_tcp: &[SocketAddrV4],
+    host_loopback: &[Ipv4Addr],
+    host_ports: &[u16],
+    asked: &[u16],
+) -> Result<(), NotGuarded> {
+    if !refused_tcp.contains(&API) {
+        return Err(NotGuarded::Api);
+    }
+    if !host_loopback.contains(&HOST_LOOPBACK) {
+        return Err(NotGuarded::HostLoopback);
+    }
+    let extra: Vec<u16> = host_ports
+        .iter()
+        .copied()
+        .filter(|p| !asked.contains(p))
+        .collect();
+    if !extra.is_empty() {
+        return Err(NotGuarded::ExtraPorts { extra });
+    }
+    Ok(())
+}
 
 /// How frames cross the data socket: qemu's length-prefixed stream (`-netdev stream`, libkrun's
 /// `krun_add_net_unixstream`) or vfkit's datagrams (libkrun's `krun_add_net_unixgram` on macOS).
@@ -335,6 +382,27 @@ mod tests {
         assert!(text.contains("127.0.0.1:9 -> guest:10"), "{text}");
         assert!(text.contains("nothing.sock"), "{text}");
         assert!(matches!(err, ExposeError::GaveUp { attempts, .. } if attempts >= 2));
+    }
+
+    /// Forwards only for a guest that refuses the API and guards the host's address with no
+    /// more ports than asked for.
+    #[test]
+    fn forwards_need_the_guests_confirmation() {
+        let guarded = |refused: &[SocketAddrV4], loopback: &[Ipv4Addr], ports: &[u16]| {
+            check_guarded(refused, loopback, ports, &[8080])
+        };
+        assert_eq!(guarded(&[API], &[HOST_LOOPBACK], &[]), Ok(()));
+        assert_eq!(guarded(&[API], &[HOST_LOOPBACK], &[8080]), Ok(()));
+        assert_eq!(guarded(&[], &[HOST_LOOPBACK], &[]), Err(NotGuarded::Api));
+        let other_port = SocketAddrV4::new(*API.ip(), 81);
+        assert_eq!(
+            guarded(&[other_port], &[HOST_LOOPBACK], &[]),
+            Err(NotGuarded::Api)
+        );
+        assert_eq!(guarded(&[API], &[], &[]), Err(NotGuarded::HostLoopback));
+        let e = guarded(&[API], &[HOST_LOOPBACK], &[8080, 22]).expect_err("22");
+        assert_eq!(e, NotGuarded::ExtraPorts { extra: vec![22] });
+        assert!(e.to_string().contains("[22]"), "{e}");
     }
 
     #[test]

@@ -121,9 +121,57 @@ pub fn forwards(backend: NetBackend, asked: &[Forward]) -> Result<Vec<Forward>, 
     Ok(asked.to_vec())
 }
 
+/// Whether the guest's default router leads to this machine's loopback: passt maps its gateway
+/// address there unless started with `--no-map-gw`, which it is when no host port is listed
+/// (`passt::args`). gvproxy's router is gvproxy itself (its loopback address is .254).
+pub fn router_is_host_loopback(backend: NetBackend, host_ports: &[u16]) -> bool {
+    backend == NetBackend::Passt && !host_ports.is_empty()
+}
+
+/// The `up` line that says what of this machine's loopback the guest may reach, and where that
+/// is enforced.
+pub fn host_loopback_summary(backend: NetBackend, ports: &[u16]) -> String {
+    let reach = if ports.is_empty() {
+        "no port of this machine's 127.0.0.1 is reachable from the guest".to_string()
+    } else {
+        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+        format!(
+            "the guest may reach 127.0.0.1 on this machine on port(s) {} only",
+            list.join(", ")
+        )
+    };
+    let how = match (backend, ports.is_empty()) {
+        (NetBackend::None, _) => "no network",
+        (NetBackend::Passt, true) => "passt --no-map-gw",
+        (NetBackend::Passt, false) => "the guest refuses the other ports at passt's gateway",
+        (NetBackend::Gvproxy, _) => "the guest refuses the rest at 192.168.127.254",
+    };
+    format!("host loopback: {reach} ({how})")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_passt_with_listed_ports_maps_the_router_to_this_machine() {
+        assert!(router_is_host_loopback(NetBackend::Passt, &[8080]));
+        assert!(!router_is_host_loopback(NetBackend::Passt, &[]));
+        assert!(!router_is_host_loopback(NetBackend::Gvproxy, &[8080]));
+        assert!(!router_is_host_loopback(NetBackend::None, &[8080]));
+    }
+
+    #[test]
+    fn the_summary_says_what_is_reachable_and_who_enforces_it() {
+        assert_eq!(
+            host_loopback_summary(NetBackend::Passt, &[]),
+            "host loopback: no port of this machine's 127.0.0.1 is reachable from the guest (passt --no-map-gw)"
+        );
+        assert_eq!(
+            host_loopback_summary(NetBackend::Gvproxy, &[8080, 9000]),
+            "host loopback: the guest may reach 127.0.0.1 on this machine on port(s) 8080, 9000 only (the guest refuses the rest at 192.168.127.254)"
+        );
+    }
 
     #[test]
     fn forward_specs_parse_and_bad_ones_are_named() {

@@ -28,8 +28,19 @@ pub struct PasstDirError {
 
 /// Arguments for passt serving `socket`: in the foreground, for one VM connection (it exits when
 /// the VM goes away), with one `-t` per forward bound to the loopback address only.
-pub fn args(socket: &Path, forwards: &[Forward]) -> Vec<OsString> {
-    let mut args: Vec<OsString> = ["-f", "-1", "-s"].map(OsString::from).to_vec();
+///
+/// The host's loopback: passt maps its gateway address to the host's 127.0.0.1 (and ::1), so by
+/// default every pod could reach every service on it. With no `host_ports` listed, `--no-map-gw`
+/// turns that off here, on the host; with some, the mapping stays and the guest refuses all but
+/// those ports at the gateway address. `-4`: the guest is IPv4-only, and passt's router
+/// advertisements would otherwise give it an IPv6 route whose gateway maps to the host's ::1,
+/// which the guest's IPv4 refusals do not cover.
+pub fn args(socket: &Path, forwards: &[Forward], host_ports: &[u16]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = ["-f", "-1", "-4"].map(OsString::from).to_vec();
+    if host_ports.is_empty() {
+        args.push("--no-map-gw".into());
+    }
+    args.push("-s".into());
     args.push(socket.into());
     for f in forwards {
         args.push("-t".into());
@@ -126,11 +137,26 @@ mod tests {
                     guest: 443,
                 },
             ],
+            &[],
         );
         let line: Vec<String> = a.iter().map(|s| s.to_string_lossy().into()).collect();
         assert_eq!(
             line.join(" "),
-            "-f -1 -s /r/passt/passt.sock -t 127.0.0.1/30051:30051 -t 127.0.0.1/8443:443"
+            "-f -1 -4 --no-map-gw -s /r/passt/passt.sock -t 127.0.0.1/30051:30051 -t 127.0.0.1/8443:443"
+        );
+    }
+
+    /// No host port listed: the gateway is not the host's loopback. Some listed: it stays mapped
+    /// (the guest refuses the other ports there).
+    #[test]
+    fn the_gateway_maps_to_the_host_only_when_ports_are_listed() {
+        let sock = Path::new("/s");
+        assert!(args(sock, &[], &[]).contains(&OsString::from("--no-map-gw")));
+        let listed = args(sock, &[], &[8080]);
+        assert!(!listed.contains(&OsString::from("--no-map-gw")));
+        assert!(
+            listed.contains(&OsString::from("-4")),
+            "IPv4 only either way"
         );
     }
 
@@ -211,7 +237,7 @@ mod tests {
         let log = run.join("passt.log");
         assert_dies_with_killed_host("passt", || {
             let mut cmd = std::process::Command::new("passt");
-            cmd.args(args(&sock, &[]));
+            cmd.args(args(&sock, &[], &[]));
             let mut h = Helper::spawn("passt", cmd, &log).ok()?;
             h.wait_for_socket(&sock, std::time::Duration::from_secs(10))
                 .ok()?;

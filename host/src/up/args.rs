@@ -122,6 +122,10 @@ pub struct UpArgs {
     /// means the same port on both sides). Default: the gateway's 30051.
     #[arg(short = 'p', long = "port", value_name = "HOST:GUEST")]
     pub ports: Vec<Forward>,
+    /// A port of this machine's 127.0.0.1 the guest (k3s, the gateway, pods) may reach
+    /// (repeatable, at most 32). None by default: the guest reaches no local service.
+    #[arg(long = "host-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub host_ports: Vec<u16>,
     /// passt binary.
     #[arg(long, default_value = "passt")]
     pub passt: PathBuf,
@@ -181,6 +185,7 @@ mod tests {
         assert_eq!(a.passt, PathBuf::from("passt"));
         assert!(a.gvproxy.is_none());
         assert!(a.ports.is_empty() && a.exec.is_empty());
+        assert!(a.host_ports.is_empty(), "no host loopback port by default");
         assert!(a.run_dir.is_none() && a.libkrun.is_none() && a.qemu.is_none());
         assert!(a.cmdline_extra.is_none() && a.report.is_none() && a.console_log.is_none());
         assert!(a.state_disk_size.is_none() && !a.no_state_disk);
@@ -273,6 +278,15 @@ mod tests {
         for big in ["3600001", "18446744073709551615"] {
             let err = with_required(&["--grace-ms", big]).unwrap_err().to_string();
             assert!(err.contains("--grace-ms"), "{err}");
+        }
+    }
+
+    #[test]
+    fn host_ports_are_repeatable_and_port_0_is_refused() {
+        let a = with_required(&["--host-port", "8080", "--host-port", "9000"]).expect("parse");
+        assert_eq!(a.host_ports, [8080, 9000]);
+        for bad in ["0", "70000", "http"] {
+            assert!(with_required(&["--host-port", bad]).is_err(), "{bad}");
         }
     }
 

@@ -39,6 +39,8 @@ pub enum UpError {
     Forward(#[from] ForwardError),
     #[error(transparent)]
     Expose(#[from] ExposeError),
+    #[error("--host-port: {0}")]
+    HostPorts(String),
     #[error("cannot set up signal handling: {0}")]
     Signals(nix::errno::Errno),
     #[error(transparent)]

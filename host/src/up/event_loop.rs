@@ -4,7 +4,7 @@
 //! driven without one.
 
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use super::outcome::{self, End, Verdict};
 use super::session::Session;
 use super::vmm::{self, StartedVmm};
 use crate::channel::{self, ChannelEvent};
-use crate::net::gvproxy::ExposeError;
+use crate::net::gvproxy::{self, ExposeError, NotGuarded};
 use crate::net::Forward;
 use crate::progress::Progress;
 use crate::readiness::{Readiness, Step};
@@ -38,6 +38,9 @@ pub trait Effects {
     /// Probes the forwarded gateway port off the loop; the answer arrives as
     /// [`Event::GatewayProbed`].
     fn probe_gateway(&mut self, port: u16, within: Duration);
+    /// Makes `forwards` through gvproxy's API at `api` off the loop (it answers 500 until its
+    /// network stack is up, so exposing retries); the result arrives as [`Event::Forwarded`].
+    fn expose_forwards(&mut self, api: &Path, forwards: &[Forward]);
 }
 
 /// The real effects: SIGKILL to the VMM, and the probe on a thread of its own.
@@ -59,6 +62,20 @@ impl Effects for Live {
             let _ = tx.send(Event::GatewayProbed(ok));
         });
     }
+
+    fn expose_forwards(&mut self, api: &Path, forwards: &[Forward]) {
+        let (tx, api, forwards) = (self.tx.clone(), api.to_path_buf(), forwards.to_vec());
+        std::thread::spawn(move || {
+            let result = forwards
+                .iter()
+                .map(|f| {
+                    gvproxy::expose(&api, *f, gvproxy::GUEST_IP, Duration::from_secs(10))
+                        .map(|n| (*f, n))
+                })
+                .collect();
+            let _ = tx.send(Event::Forwarded(result));
+        });
+    }
 }
 
 /// What the loop knows of the run, fixed before the first event.
@@ -75,6 +92,20 @@ pub struct Run<'a> {
     pub api_forward: Option<u16>,
     /// The boot channel's write side, once the guest connected.
     pub writer: &'a Mutex<Option<UnixStream>>,
+    /// gvproxy's API socket and the forwards it is to make once the guest confirms its
+    /// refusals; `None` on other networks or without forwards.
+    pub gvproxy_forwards: Option<&'a (PathBuf, Vec<Forward>)>,
+}
+
+/// Where gvproxy's forwards stand: they wait for the guest's `network_guarded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// Not on gvproxy, or nothing to forward.
+    NotNeeded,
+    Awaited,
+    Confirmed,
+    /// The guest did not confirm what it must: no forwards, the VM is stopped.
+    Refused,
 }
 
 /// What the handlers change: the deadlines the loop waits for, and the verdict.
@@ -88,17 +119,19 @@ pub struct LoopState {
     shutdown_sent: bool,
     /// A signal came: the next one stops the VM at once.
     signalled: bool,
+    guard: Guard,
     verdict: Verdict,
 }
 
 impl LoopState {
-    fn new(now: Instant, hello_timeout: Duration, stage_timeout: Duration) -> Self {
+    fn new(now: Instant, hello_timeout: Duration, stage_timeout: Duration, guard: Guard) -> Self {
         Self {
             hello_deadline: Some(now + hello_timeout),
             readiness: Some(Readiness::new(stage_timeout)),
             kill_deadline: None,
             shutdown_sent: false,
             signalled: false,
+            guard,
             verdict: Verdict::default(),
         }
     }
@@ -137,6 +170,11 @@ impl<'a, E: Effects> EventLoop<'a, E> {
             Instant::now(),
             Duration::from_secs(run.args.timeout),
             Duration::from_secs(run.args.stage_timeout),
+            if run.gvproxy_forwards.is_some() {
+                Guard::Awaited
+            } else {
+                Guard::NotNeeded
+            },
         );
         Self {
             run,
@@ -256,6 +294,16 @@ impl<'a, E: Effects> EventLoop<'a, E> {
             GuestMessage::Kubeconfig { yaml } => {
                 store_kubeconfig(name, yaml, self.run.api_forward, progress)
             }
+            GuestMessage::NetworkGuarded {
+                refused_tcp,
+                host_loopback,
+                host_ports,
+            } => self.on_guarded(gvproxy::check_guarded(
+                refused_tcp,
+                host_loopback,
+                host_ports,
+                &self.run.args.host_ports,
+            )),
             GuestMessage::Exit { status, .. } => self.on_exit(*status),
             _ => {}
         }
@@ -268,10 +316,47 @@ impl<'a, E: Effects> EventLoop<'a, E> {
         }
     }
 
+    /// The guest's refusals, as checked against what gvproxy's forwards need: the forwards are
+    /// made, or refused and the VM stopped.
+    fn on_guarded(&mut self, checked: Result<(), NotGuarded>) {
+        if self.state.guard != Guard::Awaited {
+            return;
+        }
+        let Some((api, forwards)) = self.run.gvproxy_forwards else {
+            return;
+        };
+        match checked {
+            Ok(()) => {
+                self.state.guard = Guard::Confirmed;
+                self.timeline
+                    .host(self.now_us(), "network-guarded", json!(null));
+                self.effects.expose_forwards(api, forwards);
+            }
+            Err(e) => self.refuse_forwards(&e),
+        }
+    }
+
+    /// gvproxy's forwards are not made for this guest: said, recorded, and the VM stopped.
+    fn refuse_forwards(&mut self, why: &NotGuarded) {
+        self.state.guard = Guard::Refused;
+        self.timeline
+            .host(self.now_us(), "forwards-refused", json!(why.to_string()));
+        self.progress.error(&format!("{why}; stopping the VM"));
+        self.state.verdict.error = Some(code::SETUP);
+        self.stop_cleanly(Instant::now());
+    }
+
     /// A readiness stage: the last one makes the VM ready, or (the gateway's) starts the probe
     /// of its forwarded port first. Only a stage's first report is recorded and published: one
-    /// repeated (or unknown, or after ready) changes nothing on disk.
+    /// repeated (or unknown, or after ready) changes nothing on disk. On gvproxy, a guest ready
+    /// before it confirmed its refusals gets no forwards.
     fn on_ready(&mut self, stage: &str) {
+        if self.state.guard == Guard::Awaited {
+            self.refuse_forwards(&NotGuarded::Missing);
+        }
+        if self.state.guard == Guard::Refused {
+            return;
+        }
         let step = match self.state.readiness.as_mut() {
             Some(r) => r.stage(stage, Instant::now()),
             None => Step::Ignored,
@@ -495,6 +580,7 @@ mod tests {
     struct Recorder {
         kills: usize,
         probes: Vec<(u16, Duration)>,
+        exposed: Vec<(PathBuf, Vec<Forward>)>,
     }
 
     impl Effects for Recorder {
@@ -503,6 +589,9 @@ mod tests {
         }
         fn probe_gateway(&mut self, port: u16, within: Duration) {
             self.probes.push((port, within));
+        }
+        fn expose_forwards(&mut self, api: &Path, forwards: &[Forward]) {
+            self.exposed.push((api.to_path_buf(), forwards.to_vec()));
         }
     }
 
@@ -515,6 +604,7 @@ mod tests {
         progress: Progress,
         timeline: Timeline,
         session: Session,
+        gvproxy: Option<(PathBuf, Vec<Forward>)>,
     }
 
     impl Fixture {
@@ -550,6 +640,7 @@ mod tests {
                 progress: Progress::new(true),
                 timeline: Timeline::new(),
                 session,
+                gvproxy: None,
             }
         }
 
@@ -563,6 +654,7 @@ mod tests {
                 gateway_forward,
                 api_forward: None,
                 writer: &self.writer,
+                gvproxy_forwards: self.gvproxy.as_ref(),
             };
             EventLoop::new(
                 run,
@@ -975,6 +1067,113 @@ mod tests {
         let code = feed(&mut lp, vec![hello(&[]), Event::Forwarded(Err(refused))]);
         assert_eq!(code, code::SETUP);
         assert_eq!(lp.effects.kills, 1);
+    }
+
+    fn guarded(seq: u64, refused: &[&str], loopback: &[&str], ports: &[u16]) -> Event {
+        guest(
+            seq,
+            GuestMessage::NetworkGuarded {
+                refused_tcp: refused.iter().map(|a| a.parse().expect("addr")).collect(),
+                host_loopback: loopback.iter().map(|a| a.parse().expect("ip")).collect(),
+                host_ports: ports.to_vec(),
+            },
+        )
+    }
+
+    fn on_gvproxy(f: &mut Fixture) -> (PathBuf, Vec<Forward>) {
+        let forwards = (
+            PathBuf::from("/run/t/gvproxy-api.sock"),
+            vec![Forward {
+                host: 30051,
+                guest: 30051,
+            }],
+        );
+        f.gvproxy = Some(forwards.clone());
+        forwards
+    }
+
+    /// gvproxy's forwards wait for the guest's confirmation that it refuses the API and guards
+    /// the host's loopback; only then are they made.
+    #[test]
+    fn gvproxy_forwards_wait_for_the_guests_refusals() {
+        let mut f = Fixture::new();
+        let forwards = on_gvproxy(&mut f);
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[stage::WORKLOAD_STARTED]));
+        assert!(lp.effects.exposed.is_empty(), "not before the confirmation");
+        lp.handle(guarded(1, &["192.168.127.1:80"], &["192.168.127.254"], &[]));
+        assert_eq!(lp.effects.exposed, [forwards]);
+        lp.handle(guarded(2, &["192.168.127.1:80"], &["192.168.127.254"], &[]));
+        assert_eq!(lp.effects.exposed.len(), 1, "once");
+        lp.handle(ready(3, stage::WORKLOAD_STARTED));
+        assert!(lp.timeline.summary.ready_us.is_some());
+        assert_eq!(feed(&mut lp, vec![exit(4, 0)]), 0);
+    }
+
+    /// A guest that does not refuse the API, or says it is ready without confirming anything,
+    /// gets no forwards and is asked to shut down.
+    #[test]
+    fn a_guest_that_does_not_confirm_gets_no_forwards_and_is_stopped() {
+        for (events, why) in [
+            (
+                vec![guarded(1, &[], &["192.168.127.254"], &[])],
+                "refuses gvproxy's control API",
+            ),
+            (
+                vec![guarded(
+                    1,
+                    &["192.168.127.1:80"],
+                    &["192.168.127.254"],
+                    &[22],
+                )],
+                "host ports [22]",
+            ),
+            (
+                vec![ready(1, stage::WORKLOAD_STARTED)],
+                "without confirming",
+            ),
+        ] {
+            let mut f = Fixture::new();
+            on_gvproxy(&mut f);
+            let mut guest_end = connect(&f);
+            let mut lp = f.event_loop(None);
+            lp.handle(hello(&[stage::WORKLOAD_STARTED]));
+            for e in events {
+                lp.handle(e);
+            }
+            assert!(lp.effects.exposed.is_empty(), "{why}");
+            assert!(lp.timeline.summary.ready_us.is_none(), "{why}");
+            assert_eq!(
+                received(&mut guest_end),
+                HostMessage::Shutdown { grace_ms: 10_000 }
+            );
+            let refused = lp
+                .timeline
+                .events
+                .iter()
+                .find(|e| e.event["type"] == "forwards-refused")
+                .expect("recorded");
+            assert!(
+                refused.event["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(why)),
+                "{why}: {}",
+                refused.event
+            );
+            assert_eq!(feed(&mut lp, vec![exit(2, 0)]), code::SETUP, "{why}");
+        }
+    }
+
+    /// Without gvproxy forwards the confirmation changes nothing.
+    #[test]
+    fn without_gvproxy_forwards_the_confirmation_is_only_recorded() {
+        let mut f = Fixture::new();
+        let mut lp = f.event_loop(None);
+        lp.handle(hello(&[stage::WORKLOAD_STARTED]));
+        lp.handle(guarded(1, &[], &[], &[]));
+        lp.handle(ready(2, stage::WORKLOAD_STARTED));
+        assert!(lp.effects.exposed.is_empty());
+        assert!(lp.timeline.summary.ready_us.is_some());
     }
 
     /// The last host error counts, and beats the guest's report.

@@ -61,7 +61,7 @@ fn start_network(
         NetBackend::Passt => {
             let (_, socket) = passt::socket_dir(&dir.path)?;
             let mut cmd = Command::new(&args.passt);
-            cmd.args(passt::args(&socket, forwards));
+            cmd.args(passt::args(&socket, forwards, &args.host_ports));
             let helper = Helper::spawn("passt", cmd, &dir.path.join("passt.log"))?;
             Some(NetHelper {
                 helper,

@@ -80,6 +80,7 @@ fn boot(
         gateway_forward: started.gateway_forward,
         api_forward: started.api_forward,
         writer: &started.writer,
+        gvproxy_forwards: started.gvproxy_forwards.as_ref(),
     };
     // The loop keeps `tx` for the gateway probe, which starts only once the guest says the
     // gateway is up.

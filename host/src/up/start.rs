@@ -1,14 +1,14 @@
 //! Starting a boot: checks the inputs, makes the state disk ready, prepares the run directory,
 //! picks the backend, listens on the boot channel, starts the helpers and the VMM, records the
-//! instance for `down` and `status`, and starts the threads that feed the loop (the VMM's reaper,
-//! gvproxy's forwards).
+//! instance for `down` and `status`, and starts the VMM's reaper. gvproxy's forwards are left to
+//! the loop, which makes them once the guest confirms its refusals.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use openshell_shared::Arch;
 use serde_json::json;
@@ -27,7 +27,7 @@ use crate::children::Helper;
 use crate::lifecycle::state::{self as instance, InstanceState};
 use crate::lifecycle::state_disk::{self, Request};
 use crate::net::choice::{self, Network, Search};
-use crate::net::{gvproxy, Forward, NetBackend};
+use crate::net::{Forward, NetBackend};
 use crate::progress::Progress;
 use crate::report::Timeline;
 use crate::rundir::RunDir;
@@ -44,6 +44,9 @@ pub struct Started {
     pub api_forward: Option<u16>,
     /// The boot channel's write side, set once the guest connects.
     pub writer: Arc<Mutex<Option<UnixStream>>>,
+    /// gvproxy's API socket and the forwards to make through it, once the guest confirms its
+    /// refusals (`network_guarded`).
+    pub gvproxy_forwards: Option<(PathBuf, Vec<Forward>)>,
     waiter: JoinHandle<()>,
 }
 
@@ -72,6 +75,10 @@ pub fn start(
     check_inputs(args)?;
     let disk = prepare_disk(args, progress, timeline, session, now())?;
     let network = choose_network(args, progress, timeline, now())?;
+    progress.note(&crate::net::host_loopback_summary(
+        network.backend,
+        &args.host_ports,
+    ));
     let dir = run_dir(args, progress)?;
     session.run_dir = Some(dir.clone());
     let (backend, note) = crate::backend::choose(args.backend, args.arch, args.libkrun.as_deref())?;
@@ -112,7 +119,15 @@ pub fn start(
         .unwrap_or_else(|| dir.console_log());
     crate::rundir::prepare_console_log(&console_log)?;
     timeline.console_log = Some(console_log.clone());
-    let spec = vm_spec(args, &backend, &dir, net_socket, &console_log, disk);
+    let spec = vm_spec(
+        args,
+        &backend,
+        network.backend,
+        &dir,
+        net_socket,
+        &console_log,
+        disk,
+    );
     let vmm = vmm::start(
         &backend,
         network.backend,
@@ -140,9 +155,9 @@ pub fn start(
     ));
     // Reap the VMM on its own thread so its exit is an event like any other.
     let waiter = vmm::watch(vmm.pid, tx.clone());
-    if network.backend == NetBackend::Gvproxy && !forwards.is_empty() {
-        expose_forwards(dir.gvproxy_api_socket(), forwards, tx.clone());
-    }
+    // Exposed by the loop once the guest confirms it refuses gvproxy's API, never before.
+    let gvproxy_forwards = (network.backend == NetBackend::Gvproxy && !forwards.is_empty())
+        .then(|| (dir.gvproxy_api_socket(), forwards));
     Ok(Started {
         vmm,
         vmm_started_us,
@@ -150,6 +165,7 @@ pub fn start(
         gateway_forward,
         api_forward,
         writer,
+        gvproxy_forwards,
         waiter,
     })
 }
@@ -201,6 +217,7 @@ fn prepare_disk(
 }
 
 fn check_inputs(args: &UpArgs) -> Result<(), UpError> {
+    openshell_shared::config::check_host_ports(&args.host_ports).map_err(UpError::HostPorts)?;
     if !args.kernel.is_file() {
         return Err(UpError::NoKernel(args.kernel.clone()));
     }
@@ -237,11 +254,13 @@ fn run_dir(args: &UpArgs, progress: &Progress) -> Result<RunDir, UpError> {
 fn vm_spec(
     args: &UpArgs,
     backend: &Chosen,
+    net: NetBackend,
     dir: &RunDir,
     net_socket: Option<PathBuf>,
     console_log: &Path,
     state_disk: Option<PathBuf>,
 ) -> VmSpec {
+    let router_is_host_loopback = crate::net::router_is_host_loopback(net, &args.host_ports);
     let mut extra: Vec<String> = Vec::new();
     if state_disk.is_some() {
         extra.push(state_disk_cmdline());
@@ -252,6 +271,12 @@ fn vm_spec(
             extra.push(tsc);
         }
     }
+    // Always given, even empty: the host's list replaces whatever the root's file says.
+    extra.push(format!(
+        "openshell.host_ports={} openshell.router_is_host_loopback={}",
+        openshell_shared::config::encode_host_ports(&args.host_ports),
+        u8::from(router_is_host_loopback)
+    ));
     extra.extend(args.cmdline_extra.clone());
     VmSpec {
         arch: args.arch,
@@ -299,21 +324,6 @@ fn record_instance(
     Ok(())
 }
 
-/// Makes gvproxy's forwards through its API off the loop (it answers 500 until its network
-/// stack is up, so exposing retries); the result arrives as [`Event::Forwarded`].
-fn expose_forwards(api: PathBuf, forwards: Vec<Forward>, tx: Sender<Event>) {
-    std::thread::spawn(move || {
-        let result = forwards
-            .iter()
-            .map(|f| {
-                gvproxy::expose(&api, *f, gvproxy::GUEST_IP, Duration::from_secs(10))
-                    .map(|n| (*f, n))
-            })
-            .collect();
-        let _ = tx.send(Event::Forwarded(result));
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +357,7 @@ mod tests {
         let spec = vm_spec(
             &args,
             &Chosen::Qemu,
+            NetBackend::Gvproxy,
             &dir,
             Some("/run/x/passt/passt.sock".into()),
             Path::new("/logs/console.log"),
@@ -367,7 +378,7 @@ mod tests {
             kernel_cmdline(
                 Arch::Aarch64,
                 &["/bin/true".into()],
-                Some("openshell.hostname=gw")
+                Some("openshell.host_ports= openshell.router_is_host_loopback=0 openshell.hostname=gw")
             )
         );
         assert_eq!(spec.state_disk, None);
@@ -375,6 +386,7 @@ mod tests {
         let with = vm_spec(
             &args,
             &Chosen::Qemu,
+            NetBackend::Passt,
             &dir,
             None,
             Path::new("/logs/console.log"),
@@ -383,9 +395,35 @@ mod tests {
         assert_eq!(with.state_disk, Some(PathBuf::from("/s/state.img")));
         assert!(
             with.cmdline
-                .ends_with(" openshell.state_disk=openshell-state openshell.hostname=gw"),
+                .ends_with(" openshell.state_disk=openshell-state openshell.host_ports= openshell.router_is_host_loopback=0 openshell.hostname=gw"),
             "{}",
             with.cmdline
+        );
+        let listed = parse(&[
+            "--kernel",
+            "/k/Image",
+            "--rootfs",
+            "/r",
+            "--host-port",
+            "8080",
+            "--host-port",
+            "9000",
+        ])
+        .expect("parse");
+        let spec = vm_spec(
+            &listed,
+            &Chosen::Qemu,
+            NetBackend::Passt,
+            &dir,
+            None,
+            Path::new("/c"),
+            None,
+        );
+        assert!(
+            spec.cmdline
+                .contains(" openshell.host_ports=8080,9000 openshell.router_is_host_loopback=1"),
+            "{}",
+            spec.cmdline
         );
     }
 

@@ -12,6 +12,7 @@ use openshell_shared::config::Network;
 use openshell_shared::Level;
 
 use super::configure::{self, describe_time};
+use super::guard;
 use crate::netlink;
 use openshell_init::dhcp::{self, Lease, Reply};
 
@@ -203,6 +204,9 @@ impl Keeper {
         if lease.dns != old.dns {
             self.write_dns(&lease.dns);
         }
+        if lease.router != old.router {
+            self.guard_router(lease.router);
+        }
         self.say(
             Level::Info,
             format!(
@@ -218,6 +222,23 @@ impl Keeper {
         );
         self.bound.lease = lease;
         self.bound.since = at;
+    }
+
+    /// Redoes the refusals for a new router: passt may map it to the host's loopback. A
+    /// failure is an error on the console and the host's log; the old router's stay.
+    fn guard_router(&self, router: Option<Ipv4Addr>) {
+        match guard::install(&self.cfg, router) {
+            Ok(_) => self.say(
+                Level::Info,
+                format!(
+                    "refusals redone for router {}",
+                    router
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "none".into())
+                ),
+            ),
+            Err(e) => self.say(Level::Error, e.to_string()),
+        }
     }
 
     fn write_dns(&self, offered: &[Ipv4Addr]) {
@@ -249,6 +270,9 @@ impl Keeper {
                             let _ = netlink::delete_address(index, plan.address, plan.prefix);
                         }
                         self.write_dns(&ex.lease.dns);
+                        if fallback_on || ex.lease.router != old.router {
+                            self.guard_router(ex.lease.router);
+                        }
                         self.say(
                             if ex.lease.address == old.address {
                                 Level::Info
@@ -282,6 +306,9 @@ impl Keeper {
                         Err(e2) => self.say(Level::Error, format!("{e}; static plan: {e2}")),
                     }
                     self.write_dns(&plan.dns);
+                    if plan.gateway != old.router {
+                        self.guard_router(plan.gateway);
+                    }
                     fallback_on = true;
                 }
                 Err(_) => {}
