@@ -321,6 +321,92 @@ fn a_wiped_first_mib_over_our_filesystem_is_not_blank() {
     );
 }
 
+/// What a boot killed inside mke2fs leaves (mke2fs writes the primary superblock last): our
+/// format intent in the disk's last 4 KiB and every other piece of a filesystem, but no
+/// superblock at the start. The next boot formats it again and goes on.
+#[test]
+fn a_format_cut_short_is_formatted_again() {
+    let size = 256 * MIB;
+    let img = cut_short_format(size);
+    img.write_at(size - 4096, &intent(size));
+    let Some(disk) = img.attach() else { return };
+    let root = gateway_root();
+    let node = disk.node_in(root.path());
+    let run = phase(root.path(), &node, &disk);
+    assert!(run.ok, "{}", run.outcome());
+    let logs = run.logs().join("\n");
+    assert!(
+        logs.contains(&format!(
+            "state-disk: a format of {node} was cut short on an earlier boot (its intent is at byte {}): formatting it again",
+            size - 4096
+        )),
+        "{logs}"
+    );
+    assert!(run.outcome().contains("formatted in "), "{}", run.outcome());
+    assert_eq!(disk.dumpe2fs()["Filesystem volume name"], "openshell-state");
+    // The intent went before the mount: the next boot takes the disk as it is.
+    let again = phase(root.path(), &node, &disk);
+    assert!(again.ok, "{}", again.outcome());
+    assert!(
+        !again.outcome().contains("formatted"),
+        "{}",
+        again.outcome()
+    );
+}
+
+/// The same bytes without the intent (or with one for another disk size): nothing says they are
+/// a format of ours, so they are refused untouched like any unknown data.
+#[test]
+fn a_superblock_missing_without_our_intent_is_refused() {
+    let size = 256 * MIB;
+    let img = cut_short_format(size);
+    img.write_at(size - 4096, &intent(size - MIB));
+    let Some(disk) = img.attach() else { return };
+    refused(
+        disk,
+        "holds unknown data (first non-zero byte at offset 4096)",
+    );
+}
+
+/// An image as mke2fs leaves it when cut short before its last write: formatted as the phase
+/// formats (all but the last MiB), then the primary superblock zeroed.
+fn cut_short_format(size: u64) -> Image {
+    let img = Image::new(size);
+    let blocks = ((size - MIB) / 4096).to_string();
+    // By hand: Image::run puts nothing after the image, where mke2fs takes the size.
+    let out = std::process::Command::new("mke2fs")
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-L",
+            "openshell-state",
+        ])
+        .arg(&img.path)
+        .arg(&blocks)
+        .output()
+        .expect("mke2fs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img.write_at(1024, &[0u8; 1024]);
+    img
+}
+
+/// The phase's format intent for a disk of `size` bytes, as `ondisk::intent` writes it.
+fn intent(size: u64) -> Vec<u8> {
+    let magic = b"openshell-state: formatting a blank disk\n";
+    let mut b = vec![0u8; 4096];
+    b[..magic.len()].copy_from_slice(magic);
+    b[magic.len()..magic.len() + 8].copy_from_slice(&size.to_le_bytes());
+    b
+}
+
 /// Zeros everywhere but the last MiB (where a GPT keeps its backup header).
 #[test]
 fn data_at_the_end_of_a_zeroed_disk_is_not_blank() {
@@ -403,20 +489,20 @@ fn a_grown_disk_grows_its_filesystem() {
     let may_resize = caps_effective() & (1 << CAP_SYS_RESOURCE) != 0;
     if may_resize {
         assert!(
-            run.outcome().contains("grown from 128 MiB"),
+            run.outcome().contains("grown from 127 MiB"),
             "{}",
             run.outcome()
         );
-        assert_eq!(blocks, (256 * MIB / 4096).to_string());
+        assert_eq!(blocks, (255 * MIB / 4096).to_string(), "the tail stays out");
     } else {
         let logs = run.logs().join("\n");
         assert!(
             logs.contains(
-                "state-disk: the disk is 256 MiB, its filesystem 128 MiB, and growing it failed: "
+                "state-disk: the disk is 256 MiB, its filesystem 127 MiB, and growing it failed: "
             ) && logs.contains(&node),
             "{logs}"
         );
-        assert_eq!(blocks, (128 * MIB / 4096).to_string());
+        assert_eq!(blocks, (127 * MIB / 4096).to_string());
         eprintln!("resize2fs refused here (no CAP_SYS_RESOURCE): checked the warning instead");
     }
 }

@@ -180,7 +180,7 @@ fn grow(
     report: &mut Report,
 ) {
     let w = Stopwatch::start();
-    match tools.grow(path, shown) {
+    match tools.grow(path, shown, ondisk::fs_blocks(size)) {
         Ok(()) => report.grew = Some((fs, ms(&w))),
         Err(e) => ctx.reporter.log(
             Level::Warn,
@@ -194,8 +194,9 @@ fn grow(
 }
 
 /// Reads what the disk holds and makes it our filesystem, ready to mount: formats a blank
-/// disk, runs `e2fsck -p` on one that recorded errors, refuses anything else. The device is
-/// closed before mke2fs or e2fsck open it exclusively.
+/// disk (or one whose format a killed boot cut short: [`ondisk::intent`]), runs `e2fsck -p` on
+/// one that recorded errors, refuses anything else. The device is closed before mke2fs or
+/// e2fsck open it exclusively.
 fn prepare(
     ctx: &Ctx,
     dev: Device,
@@ -209,7 +210,22 @@ fn prepare(
     let unreadable = |source| StateDiskError::Unreadable { source };
     let head = dev.read_at(0, ondisk::HEAD_LEN).map_err(unreadable)?;
     let (path, size) = (dev.path.clone(), dev.size);
+    let tail = dev
+        .read_at(ondisk::intent_offset(size), ondisk::INTENT_LEN)
+        .map_err(unreadable)?;
     let step = match ondisk::identify(&head) {
+        _ if ondisk::is_intent(&tail, size) => {
+            drop(dev);
+            ctx.reporter.log(
+                Level::Warn,
+                format!(
+                    "state-disk: a format of {shown} was cut short on an earlier boot (its intent is at byte {}): formatting it again",
+                    ondisk::intent_offset(size)
+                ),
+            );
+            format(ctx, tools, (&path, &shown, size), report)?;
+            "formatting"
+        }
         Content::Ours(ext) if ext.bytes() > size => {
             return Err(StateDiskError::Truncated {
                 device: shown,
@@ -234,23 +250,22 @@ fn prepare(
         Content::Zero => {
             ensure_blank(&dev)?;
             drop(dev);
-            let w = Stopwatch::start();
-            tools.format(&path, &shown)?;
-            let took = ms(&w);
-            report.formatted_ms = Some(took);
-            ctx.reporter.log(
-                Level::Info,
-                format!(
-                    "state-disk: first use: formatted the blank {shown} ({} MiB) as ext4 in {took:.1} ms",
-                    mib(size)
-                ),
-            );
+            format(ctx, tools, (&path, &shown, size), report)?;
             "formatting"
         }
     };
     let again = Device::open(&ctx.root, &shown)?;
-    match ondisk::identify(&again.read_at(0, ondisk::HEAD_LEN).map_err(unreadable)?) {
-        Content::Ours(ext) if !ext.has_errors() || step == "e2fsck" => Ok(ext),
+    let found = ondisk::identify(&again.read_at(0, ondisk::HEAD_LEN).map_err(unreadable)?);
+    drop(again);
+    match found {
+        Content::Ours(ext) if !ext.has_errors() || step == "e2fsck" => {
+            if step == "formatting" {
+                // Whole now: the intent goes before anything mounts it.
+                let zeros = vec![0u8; ondisk::INTENT_LEN];
+                device::write_synced(&path, &shown, ondisk::intent_offset(size), &zeros)?;
+            }
+            Ok(ext)
+        }
         Content::Ours(_) => Err(StateDiskError::NotOursAfter {
             device: shown,
             step,
@@ -267,6 +282,34 @@ fn prepare(
             found,
         }),
     }
+}
+
+/// Formats the closed device `(path, shown, size)`: the intent written and synced first, then
+/// mke2fs over all but the reserved tail.
+fn format(
+    ctx: &Ctx,
+    tools: &E2fs,
+    (path, shown, size): (&Path, &str, u64),
+    report: &mut Report,
+) -> Result<(), StateDiskError> {
+    device::write_synced(
+        path,
+        shown,
+        ondisk::intent_offset(size),
+        &ondisk::intent(size),
+    )?;
+    let w = Stopwatch::start();
+    tools.format(path, shown, ondisk::fs_blocks(size))?;
+    let took = ms(&w);
+    report.formatted_ms = Some(took);
+    ctx.reporter.log(
+        Level::Info,
+        format!(
+            "state-disk: first use: formatted the blank {shown} ({} MiB) as ext4 in {took:.1} ms",
+            mib(size)
+        ),
+    );
+    Ok(())
 }
 
 /// Every region a blank disk has zeros in ([`ondisk::blank_regions`]) does, and the disk is

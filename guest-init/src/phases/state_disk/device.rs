@@ -35,6 +35,36 @@ pub enum DeviceError {
         offset: u64,
         source: std::io::Error,
     },
+    #[error("{device}: cannot write {len} bytes at byte {offset} and sync them: {source}")]
+    Write {
+        device: String,
+        offset: u64,
+        len: usize,
+        source: std::io::Error,
+    },
+}
+
+/// Writes `bytes` at `offset` of the device at `path` (opened exclusively: nothing else has it
+/// open) and syncs them to the disk before returning.
+pub fn write_synced(
+    path: &Path,
+    shown: &str,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<(), DeviceError> {
+    let err = |source| DeviceError::Write {
+        device: shown.to_string(),
+        offset,
+        len: bytes.len(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(err)?;
+    file.write_all_at(bytes, offset).map_err(err)?;
+    file.sync_all().map_err(err)
 }
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);

@@ -107,6 +107,7 @@ impl E2fs {
         purpose: &'static str,
         args: &[&str],
         dev: &Path,
+        after: Option<&str>,
         device: &str,
     ) -> Result<(i32, String), ToolError> {
         let program = self.program(name, purpose, device)?;
@@ -114,6 +115,7 @@ impl E2fs {
         let out = Command::new(&program)
             .args(args)
             .arg(dev)
+            .args(after)
             .env_clear()
             .env("PATH", path)
             .env("LC_ALL", "C")
@@ -157,10 +159,13 @@ impl E2fs {
     /// Formats the blank device `dev` as our ext4: labelled, no blocks reserved for root (the
     /// guest runs everything as root), inode tables and journal initialised lazily (the kernel
     /// zeroes them in the background after the mount) and no discard pass, so the first boot
-    /// is not spent writing the whole disk.
-    pub fn format(&self, dev: &Path, device: &str) -> Result<(), ToolError> {
+    /// is not spent writing the whole disk. `blocks` (of 4 KiB) leaves the disk's reserved tail
+    /// out of the filesystem.
+    pub fn format(&self, dev: &Path, device: &str, blocks: u64) -> Result<(), ToolError> {
+        // -F: a format cut short left metadata that mke2fs would otherwise ask about.
         let args = [
             "-q",
+            "-F",
             "-t",
             "ext4",
             "-b",
@@ -172,7 +177,15 @@ impl E2fs {
             "-E",
             "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
         ];
-        match self.run("mke2fs", "format the blank disk", &args, dev, device)? {
+        let blocks = blocks.to_string();
+        match self.run(
+            "mke2fs",
+            "format the blank disk",
+            &args,
+            dev,
+            Some(&blocks),
+            device,
+        )? {
             (0, _) => Ok(()),
             (code, text) => Err(self.failed(
                 "mke2fs",
@@ -188,7 +201,7 @@ impl E2fs {
     /// left, or e2fsck itself failed) are an error with e2fsck's own words.
     pub fn check(&self, dev: &Path, device: &str) -> Result<Checked, ToolError> {
         let purpose = "check the filesystem, which recorded errors";
-        match self.run("e2fsck", purpose, &["-p"], dev, device)? {
+        match self.run("e2fsck", purpose, &["-p"], dev, None, device)? {
             (status @ 0..=3, output) => Ok(Checked { status, output }),
             (code, text) => Err(self.failed(
                 "e2fsck",
@@ -201,9 +214,11 @@ impl E2fs {
     }
 
     /// Grows the mounted filesystem on `dev` to the device's size.
-    pub fn grow(&self, dev: &Path, device: &str) -> Result<(), ToolError> {
+    /// Grows the filesystem to `blocks` of 4 KiB (the disk's new size less its reserved tail).
+    pub fn grow(&self, dev: &Path, device: &str, blocks: u64) -> Result<(), ToolError> {
         let purpose = "grow the filesystem to the disk's new size";
-        match self.run("resize2fs", purpose, &[], dev, device)? {
+        let blocks = blocks.to_string();
+        match self.run("resize2fs", purpose, &[], dev, Some(&blocks), device)? {
             (0, _) => Ok(()),
             (code, text) => Err(self.failed(
                 "resize2fs",
@@ -271,7 +286,7 @@ mod tests {
         let empty = tempfile::tempdir().expect("tmp");
         let tools = E2fs::new(empty.path(), true);
         let err = tools
-            .format(Path::new("/nonexistent"), "/dev/vdb")
+            .format(Path::new("/nonexistent"), "/dev/vdb", 1024)
             .unwrap_err()
             .to_string();
         let dir = empty.path().display();
@@ -292,7 +307,7 @@ mod tests {
         std::fs::write(root.path().join("bin/busybox"), "#!/bin/sh\nexit 0\n").expect("write");
         std::os::unix::fs::symlink("busybox", root.path().join("bin/mke2fs")).expect("link");
         let err = E2fs::new(root.path(), true)
-            .format(Path::new("/nonexistent"), "/dev/vda")
+            .format(Path::new("/nonexistent"), "/dev/vda", 1024)
             .unwrap_err()
             .to_string();
         assert!(
@@ -314,7 +329,7 @@ mod tests {
         std::fs::File::create(&img)
             .and_then(|f| f.set_len(64 << 20))
             .expect("image");
-        match tools.format(&img, "img") {
+        match tools.format(&img, "img", super::super::ondisk::fs_blocks(64 << 20)) {
             Err(ToolError::Missing { .. }) => {
                 eprintln!("skipped: no e2fsprogs on this host");
                 return;
@@ -322,6 +337,12 @@ mod tests {
             other => other.expect("format"),
         }
         let head = std::fs::read(&img).expect("read");
+        match super::super::ondisk::identify(&head[..4096]) {
+            super::super::ondisk::Content::Ours(ext) => {
+                assert_eq!(ext.bytes(), (64 << 20) - (1 << 20), "the tail is left out")
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             super::super::ondisk::identify(&head[..4096]),
             super::super::ondisk::Content::Ours(_)

@@ -13,6 +13,43 @@ pub const HEAD_LEN: usize = 4096;
 /// The size of the regions a blank disk must have zeros in (its first and last MiB).
 pub const BLANK_SPAN: u64 = 1 << 20;
 
+/// The disk's last MiB is never the filesystem's (mke2fs and resize2fs are given a size short of
+/// it): the format intent ([`intent`]) lives in its last 4 KiB, where nothing else writes.
+pub const TAIL_RESERVED: u64 = 1 << 20;
+/// The block size the state disk is formatted with.
+pub const BLOCK: u64 = 4096;
+/// The length of the format intent record.
+pub const INTENT_LEN: usize = 4096;
+const INTENT_MAGIC: &[u8] = b"openshell-state: formatting a blank disk\n";
+
+/// The filesystem's size in [`BLOCK`]s on a disk of `size` bytes: all of it but the reserved tail.
+pub fn fs_blocks(size: u64) -> u64 {
+    size.saturating_sub(TAIL_RESERVED) / BLOCK
+}
+
+/// Where the format intent of a disk of `size` bytes lives: its last 4 KiB.
+pub fn intent_offset(size: u64) -> u64 {
+    size.saturating_sub(INTENT_LEN as u64)
+}
+
+/// The format intent: written (and synced) to a disk proved blank before mke2fs starts, and
+/// cleared once the filesystem is whole, before it is ever mounted. mke2fs writes the primary
+/// superblock last, so a format cut short leaves metadata but no superblock; the intent is what
+/// says those bytes are ours to format over, and nothing else ever does. It carries the disk's
+/// size, so a record from before the disk was grown (at another offset) is not taken.
+pub fn intent(size: u64) -> Vec<u8> {
+    let mut b = vec![0u8; INTENT_LEN];
+    b[..INTENT_MAGIC.len()].copy_from_slice(INTENT_MAGIC);
+    let at = INTENT_MAGIC.len();
+    b[at..at + 8].copy_from_slice(&size.to_le_bytes());
+    b
+}
+
+/// Whether `b` (a disk's last 4 KiB) is exactly the format intent for a disk of `size` bytes.
+pub fn is_intent(b: &[u8], size: u64) -> bool {
+    b == intent(size).as_slice()
+}
+
 const SUPERBLOCK: usize = 1024;
 const EXT_MAGIC: u16 = 0xEF53;
 const COMPAT_HAS_JOURNAL: u32 = 0x4;
@@ -250,6 +287,32 @@ pub fn blank_regions(size: u64) -> Vec<(u64, u64)> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_intent_is_recognised_only_exactly_and_for_its_disk_size() {
+        let size = 256 << 20;
+        assert!(is_intent(&intent(size), size));
+        assert!(
+            !is_intent(&intent(size), size + 4096),
+            "a grown disk's old record"
+        );
+        assert!(!is_intent(&[0u8; INTENT_LEN], size));
+        assert!(!is_intent(&intent(size)[..100], size), "short");
+        let mut extra = intent(size);
+        extra[INTENT_LEN - 1] = 1;
+        assert!(!is_intent(&extra, size), "anything after the size is zero");
+        assert_eq!(intent_offset(size), size - 4096);
+        assert_eq!(fs_blocks(size), (size - (1 << 20)) / 4096);
+        assert_eq!(fs_blocks(1000), 0);
+    }
+
+    proptest! {
+        /// Arbitrary tails are never taken for the intent.
+        #[test]
+        fn arbitrary_bytes_are_not_the_intent(b in proptest::collection::vec(any::<u8>(), 0..4200), size in any::<u64>()) {
+            prop_assert_eq!(is_intent(&b, size), b == intent(size));
+        }
+    }
 
     /// A disk image made by the real mke2fs (the host's e2fsprogs), read back.
     fn mke2fs_head(args: &[&str]) -> Option<Vec<u8>> {
