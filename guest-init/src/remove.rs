@@ -205,6 +205,12 @@ pub fn remove_tree(path: &Path) -> Result<usize, CleanupError> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(0);
     };
+    // Nothing there is nothing to do, also on a read-only filesystem (where unlinkat of a
+    // missing name fails with EROFS, not ENOENT).
+    match path.symlink_metadata() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        _ => {}
+    }
     match Root::open(parent) {
         Ok(root) => root.top.remove(name),
         Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => Ok(0),
