@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::time::Instant;
 
 use openshell_shared::protocol::{
@@ -59,7 +59,7 @@ impl Channel {
     pub fn serve<E: Send + 'static>(
         self,
         start: Instant,
-        events: Sender<E>,
+        events: SyncSender<E>,
         wrap: fn(ChannelEvent) -> E,
         writer: std::sync::Arc<std::sync::Mutex<Option<UnixStream>>>,
     ) {

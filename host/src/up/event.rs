@@ -2,7 +2,7 @@
 //! signals, the VMM's exit, results of work done off the loop), and the thread that turns host
 //! signals into events.
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 
 use nix::sys::signal::{SigSet, Signal};
 
@@ -28,7 +28,7 @@ pub fn wrap_channel(e: ChannelEvent) -> Event {
 
 /// Blocks the signals `up` handles and turns them into events. Must run before any thread or
 /// child starts, so every thread inherits the mask and only this one receives them.
-pub fn watch_signals(tx: Sender<Event>) -> Result<(), UpError> {
+pub fn watch_signals(tx: SyncSender<Event>) -> Result<(), UpError> {
     let mut set = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         set.add(s);

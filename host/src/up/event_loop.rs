@@ -5,7 +5,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,7 @@ pub trait Effects {
 pub struct Live {
     pub vmm_pid: u32,
     /// The queue's last sender besides the threads': the probe reports on it.
-    pub tx: Sender<Event>,
+    pub tx: SyncSender<Event>,
 }
 
 impl Effects for Live {

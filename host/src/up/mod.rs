@@ -16,7 +16,7 @@ mod session;
 mod start;
 mod vmm;
 
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::time::Instant;
 
 use args::{code, UpArgs};
@@ -28,6 +28,15 @@ use session::Session;
 use crate::progress::Progress;
 use crate::report::Timeline;
 
+/// How many events may wait for the loop: the guest's channel reader, the VMM's reaper, the
+/// signal watcher and the probes block beyond it until the loop catches up.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// The boot's single event queue, bounded at [`EVENT_QUEUE`].
+fn event_queue() -> (SyncSender<Event>, Receiver<Event>) {
+    mpsc::sync_channel(EVENT_QUEUE)
+}
+
 /// Runs a boot in the foreground; returns the workload's status or one of [`code`]'s. An error
 /// that ends the boot is also recorded in the last-boot timeline before it is returned.
 pub fn run(args: UpArgs) -> Result<i32, UpError> {
@@ -36,7 +45,10 @@ pub fn run(args: UpArgs) -> Result<i32, UpError> {
     let mut timeline = Timeline::new();
     // Before signals are blocked: Ctrl+C must still end a `--reset` (y/N) prompt.
     let mut session = Session::claim(&args, &progress)?;
-    let (tx, rx) = mpsc::channel();
+    // Bounded: a guest that floods the boot channel waits (its frames stay in the vsock
+    // connection) instead of growing the host's memory; the loop drains far faster than a
+    // well-behaved guest sends.
+    let (tx, rx) = event_queue();
     event::watch_signals(tx.clone())?;
     // Replace the previous boot's timeline at once: `status` must not show it as this one's.
     session.publish(&timeline, &progress);
@@ -64,7 +76,7 @@ pub fn run(args: UpArgs) -> Result<i32, UpError> {
 fn boot(
     args: &UpArgs,
     clock: Instant,
-    tx: Sender<Event>,
+    tx: SyncSender<Event>,
     rx: &Receiver<Event>,
     progress: &Progress,
     timeline: &mut Timeline,
@@ -92,4 +104,77 @@ fn boot(
     started.reaped(&mut session.helpers);
     progress.finish(&timeline.summary, code);
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use openshell_shared::protocol::{encode, Envelope, GuestMessage, Level, PROTOCOL_VERSION};
+
+    use super::*;
+    use crate::channel::Channel;
+
+    /// A guest that floods the boot channel while the loop is busy is held at the queue's
+    /// bound: the channel's reader stops taking frames, the socket fills and the guest's writes
+    /// stall, instead of the host keeping every frame it is sent.
+    #[test]
+    fn a_flooding_guest_stalls_at_the_bounded_queue() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("channel.sock");
+        let (tx, rx) = event_queue();
+        let writer = Arc::new(Mutex::new(None));
+        Channel::listen(&path).expect("listen").serve(
+            Instant::now(),
+            tx,
+            event::wrap_channel,
+            writer,
+        );
+        let mut guest = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&sent);
+        let flooder = std::thread::spawn(move || {
+            for seq in 0u64.. {
+                let msg = match seq {
+                    0 => GuestMessage::Hello {
+                        protocol: PROTOCOL_VERSION,
+                        init_version: "t".into(),
+                        arch: "x86_64".into(),
+                        kernel_release: "6.1".into(),
+                        boot_id: "b".into(),
+                        init_entry_us: 1,
+                        ready_stages: Vec::new(),
+                    },
+                    _ => GuestMessage::Log {
+                        level: Level::Info,
+                        text: "flood".into(),
+                    },
+                };
+                let frame = encode(&Envelope { seq, t_us: 1, msg }).expect("encode");
+                if guest.write_all(&frame).is_err() {
+                    return; // the host hung up
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        // Nobody drains the queue: the count must stop growing, near the bound.
+        let mut last = 0;
+        let stalled = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = sent.load(Ordering::SeqCst);
+            let still = now == last && now > EVENT_QUEUE;
+            last = now;
+            still
+        });
+        let queued = rx.try_iter().take(EVENT_QUEUE * 2).count();
+        assert!(stalled, "the guest never stalled: {last} frames taken");
+        assert!(queued <= EVENT_QUEUE, "{queued} events queued");
+        // What the socket and the reader hold beyond the queue is bounded by their buffers.
+        assert!(last < EVENT_QUEUE + 20_000, "{last} frames taken");
+        drop(rx);
+        flooder.join().expect("flooder");
+    }
 }

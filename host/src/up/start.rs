@@ -5,7 +5,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -66,7 +66,7 @@ impl Started {
 pub fn start(
     args: &UpArgs,
     clock: Instant,
-    tx: &Sender<Event>,
+    tx: &SyncSender<Event>,
     progress: &Progress,
     timeline: &mut Timeline,
     session: &mut Session,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::thread::JoinHandle;
 
 use nix::sys::signal::Signal;
@@ -101,7 +101,7 @@ pub fn start(
 
 /// Reaps the VMM on a thread of its own and reports its exit status (128 + N for signal N) as
 /// [`Event::VmmExited`].
-pub fn watch(pid: u32, tx: Sender<Event>) -> JoinHandle<()> {
+pub fn watch(pid: u32, tx: SyncSender<Event>) -> JoinHandle<()> {
     let pid = Pid::from_raw(pid as i32);
     std::thread::spawn(move || {
         let status = loop {
