@@ -1,6 +1,7 @@
 //! The gateway's client credentials on the user's machine: the mTLS bundle the guest sends over
 //! the boot channel, kept where the OpenShell CLI looks for it
-//! (`$XDG_CONFIG_HOME/openshell/gateways/openshell-vm-<instance>/`), with the gateway's metadata.
+//! (`$XDG_CONFIG_HOME/openshell/gateways/openshell-vm-<instance>/mtls/`); the gateway's
+//! registration beside it is `gateway_metadata`'s.
 //! Files are replaced atomically, the directory is 0700 and the key 0600. A CA other than the
 //! stored one (the guest made its PKI anew, after a reset, or a guest is lying) replaces the
 //! bundle, and both CAs' SHA-256 fingerprints are reported so the user can tell which is which.
@@ -69,15 +70,9 @@ pub fn gateway_name(instance: &str) -> String {
 
 /// `$XDG_CONFIG_HOME/openshell/gateways/<gateway>`, else under `~/.config`.
 pub fn gateway_dir(instance: &str) -> Result<PathBuf, CredentialsError> {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .ok_or(CredentialsError::NoConfigDir)?;
-    Ok(base
-        .join("openshell")
-        .join("gateways")
-        .join(gateway_name(instance)))
+    let base =
+        crate::gateway_metadata::openshell_dir().map_err(|_| CredentialsError::NoConfigDir)?;
+    Ok(base.join("gateways").join(gateway_name(instance)))
 }
 
 /// The DER inside `text`, which must be exactly one PEM block labelled `label` and nothing else.
@@ -192,15 +187,8 @@ fn make_dirs(dir: &Path, mtls: &Path) -> Result<(), CredentialsError> {
     Ok(())
 }
 
-/// Stores the bundle (and, when the gateway port is forwarded, the metadata naming its endpoint)
-/// in `dir`.
-pub fn store(
-    dir: &Path,
-    ca: &str,
-    cert: &str,
-    key: &str,
-    gateway_port: Option<u16>,
-) -> Result<Stored, CredentialsError> {
+/// Stores the bundle in `dir/mtls`.
+pub fn store(dir: &Path, ca: &str, cert: &str, key: &str) -> Result<Stored, CredentialsError> {
     let ca_der = check(ca, cert, key)?;
     let mtls = dir.join("mtls");
     let io = |path: &Path| {
@@ -231,18 +219,6 @@ pub fn store(
             write_atomic_mode(path, text.as_bytes(), *mode).map_err(io(path))?;
         }
     }
-    if let Some(port) = gateway_port {
-        let meta = serde_json::json!({
-            "name": dir.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "gateway_endpoint": format!("https://127.0.0.1:{port}"),
-            "gateway_port": port,
-        });
-        let path = dir.join("metadata.json");
-        let bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-        if std::fs::read(&path).ok() != Some(bytes.clone()) {
-            write_atomic_mode(&path, &bytes, 0o644).map_err(io(&path))?;
-        }
-    }
     Ok(stored)
 }
 
@@ -259,27 +235,8 @@ pub fn replaced_warning(dir: &Path, old: &str, new: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use crate::test_pki::{ca, client};
     use std::os::unix::fs::PermissionsExt;
-
-    /// A CA named `cn` (PEM, DER) and what signs with it.
-    fn ca(cn: &str) -> (String, Vec<u8>, Issuer<'static, KeyPair>) {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.distinguished_name.push(DnType::CommonName, cn);
-        let cert = p.self_signed(&key).expect("ca");
-        (cert.pem(), cert.der().to_vec(), Issuer::new(p, key))
-    }
-
-    /// A client certificate and its key, signed by `issuer`.
-    fn client(issuer: &Issuer<'static, KeyPair>) -> (String, String) {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.distinguished_name.push(DnType::CommonName, "client");
-        let cert = p.signed_by(&key, issuer).expect("client");
-        (cert.pem(), key.serialize_pem())
-    }
 
     #[test]
     fn stored_private_then_unchanged_then_replaced_on_a_new_ca() {
@@ -287,10 +244,7 @@ mod tests {
         let dir = t.path().join("openshell-vm-default");
         let (ca1, ca1_der, issuer1) = ca("openshell-ca");
         let (crt, key) = client(&issuer1);
-        assert_eq!(
-            store(&dir, &ca1, &crt, &key, Some(30051)).expect("store"),
-            Stored::New
-        );
+        assert_eq!(store(&dir, &ca1, &crt, &key).expect("store"), Stored::New);
         let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode(&dir.join("mtls")), 0o700);
         assert_eq!(mode(&dir.join("mtls/tls.key")), 0o600);
@@ -298,10 +252,6 @@ mod tests {
             std::fs::read_to_string(dir.join("mtls/tls.key")).expect("key"),
             key
         );
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("metadata.json")).expect("meta"))
-                .expect("json");
-        assert_eq!(meta["gateway_endpoint"], "https://127.0.0.1:30051");
         let mtime = || {
             std::fs::metadata(dir.join("mtls/tls.key"))
                 .expect("meta")
@@ -310,7 +260,7 @@ mod tests {
         };
         let before = mtime();
         assert_eq!(
-            store(&dir, &ca1, &crt, &key, Some(30051)).expect("again"),
+            store(&dir, &ca1, &crt, &key).expect("again"),
             Stored::Unchanged
         );
         assert_eq!(before, mtime(), "unchanged files are not rewritten");
@@ -318,7 +268,7 @@ mod tests {
         // A swapped CA of the same name: replaced, with both fingerprints.
         let (ca2, ca2_der, issuer2) = ca("openshell-ca");
         let (crt2, key2) = client(&issuer2);
-        let stored = store(&dir, &ca2, &crt2, &key2, None).expect("drift");
+        let stored = store(&dir, &ca2, &crt2, &key2).expect("drift");
         assert_eq!(
             stored,
             Stored::Replaced {
@@ -373,7 +323,7 @@ mod tests {
         let (ca_pem, _, issuer) = ca("openshell-ca");
         let (crt, key) = client(&issuer);
         let dir = home.join(".config/openshell/gateways/openshell-vm-default");
-        let err = store(&dir, &ca_pem, &crt, &key, None).expect_err("refused");
+        let err = store(&dir, &ca_pem, &crt, &key).expect_err("refused");
         assert!(
             matches!(err, CredentialsError::Unsafe(_)) && err.to_string().contains("uid 65534"),
             "{err}"
@@ -438,10 +388,10 @@ mod tests {
             }),
         ];
         for (i, (ca, crt, key, want)) in cases.into_iter().enumerate() {
-            let err = store(&dir, ca, crt, key, None).expect_err("refused");
+            let err = store(&dir, ca, crt, key).expect_err("refused");
             assert!(want(&err), "case {i}: {err}");
         }
         assert!(!dir.exists());
-        store(&dir, &ca_pem, &crt, &key, None).expect("the consistent bundle");
+        store(&dir, &ca_pem, &crt, &key).expect("the consistent bundle");
     }
 }
