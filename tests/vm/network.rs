@@ -96,7 +96,10 @@ fn with_stand_in_k3s(boot: &Boot, port: u16, never_ready: bool) {
 
 /// The guest announces k3s's stages in `hello`; the host prints `ready` only after the last one,
 /// `gateway-ready`, and after its own probe of the forwarded gateway port answered like a TLS
-/// server (accept, then silence). A stand-in k3s plays k3s (it cannot be downloaded here).
+/// server (accept, then silence). A stand-in k3s plays k3s (it cannot be downloaded here); its
+/// gateway is a TCP listener that speaks neither TLS nor gRPC, so the host is told to use the
+/// TCP probe (`--ready-probe tcp`); the gRPC health probe is tested against a real gRPC server
+/// in the host's own tests.
 fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
     let Some(boot) = Boot::new(arch) else { return };
     let _slot = vm_slot();
@@ -105,6 +108,8 @@ fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
     with_stand_in_k3s(&boot, 30051, false);
     let mut running = boot
         .net("passt")
+        .arg("--ready-probe")
+        .arg("tcp")
         .arg("-p")
         .arg(&format!("{host_port}:30051"))
         .arg("-p")
