@@ -4,40 +4,14 @@
 //! deadline passes; the last failure is the reason given. The TCP probe (`readiness`) stays as
 //! the explicit fallback, `--ready-probe tcp`.
 //!
-//! The two messages and the status enum are written by hand from the OpenShell proto
-//! (`proto/openshell.proto`: same package, service, method, field numbers and enum values), so
-//! the build needs no protoc.
+//! The messages are `health_proto`'s, written by hand from the OpenShell proto.
 
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-/// The method's path: package `openshell.v1`, service `OpenShell`, rpc `Health`.
-pub const HEALTH_PATH: &str = "/openshell.v1.OpenShell/Health";
-
-/// `message HealthRequest {}`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HealthRequest {}
-
-/// `message HealthResponse { ServiceStatus status = 1; string version = 2; }`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HealthResponse {
-    #[prost(enumeration = "ServiceStatus", tag = "1")]
-    pub status: i32,
-    #[prost(string, tag = "2")]
-    pub version: String,
-}
-
-/// `enum ServiceStatus`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-pub enum ServiceStatus {
-    Unspecified = 0,
-    Healthy = 1,
-    Degraded = 2,
-    Unhealthy = 3,
-}
+use crate::health_proto::{HealthRequest, HealthResponse, ServiceStatus, HEALTH_PATH};
 
 /// How `up` decides that the gateway is ready once the guest reported `gateway-ready`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -221,17 +195,6 @@ async fn attempt(ep: &Endpoint, limits: Limits) -> Result<String, Attempt> {
     }
 }
 
-impl ServiceStatus {
-    fn as_str_name(self) -> &'static str {
-        match self {
-            ServiceStatus::Unspecified => "SERVICE_STATUS_UNSPECIFIED",
-            ServiceStatus::Healthy => "SERVICE_STATUS_HEALTHY",
-            ServiceStatus::Degraded => "SERVICE_STATUS_DEGRADED",
-            ServiceStatus::Unhealthy => "SERVICE_STATUS_UNHEALTHY",
-        }
-    }
-}
-
 /// Asks until the gateway at the forwarded `port` answers HEALTHY (its version is returned) or
 /// `within` is spent; an attempt begun before the deadline is let finish (at most
 /// `limits.connect + limits.attempt` more), so the reason given is a whole attempt's. Blocking:
@@ -316,103 +279,8 @@ pub fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
-    use std::task::{Context, Poll};
-
-    use tonic::codegen::{http, BoxFuture, Service};
-    use tonic::server::{NamedService, UnaryService};
-    use tonic::transport::server::TcpIncoming;
-    use tonic::transport::{Server, ServerTlsConfig};
-
+    use crate::health_server::{serve, Answer};
     use crate::test_pki::{self, GatewayPki};
-
-    /// What the test gateway answers to `Health`.
-    #[derive(Clone, Copy)]
-    enum Answer {
-        Status(ServiceStatus),
-        /// Takes the call and never answers.
-        Hang,
-    }
-
-    /// The gateway's `OpenShell` service, its `Health` method only (anything else is
-    /// UNIMPLEMENTED, as a tonic server says for an unknown method), written by hand like the
-    /// client: a real tonic server speaking the real protocol, not a stand-in for the transport.
-    #[derive(Clone)]
-    struct Gateway(Answer);
-
-    impl NamedService for Gateway {
-        const NAME: &'static str = "openshell.v1.OpenShell";
-    }
-
-    struct HealthMethod(Answer);
-
-    impl UnaryService<HealthRequest> for HealthMethod {
-        type Response = HealthResponse;
-        type Future = BoxFuture<tonic::Response<HealthResponse>, tonic::Status>;
-        fn call(&mut self, _: tonic::Request<HealthRequest>) -> Self::Future {
-            let answer = self.0;
-            Box::pin(async move {
-                match answer {
-                    Answer::Status(s) => Ok(tonic::Response::new(HealthResponse {
-                        status: s as i32,
-                        version: "0.0.0-test".into(),
-                    })),
-                    Answer::Hang => std::future::pending().await,
-                }
-            })
-        }
-    }
-
-    impl Service<http::Request<tonic::body::Body>> for Gateway {
-        type Response = http::Response<tonic::body::Body>;
-        type Error = Infallible;
-        type Future = BoxFuture<Self::Response, Infallible>;
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-            let answer = self.0;
-            Box::pin(async move {
-                if req.uri().path() != HEALTH_PATH {
-                    return Ok(tonic::Status::unimplemented("").into_http());
-                }
-                let codec = tonic_prost::ProstCodec::<HealthResponse, HealthRequest>::default();
-                let mut grpc = tonic::server::Grpc::new(codec);
-                Ok(grpc.unary(HealthMethod(answer), req).await)
-            })
-        }
-    }
-
-    /// Serves `answer` with mutual TLS on a port of its own, in a thread of its own, as the
-    /// gateway does: `server` is its certificate and key, `client_ca` the CA its clients'
-    /// certificates must come from. Returns the port.
-    fn serve(answer: Answer, server: &(String, String), client_ca: &str) -> u16 {
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&server.0, &server.1))
-            .client_ca_root(Certificate::from_pem(client_ca));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                tx.send(listener.local_addr().expect("addr").port())
-                    .expect("port");
-                Server::builder()
-                    .tls_config(tls)
-                    .expect("tls")
-                    .add_service(Gateway(answer))
-                    .serve_with_incoming(TcpIncoming::from(listener))
-                    .await
-                    .expect("serve");
-            });
-        });
-        rx.recv().expect("port")
-    }
 
     fn bundle(pki: &GatewayPki) -> ClientBundle {
         ClientBundle {
@@ -450,7 +318,7 @@ mod tests {
         let port = serve(Answer::Status(ServiceStatus::Healthy), &pki.server, &pki.ca);
         let version =
             wait_healthy(port, &bundle(&pki), Duration::from_secs(20), QUICK).expect("healthy");
-        assert_eq!(version, "0.0.0-test");
+        assert_eq!(version, crate::health_server::VERSION);
         let said = probe(
             ReadyProbe::Grpc,
             port,
@@ -476,7 +344,10 @@ mod tests {
             let port = serve(Answer::Status(status), &pki.server, &pki.ca);
             let (last, text) = not_healthy(port, &bundle(&pki), Duration::from_secs(3));
             assert!(matches!(last, Attempt::Answered { .. }), "{text}");
-            assert!(text.contains(name) && text.contains("0.0.0-test"), "{text}");
+            assert!(
+                text.contains(name) && text.contains(crate::health_server::VERSION),
+                "{text}"
+            );
         }
     }
 

@@ -11,6 +11,9 @@ mod exec;
 mod failure;
 mod gateway_health;
 mod gateway_metadata;
+mod health_proto;
+#[cfg(test)]
+mod health_server;
 mod kubeconfig;
 mod lifecycle;
 mod net;
