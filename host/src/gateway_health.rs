@@ -117,6 +117,17 @@ pub fn endpoint(port: u16) -> String {
     format!("https://127.0.0.1:{port}")
 }
 
+/// The gateway's text (its version, a status message) is not ours: at most this much of it is
+/// kept (the terminal escaping is `progress`'s).
+const MAX_GATEWAY_TEXT: usize = 200;
+
+fn bounded(text: &str) -> String {
+    match text.char_indices().nth(MAX_GATEWAY_TEXT) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 /// An error and its causes, one line: tonic's own text is only "transport error".
 fn chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
@@ -175,7 +186,7 @@ async fn attempt(ep: &Endpoint, limits: Limits) -> Result<String, Attempt> {
                 }
                 code => Attempt::Call {
                     code,
-                    message: status_text(&s),
+                    message: bounded(&status_text(&s)),
                 },
             })
     };
@@ -184,13 +195,13 @@ async fn attempt(ep: &Endpoint, limits: Limits) -> Result<String, Attempt> {
         .await
         .map_err(|_| Attempt::NoAnswer(within))??;
     match ServiceStatus::try_from(answer.status) {
-        Ok(ServiceStatus::Healthy) => Ok(answer.version),
+        Ok(ServiceStatus::Healthy) => Ok(bounded(&answer.version)),
         other => Err(Attempt::Answered {
             status: other.map_or_else(
                 |_| format!("status {}", answer.status),
                 |s| s.as_str_name().to_string(),
             ),
-            version: answer.version,
+            version: bounded(&answer.version),
         }),
     }
 }
@@ -315,7 +326,12 @@ mod tests {
     #[test]
     fn a_healthy_gateway_with_the_guests_pki_is_ready() {
         let pki = GatewayPki::new();
-        let port = serve(Answer::Status(ServiceStatus::Healthy), &pki.server, &pki.ca);
+        let port = serve(
+            Answer::Status(ServiceStatus::Healthy),
+            &pki.server,
+            &pki.ca,
+            0,
+        );
         let version =
             wait_healthy(port, &bundle(&pki), Duration::from_secs(20), QUICK).expect("healthy");
         assert_eq!(version, crate::health_server::VERSION);
@@ -341,7 +357,7 @@ mod tests {
             (ServiceStatus::Unhealthy, "SERVICE_STATUS_UNHEALTHY"),
             (ServiceStatus::Degraded, "SERVICE_STATUS_DEGRADED"),
         ] {
-            let port = serve(Answer::Status(status), &pki.server, &pki.ca);
+            let port = serve(Answer::Status(status), &pki.server, &pki.ca, 0);
             let (last, text) = not_healthy(port, &bundle(&pki), Duration::from_secs(3));
             assert!(matches!(last, Attempt::Answered { .. }), "{text}");
             assert!(
@@ -357,7 +373,12 @@ mod tests {
         let pki = GatewayPki::new();
         let (_, _, other) = test_pki::ca("openshell-ca");
         let impostor = test_pki::server(&other);
-        let port = serve(Answer::Status(ServiceStatus::Healthy), &impostor, &pki.ca);
+        let port = serve(
+            Answer::Status(ServiceStatus::Healthy),
+            &impostor,
+            &pki.ca,
+            0,
+        );
         let (last, text) = not_healthy(port, &bundle(&pki), Duration::from_secs(3));
         assert!(matches!(last, Attempt::Connect(_)), "{text}");
         // Same CA name as the guest's, another key: the signature gives it away.
@@ -374,8 +395,11 @@ mod tests {
             Answer::Status(ServiceStatus::Healthy),
             &pki.server,
             &other_ca,
+            0,
         );
-        let (last, text) = not_healthy(port, &bundle(&pki), Duration::from_secs(6));
+        // Room for several attempts: the refusal is the server's, which a loaded machine may
+        // take seconds to get to.
+        let (last, text) = not_healthy(port, &bundle(&pki), Duration::from_secs(10));
         // TLS 1.3: the handshake ends on the client's side before the server has checked the
         // certificate, so the refusal arrives as an alert on the call (a certificate with the
         // guest's CA name but another key fails as a bad signature). An attempt after a
@@ -401,7 +425,7 @@ mod tests {
     #[test]
     fn a_gateway_that_never_answers_times_out_at_the_deadline() {
         let pki = GatewayPki::new();
-        let port = serve(Answer::Hang, &pki.server, &pki.ca);
+        let port = serve(Answer::Hang, &pki.server, &pki.ca, 0);
         let started = Instant::now();
         let (last, text) = not_healthy(port, &bundle(&pki), Duration::from_secs(2));
         assert!(matches!(last, Attempt::NoAnswer(_)), "{text}");
@@ -435,6 +459,15 @@ mod tests {
         let (last, text) = not_healthy(port, &bundle(&pki), Duration::from_millis(500));
         assert!(matches!(last, Attempt::Connect(_)), "{text}");
         assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
+
+    #[test]
+    fn the_gateways_text_is_bounded() {
+        assert_eq!(bounded("0.3.1"), "0.3.1");
+        let long = "é".repeat(MAX_GATEWAY_TEXT + 50);
+        let cut = bounded(&long);
+        assert_eq!(cut.chars().count(), MAX_GATEWAY_TEXT + 3);
+        assert!(cut.ends_with("..."));
     }
 
     /// The wire format is the proto's: field 1 the status as a varint, field 2 the version.

@@ -73,10 +73,10 @@ impl Service<http::Request<tonic::body::Body>> for Gateway {
     }
 }
 
-/// Serves `answer` with mutual TLS on a port of its own, in a thread of its own, as the
-/// gateway does: `server` is its certificate and key, `client_ca` the CA its clients'
+/// Serves `answer` with mutual TLS on 127.0.0.1:`port` (0: any free port), in a thread of its
+/// own, as the gateway does: `server` is its certificate and key, `client_ca` the CA its clients'
 /// certificates must come from. Returns the port.
-pub fn serve(answer: Answer, server: &(String, String), client_ca: &str) -> u16 {
+pub fn serve(answer: Answer, server: &(String, String), client_ca: &str, port: u16) -> u16 {
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(&server.0, &server.1))
         .client_ca_root(Certificate::from_pem(client_ca));
@@ -87,7 +87,7 @@ pub fn serve(answer: Answer, server: &(String, String), client_ca: &str) -> u16 
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
                 .await
                 .expect("bind");
             tx.send(listener.local_addr().expect("addr").port())

@@ -9,6 +9,13 @@ use openshell_tests::{
     both_arches, free_port, listeners_on, serve_web, vm_slot, Boot, BOOT_DEADLINE,
 };
 
+// The gateway's health method and the host tests' gateway serving it: one copy, the host's.
+#[path = "../../host/src/health_proto.rs"]
+mod health_proto;
+#[path = "../../host/src/health_server.rs"]
+#[allow(dead_code)]
+mod health_server;
+
 /// With passt as the network, the guest's own DHCP client gets its lease from passt's DHCP.
 fn passt_gives_the_guest_a_lease(arch: &str) {
     let Some(boot) = Boot::new(arch) else { return };
@@ -90,7 +97,11 @@ fn with_stand_in_k3s(boot: &Boot, port: u16, never_ready: bool) {
     }
     let config = boot.root_path("etc/openshell/init.yaml");
     let mut text = std::fs::read_to_string(&config).expect("init.yaml");
-    text.push_str(&format!("k3s:\n  gateway_port: {port}\n"));
+    // The stand-in keeps no images: `native` spares the root on virtio-fs the capabilities
+    // phase's overlayfs check, which fails there (real k3s gets a state disk for it).
+    text.push_str(&format!(
+        "k3s:\n  gateway_port: {port}\n  snapshotter: native\n"
+    ));
     std::fs::write(&config, text).expect("write init.yaml");
 }
 
@@ -198,6 +209,86 @@ fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
     assert_eq!(mode & 0o777, 0o600);
 }
 both_arches!(ready_waits_for_the_gateway_and_the_hosts_probe);
+
+/// The hand-off to the OpenShell CLI: after `gateway-ready` the host calls the gateway's gRPC
+/// health method over mutual TLS through the forward, with the bundle the guest sent, and is
+/// ready only on a HEALTHY answer; then the CLI's `metadata.json` and `active_gateway` name the
+/// gateway. The stand-in k3s relays the gateway port to a tonic server on the host (passt maps the
+/// guest's gateway address to the host's loopback) that serves with the certificate the guest's
+/// `pki` phase made and accepts only clients of the guest's CA. What the real gateway does
+/// differently: it runs in a pod behind kube-proxy's NodePort, has every other method too, and
+/// reports its own health.
+fn ready_means_the_gateway_says_healthy_over_grpc(arch: &str) {
+    use health_proto::ServiceStatus;
+    let Some(boot) = Boot::new(arch) else { return };
+    let _slot = vm_slot();
+    let host_port = free_port();
+    let relay = free_port();
+    with_stand_in_k3s(&boot, 30051, false);
+    // A gateway root: the `pki` phase makes the PKI and sends the client bundle.
+    std::fs::create_dir_all(boot.root_path("opt/openshell")).expect("gateway tree");
+    std::fs::write(boot.root_path("fake-k3s/gateway-relay"), relay.to_string()).expect("relay");
+    let config = boot.config_dir();
+    let mut running = boot
+        .net("passt")
+        .arg("-p")
+        .arg(&format!("{host_port}:30051"))
+        .start();
+    running.wait_for_file("opt/openshell/pki/server.key", BOOT_DEADLINE);
+    // The files are replaced atomically: once the last is there, all are whole.
+    let read = |name: &str| {
+        std::fs::read_to_string(running.boot.root_path(&format!("opt/openshell/pki/{name}")))
+            .expect(name)
+    };
+    let (ca, server) = (read("ca.crt"), (read("server.crt"), read("server.key")));
+    let answer = health_server::Answer::Status(ServiceStatus::Healthy);
+    health_server::serve(answer, &server, &ca, relay);
+    let active = config.join("openshell/active_gateway");
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    while !active.exists() && running.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    running.signal(libc::SIGTERM);
+    let done = running.wait(BOOT_DEADLINE);
+    let out = &done.stdout;
+    let healthy = format!(
+        "https://127.0.0.1:{host_port} is healthy (version `{}`)",
+        health_server::VERSION
+    );
+    let said = out
+        .find(&healthy)
+        .unwrap_or_else(|| panic!("no `{healthy}`\n{}", done.output()));
+    let ready = out
+        .find("\nready (")
+        .unwrap_or_else(|| panic!("no host ready\n{}", done.output()));
+    assert!(said < ready, "ready before healthy\n{}", done.output());
+    assert_eq!(
+        std::fs::read_to_string(&active).expect("active_gateway"),
+        "openshell-vm-default"
+    );
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            config.join("openshell/gateways/openshell-vm-default/metadata.json"),
+        )
+        .expect("metadata.json"),
+    )
+    .expect("json");
+    assert_eq!(
+        meta,
+        serde_json::json!({
+            "name": "openshell-vm-default",
+            "gateway_endpoint": format!("https://127.0.0.1:{host_port}"),
+            "is_remote": false,
+            "gateway_port": host_port,
+        })
+    );
+    let mtls = config.join("openshell/gateways/openshell-vm-default/mtls");
+    assert_eq!(
+        std::fs::read_to_string(mtls.join("ca.crt")).expect("ca"),
+        ca
+    );
+}
+both_arches!(ready_means_the_gateway_says_healthy_over_grpc);
 
 /// A stage that never comes is named, and the host stops the VM instead of waiting forever: by
 /// asking the guest to shut down, so k3s gets SIGTERM and the filesystems are synced, not by
