@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use openshell_shared::GuestMessage;
 use openshell_tests::{
-    both_arches, free_port, listeners_on, serve_web, vm_slot, Boot, BOOT_DEADLINE,
+    both_arches, free_port, listeners_on, serve_web, vm_slot, Boot, Finished, BOOT_DEADLINE,
 };
 
 // The gateway's health method and the host tests' gateway serving it: one copy, the host's.
@@ -210,17 +210,19 @@ fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
 }
 both_arches!(ready_waits_for_the_gateway_and_the_hosts_probe);
 
-/// The hand-off to the OpenShell CLI: after `gateway-ready` the host calls the gateway's gRPC
-/// health method over mutual TLS through the forward, with the bundle the guest sent, and is
-/// ready only on a HEALTHY answer; then the CLI's `metadata.json` and `active_gateway` name the
-/// gateway. The stand-in k3s relays the gateway port to a tonic server on the host (passt maps the
-/// guest's gateway address to the host's loopback) that serves with the certificate the guest's
-/// `pki` phase made and accepts only clients of the guest's CA. What the real gateway does
+/// Boots the stand-in k3s with its gateway port relayed to a tonic server on the host (passt
+/// maps the guest's gateway address to the host's loopback) that answers `Health` with `status`,
+/// serving with the certificate the guest's `pki` phase made and accepting only clients of the
+/// guest's CA; waits for the host to activate the gateway or end, then stops it. Returns the
+/// finished boot, the forwarded port and the guest's CA. What the real gateway does
 /// differently: it runs in a pod behind kube-proxy's NodePort, has every other method too, and
 /// reports its own health.
-fn ready_means_the_gateway_says_healthy_over_grpc(arch: &str) {
-    use health_proto::ServiceStatus;
-    let Some(boot) = Boot::new(arch) else { return };
+fn boot_grpc_gateway(
+    arch: &str,
+    status: health_proto::ServiceStatus,
+    extra: &[&str],
+) -> Option<(Finished, u16, String)> {
+    let boot = Boot::new(arch)?;
     let _slot = vm_slot();
     let host_port = free_port();
     let relay = free_port();
@@ -228,49 +230,65 @@ fn ready_means_the_gateway_says_healthy_over_grpc(arch: &str) {
     // A gateway root: the `pki` phase makes the PKI and sends the client bundle.
     std::fs::create_dir_all(boot.root_path("opt/openshell")).expect("gateway tree");
     std::fs::write(boot.root_path("fake-k3s/gateway-relay"), relay.to_string()).expect("relay");
-    let config = boot.config_dir();
-    let mut running = boot
+    let active = boot.config_dir().join("openshell/active_gateway");
+    let mut boot = boot
         .net("passt")
         .arg("-p")
-        .arg(&format!("{host_port}:30051"))
-        .start();
-    running.wait_for_file("opt/openshell/pki/server.key", BOOT_DEADLINE);
-    // The files are replaced atomically: once the last is there, all are whole.
+        .arg(&format!("{host_port}:30051"));
+    for a in extra {
+        boot = boot.arg(a);
+    }
+    let mut running = boot.start();
+    // Each file is replaced atomically: once all three are there, all are whole.
+    for name in ["ca.crt", "server.key", "server.crt"] {
+        running.wait_for_file(&format!("opt/openshell/pki/{name}"), BOOT_DEADLINE);
+    }
     let read = |name: &str| {
         std::fs::read_to_string(running.boot.root_path(&format!("opt/openshell/pki/{name}")))
             .expect(name)
     };
     let (ca, server) = (read("ca.crt"), (read("server.crt"), read("server.key")));
-    let answer = health_server::Answer::Status(ServiceStatus::Healthy);
-    health_server::serve(answer, &server, &ca, relay);
-    let active = config.join("openshell/active_gateway");
+    health_server::serve(health_server::Answer::Status(status), &server, &ca, relay);
     let deadline = Instant::now() + BOOT_DEADLINE;
     while !active.exists() && running.is_running() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    running.signal(libc::SIGTERM);
-    let done = running.wait(BOOT_DEADLINE);
+    // A host that found the gateway not healthy has stopped the VM itself.
+    if running.is_running() {
+        running.signal(libc::SIGTERM);
+    }
+    Some((running.wait(BOOT_DEADLINE), host_port, ca))
+}
+
+/// The hand-off to the OpenShell CLI: after `gateway-ready` the host calls the gateway's gRPC
+/// health method over mutual TLS through the forward, with the bundle the guest sent, and is
+/// ready only on a HEALTHY answer; then the CLI's `metadata.json` and `active_gateway` name the
+/// gateway, beside the guest's bundle.
+fn ready_means_the_gateway_says_healthy_over_grpc(arch: &str) {
+    let healthy = health_proto::ServiceStatus::Healthy;
+    let Some((done, host_port, ca)) = boot_grpc_gateway(arch, healthy, &[]) else {
+        return;
+    };
     let out = &done.stdout;
-    let healthy = format!(
+    let said = format!(
         "https://127.0.0.1:{host_port} is healthy (version `{}`)",
         health_server::VERSION
     );
-    let said = out
-        .find(&healthy)
-        .unwrap_or_else(|| panic!("no `{healthy}`\n{}", done.output()));
+    let said_at = out
+        .find(&said)
+        .unwrap_or_else(|| panic!("no `{said}`\n{}", done.output()));
     let ready = out
         .find("\nready (")
         .unwrap_or_else(|| panic!("no host ready\n{}", done.output()));
-    assert!(said < ready, "ready before healthy\n{}", done.output());
+    assert!(said_at < ready, "ready before healthy\n{}", done.output());
+    let config = done.boot.config_dir().join("openshell");
     assert_eq!(
-        std::fs::read_to_string(&active).expect("active_gateway"),
+        std::fs::read_to_string(config.join("active_gateway")).expect("active_gateway"),
         "openshell-vm-default"
     );
+    let gateway = config.join("gateways/openshell-vm-default");
     let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            config.join("openshell/gateways/openshell-vm-default/metadata.json"),
-        )
-        .expect("metadata.json"),
+        &std::fs::read_to_string(gateway.join("metadata.json")).expect("metadata.json"),
     )
     .expect("json");
     assert_eq!(
@@ -282,13 +300,40 @@ fn ready_means_the_gateway_says_healthy_over_grpc(arch: &str) {
             "gateway_port": host_port,
         })
     );
-    let mtls = config.join("openshell/gateways/openshell-vm-default/mtls");
     assert_eq!(
-        std::fs::read_to_string(mtls.join("ca.crt")).expect("ca"),
+        std::fs::read_to_string(gateway.join("mtls/ca.crt")).expect("ca"),
         ca
     );
 }
 both_arches!(ready_means_the_gateway_says_healthy_over_grpc);
+
+/// A gateway that answers UNHEALTHY is not ready: at the stage's deadline the host names the
+/// endpoint and the answer, asks the guest to shut down and exits 5; the CLI's active gateway is
+/// left alone (`metadata.json` is there: the gateway exists, it is just not healthy).
+fn an_unhealthy_gateway_is_not_ready(arch: &str) {
+    let unhealthy = health_proto::ServiceStatus::Unhealthy;
+    let extra = ["--stage-timeout", "15"];
+    let Some((done, host_port, _)) = boot_grpc_gateway(arch, unhealthy, &extra) else {
+        return;
+    };
+    assert_eq!(done.status.code(), Some(5), "{}", done.output());
+    let said = format!(
+        "the guest reported the gateway up, but https://127.0.0.1:{host_port}: not healthy \
+         within 15 s; last: the gateway answered SERVICE_STATUS_UNHEALTHY"
+    );
+    assert!(
+        done.stderr.contains(&said),
+        "no `{said}`\n{}",
+        done.output()
+    );
+    assert!(!done.stdout.contains("\nready ("), "{}", done.output());
+    let config = done.boot.config_dir().join("openshell");
+    assert!(!config.join("active_gateway").exists());
+    assert!(config
+        .join("gateways/openshell-vm-default/metadata.json")
+        .exists());
+}
+both_arches!(an_unhealthy_gateway_is_not_ready);
 
 /// A stage that never comes is named, and the host stops the VM instead of waiting forever: by
 /// asking the guest to shut down, so k3s gets SIGTERM and the filesystems are synced, not by
