@@ -51,6 +51,18 @@ pub enum CredentialsError {
     NoConfigDir,
 }
 
+impl CredentialsError {
+    /// The bundle itself was refused, as opposed to a place to store it missing or unsafe.
+    pub fn refused(&self) -> bool {
+        !matches!(
+            self,
+            CredentialsError::Io { .. }
+                | CredentialsError::Unsafe(_)
+                | CredentialsError::NoConfigDir
+        )
+    }
+}
+
 /// How storing went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
@@ -328,6 +340,7 @@ mod tests {
             matches!(err, CredentialsError::Unsafe(_)) && err.to_string().contains("uid 65534"),
             "{err}"
         );
+        assert!(!err.refused(), "the bundle was fine, its place was not");
         assert_eq!(std::fs::read_dir(&home).expect("ls").count(), 0);
     }
 
@@ -390,6 +403,7 @@ mod tests {
         for (i, (ca, crt, key, want)) in cases.into_iter().enumerate() {
             let err = store(&dir, ca, crt, key).expect_err("refused");
             assert!(want(&err), "case {i}: {err}");
+            assert!(err.refused(), "case {i}: {err}");
         }
         assert!(!dir.exists());
         store(&dir, &ca_pem, &crt, &key).expect("the consistent bundle");

@@ -9,7 +9,7 @@ use crate::progress::Progress;
 /// Keeps the guest's client bundle where the user's tools find it and, when the gateway port is
 /// forwarded, the gateway's registration for the OpenShell CLI. A failure is reported, not fatal
 /// (the gateway runs without it, only the CLI cannot connect). Returns the bundle once it passed
-/// its checks and is stored: the host's health probe uses it.
+/// its checks, stored or not: the host's health probe uses it.
 pub fn store_credentials(
     instance: &str,
     (ca, cert, key): (&str, &str, &str),
@@ -31,7 +31,8 @@ pub fn store_credentials(
         }
         Err(e) => {
             progress.error(&format!("client credentials not stored: {e}"));
-            return None;
+            // A sound bundle with nowhere to go still lets the host ask the gateway.
+            return (!e.refused()).then(|| bundle(ca, cert, key));
         }
     };
     if let Some(port) = gateway_port {
@@ -40,11 +41,15 @@ pub fn store_credentials(
             progress.error(&format!("gateway metadata not stored: {e}"));
         }
     }
-    Some(ClientBundle {
+    Some(bundle(ca, cert, key))
+}
+
+fn bundle(ca: &str, cert: &str, key: &str) -> ClientBundle {
+    ClientBundle {
         ca: ca.to_string(),
         cert: cert.to_string(),
         key: key.to_string(),
-    })
+    }
 }
 
 /// Makes this gateway the OpenShell CLI's active one, once it is healthy; a failure is an error

@@ -108,7 +108,7 @@ pub struct LoopState {
     /// A signal came: the next one stops the VM at once.
     signalled: bool,
     verdict: Verdict,
-    /// The client bundle the guest sent, once checked and stored: the health probe's.
+    /// The client bundle the guest sent, once checked: the health probe's.
     bundle: Option<ClientBundle>,
 }
 
