@@ -234,6 +234,26 @@ pub fn store(dir: &Path, ca: &str, cert: &str, key: &str) -> Result<Stored, Cred
     Ok(stored)
 }
 
+/// A warning when the guest's CA is not valid at `now` by the host's clock: TLS clients (the
+/// OpenShell CLI, the host's health probe) refuse such a chain. The usual cause is a guest clock
+/// that was wrong when the `pki` phase issued it (a guest without a real-time clock starts at
+/// 1970). `None` when it is valid, or does not parse (storing reports that).
+pub fn validity_warning(ca: &str, now: std::time::SystemTime) -> Option<String> {
+    let der = one_pem("CA certificate", ca, "CERTIFICATE").ok()?;
+    let cert = certificate("CA certificate", &der).ok()?;
+    let secs = now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    let now = x509_parser::time::ASN1Time::from_timestamp(i64::try_from(secs).ok()?).ok()?;
+    let v = cert.validity();
+    if v.not_before <= now && now <= v.not_after {
+        return None;
+    }
+    Some(format!(
+        "WARNING: the guest's CA is valid from {} to {}, not now ({now}): TLS clients will refuse \
+         the gateway; the guest's clock was likely wrong when it issued its PKI",
+        v.not_before, v.not_after
+    ))
+}
+
 /// What `up` says when the CA changed: loud, with both fingerprints, so a user who did not reset
 /// the gateway sees that something else now speaks for it.
 pub fn replaced_warning(dir: &Path, old: &str, new: &str) -> String {
@@ -298,6 +318,22 @@ mod tests {
             warning.contains(&fingerprint(&ca1_der)) && warning.contains(&fingerprint(&ca2_der)),
             "{warning}"
         );
+    }
+
+    /// A CA valid now passes; one the host's clock is past (as it is past a CA a guest clock at
+    /// 1970 issued) is named with its dates.
+    #[test]
+    fn a_ca_not_valid_by_the_hosts_clock_is_a_warning() {
+        use std::time::{Duration, SystemTime};
+        let (pem, _, _) = ca("openshell-ca");
+        assert_eq!(validity_warning(&pem, SystemTime::now()), None);
+        let far = SystemTime::now() + Duration::from_secs(11 * 365 * 24 * 3600);
+        let warning = validity_warning(&pem, far).expect("expired by then");
+        assert!(
+            warning.contains("valid from") && warning.contains("clock"),
+            "{warning}"
+        );
+        assert_eq!(validity_warning("garbage", SystemTime::now()), None);
     }
 
     /// The fingerprint is the one openssl shows for the same certificate.

@@ -17,10 +17,19 @@ const SERVER_DNS_NAMES: &[&str] = &[
     "host.docker.internal",
 ];
 
+/// The guest's validity: from a day back (its `BACKDATE`) for ten years (`VALIDITY_DAYS`).
+fn validity(p: &mut CertificateParams) {
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(24 * 3600);
+    p.not_before = (now - day).into();
+    p.not_after = (now + 3650 * day).into();
+}
+
 /// A CA named `cn`: its PEM, its DER and what signs with it.
 pub fn ca(cn: &str) -> (String, Vec<u8>, Issuer<'static, KeyPair>) {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("ca key");
     let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    validity(&mut p);
     p.distinguished_name
         .push(DnType::OrganizationName, "openshell");
     p.distinguished_name.push(DnType::CommonName, cn);
@@ -42,6 +51,7 @@ fn leaf(issuer: &Issuer<'static, KeyPair>, server: bool) -> (String, String) {
     } else {
         "openshell-client"
     };
+    validity(&mut p);
     p.distinguished_name.push(DnType::CommonName, cn);
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];

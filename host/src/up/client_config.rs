@@ -17,6 +17,9 @@ pub fn store_credentials(
     progress: &Progress,
 ) -> Option<ClientBundle> {
     use crate::credentials::{gateway_dir, gateway_name, store, Stored};
+    if let Some(w) = crate::credentials::validity_warning(ca, std::time::SystemTime::now()) {
+        progress.error(&w);
+    }
     let result = gateway_dir(instance)
         .and_then(|dir| store(&dir, ca, cert, key).map(|stored| (dir, stored)));
     let dir = match result {
