@@ -1,6 +1,7 @@
 //! The gateway's client credentials on the user's machine: the mTLS bundle the guest sends over
 //! the boot channel, kept where the OpenShell CLI looks for it
-//! (`$XDG_CONFIG_HOME/openshell/gateways/openshell-vm-<instance>/`), with the gateway's metadata.
+//! (`$XDG_CONFIG_HOME/openshell/gateways/openshell-vm-<instance>/mtls/`); the gateway's
+//! registration beside it is `gateway_metadata`'s.
 //! Files are replaced atomically, the directory is 0700 and the key 0600. A CA other than the
 //! stored one (the guest made its PKI anew, after a reset, or a guest is lying) replaces the
 //! bundle, and both CAs' SHA-256 fingerprints are reported so the user can tell which is which.
@@ -50,6 +51,18 @@ pub enum CredentialsError {
     NoConfigDir,
 }
 
+impl CredentialsError {
+    /// The bundle itself was refused, as opposed to a place to store it missing or unsafe.
+    pub fn refused(&self) -> bool {
+        !matches!(
+            self,
+            CredentialsError::Io { .. }
+                | CredentialsError::Unsafe(_)
+                | CredentialsError::NoConfigDir
+        )
+    }
+}
+
 /// How storing went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
@@ -69,15 +82,9 @@ pub fn gateway_name(instance: &str) -> String {
 
 /// `$XDG_CONFIG_HOME/openshell/gateways/<gateway>`, else under `~/.config`.
 pub fn gateway_dir(instance: &str) -> Result<PathBuf, CredentialsError> {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .ok_or(CredentialsError::NoConfigDir)?;
-    Ok(base
-        .join("openshell")
-        .join("gateways")
-        .join(gateway_name(instance)))
+    let base =
+        crate::gateway_metadata::openshell_dir().map_err(|_| CredentialsError::NoConfigDir)?;
+    Ok(base.join("gateways").join(gateway_name(instance)))
 }
 
 /// The DER inside `text`, which must be exactly one PEM block labelled `label` and nothing else.
@@ -192,15 +199,8 @@ fn make_dirs(dir: &Path, mtls: &Path) -> Result<(), CredentialsError> {
     Ok(())
 }
 
-/// Stores the bundle (and, when the gateway port is forwarded, the metadata naming its endpoint)
-/// in `dir`.
-pub fn store(
-    dir: &Path,
-    ca: &str,
-    cert: &str,
-    key: &str,
-    gateway_port: Option<u16>,
-) -> Result<Stored, CredentialsError> {
+/// Stores the bundle in `dir/mtls`.
+pub fn store(dir: &Path, ca: &str, cert: &str, key: &str) -> Result<Stored, CredentialsError> {
     let ca_der = check(ca, cert, key)?;
     let mtls = dir.join("mtls");
     let io = |path: &Path| {
@@ -231,19 +231,27 @@ pub fn store(
             write_atomic_mode(path, text.as_bytes(), *mode).map_err(io(path))?;
         }
     }
-    if let Some(port) = gateway_port {
-        let meta = serde_json::json!({
-            "name": dir.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "gateway_endpoint": format!("https://127.0.0.1:{port}"),
-            "gateway_port": port,
-        });
-        let path = dir.join("metadata.json");
-        let bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-        if std::fs::read(&path).ok() != Some(bytes.clone()) {
-            write_atomic_mode(&path, &bytes, 0o644).map_err(io(&path))?;
-        }
-    }
     Ok(stored)
+}
+
+/// A warning when the guest's CA is not valid at `now` by the host's clock: TLS clients (the
+/// OpenShell CLI, the host's health probe) refuse such a chain. The usual cause is a guest clock
+/// that was wrong when the `pki` phase issued it (a guest without a real-time clock starts at
+/// 1970). `None` when it is valid, or does not parse (storing reports that).
+pub fn validity_warning(ca: &str, now: std::time::SystemTime) -> Option<String> {
+    let der = one_pem("CA certificate", ca, "CERTIFICATE").ok()?;
+    let cert = certificate("CA certificate", &der).ok()?;
+    let secs = now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    let now = x509_parser::time::ASN1Time::from_timestamp(i64::try_from(secs).ok()?).ok()?;
+    let v = cert.validity();
+    if v.not_before <= now && now <= v.not_after {
+        return None;
+    }
+    Some(format!(
+        "WARNING: the guest's CA is valid from {} to {}, not now ({now}): TLS clients will refuse \
+         the gateway; the guest's clock was likely wrong when it issued its PKI",
+        v.not_before, v.not_after
+    ))
 }
 
 /// What `up` says when the CA changed: loud, with both fingerprints, so a user who did not reset
@@ -259,27 +267,8 @@ pub fn replaced_warning(dir: &Path, old: &str, new: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use crate::test_pki::{ca, client};
     use std::os::unix::fs::PermissionsExt;
-
-    /// A CA named `cn` (PEM, DER) and what signs with it.
-    fn ca(cn: &str) -> (String, Vec<u8>, Issuer<'static, KeyPair>) {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.distinguished_name.push(DnType::CommonName, cn);
-        let cert = p.self_signed(&key).expect("ca");
-        (cert.pem(), cert.der().to_vec(), Issuer::new(p, key))
-    }
-
-    /// A client certificate and its key, signed by `issuer`.
-    fn client(issuer: &Issuer<'static, KeyPair>) -> (String, String) {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.distinguished_name.push(DnType::CommonName, "client");
-        let cert = p.signed_by(&key, issuer).expect("client");
-        (cert.pem(), key.serialize_pem())
-    }
 
     #[test]
     fn stored_private_then_unchanged_then_replaced_on_a_new_ca() {
@@ -287,10 +276,7 @@ mod tests {
         let dir = t.path().join("openshell-vm-default");
         let (ca1, ca1_der, issuer1) = ca("openshell-ca");
         let (crt, key) = client(&issuer1);
-        assert_eq!(
-            store(&dir, &ca1, &crt, &key, Some(30051)).expect("store"),
-            Stored::New
-        );
+        assert_eq!(store(&dir, &ca1, &crt, &key).expect("store"), Stored::New);
         let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode(&dir.join("mtls")), 0o700);
         assert_eq!(mode(&dir.join("mtls/tls.key")), 0o600);
@@ -298,10 +284,6 @@ mod tests {
             std::fs::read_to_string(dir.join("mtls/tls.key")).expect("key"),
             key
         );
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("metadata.json")).expect("meta"))
-                .expect("json");
-        assert_eq!(meta["gateway_endpoint"], "https://127.0.0.1:30051");
         let mtime = || {
             std::fs::metadata(dir.join("mtls/tls.key"))
                 .expect("meta")
@@ -310,7 +292,7 @@ mod tests {
         };
         let before = mtime();
         assert_eq!(
-            store(&dir, &ca1, &crt, &key, Some(30051)).expect("again"),
+            store(&dir, &ca1, &crt, &key).expect("again"),
             Stored::Unchanged
         );
         assert_eq!(before, mtime(), "unchanged files are not rewritten");
@@ -318,7 +300,7 @@ mod tests {
         // A swapped CA of the same name: replaced, with both fingerprints.
         let (ca2, ca2_der, issuer2) = ca("openshell-ca");
         let (crt2, key2) = client(&issuer2);
-        let stored = store(&dir, &ca2, &crt2, &key2, None).expect("drift");
+        let stored = store(&dir, &ca2, &crt2, &key2).expect("drift");
         assert_eq!(
             stored,
             Stored::Replaced {
@@ -336,6 +318,22 @@ mod tests {
             warning.contains(&fingerprint(&ca1_der)) && warning.contains(&fingerprint(&ca2_der)),
             "{warning}"
         );
+    }
+
+    /// A CA valid now passes; one the host's clock is past (as it is past a CA a guest clock at
+    /// 1970 issued) is named with its dates.
+    #[test]
+    fn a_ca_not_valid_by_the_hosts_clock_is_a_warning() {
+        use std::time::{Duration, SystemTime};
+        let (pem, _, _) = ca("openshell-ca");
+        assert_eq!(validity_warning(&pem, SystemTime::now()), None);
+        let far = SystemTime::now() + Duration::from_secs(11 * 365 * 24 * 3600);
+        let warning = validity_warning(&pem, far).expect("expired by then");
+        assert!(
+            warning.contains("valid from") && warning.contains("clock"),
+            "{warning}"
+        );
+        assert_eq!(validity_warning("garbage", SystemTime::now()), None);
     }
 
     /// The fingerprint is the one openssl shows for the same certificate.
@@ -373,11 +371,12 @@ mod tests {
         let (ca_pem, _, issuer) = ca("openshell-ca");
         let (crt, key) = client(&issuer);
         let dir = home.join(".config/openshell/gateways/openshell-vm-default");
-        let err = store(&dir, &ca_pem, &crt, &key, None).expect_err("refused");
+        let err = store(&dir, &ca_pem, &crt, &key).expect_err("refused");
         assert!(
             matches!(err, CredentialsError::Unsafe(_)) && err.to_string().contains("uid 65534"),
             "{err}"
         );
+        assert!(!err.refused(), "the bundle was fine, its place was not");
         assert_eq!(std::fs::read_dir(&home).expect("ls").count(), 0);
     }
 
@@ -438,10 +437,11 @@ mod tests {
             }),
         ];
         for (i, (ca, crt, key, want)) in cases.into_iter().enumerate() {
-            let err = store(&dir, ca, crt, key, None).expect_err("refused");
+            let err = store(&dir, ca, crt, key).expect_err("refused");
             assert!(want(&err), "case {i}: {err}");
+            assert!(err.refused(), "case {i}: {err}");
         }
         assert!(!dir.exists());
-        store(&dir, &ca_pem, &crt, &key, None).expect("the consistent bundle");
+        store(&dir, &ca_pem, &crt, &key).expect("the consistent bundle");
     }
 }

@@ -9,6 +9,11 @@ mod children;
 mod credentials;
 mod exec;
 mod failure;
+mod gateway_health;
+mod gateway_metadata;
+mod health_proto;
+#[cfg(test)]
+mod health_server;
 mod kubeconfig;
 mod lifecycle;
 mod net;
@@ -18,6 +23,8 @@ mod readiness;
 mod report;
 mod rundir;
 mod safe_text;
+#[cfg(test)]
+mod test_pki;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -6,8 +6,15 @@ use std::time::{Duration, Instant};
 
 use openshell_shared::GuestMessage;
 use openshell_tests::{
-    both_arches, free_port, listeners_on, serve_web, vm_slot, Boot, BOOT_DEADLINE,
+    both_arches, free_port, listeners_on, serve_web, vm_slot, Boot, Finished, BOOT_DEADLINE,
 };
+
+// The gateway's health method and the host tests' gateway serving it: one copy, the host's.
+#[path = "../../host/src/health_proto.rs"]
+mod health_proto;
+#[path = "../../host/src/health_server.rs"]
+#[allow(dead_code)]
+mod health_server;
 
 /// With passt as the network, the guest's own DHCP client gets its lease from passt's DHCP.
 fn passt_gives_the_guest_a_lease(arch: &str) {
@@ -101,7 +108,10 @@ fn with_stand_in_k3s(boot: &Boot, port: u16, never_ready: bool) {
 
 /// The guest announces k3s's stages in `hello`; the host prints `ready` only after the last one,
 /// `gateway-ready`, and after its own probe of the forwarded gateway port answered like a TLS
-/// server (accept, then silence). A stand-in k3s plays k3s (it cannot be downloaded here).
+/// server (accept, then silence). A stand-in k3s plays k3s (it cannot be downloaded here); its
+/// gateway is a TCP listener that speaks neither TLS nor gRPC, so the host is told to use the
+/// TCP probe (`--ready-probe tcp`); the gRPC health probe is tested against a real gRPC server
+/// in the host's own tests.
 fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
     let Some(boot) = Boot::new(arch) else { return };
     let _slot = vm_slot();
@@ -110,6 +120,8 @@ fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
     with_stand_in_k3s(&boot, 30051, false);
     let mut running = boot
         .net("passt")
+        .arg("--ready-probe")
+        .arg("tcp")
         .arg("-p")
         .arg(&format!("{host_port}:30051"))
         .arg("-p")
@@ -198,6 +210,131 @@ fn ready_waits_for_the_gateway_and_the_hosts_probe(arch: &str) {
     assert_eq!(mode & 0o777, 0o600);
 }
 both_arches!(ready_waits_for_the_gateway_and_the_hosts_probe);
+
+/// Boots the stand-in k3s with its gateway port relayed to a tonic server on the host (passt
+/// maps the guest's gateway address to the host's loopback) that answers `Health` with `status`,
+/// serving with the certificate the guest's `pki` phase made and accepting only clients of the
+/// guest's CA; waits for the host to activate the gateway or end, then stops it. Returns the
+/// finished boot, the forwarded port and the guest's CA. What the real gateway does
+/// differently: it runs in a pod behind kube-proxy's NodePort, has every other method too, and
+/// reports its own health.
+fn boot_grpc_gateway(
+    arch: &str,
+    status: health_proto::ServiceStatus,
+    extra: &[&str],
+) -> Option<(Finished, u16, String)> {
+    let boot = Boot::new(arch)?;
+    let _slot = vm_slot();
+    let host_port = free_port();
+    let relay = free_port();
+    with_stand_in_k3s(&boot, 30051, false);
+    // A gateway root: the `pki` phase makes the PKI and sends the client bundle.
+    std::fs::create_dir_all(boot.root_path("opt/openshell")).expect("gateway tree");
+    std::fs::write(boot.root_path("fake-k3s/gateway-relay"), relay.to_string()).expect("relay");
+    let active = boot.config_dir().join("openshell/active_gateway");
+    let mut boot = boot
+        .net("passt")
+        .arg("-p")
+        .arg(&format!("{host_port}:30051"));
+    for a in extra {
+        boot = boot.arg(a);
+    }
+    let mut running = boot.start();
+    // Each file is replaced atomically: once all three are there, all are whole.
+    for name in ["ca.crt", "server.key", "server.crt"] {
+        running.wait_for_file(&format!("opt/openshell/pki/{name}"), BOOT_DEADLINE);
+    }
+    let read = |name: &str| {
+        std::fs::read_to_string(running.boot.root_path(&format!("opt/openshell/pki/{name}")))
+            .expect(name)
+    };
+    let (ca, server) = (read("ca.crt"), (read("server.crt"), read("server.key")));
+    health_server::serve(health_server::Answer::Status(status), &server, &ca, relay);
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    while !active.exists() && running.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A host that found the gateway not healthy has stopped the VM itself.
+    if running.is_running() {
+        running.signal(libc::SIGTERM);
+    }
+    Some((running.wait(BOOT_DEADLINE), host_port, ca))
+}
+
+/// The hand-off to the OpenShell CLI: after `gateway-ready` the host calls the gateway's gRPC
+/// health method over mutual TLS through the forward, with the bundle the guest sent, and is
+/// ready only on a HEALTHY answer; then the CLI's `metadata.json` and `active_gateway` name the
+/// gateway, beside the guest's bundle.
+fn ready_means_the_gateway_says_healthy_over_grpc(arch: &str) {
+    let healthy = health_proto::ServiceStatus::Healthy;
+    let Some((done, host_port, ca)) = boot_grpc_gateway(arch, healthy, &[]) else {
+        return;
+    };
+    let out = &done.stdout;
+    let said = format!(
+        "https://127.0.0.1:{host_port} is healthy (version `{}`)",
+        health_server::VERSION
+    );
+    let said_at = out
+        .find(&said)
+        .unwrap_or_else(|| panic!("no `{said}`\n{}", done.output()));
+    let ready = out
+        .find("\nready (")
+        .unwrap_or_else(|| panic!("no host ready\n{}", done.output()));
+    assert!(said_at < ready, "ready before healthy\n{}", done.output());
+    let config = done.boot.config_dir().join("openshell");
+    assert_eq!(
+        std::fs::read_to_string(config.join("active_gateway")).expect("active_gateway"),
+        "openshell-vm-default"
+    );
+    let gateway = config.join("gateways/openshell-vm-default");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(gateway.join("metadata.json")).expect("metadata.json"),
+    )
+    .expect("json");
+    assert_eq!(
+        meta,
+        serde_json::json!({
+            "name": "openshell-vm-default",
+            "gateway_endpoint": format!("https://127.0.0.1:{host_port}"),
+            "is_remote": false,
+            "gateway_port": host_port,
+        })
+    );
+    assert_eq!(
+        std::fs::read_to_string(gateway.join("mtls/ca.crt")).expect("ca"),
+        ca
+    );
+}
+both_arches!(ready_means_the_gateway_says_healthy_over_grpc);
+
+/// A gateway that answers UNHEALTHY is not ready: at the stage's deadline the host names the
+/// endpoint and the answer, asks the guest to shut down and exits 5; the CLI's active gateway is
+/// left alone (`metadata.json` is there: the gateway exists, it is just not healthy).
+fn an_unhealthy_gateway_is_not_ready(arch: &str) {
+    let unhealthy = health_proto::ServiceStatus::Unhealthy;
+    let extra = ["--stage-timeout", "15"];
+    let Some((done, host_port, _)) = boot_grpc_gateway(arch, unhealthy, &extra) else {
+        return;
+    };
+    assert_eq!(done.status.code(), Some(5), "{}", done.output());
+    let said = format!(
+        "the guest reported the gateway up, but https://127.0.0.1:{host_port}: not healthy \
+         within 15 s; last: the gateway answered SERVICE_STATUS_UNHEALTHY"
+    );
+    assert!(
+        done.stderr.contains(&said),
+        "no `{said}`\n{}",
+        done.output()
+    );
+    assert!(!done.stdout.contains("\nready ("), "{}", done.output());
+    let config = done.boot.config_dir().join("openshell");
+    assert!(!config.join("active_gateway").exists());
+    assert!(config
+        .join("gateways/openshell-vm-default/metadata.json")
+        .exists());
+}
+both_arches!(an_unhealthy_gateway_is_not_ready);
 
 /// A stage that never comes is named, and the host stops the VM instead of waiting forever: by
 /// asking the guest to shut down, so k3s gets SIGTERM and the filesystems are synced, not by

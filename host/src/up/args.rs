@@ -7,6 +7,7 @@ use openshell_shared::Arch;
 
 use crate::backend::qemu::Accel;
 use crate::backend::BackendChoice;
+use crate::gateway_health::ReadyProbe;
 use crate::lifecycle::state_disk::DiskSize;
 use crate::net::choice::NetChoice;
 use crate::net::Forward;
@@ -55,6 +56,15 @@ pub struct UpArgs {
     /// does not come in time is named and the VM stopped.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     pub stage_timeout: u64,
+    /// How the host decides that the gateway behind the forwarded port is ready after the guest
+    /// reported `gateway-ready`: `grpc`, its health method over mutual TLS answers HEALTHY
+    /// (what the OpenShell CLI needs); `tcp`, the port accepts and waits (the fallback).
+    #[arg(long, value_enum, default_value_t = ReadyProbe::Grpc)]
+    pub ready_probe: ReadyProbe,
+    /// Leave the OpenShell CLI's active gateway as it is: by default a healthy gateway becomes
+    /// the active one (`$XDG_CONFIG_HOME/openshell/active_gateway`).
+    #[arg(long)]
+    pub no_activate: bool,
     /// Seconds `--detach` waits for the ready stage before giving up (the VM keeps running).
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub ready_timeout: u64,
@@ -189,6 +199,16 @@ mod tests {
         assert!(a.run_dir.is_none() && a.libkrun.is_none() && a.qemu.is_none());
         assert!(a.cmdline_extra.is_none() && a.report.is_none() && a.console_log.is_none());
         assert!(a.state_disk_size.is_none() && !a.no_state_disk);
+        assert_eq!(a.ready_probe, ReadyProbe::Grpc);
+        assert!(!a.no_activate);
+    }
+
+    #[test]
+    fn the_ready_probe_and_activation() {
+        let a = with_required(&["--ready-probe", "tcp", "--no-activate"]).expect("parse");
+        assert_eq!(a.ready_probe, ReadyProbe::Tcp);
+        assert!(a.no_activate);
+        assert!(with_required(&["--ready-probe", "http"]).is_err());
     }
 
     #[test]

@@ -17,8 +17,9 @@ pub enum Event {
     VmmExited(Option<i32>),
     /// Port forwards made through the network backend's API after the VMM started.
     Forwarded(Result<Vec<(Forward, u32)>, ExposeError>),
-    /// The host's probe of the forwarded gateway port: answered or not in time.
-    GatewayProbed(bool),
+    /// The host's probe of the gateway behind the forwarded port: what it found ready, or why
+    /// it is not.
+    GatewayProbed(Result<String, String>),
 }
 
 /// How the boot channel's reader thread wraps what it reports.

@@ -15,12 +15,13 @@ use openshell_shared::{GuestMessage, HostMessage};
 use serde_json::json;
 
 use super::args::{code, UpArgs};
-use super::client_config::{store_credentials, store_kubeconfig};
+use super::client_config::{activate, store_credentials, store_kubeconfig};
 use super::event::Event;
 use super::outcome::{self, End, Verdict};
 use super::session::Session;
 use super::vmm::{self, StartedVmm};
 use crate::channel::{self, ChannelEvent};
+use crate::gateway_health::{ClientBundle, ReadyProbe};
 use crate::net::gvproxy::{self, ExposeError, NotGuarded};
 use crate::net::Forward;
 use crate::progress::Progress;
@@ -35,9 +36,17 @@ const POWER_OFF_MARGIN: Duration = Duration::from_secs(15);
 pub trait Effects {
     /// Stops the VM at once; its exit then arrives as [`Event::VmmExited`].
     fn kill_vmm(&mut self);
-    /// Probes the forwarded gateway port off the loop; the answer arrives as
-    /// [`Event::GatewayProbed`].
-    fn probe_gateway(&mut self, port: u16, within: Duration);
+    /// Probes the gateway behind the forwarded port off the loop, the way `how` says, with the
+    /// guest's client bundle; the answer arrives as [`Event::GatewayProbed`].
+    fn probe_gateway(
+        &mut self,
+        port: u16,
+        within: Duration,
+        how: ReadyProbe,
+        bundle: Option<ClientBundle>,
+    );
+    /// Makes the gateway the OpenShell CLI's active one.
+    fn activate_gateway(&mut self, instance: &str, progress: &Progress);
     /// Makes `forwards` through gvproxy's API at `api` off the loop (it answers 500 until its
     /// network stack is up, so exposing retries); the result arrives as [`Event::Forwarded`].
     fn expose_forwards(&mut self, api: &Path, forwards: &[Forward]);
@@ -55,11 +64,17 @@ impl Effects for Live {
         vmm::kill(self.vmm_pid);
     }
 
-    fn probe_gateway(&mut self, port: u16, within: Duration) {
+    fn probe_gateway(
+        &mut self,
+        port: u16,
+        within: Duration,
+        how: ReadyProbe,
+        bundle: Option<ClientBundle>,
+    ) {
         let tx = self.tx.clone();
         std::thread::spawn(move || {
-            let ok = crate::readiness::wait_for_gateway(port, within);
-            let _ = tx.send(Event::GatewayProbed(ok));
+            let found = crate::gateway_health::probe(how, port, bundle.as_ref(), within);
+            let _ = tx.send(Event::GatewayProbed(found));
         });
     }
 
@@ -75,6 +90,10 @@ impl Effects for Live {
                 .collect();
             let _ = tx.send(Event::Forwarded(result));
         });
+    }
+
+    fn activate_gateway(&mut self, instance: &str, progress: &Progress) {
+        activate(instance, progress);
     }
 }
 
@@ -121,6 +140,8 @@ pub struct LoopState {
     signalled: bool,
     guard: Guard,
     verdict: Verdict,
+    /// The client bundle the guest sent, once checked: the health probe's.
+    bundle: Option<ClientBundle>,
 }
 
 impl LoopState {
@@ -133,6 +154,7 @@ impl LoopState {
             signalled: false,
             guard,
             verdict: Verdict::default(),
+            bundle: None,
         }
     }
 
@@ -285,12 +307,15 @@ impl<'a, E: Effects> EventLoop<'a, E> {
                 ca_crt,
                 client_crt,
                 client_key,
-            } => store_credentials(
-                name,
-                (ca_crt, client_crt, client_key),
-                self.run.gateway_forward,
-                progress,
-            ),
+            } => {
+                let stored = store_credentials(
+                    name,
+                    (ca_crt, client_crt, client_key),
+                    self.run.gateway_forward,
+                    progress,
+                );
+                self.state.bundle = stored.or(self.state.bundle.take());
+            }
             GuestMessage::Kubeconfig { yaml } => {
                 store_kubeconfig(name, yaml, self.run.api_forward, progress)
             }
@@ -374,7 +399,8 @@ impl<'a, E: Effects> EventLoop<'a, E> {
             }
             (Some(Step::Probe), Some(port)) => {
                 let within = Duration::from_secs(self.run.args.stage_timeout);
-                self.effects.probe_gateway(port, within);
+                let (how, bundle) = (self.run.args.ready_probe, self.state.bundle.clone());
+                self.effects.probe_gateway(port, within, how, bundle);
             }
             _ => {}
         }
@@ -502,19 +528,27 @@ impl<'a, E: Effects> EventLoop<'a, E> {
         }
     }
 
-    fn on_gateway_probed(&mut self, answered: bool) {
-        if answered {
-            self.state.readiness = None;
-            self.declare_ready();
-            return;
+    /// The host's probe of the gateway: healthy makes the VM ready (and, unless the user said
+    /// not to, the OpenShell CLI's active gateway); anything else is the last stage not arriving.
+    fn on_gateway_probed(&mut self, found: Result<String, String>) {
+        match found {
+            Ok(what) => {
+                self.progress.note(&what);
+                self.state.readiness = None;
+                if !self.run.args.no_activate {
+                    self.effects
+                        .activate_gateway(&self.run.args.name, self.progress);
+                }
+                self.declare_ready();
+            }
+            Err(why) => {
+                self.state.verdict.error = Some(code::TIMEOUT);
+                self.progress.error(&format!(
+                    "the guest reported the gateway up, but {why}: stopping the VM"
+                ));
+                self.stop_cleanly(Instant::now());
+            }
         }
-        self.state.verdict.error = Some(code::TIMEOUT);
-        self.progress.error(&format!(
-            "the guest reported the gateway up, but 127.0.0.1:{} did not answer within {} s: stopping the VM",
-            self.run.gateway_forward.unwrap_or_default(),
-            self.run.args.stage_timeout
-        ));
-        self.stop_cleanly(Instant::now());
     }
 
     fn on_forwarded(&mut self, result: Result<Vec<(Forward, u32)>, ExposeError>) {
@@ -579,7 +613,8 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         kills: usize,
-        probes: Vec<(u16, Duration)>,
+        probes: Vec<(u16, Duration, ReadyProbe, bool)>,
+        activations: Vec<String>,
         exposed: Vec<(PathBuf, Vec<Forward>)>,
     }
 
@@ -587,8 +622,17 @@ mod tests {
         fn kill_vmm(&mut self) {
             self.kills += 1;
         }
-        fn probe_gateway(&mut self, port: u16, within: Duration) {
-            self.probes.push((port, within));
+        fn probe_gateway(
+            &mut self,
+            port: u16,
+            within: Duration,
+            how: ReadyProbe,
+            bundle: Option<ClientBundle>,
+        ) {
+            self.probes.push((port, within, how, bundle.is_some()));
+        }
+        fn activate_gateway(&mut self, instance: &str, _: &Progress) {
+            self.activations.push(instance.to_string());
         }
         fn expose_forwards(&mut self, api: &Path, forwards: &[Forward]) {
             self.exposed.push((api.to_path_buf(), forwards.to_vec()));
@@ -1010,11 +1054,19 @@ mod tests {
         let mut lp = f.event_loop(Some(30051));
         lp.handle(hello(&[stage::GATEWAY_READY]));
         lp.handle(ready(1, stage::GATEWAY_READY));
-        assert_eq!(lp.effects.probes, [(30051, Duration::from_secs(300))]);
+        assert_eq!(
+            lp.effects.probes,
+            [(30051, Duration::from_secs(300), ReadyProbe::Grpc, false)]
+        );
         assert!(lp.timeline.summary.ready_us.is_none());
-        lp.handle(Event::GatewayProbed(true));
+        assert!(
+            lp.effects.activations.is_empty(),
+            "not before it is healthy"
+        );
+        lp.handle(Event::GatewayProbed(Ok("healthy".into())));
         assert!(lp.state.readiness.is_none());
         assert!(lp.timeline.summary.ready_us.is_some());
+        assert_eq!(lp.effects.activations, ["t"]);
         assert_eq!(feed(&mut lp, vec![exit(2, 0)]), 0);
         assert_eq!(lp.effects.kills, 0);
     }
@@ -1028,7 +1080,8 @@ mod tests {
         let mut lp = f.event_loop(Some(30051));
         lp.handle(hello(&[stage::GATEWAY_READY]));
         lp.handle(ready(1, stage::GATEWAY_READY));
-        lp.handle(Event::GatewayProbed(false));
+        lp.handle(Event::GatewayProbed(Err("not healthy".into())));
+        assert!(lp.effects.activations.is_empty());
         assert_eq!(
             received(&mut guest_end),
             HostMessage::Shutdown { grace_ms: 10_000 }

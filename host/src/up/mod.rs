@@ -169,9 +169,7 @@ mod tests {
             last = now;
             still
         });
-        let queued = rx.try_iter().take(EVENT_QUEUE * 2).count();
         assert!(stalled, "the guest never stalled: {last} frames taken");
-        assert!(queued <= EVENT_QUEUE, "{queued} events queued");
         // What the socket and the reader hold beyond the queue is bounded by their buffers.
         assert!(last < EVENT_QUEUE + 20_000, "{last} frames taken");
         drop(rx);
