@@ -6,6 +6,7 @@ mod console;
 mod context;
 mod engine;
 mod exec_service;
+mod host_clock;
 mod k3s;
 mod mountinfo;
 mod netlink;

@@ -36,6 +36,11 @@ pub struct BootConfig {
     /// after the `k3s-prep` phase. Absent (the base profile): neither happens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k3s: Option<K3s>,
+    /// The host's clock at VM start, seconds since the epoch (`openshell.host_time=`, from the
+    /// command line only): a guest without a real-time clock starts in 1970, and certificates
+    /// the PKI phase issues then would be dated 1970.
+    #[serde(skip)]
+    pub host_time_s: Option<u64>,
 }
 
 impl Default for BootConfig {
@@ -51,6 +56,7 @@ impl Default for BootConfig {
             pki: Pki::default(),
             state_disk: StateDisk::default(),
             k3s: None,
+            host_time_s: None,
         }
     }
 }
@@ -643,6 +649,7 @@ impl BootConfig {
                         }
                     }
                 }
+                "host_time" => self.host_time_s = Some(parse_num(&src, full, value)?),
                 "channel_port" => self.channel.port = parse_num(&src, full, value)?,
                 "connect_timeout_ms" => {
                     self.channel.connect_timeout_ms = parse_num(&src, full, value)?
@@ -1338,6 +1345,21 @@ mod tests {
 
     /// No host loopback port by default; the host's list replaces the file's, and a bad one is
     /// named.
+    /// The host's clock comes from the command line only; a file cannot set it.
+    #[test]
+    fn host_time_is_a_command_line_number() {
+        let mut c = BootConfig::default();
+        assert_eq!(c.host_time_s, None);
+        c.apply_cmdline(&Cmdline::parse("openshell.host_time=1764633600"))
+            .expect("valid");
+        assert_eq!(c.host_time_s, Some(1_764_633_600));
+        let err = BootConfig::default()
+            .apply_cmdline(&Cmdline::parse("openshell.host_time=soon"))
+            .unwrap_err();
+        assert!(err.to_string().contains("openshell.host_time"), "{err}");
+        assert!(BootConfig::from_yaml("host_time_s: 5\n", &file()).is_err());
+    }
+
     #[test]
     fn host_ports_default_to_none_and_the_command_line_decides() {
         let n = Network::default();

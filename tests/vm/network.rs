@@ -232,10 +232,14 @@ fn boot_grpc_gateway(
     std::fs::create_dir_all(boot.root_path("opt/openshell")).expect("gateway tree");
     std::fs::write(boot.root_path("fake-k3s/gateway-relay"), relay.to_string()).expect("relay");
     let active = boot.config_dir().join("openshell/active_gateway");
+    // The relay reaches this machine's loopback through passt's gateway: allowed for its port
+    // only, as a gateway's own needs from the host are.
     let mut boot = boot
         .net("passt")
         .arg("-p")
-        .arg(&format!("{host_port}:30051"));
+        .arg(&format!("{host_port}:30051"))
+        .arg("--host-port")
+        .arg(&relay.to_string());
     for a in extra {
         boot = boot.arg(a);
     }

@@ -40,14 +40,30 @@ fn run(ctx: &Ctx) -> PhaseResult {
     };
     let cmdline = Cmdline::parse(&text);
     let (config, shown) = load(ctx, &cmdline)?;
-    let detail = format!(
+    let mut detail = format!(
         "{shown}: hostname {}, workload {}",
         config.hostname,
         config.workload.argv.join(" ")
     );
+    if let (Some(host), true) = (config.host_time_s, ctx.pid1) {
+        detail.push_str(&clock_note(host));
+    }
     // A second run in the same context keeps the first result.
     let _ = ctx.config.set(config);
     Ok(Done::Ok(Some(detail)))
+}
+
+/// Sets the clock from the host's when it is behind (before the PKI dates certificates); what
+/// happened, for the phase's line. A failure is said, not fatal: certificates would be
+/// misdated, which the host warns about when it checks them.
+fn clock_note(host: u64) -> String {
+    match crate::host_clock::apply(host) {
+        Ok(crate::host_clock::Outcome::Set { from }) => {
+            format!("; clock set to the host's ({host} s since the epoch; it read {from})")
+        }
+        Ok(crate::host_clock::Outcome::Kept) => String::new(),
+        Err(e) => format!("; the clock reads before the host's and cannot be set: {e}"),
+    }
 }
 
 /// Loads the file and applies the overrides. The file read is the host path given with

@@ -119,14 +119,17 @@ pub fn start(
         .unwrap_or_else(|| dir.console_log());
     crate::rundir::prepare_console_log(&console_log)?;
     timeline.console_log = Some(console_log.clone());
-    let spec = vm_spec(
-        args,
-        &backend,
-        network.backend,
-        &dir,
-        net_socket,
-        &console_log,
-        disk,
+    let spec = with_host_time(
+        vm_spec(
+            args,
+            &backend,
+            network.backend,
+            &dir,
+            net_socket,
+            &console_log,
+            disk,
+        ),
+        std::time::SystemTime::now(),
     );
     let vmm = vmm::start(
         &backend,
@@ -292,6 +295,18 @@ fn vm_spec(
     }
 }
 
+/// Tells the guest the host's clock (`openshell.host_time=`, seconds): a guest without a
+/// real-time clock (aarch64 virt and libkrun here) starts in 1970 and would date its
+/// certificates there. Last on the command line: nothing of the user's replaces it.
+fn with_host_time(mut spec: VmSpec, now: std::time::SystemTime) -> VmSpec {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    spec.cmdline
+        .push_str(&format!(" openshell.host_time={secs}"));
+    spec
+}
+
 /// Writes the state file `down`, `status` and `--detach` read. Without it `down` could not find
 /// the VM, so a VM that cannot be recorded is killed rather than left running.
 fn record_instance(
@@ -332,6 +347,31 @@ mod tests {
 
     /// The spec carries the run directory's sockets, the console log and the workload; the TSC
     /// options are for qemu's TCG on x86_64 only, so this aarch64 guest has none.
+    /// The host's clock goes last on the command line, in whole seconds.
+    #[test]
+    fn the_host_time_ends_the_command_line() {
+        let args = parse(&["--kernel", "/k", "--rootfs", "/r"]).expect("parse");
+        let dir = RunDir {
+            path: "/run/x".into(),
+        };
+        let spec = vm_spec(
+            &args,
+            &Chosen::Qemu,
+            NetBackend::Passt,
+            &dir,
+            None,
+            Path::new("/c"),
+            None,
+        );
+        let before = spec.cmdline.clone();
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_764_633_600_900);
+        let spec = with_host_time(spec, at);
+        assert_eq!(
+            spec.cmdline,
+            format!("{before} openshell.host_time=1764633600")
+        );
+    }
+
     #[test]
     fn the_vm_spec_is_made_from_the_arguments_and_the_run_dir() {
         let args = parse(&[
