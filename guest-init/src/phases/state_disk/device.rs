@@ -58,13 +58,30 @@ pub fn write_synced(
         len: bytes.len(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(err)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC);
+    let file = open_exclusive(&opts, path).map_err(err)?;
     file.write_all_at(bytes, offset).map_err(err)?;
     file.sync_all().map_err(err)
+}
+
+/// Opens `path` with `opts` (which ask for O_EXCL), waiting out a short EBUSY: a device that
+/// mke2fs, e2fsck or a just-ended mount namespace held is released a moment after, not at once.
+/// Busy for longer (mounted, or held by someone) is the caller's error to name.
+fn open_exclusive(opts: &std::fs::OpenOptions, path: &Path) -> std::io::Result<File> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match opts.open(path) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return other,
+        }
+    }
 }
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
@@ -158,17 +175,15 @@ impl Device {
                 what,
             });
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|source| match source.raw_os_error() {
-                Some(libc::EBUSY) => DeviceError::InUse { device: device() },
-                _ => DeviceError::Open {
-                    device: device(),
-                    source,
-                },
-            })?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC);
+        let file = open_exclusive(&opts, &path).map_err(|source| match source.raw_os_error() {
+            Some(libc::EBUSY) => DeviceError::InUse { device: device() },
+            _ => DeviceError::Open {
+                device: device(),
+                source,
+            },
+        })?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         let mut size = 0u64;
         let mut ro: libc::c_int = 0;
