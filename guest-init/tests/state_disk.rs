@@ -94,6 +94,19 @@ fn gateway_root() -> tempfile::TempDir {
     root
 }
 
+/// mke2fs as the phase formats: ext4, 4 KiB blocks, our label (over the whole image unless a
+/// size follows it).
+const OUR_MKE2FS: &[&str] = &[
+    "-q",
+    "-F",
+    "-t",
+    "ext4",
+    "-b",
+    "4096",
+    "-L",
+    "openshell-state",
+];
+
 /// A refusal: the phase fails naming the device and `found`, and the disk is unchanged.
 fn refused(disk: LoopDisk, found: &str) {
     let root = gateway_root();
@@ -297,19 +310,7 @@ fn a_partition_table_is_refused_untouched() {
 #[test]
 fn a_wiped_first_mib_over_our_filesystem_is_not_blank() {
     let img = Image::new(256 * MIB);
-    img.run(
-        "mke2fs",
-        &[
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-b",
-            "4096",
-            "-L",
-            "openshell-state",
-        ],
-    );
+    img.run("mke2fs", OUR_MKE2FS);
     img.write_at(0, &vec![0u8; MIB as usize]);
     let Some(disk) = img.attach() else { return };
     refused(
@@ -375,16 +376,7 @@ fn cut_short_format(size: u64) -> Image {
     let blocks = ((size - MIB) / 4096).to_string();
     // By hand: Image::run puts nothing after the image, where mke2fs takes the size.
     let out = std::process::Command::new("mke2fs")
-        .args([
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-b",
-            "4096",
-            "-L",
-            "openshell-state",
-        ])
+        .args(OUR_MKE2FS)
         .arg(&img.path)
         .arg(&blocks)
         .output()
@@ -434,19 +426,7 @@ fn a_read_only_disk_is_refused_untouched() {
 #[test]
 fn a_truncated_image_is_refused_untouched() {
     let img = Image::new(128 * MIB);
-    img.run(
-        "mke2fs",
-        &[
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-b",
-            "4096",
-            "-L",
-            "openshell-state",
-        ],
-    );
+    img.run("mke2fs", OUR_MKE2FS);
     let limit = (96 * MIB).to_string();
     let Some(disk) = img.attach_with(&["--sizelimit", &limit]) else {
         return;

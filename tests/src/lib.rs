@@ -224,6 +224,21 @@ pub fn processes_using(dir: &std::path::Path) -> Vec<(i32, String)> {
     found
 }
 
+/// The seed of a crash test's kill moments: `OPENSHELL_CRASH_SEED`, else the clock (odd, never
+/// zero, for a xorshift generator). The tests print it so a failing sequence can be replayed.
+pub fn crash_seed() -> u64 {
+    std::env::var("OPENSHELL_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        })
+}
+
 /// The qemu of a boot whose run directory is `run`, once it exists (before `deadline`).
 pub fn vmm_pid(run: &Path, deadline: Instant) -> Option<i32> {
     while Instant::now() < deadline {

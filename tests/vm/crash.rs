@@ -12,26 +12,15 @@ use std::time::{Duration, Instant};
 use openshell_shared::config::Kine;
 use openshell_shared::GuestMessage;
 use openshell_tests::crashed_root::{kept_rows, query, stale_rows, CrashedRoot};
-use openshell_tests::{both_arches, processes_using, vm_slot, Boot, BOOT_DEADLINE};
+use openshell_tests::{
+    both_arches, crash_seed, processes_using, vm_slot, vmm_pid, wait_for_console, Boot,
+    BOOT_DEADLINE,
+};
 
 const KILLS: usize = 10;
 
 /// kine's current revision: its newest row.
 const REVISION: &str = "SELECT max(id) FROM kine";
-
-/// The qemu of a boot whose run directory is `run`, once it exists.
-fn vmm_pid(run: &Path, deadline: Instant) -> Option<i32> {
-    while Instant::now() < deadline {
-        if let Some((pid, _)) = processes_using(run)
-            .into_iter()
-            .find(|(_, cmd)| cmd.starts_with("qemu-system"))
-        {
-            return Some(pid);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    None
-}
 
 /// Phases that change the persistent root: each kill lands while one of them runs.
 const TARGETS: [&str; 6] = [
@@ -47,16 +36,7 @@ const TARGETS: [&str; 6] = [
 /// xorshift generator: the moments vary per run, and the seed is printed so a failing sequence
 /// can be replayed (`OPENSHELL_CRASH_SEED`).
 fn moments(count: usize) -> (u64, Vec<(&'static str, Duration)>) {
-    let seed = std::env::var("OPENSHELL_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-                | 1
-        });
+    let seed = crash_seed();
     let mut x = seed;
     let mut next = move || {
         x ^= x << 13;
@@ -71,21 +51,6 @@ fn moments(count: usize) -> (u64, Vec<(&'static str, Duration)>) {
         })
         .collect();
     (seed, v)
-}
-
-/// Waits until the guest console says `phase` started.
-fn wait_for_phase(console: &Path, phase: &str, deadline: Instant) -> bool {
-    let needle = format!("phase {phase}: started");
-    while Instant::now() < deadline {
-        if std::fs::read(console)
-            .map(|b| String::from_utf8_lossy(&b).contains(&needle))
-            .unwrap_or(false)
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-    false
 }
 
 fn survives_being_killed_during_boot(arch: &str) {
@@ -116,7 +81,11 @@ fn survives_being_killed_during_boot(arch: &str) {
         let pid = vmm_pid(&run, Instant::now() + Duration::from_secs(30))
             .unwrap_or_else(|| panic!("kill {i}: no qemu for {}", run.display()));
         assert!(
-            wait_for_phase(&console, phase, Instant::now() + BOOT_DEADLINE),
+            wait_for_console(
+                &console,
+                &format!("phase {phase}: started"),
+                Instant::now() + BOOT_DEADLINE
+            ),
             "kill {i}: phase {phase} never started"
         );
         std::thread::sleep(*delay);

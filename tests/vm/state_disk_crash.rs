@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use openshell_shared::GuestMessage;
 use openshell_tests::oci_image::sha256_hex;
 use openshell_tests::{
-    containerd_rootfs, fsck_image, vm_slot, vmm_pid, wait_for_console, Boot, BOOT_DEADLINE,
+    containerd_rootfs, crash_seed, fsck_image, vm_slot, vmm_pid, wait_for_console, Boot,
+    BOOT_DEADLINE,
 };
 
 /// Where each round's first kill is aimed: after which console line (or [`GROWS`]), and the
@@ -80,16 +81,7 @@ fn planted(seed: u64) -> Vec<(String, Vec<u8>)> {
 /// The kills, two a round: (console line, delay after it), drawn from `OPENSHELL_CRASH_SEED`
 /// or the clock; the seed is printed so a failing sequence can be replayed.
 fn moments(aims: &[(&'static str, u64, u64)]) -> (u64, Vec<[(&'static str, Duration); 2]>) {
-    let seed = std::env::var("OPENSHELL_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-                | 1
-        });
+    let seed = crash_seed();
     let mut x = seed;
     let mut draw = move |(after, from, to): (&'static str, u64, u64)| {
         x ^= x << 13;
