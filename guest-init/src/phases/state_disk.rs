@@ -516,16 +516,8 @@ mod tests {
     /// A disk that fails its reads is neither formatted nor mounted, and the error says so.
     #[test]
     fn a_read_error_stops_before_anything_is_written() {
-        let t = tempfile::tempdir().expect("tmp");
-        let wo = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(t.path().join("f"))
-            .expect("open");
-        let err = ensure_blank(&Device::over("/dev/vdb", wo, 1 << 30))
-            .unwrap_err()
-            .to_string();
+        let (_t, dev) = Device::failing_reads("/dev/vdb", 1 << 30);
+        let err = ensure_blank(&dev).unwrap_err().to_string();
         assert!(
             err.starts_with("/dev/vdb: read error at byte 0: ")
                 && err.ends_with("; not formatting or mounting it"),

@@ -243,6 +243,19 @@ impl Device {
             file,
         }
     }
+
+    /// A device named `shown` of `size` bytes whose every read fails (a write-only file), with
+    /// the directory that holds it.
+    pub fn failing_reads(shown: &str, size: u64) -> (tempfile::TempDir, Device) {
+        let t = tempfile::tempdir().expect("tmp");
+        let wo = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(t.path().join("f"))
+            .expect("open");
+        (t, Device::over(shown, wo, size))
+    }
 }
 
 #[cfg(test)]
@@ -251,14 +264,7 @@ mod tests {
 
     #[test]
     fn a_read_error_names_the_device_and_the_byte() {
-        let t = tempfile::tempdir().expect("tmp");
-        let wo = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(t.path().join("f"))
-            .expect("open");
-        let dev = Device::over("/dev/vdb", wo, 1 << 30);
+        let (_t, dev) = Device::failing_reads("/dev/vdb", 1 << 30);
         let e = dev.read_at(4096, 512).expect_err("fails");
         assert!(
             e.to_string()
