@@ -512,46 +512,60 @@ pub(crate) fn alive(pid: i32) -> bool {
 }
 
 /// Forks a stand-in host that runs `start` (which starts a child and returns its pid) and then
-/// waits; SIGKILLs that host once the child runs, and asserts the child dies within 5 s.
+/// waits; SIGKILLs that host once the child runs, and asserts the child dies within 5 s. A host
+/// that never gets its child going (a fork of this multithreaded test process can block on a
+/// lock another thread held at the fork; a loaded machine can be slow) is killed and forked
+/// again, three times at most.
 #[cfg(all(test, target_os = "linux"))]
-pub(crate) fn assert_dies_with_killed_host(what: &str, start: impl FnOnce() -> Option<i32>) {
+pub(crate) fn assert_dies_with_killed_host(what: &str, start: impl Fn() -> Option<i32>) {
     use std::time::{Duration, Instant};
-    let tmp = tempfile::tempdir().expect("tmp");
-    let pidfile = tmp.path().join("pid");
-    // SAFETY: the forked "host" only runs `start`, writes a file and sleeps; the test thread
-    // waits on it.
-    match unsafe { nix::unistd::fork() }.expect("fork") {
-        nix::unistd::ForkResult::Child => {
-            let code = match start() {
-                Some(pid) => {
-                    let _ = std::fs::write(&pidfile, pid.to_string());
-                    std::thread::sleep(Duration::from_secs(100));
-                    0
+    for attempt in 1..=3 {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let pidfile = tmp.path().join("pid");
+        // SAFETY: the forked "host" only runs `start`, writes a file and sleeps; the test thread
+        // waits on it.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                let code = match start() {
+                    Some(pid) => {
+                        let _ = std::fs::write(&pidfile, pid.to_string());
+                        std::thread::sleep(Duration::from_secs(100));
+                        0
+                    }
+                    None => 1,
+                };
+                // SAFETY: ends the forked host without running the test harness's exit path.
+                unsafe { libc::_exit(code) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let pid = loop {
+                    if let Some(p) = std::fs::read_to_string(&pidfile)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<i32>().ok())
+                    {
+                        break Some(p);
+                    }
+                    if Instant::now() > deadline {
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                let Some(pid) = pid else {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::wait::waitpid(child, None);
+                    assert!(attempt < 3, "the {what} never started ({attempt} tries)");
+                    continue;
+                };
+                assert!(alive(pid));
+                nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).expect("kill");
+                nix::sys::wait::waitpid(child, None).expect("reap host");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while alive(pid) {
+                    assert!(Instant::now() < deadline, "{what} {pid} outlived its host");
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                None => 1,
-            };
-            // SAFETY: ends the forked host without running the test harness's exit path.
-            unsafe { libc::_exit(code) };
-        }
-        nix::unistd::ForkResult::Parent { child } => {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let pid = loop {
-                if let Some(p) = std::fs::read_to_string(&pidfile)
-                    .ok()
-                    .and_then(|t| t.trim().parse::<i32>().ok())
-                {
-                    break p;
-                }
-                assert!(Instant::now() < deadline, "the {what} never started");
-                std::thread::sleep(Duration::from_millis(10));
-            };
-            assert!(alive(pid));
-            nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).expect("kill");
-            nix::sys::wait::waitpid(child, None).expect("reap host");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while alive(pid) {
-                assert!(Instant::now() < deadline, "{what} {pid} outlived its host");
-                std::thread::sleep(Duration::from_millis(10));
+                return;
             }
         }
     }
