@@ -139,15 +139,17 @@ pub fn send(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use openshell_shared::PROTOCOL_VERSION;
 
-    fn frame(seq: u64, msg: GuestMessage) -> Vec<u8> {
+    /// One guest frame as the wire carries it (also the event loop's flood test).
+    pub(crate) fn frame(seq: u64, msg: GuestMessage) -> Vec<u8> {
         encode(&Envelope { seq, t_us: 1, msg }).expect("encode")
     }
 
-    fn hello() -> GuestMessage {
+    /// A guest's hello, the first frame of every boot.
+    pub(crate) fn hello() -> GuestMessage {
         GuestMessage::Hello {
             protocol: PROTOCOL_VERSION,
             init_version: "t".into(),

@@ -262,6 +262,23 @@ pub fn split_existing(path: &Path) -> (PathBuf, PathBuf) {
     (base, rest)
 }
 
+/// For tests of the files kept under a home: `alice`, a home in `tmp` that another user
+/// (nobody, uid 65534) owns, as under `sudo` keeping `$HOME`. `None` when not root (only root
+/// can make one).
+#[cfg(test)]
+pub(crate) fn home_of_another_user(tmp: &Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to make a home another user owns");
+        return None;
+    }
+    let home = tmp.join("alice");
+    std::fs::create_dir(&home).expect("home");
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    nix::unistd::chown(&home, Some(65534.into()), None).expect("chown");
+    Some(home)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

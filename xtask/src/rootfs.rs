@@ -181,9 +181,6 @@ pub fn build_base(arch: Arch, init: &Path) -> Result<PathBuf> {
 pub fn install_overlay(root: &Path, overlay: &[(String, PathBuf)]) -> Result<()> {
     for (rel, path) in overlay {
         let to = root.join(rel);
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
-        }
         let exec = std::fs::metadata(path)
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
             .map_err(|e| Error::io("stat", path, e))?;
@@ -259,7 +256,11 @@ pub fn fix_mtimes(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Copies one file to `to` (its directory made when missing) with `mode`.
 pub fn copy(from: &Path, to: &Path, mode: u32) -> Result<()> {
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    }
     std::fs::copy(from, to).map_err(|e| Error::io("copy", from, e))?;
     set_mode(to, mode)
 }

@@ -113,9 +113,10 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use openshell_shared::protocol::{encode, Envelope, GuestMessage, Level, PROTOCOL_VERSION};
+    use openshell_shared::protocol::{GuestMessage, Level};
 
     use super::*;
+    use crate::channel::tests::{frame, hello};
     use crate::channel::Channel;
 
     /// A guest that floods the boot channel while the loop is busy is held at the queue's
@@ -139,21 +140,13 @@ mod tests {
         let flooder = std::thread::spawn(move || {
             for seq in 0u64.. {
                 let msg = match seq {
-                    0 => GuestMessage::Hello {
-                        protocol: PROTOCOL_VERSION,
-                        init_version: "t".into(),
-                        arch: "x86_64".into(),
-                        kernel_release: "6.1".into(),
-                        boot_id: "b".into(),
-                        init_entry_us: 1,
-                        ready_stages: Vec::new(),
-                    },
+                    0 => hello(),
                     _ => GuestMessage::Log {
                         level: Level::Info,
                         text: "flood".into(),
                     },
                 };
-                let frame = encode(&Envelope { seq, t_us: 1, msg }).expect("encode");
+                let frame = frame(seq, msg);
                 if guest.write_all(&frame).is_err() {
                     return; // the host hung up
                 }

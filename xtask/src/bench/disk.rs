@@ -17,11 +17,7 @@ use crate::{gateway, rootfs, up};
 
 /// Copies `rel` (under the Debian stage `stage`) to `to` under the root, making its directory.
 fn install(stage: &Path, rel: &str, root: &Path, to: &str, mode: u32) -> Result<()> {
-    let dest = root.join(to);
-    if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-    }
-    rootfs::copy(&stage.join(rel), &dest, mode)
+    rootfs::copy(&stage.join(rel), &root.join(to), mode)
 }
 
 /// Rows of the boot bench's table.
