@@ -273,6 +273,7 @@ fn vm_spec(
         if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
             extra.push(tsc);
         }
+        extra.push(crate::backend::tsc::TCG_APIC_TIMER.into());
     }
     // Always given, even empty: the host's list replaces whatever the root's file says.
     extra.push(format!(
@@ -370,6 +371,34 @@ mod tests {
             spec.cmdline,
             format!("{before} openshell.host_time=1764633600")
         );
+    }
+
+    /// Only an x86_64 guest under TCG is spared the APIC timer's calibration: under KVM the
+    /// TSC-deadline timer needs none, and the local timers are better kept.
+    #[test]
+    fn only_tcg_x86_64_guests_go_without_the_apic_timer() {
+        let dir = RunDir {
+            path: "/run/x".into(),
+        };
+        let cmdline = |arch: &str, accel: &str| {
+            let args = parse(&[
+                "--kernel", "/k", "--rootfs", "/r", "--arch", arch, "--accel", accel,
+            ])
+            .expect("parse");
+            let spec = vm_spec(
+                &args,
+                &Chosen::Qemu,
+                NetBackend::Passt,
+                &dir,
+                None,
+                Path::new("/c"),
+                None,
+            );
+            spec.cmdline.split(' ').any(|o| o == "noapictimer")
+        };
+        assert!(cmdline("x86_64", "tcg"));
+        assert!(!cmdline("x86_64", "kvm"));
+        assert!(!cmdline("aarch64", "tcg"));
     }
 
     #[test]
