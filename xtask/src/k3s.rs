@@ -1,45 +1,72 @@
-//! k3s and its airgap images for the gateway profile: pinned by version and SHA-256, downloaded
-//! from the real GitHub release into the artifact cache when the network allows, or taken from
-//! local copies (`--k3s FILE`, `--images FILE|DIR`).
+//! k3s and its airgap images for the gateway profile: pinned by version, downloaded from the
+//! release (GitHub, or the mirror `OPENSHELL_K3S_RELEASE_URL` names) into the artifact cache, or
+//! taken from local copies (`--k3s FILE`, `--images FILE|DIR`).
 //!
-//! A download is only ever used when its SHA-256 equals the pin; an asset whose SHA-256 we could
-//! not find from a source we trust has no pin (`None`) and is never downloaded: a local copy is
-//! the only way in for it. A local copy that differs from the pin (or has none) is accepted but
-//! recorded as unpinned, in the manifest and on the terminal.
+//! A download is verified as k3s's own installer verifies it: against the SHA-256 the release
+//! publishes in `sha256sum-<arch>.txt` (read strictly, bounded in size, kept next to the
+//! downloads); the amd64 binary also against the SHA-256 pinned here, which the checksum file
+//! must agree with. Nothing unverified is kept, and a cached asset is checked again on every use.
+//! A local copy is accepted whatever it is, recorded as unpinned unless it matches the pin.
 
-use std::io::Read;
+mod curl;
+pub mod sums;
+#[cfg(test)]
+mod test_server;
+#[cfg(test)]
+mod tests;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
 use openshell_shared::Arch;
 
 use crate::cache;
+use sums::{Sums, SumsError};
 
 /// The k3s release the gateway profile is built with (as the legacy system pinned it).
 pub const VERSION: &str = "v1.35.2+k3s1";
 
-/// One release asset and its expected SHA-256.
+/// Names the URL this release's assets are under (a mirror, or a `file://` directory for an
+/// air-gapped host); unset or empty: the GitHub release.
+pub const RELEASE_URL_ENV: &str = "OPENSHELL_K3S_RELEASE_URL";
+
+/// The most we take of one asset: the real ones are about 70 MB (k3s) and 200 MB (the zstd
+/// airgap tarball), so this only stops a server that never ends from filling the disk.
+const MAX_ASSET_BYTES: u64 = 4 << 30;
+
+/// Where this release's assets are: `$OPENSHELL_K3S_RELEASE_URL` (without a trailing `/`), else
+/// the GitHub release.
+pub fn release_url() -> String {
+    release_url_from(std::env::var(RELEASE_URL_ENV).ok())
+}
+
+fn release_url_from(configured: Option<String>) -> String {
+    match configured.as_deref().map(str::trim) {
+        Some(u) if !u.is_empty() => u.trim_end_matches('/').to_string(),
+        _ => format!(
+            "https://github.com/k3s-io/k3s/releases/download/{}",
+            VERSION.replace('+', "%2B")
+        ),
+    }
+}
+
+/// One release asset and the SHA-256 kept for it here, a second check on top of the release's
+/// checksum file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pin {
     pub asset: &'static str,
-    /// `None`: no trustworthy SHA-256 known, so a download cannot be verified and is refused.
+    /// `None`: no SHA-256 kept here; the release's checksum file alone verifies a download.
     pub sha256: Option<&'static str>,
 }
 
 impl Pin {
     pub fn url(&self) -> String {
-        format!(
-            "https://github.com/k3s-io/k3s/releases/download/{}/{}",
-            VERSION.replace('+', "%2B"),
-            self.asset
-        )
+        format!("{}/{}", release_url(), self.asset)
     }
 }
 
 /// The k3s binary for `arch`. amd64: the SHA-256 published for v1.35.2+k3s1 (its first 8 hex
 /// digits match the legacy build script's pin). arm64: only the first 8 hex digits of the legacy
-/// pin (`228809a7`) are known, which cannot verify anything, so it has no pin.
+/// pin (`228809a7`) are known, too few to pin, so the checksum file alone verifies it.
 pub fn k3s_pin(arch: Arch) -> Pin {
     match arch {
         Arch::X86_64 => Pin {
@@ -53,7 +80,8 @@ pub fn k3s_pin(arch: Arch) -> Pin {
     }
 }
 
-/// The airgap image tarball for `arch`: no SHA-256 found for v1.35.2+k3s1 on either arch.
+/// The airgap image tarball for `arch` (the zstd one of the three the release publishes: `.tar`,
+/// `.tar.gz`, `.tar.zst`); no SHA-256 kept here for either arch.
 pub fn images_pin(arch: Arch) -> Pin {
     match arch {
         Arch::X86_64 => Pin {
@@ -67,18 +95,27 @@ pub fn images_pin(arch: Arch) -> Pin {
     }
 }
 
+/// The release's checksum file for `arch`, as k3s's installer names it.
+pub fn checksums_asset(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "sha256sum-amd64.txt",
+        Arch::Aarch64 => "sha256sum-arm64.txt",
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
-    #[error("{file}: SHA-256 {actual} does not match the pin {expected} for {asset} {VERSION}; refusing to use it")]
+    #[error("{file}: SHA-256 {actual} does not match {expected}, the SHA-256 of {asset} {VERSION}; refusing to use it")]
     Mismatch {
         file: PathBuf,
         asset: &'static str,
         expected: String,
         actual: String,
     },
-    #[error("download of {url}: SHA-256 {actual} does not match the pin {expected} for {asset} {VERSION}; refused and not kept")]
+    #[error("download of {url}: SHA-256 {actual} does not match {expected}, the SHA-256 {sums} publishes for {asset}; refused and not kept")]
     DownloadMismatch {
         url: String,
+        sums: String,
         asset: &'static str,
         expected: String,
         actual: String,
@@ -90,8 +127,19 @@ pub enum PinError {
     },
     #[error("{}", missing_k3s_text(*.arch, .reason))]
     MissingK3s { arch: Arch, reason: String },
-    #[error("{asset} {VERSION} has no SHA-256 pin, so a download of {url} cannot be verified and is not used")]
-    Unverifiable { asset: &'static str, url: String },
+    #[error(transparent)]
+    Sums(#[from] SumsError),
+    #[error(
+        "{sums} publishes no SHA-256 for {asset}, so a download of it cannot be verified; refused"
+    )]
+    NotPublished { sums: String, asset: &'static str },
+    #[error("{sums} says {asset} has SHA-256 {published}, but the SHA-256 pinned for {asset} {VERSION} (xtask/src/k3s.rs) is {pin}; refusing the checksum file and every download it would verify")]
+    PinDisagrees {
+        sums: String,
+        asset: &'static str,
+        published: String,
+        pin: &'static str,
+    },
     #[error("download of {url} failed: {reason}")]
     Download { url: String, reason: String },
 }
@@ -100,20 +148,20 @@ pub enum PinError {
 pub fn missing_k3s_text(arch: Arch, reason: &str) -> String {
     let pin = k3s_pin(arch);
     let images = images_pin(arch);
-    let sha = pin
+    let also = pin
         .sha256
-        .map(String::from)
-        .unwrap_or_else(|| "none known (an unpinned download is refused)".into());
-    let isha = images
-        .sha256
-        .map(String::from)
-        .unwrap_or_else(|| "none known".into());
+        .map(|p| format!(" and `{}` against the SHA-256 pinned here, {p}", pin.asset))
+        .unwrap_or_default();
     format!(
         "the gateway profile needs k3s {VERSION} for {arch} and none is available: {reason}.\n\
-         Give a local copy: --k3s FILE (the release asset `{asset}`: {url}, expected SHA-256 {sha}),\n\
-         and optionally --images FILE (the airgap images, `{iasset}`: {iurl}, expected SHA-256 {isha});\n\
+         Downloads come from {release} (set {RELEASE_URL_ENV} to use a mirror) and are verified \
+         against its `{sums}`{also}.\n\
+         Give a local copy: --k3s FILE (the release asset `{asset}`: {url}),\n\
+         and optionally --images FILE (the airgap images, `{iasset}`: {iurl});\n\
          or boot the base profile (--profile base).",
         arch = arch.name(),
+        release = release_url(),
+        sums = checksums_asset(arch),
         asset = pin.asset,
         url = pin.url(),
         iasset = images.asset,
@@ -151,7 +199,8 @@ pub struct Input {
     /// Name in the root (the asset name for downloads, the file name for local copies).
     pub name: String,
     pub sha256: String,
-    /// True when the SHA-256 equals this release's pin for the asset.
+    /// True when the SHA-256 is the release's for the asset: a download verified against the
+    /// checksum file (and the pin, where one is kept), or a local copy equal to the pin.
     pub pinned: bool,
     /// "download" or "local".
     pub origin: &'static str,
@@ -184,164 +233,225 @@ pub fn local(file: &Path, pin: Pin) -> Result<Input, PinError> {
     })
 }
 
-/// Where a verified download of `pin` lives in the cache.
-pub fn cached_path(pin: Pin) -> PathBuf {
-    cache::root()
-        .join("downloads")
-        .join(format!("k3s-{}", VERSION.replace('+', "-")))
-        .join(pin.asset)
+/// One arch's assets of the release: where they come from and where verified copies are kept.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// The URL the assets are under, without a trailing `/`.
+    pub url: String,
+    /// The cache directory of verified downloads (and the checksum file).
+    pub dir: PathBuf,
+    /// `sha256sum-<arch>.txt`.
+    pub checksums: &'static str,
+    pub k3s: Pin,
+    pub images: Pin,
 }
 
-/// A download already in the cache that still matches its pin.
-pub fn cached(pin: Pin) -> Option<Input> {
-    let expected = pin.sha256?;
-    let path = cached_path(pin);
-    let sha256 = verify(&path, pin.asset, expected).ok()?;
-    Some(Input {
+impl Release {
+    /// The release as configured: [`release_url`], the artifact cache, `arch`'s pins.
+    pub fn for_arch(arch: Arch) -> Self {
+        Self {
+            url: release_url(),
+            dir: cache::root()
+                .join("downloads")
+                .join(format!("k3s-{}", VERSION.replace('+', "-"))),
+            checksums: checksums_asset(arch),
+            k3s: k3s_pin(arch),
+            images: images_pin(arch),
+        }
+    }
+
+    fn url_of(&self, asset: &str) -> String {
+        format!("{}/{asset}", self.url)
+    }
+
+    /// A verified download already in the cache, checked again against the cached checksum
+    /// file; no network.
+    pub fn cached(&self, pin: Pin) -> Option<Input> {
+        let sums = self.cached_sums().ok()??;
+        let expected = self.expected(&sums, pin).ok()?;
+        let path = self.dir.join(pin.asset);
+        let sha256 = verify(&path, pin.asset, &expected).ok()?;
+        Some(downloaded(path, pin, sha256))
+    }
+
+    /// The verified download of `pin`: from the cache when it still matches the checksum file,
+    /// else fetched, verified and only then kept.
+    pub fn fetch(&self, pin: Pin) -> Result<Input, PinError> {
+        let sums = self.sums()?;
+        let expected = self.expected(&sums, pin)?;
+        let dest = self.dir.join(pin.asset);
+        if dest.exists() {
+            match verify(&dest, pin.asset, &expected) {
+                Ok(sha256) => return Ok(downloaded(dest, pin, sha256)),
+                // Damaged in the cache: never used.
+                Err(e) => {
+                    eprintln!("xtask: warning: {e}; removing it and downloading again");
+                    let _ = std::fs::remove_file(&dest);
+                }
+            }
+        }
+        let url = self.url_of(pin.asset);
+        let part = self.fetch_part(pin.asset, &url, MAX_ASSET_BYTES)?;
+        let checked = sha256_of(&part).and_then(|actual| {
+            if actual == expected {
+                Ok(actual)
+            } else {
+                Err(PinError::DownloadMismatch {
+                    url: url.clone(),
+                    sums: sums.file.clone(),
+                    asset: pin.asset,
+                    expected: expected.clone(),
+                    actual,
+                })
+            }
+        });
+        let sha256 = keep(&part, &dest, checked, &url)?;
+        Ok(downloaded(dest, pin, sha256))
+    }
+
+    /// The checksum file: the cached one when it still reads and agrees with the pins, else
+    /// downloaded (bounded), read, checked against the pins and only then kept.
+    pub fn sums(&self) -> Result<Sums, PinError> {
+        match self.cached_sums() {
+            Ok(Some(sums)) => return Ok(sums),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("xtask: warning: {e}; removing it and downloading it again");
+                let _ = std::fs::remove_file(self.dir.join(self.checksums));
+            }
+        }
+        let url = self.url_of(self.checksums);
+        let part = self.fetch_part(self.checksums, &url, sums::MAX_BYTES)?;
+        let read = std::fs::read(&part)
+            .map_err(|source| PinError::Read {
+                file: part.clone(),
+                source,
+            })
+            .and_then(|bytes| Ok(sums::parse(&url, &bytes)?))
+            .and_then(|sums| self.agree_with_pins(&sums).map(|()| sums));
+        keep(&part, &self.dir.join(self.checksums), read, &url)
+    }
+
+    /// The cached checksum file, read and checked against the pins; `Ok(None)` when absent.
+    fn cached_sums(&self) -> Result<Option<Sums>, PinError> {
+        let path = self.dir.join(self.checksums);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(PinError::Read { file: path, source }),
+        };
+        let sums = sums::parse(&path.display().to_string(), &bytes)?;
+        self.agree_with_pins(&sums)?;
+        Ok(Some(sums))
+    }
+
+    /// A checksum file that contradicts a pin kept here is wrong about everything it lists.
+    fn agree_with_pins(&self, sums: &Sums) -> Result<(), PinError> {
+        for pin in [self.k3s, self.images] {
+            if let (Some(kept), Some(published)) = (pin.sha256, sums.digest(pin.asset)) {
+                if !kept.eq_ignore_ascii_case(published) {
+                    return Err(PinError::PinDisagrees {
+                        sums: sums.file.clone(),
+                        asset: pin.asset,
+                        published: published.to_string(),
+                        pin: kept,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The SHA-256 a download of `pin` must have (lowercase).
+    fn expected(&self, sums: &Sums, pin: Pin) -> Result<String, PinError> {
+        let published = sums.digest(pin.asset).ok_or(PinError::NotPublished {
+            sums: sums.file.clone(),
+            asset: pin.asset,
+        })?;
+        match pin.sha256 {
+            Some(kept) if !kept.eq_ignore_ascii_case(published) => Err(PinError::PinDisagrees {
+                sums: sums.file.clone(),
+                asset: pin.asset,
+                published: published.to_string(),
+                pin: kept,
+            }),
+            _ => Ok(published.to_string()),
+        }
+    }
+
+    /// Downloads `url` (at most `max` bytes) into a temporary file in the cache directory.
+    fn fetch_part(&self, asset: &str, url: &str, max: u64) -> Result<PathBuf, PinError> {
+        let failed = |reason: String| PinError::Download {
+            url: url.to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| failed(format!("{}: {e}", self.dir.display())))?;
+        let part = self
+            .dir
+            .join(format!(".{asset}.part-{}", std::process::id()));
+        if let Err(reason) = curl::download(url, &part, max) {
+            let _ = std::fs::remove_file(&part);
+            return Err(failed(reason));
+        }
+        Ok(part)
+    }
+}
+
+/// Renames the checked `part` to `dest`, or removes it when the check failed.
+fn keep<T>(
+    part: &Path,
+    dest: &Path,
+    checked: Result<T, PinError>,
+    url: &str,
+) -> Result<T, PinError> {
+    match checked {
+        Ok(v) => match std::fs::rename(part, dest) {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                let _ = std::fs::remove_file(part);
+                Err(PinError::Download {
+                    url: url.to_string(),
+                    reason: format!("{}: {e}", dest.display()),
+                })
+            }
+        },
+        Err(e) => {
+            let _ = std::fs::remove_file(part);
+            Err(e)
+        }
+    }
+}
+
+fn downloaded(path: PathBuf, pin: Pin, sha256: String) -> Input {
+    Input {
         path,
         name: pin.asset.to_string(),
         sha256,
         pinned: true,
         origin: "download",
-    })
-}
-
-/// The cached download of `pin`, fetching it first when missing. Refused without a pin.
-pub fn fetch(pin: Pin) -> Result<Input, PinError> {
-    if let Some(hit) = cached(pin) {
-        return Ok(hit);
     }
-    let Some(expected) = pin.sha256 else {
-        return Err(PinError::Unverifiable {
-            asset: pin.asset,
-            url: pin.url(),
-        });
-    };
-    let url = pin.url();
-    let dest = cached_path(pin);
-    if dest.exists() {
-        // In the cache but not what the pin says (damaged, or a pin that changed): never used.
-        if let Err(e) = verify(&dest, pin.asset, expected) {
-            eprintln!("xtask: warning: {e}; removing it and downloading again");
-            let _ = std::fs::remove_file(&dest);
-        }
-    }
-    fetch_into(pin.asset, expected, &url, &dest)
-}
-
-/// Downloads `url` next to `dest`, and renames it to `dest` only when its SHA-256 is `expected`.
-fn fetch_into(
-    asset: &'static str,
-    expected: &str,
-    url: &str,
-    dest: &Path,
-) -> Result<Input, PinError> {
-    let failed = |reason: String| PinError::Download {
-        url: url.to_string(),
-        reason,
-    };
-    let dir = dest
-        .parent()
-        .ok_or_else(|| failed("no cache directory".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
-    let part = dir.join(format!(".{asset}.part-{}", std::process::id()));
-    let result = download(url, &part);
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&part);
-        return Err(failed(e));
-    }
-    let actual = match sha256_of(&part) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = std::fs::remove_file(&part);
-            return Err(e);
-        }
-    };
-    if !actual.eq_ignore_ascii_case(expected) {
-        let _ = std::fs::remove_file(&part);
-        return Err(PinError::DownloadMismatch {
-            url: url.to_string(),
-            asset,
-            expected: expected.to_string(),
-            actual,
-        });
-    }
-    std::fs::rename(&part, dest).map_err(|e| failed(format!("{}: {e}", dest.display())))?;
-    Ok(Input {
-        path: dest.to_path_buf(),
-        name: asset.to_string(),
-        sha256: actual,
-        pinned: true,
-        origin: "download",
-    })
-}
-
-/// curl into `part`, with a byte progress bar fed by the growing file.
-fn download(url: &str, part: &Path) -> Result<(), String> {
-    let total = content_length(url);
-    let bar = crate::progress::bytes(total, &format!("download {url}"));
-    let mut child = Command::new("curl")
-        .args(["-fsSL", "--connect-timeout", "15", "-o"])
-        .arg(part)
-        .arg(url)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run curl: {e}"))?;
-    let status = loop {
-        if let Ok(m) = std::fs::metadata(part) {
-            bar.set_position(m.len());
-        }
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
-            Err(e) => return Err(format!("curl: {e}")),
-        }
-    };
-    bar.finish_and_clear();
-    if status.success() {
-        return Ok(());
-    }
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    Err(format!("curl {status}: {}", err.trim()))
-}
-
-/// The size a HEAD request announces, if the server answers one.
-fn content_length(url: &str) -> Option<u64> {
-    let out = Command::new("curl")
-        .args(["-fsSLI", "--connect-timeout", "15", url])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .rev()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .filter(|n| *n > 0)
 }
 
 /// k3s for a build: `--k3s FILE`, else a verified cached or fresh download; the error says what
 /// is missing and how to provide it.
 pub fn resolve_k3s(arch: Arch, local_file: Option<&Path>) -> Result<Input, PinError> {
-    let pin = k3s_pin(arch);
+    let release = Release::for_arch(arch);
     if let Some(f) = local_file {
-        return local(f, pin);
+        return local(f, release.k3s);
     }
-    fetch(pin).map_err(|e| PinError::MissingK3s {
-        arch,
-        reason: e.to_string(),
-    })
+    release
+        .fetch(release.k3s)
+        .map_err(|e| PinError::MissingK3s {
+            arch,
+            reason: e.to_string(),
+        })
 }
 
 /// A verified k3s already in the cache (what `up` checks to pick the gateway profile).
 pub fn available(arch: Arch) -> bool {
-    cached(k3s_pin(arch)).is_some()
+    let release = Release::for_arch(arch);
+    release.cached(release.k3s).is_some()
 }
 
 /// Airgap images for a build: every regular file of an `--images DIR` (sorted by name), else a
@@ -350,7 +460,7 @@ pub fn resolve_images(
     arch: Arch,
     dir: Option<&Path>,
 ) -> Result<(Vec<Input>, Option<String>), PinError> {
-    let pin = images_pin(arch);
+    let release = Release::for_arch(arch);
     if let Some(dir) = dir {
         let read = |source| PinError::Read {
             file: dir.to_path_buf(),
@@ -365,130 +475,15 @@ pub fn resolve_images(
         files.sort();
         let inputs = files
             .iter()
-            .map(|f| local(f, pin))
+            .map(|f| local(f, release.images))
             .collect::<Result<Vec<_>, _>>()?;
         if inputs.is_empty() {
             return Ok((inputs, Some(format!("{} holds no files", dir.display()))));
         }
         return Ok((inputs, None));
     }
-    match fetch(pin) {
+    match release.fetch(release.images) {
         Ok(i) => Ok((vec![i], None)),
         Err(e) => Ok((Vec::new(), Some(e.to_string()))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sha2::{Digest, Sha256};
-
-    #[test]
-    fn wrong_checksum_is_refused_naming_file_and_both_hashes() {
-        let t = tempfile::tempdir().expect("tmp");
-        let f = t.path().join("k3s");
-        std::fs::write(&f, b"not k3s").expect("write");
-        let pin = k3s_pin(Arch::X86_64);
-        let expected = pin.sha256.expect("amd64 is pinned");
-        let err = verify(&f, pin.asset, expected).expect_err("must be refused");
-        let text = err.to_string();
-        let actual = cache::hex(&Sha256::digest(b"not k3s"));
-        assert!(text.contains(&f.display().to_string()), "{text}");
-        assert!(text.contains(expected), "{text}");
-        assert!(text.contains(&actual), "{text}");
-        assert!(text.contains("refusing"), "{text}");
-        // The right one passes and returns its hash.
-        assert_eq!(verify(&f, pin.asset, &actual).expect("matches"), actual);
-    }
-
-    #[test]
-    fn a_download_that_does_not_match_the_pin_is_refused_and_not_kept() {
-        let t = tempfile::tempdir().expect("tmp");
-        let release = t.path().join("release-k3s");
-        std::fs::write(&release, b"tampered").expect("write");
-        let url = format!("file://{}", release.display());
-        let dest = t.path().join("cache/k3s");
-        let pin = k3s_pin(Arch::X86_64);
-        let expected = pin.sha256.expect("pinned");
-        let err = fetch_into(pin.asset, expected, &url, &dest).expect_err("refused");
-        let text = err.to_string();
-        assert!(text.contains(&url), "{text}");
-        assert!(text.contains(expected), "{text}");
-        assert!(
-            text.contains(&cache::hex(&Sha256::digest(b"tampered"))),
-            "{text}"
-        );
-        assert!(!dest.exists());
-        let left: Vec<_> = std::fs::read_dir(t.path().join("cache"))
-            .expect("list")
-            .collect();
-        assert!(left.is_empty(), "the partial download must go");
-        // The same file with its real hash as the pin is kept.
-        let good = cache::hex(&Sha256::digest(b"tampered"));
-        let got = fetch_into(pin.asset, &good, &url, &dest).expect("kept");
-        assert!(got.pinned && dest.is_file());
-    }
-
-    #[test]
-    fn local_copies_are_accepted_and_flagged_unpinned() {
-        let t = tempfile::tempdir().expect("tmp");
-        let f = t.path().join("fake-k3s.sh");
-        std::fs::write(&f, b"#!/bin/sh\n").expect("write");
-        let i = local(&f, k3s_pin(Arch::X86_64)).expect("accepted");
-        assert!(!i.pinned);
-        assert_eq!(i.origin, "local");
-        assert_eq!(i.name, "fake-k3s.sh");
-        assert_eq!(i.sha256, cache::hex(&Sha256::digest(b"#!/bin/sh\n")));
-        let pin = Pin {
-            asset: "k3s",
-            sha256: Some(Box::leak(i.sha256.clone().into_boxed_str())),
-        };
-        assert!(local(&f, pin).expect("accepted").pinned);
-        assert!(local(t.path(), pin).is_err(), "a directory is not a k3s");
-    }
-
-    #[test]
-    fn unpinned_assets_are_never_downloaded() {
-        // No pin: refused before the cache or the network is looked at.
-        let err = fetch(k3s_pin(Arch::Aarch64)).expect_err("no pin");
-        assert!(matches!(err, PinError::Unverifiable { .. }), "{err}");
-        assert!(err.to_string().contains("k3s-arm64"), "{err}");
-    }
-
-    #[test]
-    fn missing_k3s_says_what_and_how() {
-        let text = missing_k3s_text(Arch::X86_64, "download failed: no network");
-        for part in [
-            "k3s v1.35.2+k3s1 for x86_64",
-            "download failed: no network",
-            "https://github.com/k3s-io/k3s/releases/download/v1.35.2%2Bk3s1/k3s, expected SHA-256",
-            "3ae8e35a62ac83e8e197c117858a564134057a7b8703cf73e67ce60d19f4a22b",
-            "--k3s FILE",
-            "--images FILE",
-            "k3s-airgap-images-amd64.tar.zst",
-            "--profile base",
-        ] {
-            assert!(text.contains(part), "missing {part:?} in:\n{text}");
-        }
-        let arm = missing_k3s_text(Arch::Aarch64, "x");
-        assert!(arm.contains("/k3s-arm64"), "{arm}");
-        assert!(arm.contains("none known"), "{arm}");
-    }
-
-    #[test]
-    fn images_dir_is_listed_sorted() {
-        let t = tempfile::tempdir().expect("tmp");
-        std::fs::write(t.path().join("b.tar"), b"b").expect("write");
-        std::fs::write(t.path().join("a.tar.zst"), b"a").expect("write");
-        std::fs::create_dir(t.path().join("sub")).expect("mkdir");
-        let (imgs, note) = resolve_images(Arch::X86_64, Some(t.path())).expect("images");
-        assert!(note.is_none());
-        let names: Vec<_> = imgs.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(names, ["a.tar.zst", "b.tar"]);
-        assert!(imgs.iter().all(|i| !i.pinned));
-        let empty = tempfile::tempdir().expect("tmp");
-        let (imgs, note) = resolve_images(Arch::X86_64, Some(empty.path())).expect("images");
-        assert!(imgs.is_empty());
-        assert!(note.expect("note").contains("holds no files"));
     }
 }
