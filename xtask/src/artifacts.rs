@@ -9,9 +9,16 @@ use crate::error::Result;
 use crate::{kernel, rootfs, tools};
 
 /// Everything one boot needs.
+#[derive(Clone)]
 pub struct Artifacts {
+    /// What `up` boots: on x86_64 the ELF `vmlinux`, which qemu enters through PVH (no
+    /// decompressor, no firmware path: `cargo xtask bench boot` measures both ways); the raw
+    /// `Image` on aarch64.
     pub kernel: PathBuf,
+    /// x86_64: the same ELF (libkrun's format, and the profiler's symbols).
     pub vmlinux: Option<PathBuf>,
+    /// x86_64: the compressed `bzImage` of the same build, still bootable (`--kernel`).
+    pub bzimage: Option<PathBuf>,
     pub rootfs: PathBuf,
     pub init: PathBuf,
     pub vsock_helper: PathBuf,
@@ -22,6 +29,7 @@ impl Artifacts {
         serde_json::json!({
             "kernel": self.kernel,
             "vmlinux": self.vmlinux,
+            "bzimage": self.bzimage,
             "rootfs": self.rootfs,
             "init": self.init,
             "vsock_helper": self.vsock_helper,
@@ -36,13 +44,18 @@ pub fn artifacts(arch: Arch) -> Result<Artifacts> {
     let init = tools::init(arch)?;
     let rootfs = rootfs::build_base(arch, &init)?;
     let vsock_helper = tools::vsock_helper()?;
-    let (kernel, vmlinux) = match arch {
-        Arch::X86_64 => (kdir.join("bzImage"), Some(kdir.join("vmlinux"))),
-        Arch::Aarch64 => (kdir.join("Image"), None),
+    let (kernel, vmlinux, bzimage) = match arch {
+        Arch::X86_64 => (
+            kdir.join("vmlinux"),
+            Some(kdir.join("vmlinux")),
+            Some(kdir.join("bzImage")),
+        ),
+        Arch::Aarch64 => (kdir.join("Image"), None, None),
     };
     Ok(Artifacts {
         kernel,
         vmlinux,
+        bzimage,
         rootfs,
         init,
         vsock_helper,
@@ -56,14 +69,16 @@ mod tests {
     #[test]
     fn json_names_every_path_as_the_vm_tests_read_them() {
         let a = Artifacts {
-            kernel: PathBuf::from("/k/bzImage"),
+            kernel: PathBuf::from("/k/vmlinux"),
             vmlinux: None,
+            bzimage: Some(PathBuf::from("/k/bzImage")),
             rootfs: PathBuf::from("/r"),
             init: PathBuf::from("/i"),
             vsock_helper: PathBuf::from("/v"),
         };
         let v: serde_json::Value = serde_json::from_str(&a.to_json()).expect("json");
-        assert_eq!(v["kernel"], "/k/bzImage");
+        assert_eq!(v["kernel"], "/k/vmlinux");
+        assert_eq!(v["bzimage"], "/k/bzImage");
         assert_eq!(v["vmlinux"], serde_json::Value::Null);
         assert_eq!(v["rootfs"], "/r");
         assert_eq!(v["init"], "/i");

@@ -7,6 +7,7 @@ mod chart;
 mod dhcp;
 mod disk;
 mod host;
+mod kernel_log;
 mod kine;
 mod profile;
 mod state;
