@@ -58,6 +58,12 @@ pub fn resolve(
             ),
             false,
         )),
+        Accel::Auto if cfg!(target_os = "macos") => Ok(chosen(
+            Engine::Tcg,
+            "auto: tcg, since qemu has no KVM on macOS (libkrun runs on Hypervisor.framework)"
+                .into(),
+            false,
+        )),
         Accel::Auto => Ok(match kvm::check_kvm(Path::new(kvm::KVM_DEVICE)) {
             Err(e) => chosen(Engine::Tcg, format!("auto: tcg, since {e}"), true),
             Ok(()) => match probe(program, arch, PROBE_TIMEOUT) {
