@@ -86,16 +86,7 @@ pub fn start(
     ));
     let dir = run_dir(args, progress)?;
     session.run_dir = Some(dir.clone());
-    let (backend, note) = crate::backend::choose(
-        args.backend,
-        args.arch,
-        args.libkrun.as_deref(),
-        &crate::backend::Host::this(),
-    )?;
-    if let Some(note) = note {
-        progress.note(&note);
-    }
-    let accel = choose_accel(args, &backend, progress, timeline, now())?;
+    let (backend, accel) = choose_vmm(args, progress, timeline, now())?;
 
     // Listen first: the guest connects as soon as its config phase is done.
     let channel = Channel::listen(&dir.channel_socket())?;
@@ -160,18 +151,13 @@ pub fn start(
         "vmm-started",
         json!({ "pid": vmm.pid, "cmdline": spec.cmdline }),
     );
-    let engine = match &accel {
-        Some(a) if a.fell_back => format!("/{} (KVM fell back)", a.engine.name()),
-        Some(a) => format!("/{}", a.engine.name()),
-        None => String::new(),
-    };
-    progress.note(&format!(
-        "{} VM starting ({}{engine} pid {}, {:.1} ms after start; {sizing}); console: {}",
-        args.arch.name(),
-        vmm.name,
-        vmm.pid,
-        vmm_started_us as f64 / 1000.0,
-        console_log.display()
+    progress.note(&starting_line(
+        args.arch,
+        &vmm,
+        vmm_started_us,
+        accel.as_ref(),
+        &sizing,
+        &console_log,
     ));
     // Reap the VMM on its own thread so its exit is an event like any other.
     let waiter = vmm::watch(vmm.pid, tx.clone());
@@ -188,6 +174,31 @@ pub fn start(
         gvproxy_forwards,
         waiter,
     })
+}
+
+/// The line that says the VM starts: arch, VMM and engine, pid, when, sizing and its source, and
+/// where the console goes.
+fn starting_line(
+    arch: Arch,
+    vmm: &StartedVmm,
+    started_us: u64,
+    accel: Option<&AccelChoice>,
+    sizing: &crate::sizing::Sizing,
+    console_log: &Path,
+) -> String {
+    let engine = match accel {
+        Some(a) if a.fell_back => format!("/{} (KVM fell back)", a.engine.name()),
+        Some(a) => format!("/{}", a.engine.name()),
+        None => String::new(),
+    };
+    format!(
+        "{} VM starting ({}{engine} pid {}, {:.1} ms after start; {sizing}); console: {}",
+        arch.name(),
+        vmm.name,
+        vmm.pid,
+        started_us as f64 / 1000.0,
+        console_log.display()
+    )
 }
 
 /// The network for this boot (see `net::choice`), said on a line of its own and in the timeline.
@@ -282,6 +293,26 @@ fn size_vm(
                 "source": sizing.source, "warnings": sizing.warnings }),
     );
     Ok(sizing)
+}
+
+/// The backend (see `backend::choose`) and, for qemu, its accelerator, each said on a line.
+fn choose_vmm(
+    args: &UpArgs,
+    progress: &Progress,
+    timeline: &mut Timeline,
+    now_us: u64,
+) -> Result<(Chosen, Option<AccelChoice>), UpError> {
+    let (backend, note) = crate::backend::choose(
+        args.backend,
+        args.arch,
+        args.libkrun.as_deref(),
+        &crate::backend::Host::this(),
+    )?;
+    if let Some(note) = note {
+        progress.note(&note);
+    }
+    let accel = choose_accel(args, &backend, progress, timeline, now_us)?;
+    Ok((backend, accel))
 }
 
 /// qemu's accelerator (see `backend::accel`), said on a line of its own and in the timeline;
