@@ -552,7 +552,12 @@ pub fn unmount_below(dir: &Path) -> Result<()> {
     let mut points = mounts_below(&mounts, dir);
     points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     for p in points {
-        nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+        #[cfg(target_os = "linux")]
+        let unmounted = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        // Roots are built on Linux only; this lets xtask build on macOS for `sign`.
+        #[cfg(not(target_os = "linux"))]
+        let unmounted = nix::mount::unmount(&p, nix::mount::MntFlags::MNT_FORCE);
+        unmounted.map_err(|e| {
             Error::msg(format!(
                 "unmount {} (left by debootstrap): {e}",
                 p.display()

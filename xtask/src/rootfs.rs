@@ -168,7 +168,8 @@ pub fn build_base(arch: Arch, init: &Path) -> Result<PathBuf> {
                 &p,
                 nix::sys::stat::SFlag::S_IFCHR,
                 nix::sys::stat::Mode::from_bits_truncate(mode),
-                nix::sys::stat::makedev(major, minor),
+                // libc's, not nix's: nix has none on macOS, where xtask builds for `sign`.
+                libc::makedev(major, minor),
             )
             .map_err(|e| Error::msg(format!("mknod {} (needs root): {e}", p.display())))?;
         }
