@@ -89,10 +89,20 @@ pub fn resolve(
 /// quit; `Ok` with the time it took when it quits cleanly, else what went wrong (its exit
 /// status and first line of stderr).
 pub fn probe(program: &Path, arch: Arch, timeout: Duration) -> Result<Duration, String> {
+    run_paused(program, kvm_probe_args(arch), timeout)
+}
+
+/// Runs `program` with `args` (a paused qemu with its monitor on stdin), tells it to quit, and
+/// judges how it ended.
+fn run_paused(
+    program: &Path,
+    args: Vec<std::ffi::OsString>,
+    timeout: Duration,
+) -> Result<Duration, String> {
     let started = Instant::now();
     let name = program.display();
     let mut child = Command::new(program)
-        .args(kvm_probe_args(arch))
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -242,29 +252,23 @@ mod tests {
     }
 
     /// The probe quits a healthy qemu instead of waiting for its timeout: under TCG the same
-    /// paused start must succeed quickly.
+    /// paused start succeeds, quickly; a qemu that fails is reported with its status and error.
     #[test]
     fn a_healthy_paused_qemu_quits_when_told() {
         let Some(qemu) = qemu_here() else {
             eprintln!("skipped: no qemu here");
             return;
         };
-        let args: Vec<_> = kvm_probe_args(Arch::host())
-            .into_iter()
-            .map(|a| if a == "kvm" { "tcg".into() } else { a })
-            .collect();
-        let mut child = Command::new(&qemu)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"quit\n")
-            .expect("write");
-        assert!(child.wait().expect("wait").success());
+        let with = |accel: &str, extra: &[&str]| -> Vec<std::ffi::OsString> {
+            kvm_probe_args(Arch::host())
+                .into_iter()
+                .map(|a| if a == "kvm" { accel.into() } else { a })
+                .chain(extra.iter().map(Into::into))
+                .collect()
+        };
+        let took = run_paused(&qemu, with("tcg", &[]), PROBE_TIMEOUT).expect("tcg quits");
+        assert!(took < PROBE_TIMEOUT, "{took:?}");
+        let err = run_paused(&qemu, with("tcg", &["-m", "nonsense"]), PROBE_TIMEOUT).unwrap_err();
+        assert!(err.contains("exited with status 1: "), "{err}");
     }
 }
