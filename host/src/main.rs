@@ -17,12 +17,14 @@ mod health_server;
 mod kubeconfig;
 mod lifecycle;
 mod net;
+mod nofile;
 mod private_dir;
 mod progress;
 mod readiness;
 mod report;
 mod rundir;
 mod safe_text;
+mod sizing;
 #[cfg(test)]
 mod test_pki;
 mod up;
@@ -61,6 +63,8 @@ enum Cmd {
 const PROGRAM: &str = "openshell-host";
 
 fn main() {
+    // Before any thread or child: every VMM and helper inherits the raised limit.
+    nofile::raise_at_start();
     let cli = Cli::parse();
     let code = match cli.command {
         // Decided before `up` blocks any signal or starts any thread: the background process

@@ -3,7 +3,8 @@
 //! replace a file atomically (`fsutil`). The protocol decoders do no I/O of their own (they
 //! decode bytes they are given), so the host, the guest and the fuzzers run the exact same
 //! decoding code; `config` reads its one file, `fsutil` writes files. `cache` says where the
-//! artifact cache is, for `cargo xtask` that fills it and the host that finds gvproxy there.
+//! artifact cache is, for `cargo xtask` that fills it and the host that finds gvproxy there;
+//! `sizing` the VM's vCPUs and memory as a root's manifest records them.
 
 pub mod arch;
 pub mod cache;
@@ -12,6 +13,7 @@ pub mod exec;
 pub mod framing;
 pub mod fsutil;
 pub mod protocol;
+pub mod sizing;
 
 pub use arch::Arch;
 pub use config::{BootConfig, Cmdline, ConfigError};

@@ -303,6 +303,18 @@ pub struct Boot {
     /// `--state-disk-size` for the boot; unset, `--no-state-disk`: the base root cannot format
     /// a state disk, so only the tests about the disk get one.
     pub state_disk: Option<String>,
+    /// `--accel` for the boot: [`test_accel`] unless a test is about the accelerator.
+    pub accel: String,
+}
+
+/// qemu's accelerator for the VM tests: `OPENSHELL_TEST_ACCEL` (`auto`, `kvm`, `tcg`), else
+/// `tcg`, so a run measures the same thing on every machine and never depends on whether KVM
+/// runs guests here (on these CI hosts it does not).
+pub fn test_accel() -> String {
+    std::env::var("OPENSHELL_TEST_ACCEL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "tcg".into())
 }
 
 impl Boot {
@@ -347,6 +359,7 @@ impl Boot {
             extra_args: Vec::new(),
             net: "none".into(),
             state_disk: None,
+            accel: test_accel(),
         }
     }
 
@@ -363,6 +376,12 @@ impl Boot {
     /// Boots with a state disk of `size` (`--state-disk-size`).
     pub fn state_disk(mut self, size: &str) -> Self {
         self.state_disk = Some(size.to_string());
+        self
+    }
+
+    /// Boots with `--accel ACCEL` instead of [`test_accel`]'s.
+    pub fn accel(mut self, accel: &str) -> Self {
+        self.accel = accel.to_string();
         self
     }
 
@@ -400,7 +419,7 @@ impl Boot {
     }
 
     /// The `up` options that say which VM this is: arch, kernel, root, vsock helper, run
-    /// directory, state disk.
+    /// directory, state disk, accelerator.
     pub fn vm_args(&self, cmd: &mut Command, run_dir: &Path) {
         match &self.state_disk {
             Some(size) => cmd.arg("--state-disk-size").arg(size),
@@ -415,7 +434,9 @@ impl Boot {
             .arg("--vsock-helper")
             .arg(&self.artifacts.vsock_helper)
             .arg("--run-dir")
-            .arg(run_dir);
+            .arg(run_dir)
+            .arg("--accel")
+            .arg(&self.accel);
     }
 
     /// Starts `openshell-host up` for this boot.

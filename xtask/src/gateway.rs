@@ -13,7 +13,7 @@
 //! removed or normalised, Perl's hash order is fixed while debconf writes its databases, and every
 //! mtime is set to 0. `manifest.json` records the Debian package versions (the snapshot used),
 //! k3s, the images, the payload, openshell-init and the overlay with their SHA-256, what the
-//! gateway lacks, and a hash of the tree.
+//! gateway lacks, a hash of the tree, and the VM's sizing (`vm`, [`VmSizing::GATEWAY`]).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::{self, Key};
 use crate::k3s::{self, Input};
+use openshell_shared::sizing::{self, VmSizing};
 use openshell_shared::Arch;
 
 use crate::build_names::BuildNames;
@@ -147,6 +148,7 @@ pub fn build_with(
     let mut key = Key::new(RECIPE);
     key.str(arch.name()).str(&stage_name).file(init)?;
     key.str(&k3s.sha256);
+    key.str(&VmSizing::GATEWAY.to_json().to_string());
     payload.key(&mut key);
     for (rel, path) in &overlay {
         key.str(rel).file(path)?;
@@ -550,7 +552,12 @@ pub fn unmount_below(dir: &Path) -> Result<()> {
     let mut points = mounts_below(&mounts, dir);
     points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     for p in points {
-        nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+        #[cfg(target_os = "linux")]
+        let unmounted = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        // Roots are built on Linux only; this lets xtask build on macOS for `sign`.
+        #[cfg(not(target_os = "linux"))]
+        let unmounted = nix::mount::unmount(&p, nix::mount::MntFlags::MNT_FORCE);
+        unmounted.map_err(|e| {
             Error::msg(format!(
                 "unmount {} (left by debootstrap): {e}",
                 p.display()
@@ -892,6 +899,7 @@ impl Manifest<'_> {
             })),
             "unpinned": unpinned,
             "tree_sha256": self.tree_sha256,
+            sizing::MANIFEST_KEY: VmSizing::GATEWAY.to_json(),
         });
         serde_json::to_string_pretty(&doc)
             .map(|s| s + "\n")
@@ -966,6 +974,11 @@ mod tests {
         assert_eq!(v["openshell-init"]["sha256"], "dd44");
         assert_eq!(v["overlay"]["etc/openshell/init.yaml"], "cc33");
         assert_eq!(v["tree_sha256"], "ee55");
+        assert_eq!(
+            VmSizing::from_json(&v["vm"]),
+            Ok(VmSizing::GATEWAY),
+            "the sizing the host boots it with"
+        );
         assert_eq!(
             v["unpinned"],
             serde_json::json!([

@@ -26,6 +26,7 @@ mod peers;
 mod process;
 mod progress;
 mod rootfs;
+mod sign;
 mod test;
 mod tools;
 mod up;
@@ -92,6 +93,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// macOS: sign openshell-host with the hypervisor entitlement (elsewhere: says so, exit 0).
+    Sign(sign::SignArgs),
 }
 
 fn main() {
@@ -129,6 +132,7 @@ fn main() {
         Cmd::Up(args) => up::run(args).map(|code| std::process::exit(code)),
         Cmd::Test(args) => test::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Sign(args) => sign::run_sign(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e}");

@@ -3,13 +3,15 @@
 //! small enough to copy per test and boots in about a second under emulation.
 //!
 //! Reproducible: entries are written in sorted order with fixed timestamps, and `manifest.json`
-//! at the root records the SHA-256 of every file and the versions of what went in.
+//! at the root records the SHA-256 of every file, the versions of what went in and the VM's
+//! sizing (`vm`, [`VmSizing::BASE`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cache::{self, Key};
+use openshell_shared::sizing::{self, VmSizing};
 use openshell_shared::Arch;
 
 use crate::build_names::BuildNames;
@@ -129,6 +131,7 @@ pub fn build_base(arch: Arch, init: &Path) -> Result<PathBuf> {
     let overlay = overlay_files("base")?;
     let mut key = Key::new(RECIPE);
     key.str(arch.name()).file(init)?.file(&busybox)?;
+    key.str(&VmSizing::BASE.to_json().to_string());
     for (rel, path) in &overlay {
         key.str(rel).file(path)?;
     }
@@ -165,7 +168,8 @@ pub fn build_base(arch: Arch, init: &Path) -> Result<PathBuf> {
                 &p,
                 nix::sys::stat::SFlag::S_IFCHR,
                 nix::sys::stat::Mode::from_bits_truncate(mode),
-                nix::sys::stat::makedev(major, minor),
+                // libc's, not nix's: nix has none on macOS, where xtask builds for `sign`.
+                libc::makedev(major, minor),
             )
             .map_err(|e| Error::msg(format!("mknod {} (needs root): {e}", p.display())))?;
         }
@@ -212,6 +216,7 @@ fn manifest(root: &Path, arch: Arch, bb_version: &str) -> Result<String> {
             "openshell-init": env!("CARGO_PKG_VERSION"),
         },
         "files": files,
+        sizing::MANIFEST_KEY: VmSizing::BASE.to_json(),
     });
     serde_json::to_string_pretty(&doc).map_err(|e| Error::msg(e.to_string()))
 }
@@ -288,5 +293,20 @@ mod tests {
     fn applet_list_is_cleaned() {
         let list = "sh\ninit\n[\nls\n/bin/odd\nls\n\nlinuxrc\n";
         assert_eq!(filter_applets(list), vec!["[", "ls", "sh"]);
+    }
+
+    /// The base manifest lists the files and carries the small sizing the host boots it with.
+    #[test]
+    fn the_base_manifest_records_files_and_sizing() {
+        let root = tempfile::tempdir().expect("tmp");
+        std::fs::write(root.path().join("hello"), "hi").expect("write");
+        let text = manifest(root.path(), Arch::X86_64, "1:1.36").expect("manifest");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["profile"], "base");
+        assert_eq!(
+            v["files"]["hello"],
+            "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
+        );
+        assert_eq!(VmSizing::from_json(&v["vm"]), Ok(VmSizing::BASE));
     }
 }

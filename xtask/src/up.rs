@@ -168,15 +168,17 @@ fn state_disk_args(profile: Profile, host_args: &[String]) -> (&'static [&'stati
 }
 
 /// `openshell-host up` for instance `name` booting the base root `root` (or a copy of it) with
-/// the kernel and helpers of `a`, without a state disk: the base root cannot format one.
+/// the kernel and helpers of `a`, without a state disk: the base root cannot format one. For the
+/// benchmarks: under software emulation (`--accel tcg`), what their recorded numbers measure,
+/// whether or not KVM runs guests on the machine.
 pub fn host_up(host: &Path, arch: Arch, name: &str, a: &Artifacts, root: &Path) -> Command {
     let mut cmd = host_cmd(host, arch, name, a, root);
-    cmd.arg("--no-state-disk");
+    cmd.args(["--no-state-disk", "--accel", "tcg"]);
     cmd
 }
 
 /// `openshell-host up` for instance `name` booting `root` (one that can format a disk) with a
-/// state disk of `size`.
+/// state disk of `size`, under software emulation as [`host_up`].
 pub fn host_up_with_disk(
     host: &Path,
     arch: Arch,
@@ -186,7 +188,7 @@ pub fn host_up_with_disk(
     size: &str,
 ) -> Command {
     let mut cmd = host_cmd(host, arch, name, a, root);
-    cmd.args(["--state-disk-size", size]);
+    cmd.args(["--state-disk-size", size, "--accel", "tcg"]);
     cmd
 }
 

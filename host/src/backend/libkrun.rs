@@ -828,6 +828,7 @@ mod tests {
                 cmdline: crate::backend::spec::kernel_cmdline(Arch::host(), &[], None),
                 memory_mib: 128,
                 cpus,
+                engine: crate::backend::spec::Engine::Kvm,
                 virtiofs_socket: dir.join("unused-virtiofs.sock"),
                 vsock_socket: dir.join("unused-vsock.sock"),
                 console_log: dir.join("console.log"),

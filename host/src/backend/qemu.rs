@@ -1,5 +1,6 @@
-//! The qemu backend: `-M microvm` on x86_64 and `-M virt` on aarch64, software emulation by
-//! default, guest memory in a shared memfd so the vhost-user daemons (virtio-fs, vsock) can map it.
+//! The qemu backend: `-M microvm` on x86_64 and `-M virt` on aarch64, under KVM or software
+//! emulation (`accel` decides), guest memory in a shared memfd so the vhost-user daemons
+//! (virtio-fs, vsock) can map it.
 //! Also the arguments of those two daemons, which run next to qemu only.
 
 use std::ffi::OsString;
@@ -7,19 +8,58 @@ use std::path::{Path, PathBuf};
 
 use openshell_shared::Arch;
 
+#[cfg(test)]
+use super::spec::Engine;
 use super::spec::{VmSpec, GUEST_MAC, STATE_DISK_SERIAL};
 
+/// `--accel`: what qemu runs the guest with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
-    Tcg,
+    /// KVM where KVM can run the guest (a probe says), else software emulation, saying why.
+    Auto,
     Kvm,
+    Tcg,
 }
 
 #[derive(Debug, Clone)]
 pub struct Qemu {
     /// The emulator binary; `qemu-system-<arch>` on PATH by default.
     pub program: Option<PathBuf>,
-    pub accel: Accel,
+}
+
+/// The machine model and its options, without the memory backend the full VM adds.
+pub fn machine(arch: Arch) -> &'static str {
+    match arch {
+        // No ACPI: the microvm needs none, and the guest kernel has it off.
+        Arch::X86_64 => "microvm,acpi=off",
+        Arch::Aarch64 => "virt",
+    }
+}
+
+/// A qemu that sets up the machine and vCPU of a boot under KVM, paused before the first
+/// instruction (`-S`), with its monitor on stdin to be told `quit`: where KVM cannot run the
+/// guest, qemu fails here as it would at boot (`accel::probe`).
+pub fn kvm_probe_args(arch: Arch) -> Vec<OsString> {
+    [
+        "-M",
+        machine(arch),
+        "-accel",
+        "kvm",
+        "-cpu",
+        "max",
+        "-m",
+        "64M",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-monitor",
+        "stdio",
+    ]
+    .map(OsString::from)
+    .to_vec()
 }
 
 impl Qemu {
@@ -32,18 +72,11 @@ impl Qemu {
     /// The full argument vector (without the program).
     pub fn args(&self, spec: &VmSpec) -> Vec<OsString> {
         let mem = format!("{}M", spec.memory_mib);
-        let machine = match spec.arch {
-            // No ACPI: the microvm needs none, and the guest kernel has it off.
-            Arch::X86_64 => "microvm,acpi=off,memory-backend=mem",
-            Arch::Aarch64 => "virt,memory-backend=mem",
-        };
-        let accel = match self.accel {
-            Accel::Tcg => "tcg",
-            Accel::Kvm => "kvm",
-        };
+        let machine = format!("{},memory-backend=mem", machine(spec.arch));
+        let accel = spec.engine.name();
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-        push(&["-M", machine, "-accel", accel, "-cpu", "max", "-m", &mem]);
+        push(&["-M", &machine, "-accel", accel, "-cpu", "max", "-m", &mem]);
         push(&["-smp", &spec.cpus.to_string()]);
         push(&[
             "-object",
@@ -150,6 +183,7 @@ mod tests {
             cmdline: "console=ttyS0 quiet".into(),
             memory_mib: 256,
             cpus: 2,
+            engine: Engine::Tcg,
             virtiofs_socket: "/r/virtiofsd.sock".into(),
             vsock_socket: "/r/vhost-vsock.sock".into(),
             console_log: "/r/console.log".into(),
@@ -168,10 +202,7 @@ mod tests {
 
     #[test]
     fn x86_64_microvm_command() {
-        let q = Qemu {
-            program: None,
-            accel: Accel::Tcg,
-        };
+        let q = Qemu { program: None };
         assert_eq!(q.program(Arch::X86_64), PathBuf::from("qemu-system-x86_64"));
         assert_eq!(
             joined(&q, Arch::X86_64),
@@ -188,10 +219,16 @@ mod tests {
     fn aarch64_virt_command() {
         let q = Qemu {
             program: Some("/opt/q".into()),
-            accel: Accel::Kvm,
         };
         assert_eq!(q.program(Arch::Aarch64), PathBuf::from("/opt/q"));
-        let line = joined(&q, Arch::Aarch64);
+        let mut s = spec(Arch::Aarch64);
+        s.engine = Engine::Kvm;
+        let line = q
+            .args(&s)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(
             line.starts_with("-M virt,memory-backend=mem -accel kvm "),
             "{line}"
@@ -205,10 +242,7 @@ mod tests {
     /// the serial the guest looks for, and a comma in the path escaped.
     #[test]
     fn state_disk_device() {
-        let q = Qemu {
-            program: None,
-            accel: Accel::Tcg,
-        };
+        let q = Qemu { program: None };
         for arch in [Arch::X86_64, Arch::Aarch64] {
             let mut s = spec(arch);
             s.state_disk = Some("/state/a,b/state.img".into());
@@ -235,10 +269,7 @@ mod tests {
 
     #[test]
     fn passt_network_device() {
-        let q = Qemu {
-            program: None,
-            accel: Accel::Tcg,
-        };
+        let q = Qemu { program: None };
         let mut s = spec(Arch::X86_64);
         s.net_socket = Some("/r/passt/passt.sock".into());
         let line = q

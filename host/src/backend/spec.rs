@@ -1,5 +1,5 @@
-//! What every backend is given to start the VM: the [`VmSpec`], the kernel command line, the
-//! serial console's name and the guest's MAC. Shared by the backends; imports none of them.
+//! What every backend is given to start the VM: the [`VmSpec`] (with its [`Engine`]), the kernel
+//! command line, the serial console's name and the guest's MAC. Shared by the backends; imports none of them.
 
 use std::path::PathBuf;
 
@@ -13,6 +13,24 @@ pub fn console(arch: Arch) -> &'static str {
     }
 }
 
+/// How the guest's CPU runs: under the hypervisor (KVM, Hypervisor.framework: libkrun always)
+/// or emulated in software (qemu's TCG).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Kvm,
+    Tcg,
+}
+
+impl Engine {
+    /// qemu's name for it (`-accel NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Kvm => "kvm",
+            Engine::Tcg => "tcg",
+        }
+    }
+}
+
 /// What every backend needs to know to start the VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -21,6 +39,8 @@ pub struct VmSpec {
     pub cmdline: String,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// qemu's accelerator; libkrun runs under the hypervisor whatever this says.
+    pub engine: Engine,
     /// vhost-user socket of the virtio-fs daemon serving the root filesystem.
     pub virtiofs_socket: PathBuf,
     /// vhost-user socket of the vsock device.

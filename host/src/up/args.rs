@@ -37,10 +37,14 @@ pub struct UpArgs {
     /// Host directory shared as the guest's root filesystem.
     #[arg(long)]
     pub rootfs: PathBuf,
-    #[arg(long, default_value_t = 512)]
-    pub memory: u32,
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u32,
+    /// Guest memory in MiB. Default: the root's `manifest.json` (`vm.memory_mib`: the gateway
+    /// 8192, base 512), at most 75% of this machine's memory.
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// vCPUs. Default: the root's `manifest.json` (`vm.cpus`: the gateway 4, base 1), at most
+    /// this machine's online CPUs.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
     /// Instance name (letters, digits, '_', '-'): one state and one run directory per instance.
     #[arg(long, default_value = "default")]
     pub name: String,
@@ -92,9 +96,10 @@ pub struct UpArgs {
     /// virtio-fs daemon (Debian's by default).
     #[arg(long, default_value = "/usr/lib/qemu/virtiofsd")]
     pub virtiofsd: PathBuf,
-    /// VMM: qemu, libkrun, or auto (libkrun when it loads, runs the guest's arch and /dev/kvm
-    /// opens read-write; else qemu, saying why). On machines where KVM fails on full guests even
-    /// so, pick `--backend qemu`.
+    /// VMM: qemu, libkrun, or auto (libkrun when it loads, runs the guest's arch and the
+    /// hypervisor makes a VM; else qemu on Linux, saying why, and an error on macOS, where qemu
+    /// would be software emulation). On machines where KVM fails on full guests even so, pick
+    /// `--backend qemu`.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// libkrun library to load; else `OPENSHELL_LIBKRUN`, else `libkrun.so.1` (macOS:
@@ -104,8 +109,10 @@ pub struct UpArgs {
     /// Emulator binary; `qemu-system-<arch>` by default.
     #[arg(long)]
     pub qemu: Option<PathBuf>,
-    /// KVM fails on full guests on some machines, so software emulation is the default.
-    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    /// qemu's accelerator. `auto`: KVM where a paused qemu comes up under KVM with the boot's
+    /// machine and vCPU (some machines open /dev/kvm and still fail full guests), else software
+    /// emulation, saying why; `tcg` forces software emulation (CI, the VM tests).
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
     /// Appended to the kernel command line (e.g. `openshell.hostname=gw`).
     #[arg(long)]
@@ -181,7 +188,7 @@ mod tests {
         assert_eq!(a.kernel, PathBuf::from("/k/bzImage"));
         assert_eq!(a.rootfs, PathBuf::from("/images/root"));
         assert_eq!(a.arch, Arch::host());
-        assert_eq!((a.memory, a.cpus), (512, 1));
+        assert_eq!((a.memory, a.cpus), (None, None), "sized by the root");
         assert_eq!(a.name, "default");
         assert!(!a.detach && !a.reset && !a.yes && !a.json);
         assert_eq!(a.ready_stage, "ready");
@@ -190,7 +197,7 @@ mod tests {
         assert_eq!(a.vsock_helper, PathBuf::from("vhost-device-vsock"));
         assert_eq!(a.virtiofsd, PathBuf::from("/usr/lib/qemu/virtiofsd"));
         assert_eq!(a.backend, BackendChoice::Auto);
-        assert_eq!(a.accel, Accel::Tcg);
+        assert_eq!(a.accel, Accel::Auto);
         assert_eq!(a.net, NetChoice::Auto);
         assert_eq!(a.passt, PathBuf::from("passt"));
         assert!(a.gvproxy.is_none());
@@ -269,6 +276,11 @@ mod tests {
         );
         assert_eq!(a.backend, BackendChoice::Libkrun);
         assert_eq!(a.accel, Accel::Kvm);
+        assert_eq!(
+            with_required(&["--accel", "tcg"]).expect("tcg").accel,
+            Accel::Tcg
+        );
+        assert!(with_required(&["--accel", "hvf"]).is_err());
         assert_eq!(a.net, NetChoice::None);
         assert_eq!(a.arch, Arch::Aarch64);
         assert!(with_required(&["-p", "0"]).is_err(), "port 0 is refused");

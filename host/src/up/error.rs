@@ -46,6 +46,12 @@ pub enum UpError {
     #[error(transparent)]
     Libkrun(#[from] LibkrunError),
     #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+    #[error("--accel kvm: {0}")]
+    Accel(#[from] crate::backend::kvm::HypervisorError),
+    #[error(transparent)]
+    Sizing(#[from] crate::sizing::ManifestError),
+    #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
     Reset(#[from] ResetError),

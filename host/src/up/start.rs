@@ -1,6 +1,7 @@
-//! Starting a boot: checks the inputs, makes the state disk ready, prepares the run directory,
-//! picks the backend, listens on the boot channel, starts the helpers and the VMM, records the
-//! instance for `down` and `status`, and starts the VMM's reaper. gvproxy's forwards are left to
+//! Starting a boot: reports the open-file limit, checks the inputs, sizes the VM, makes the state
+//! disk ready, prepares the run directory, picks the backend and qemu's accelerator, listens on
+//! the boot channel, starts the helpers and the VMM, records the instance for `down` and
+//! `status`, and starts the VMM's reaper. gvproxy's forwards are left to
 //! the loop, which makes them once the guest confirms its refusals.
 
 use std::os::unix::net::UnixStream;
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use openshell_shared::sizing::VmSizing;
 use openshell_shared::Arch;
 use serde_json::json;
 
@@ -19,8 +21,9 @@ use super::event::{wrap_channel, Event};
 use super::helpers;
 use super::session::Session;
 use super::vmm::{self, StartedVmm};
-use crate::backend::qemu::Accel;
-use crate::backend::spec::{kernel_cmdline, state_disk_cmdline, VmSpec};
+use crate::backend::accel::AccelChoice;
+use crate::backend::qemu::Qemu;
+use crate::backend::spec::{kernel_cmdline, state_disk_cmdline, Engine, VmSpec};
 use crate::backend::Chosen;
 use crate::channel::Channel;
 use crate::children::Helper;
@@ -72,7 +75,9 @@ pub fn start(
     session: &mut Session,
 ) -> Result<Started, UpError> {
     let now = || clock.elapsed().as_micros() as u64;
+    report_open_files(progress, timeline, now());
     check_inputs(args)?;
+    let sizing = size_vm(args, progress, timeline, now())?;
     let disk = prepare_disk(args, progress, timeline, session, now())?;
     let network = choose_network(args, progress, timeline, now())?;
     progress.note(&crate::net::host_loopback_summary(
@@ -81,10 +86,7 @@ pub fn start(
     ));
     let dir = run_dir(args, progress)?;
     session.run_dir = Some(dir.clone());
-    let (backend, note) = crate::backend::choose(args.backend, args.arch, args.libkrun.as_deref())?;
-    if let Some(note) = note {
-        progress.note(&note);
-    }
+    let (backend, accel) = choose_vmm(args, progress, timeline, now())?;
 
     // Listen first: the guest connects as soon as its config phase is done.
     let channel = Channel::listen(&dir.channel_socket())?;
@@ -119,10 +121,10 @@ pub fn start(
         .unwrap_or_else(|| dir.console_log());
     crate::rundir::prepare_console_log(&console_log)?;
     timeline.console_log = Some(console_log.clone());
-    let spec = with_host_time(
+    let mut spec = with_host_time(
         vm_spec(
             args,
-            &backend,
+            accel.as_ref().map_or(Engine::Kvm, |a| a.engine),
             network.backend,
             &dir,
             net_socket,
@@ -131,6 +133,7 @@ pub fn start(
         ),
         std::time::SystemTime::now(),
     );
+    (spec.cpus, spec.memory_mib) = (sizing.vm.cpus, sizing.vm.memory_mib);
     let vmm = vmm::start(
         &backend,
         network.backend,
@@ -148,13 +151,13 @@ pub fn start(
         "vmm-started",
         json!({ "pid": vmm.pid, "cmdline": spec.cmdline }),
     );
-    progress.note(&format!(
-        "{} VM starting ({} pid {}, {:.1} ms after start); console: {}",
-        args.arch.name(),
-        vmm.name,
-        vmm.pid,
-        vmm_started_us as f64 / 1000.0,
-        console_log.display()
+    progress.note(&starting_line(
+        args.arch,
+        &vmm,
+        vmm_started_us,
+        accel.as_ref(),
+        &sizing,
+        &console_log,
     ));
     // Reap the VMM on its own thread so its exit is an event like any other.
     let waiter = vmm::watch(vmm.pid, tx.clone());
@@ -171,6 +174,31 @@ pub fn start(
         gvproxy_forwards,
         waiter,
     })
+}
+
+/// The line that says the VM starts: arch, VMM and engine, pid, when, sizing and its source, and
+/// where the console goes.
+fn starting_line(
+    arch: Arch,
+    vmm: &StartedVmm,
+    started_us: u64,
+    accel: Option<&AccelChoice>,
+    sizing: &crate::sizing::Sizing,
+    console_log: &Path,
+) -> String {
+    let engine = match accel {
+        Some(a) if a.fell_back => format!("/{} (KVM fell back)", a.engine.name()),
+        Some(a) => format!("/{}", a.engine.name()),
+        None => String::new(),
+    };
+    format!(
+        "{} VM starting ({}{engine} pid {}, {:.1} ms after start; {sizing}); console: {}",
+        arch.name(),
+        vmm.name,
+        vmm.pid,
+        started_us as f64 / 1000.0,
+        console_log.display()
+    )
 }
 
 /// The network for this boot (see `net::choice`), said on a line of its own and in the timeline.
@@ -219,6 +247,100 @@ fn prepare_disk(
     Ok(Some(disk.path))
 }
 
+/// The open-file limit `main` raised, said on a line of its own (a warning when low) and in the
+/// timeline.
+fn report_open_files(progress: &Progress, timeline: &mut Timeline, now_us: u64) {
+    match crate::nofile::at_start() {
+        Some(Ok(raise)) => {
+            let line = raise.describe();
+            if raise.warning().is_some() {
+                progress.error(&line);
+            } else {
+                progress.note(&line);
+            }
+            timeline.host(
+                now_us,
+                "open-files",
+                json!({ "before": raise.before, "soft": raise.now, "hard": raise.hard,
+                        "needed": crate::nofile::NEEDED }),
+            );
+        }
+        Some(Err(e)) => progress.error(&format!("open files: cannot read or raise the limit: {e}")),
+        None => {}
+    }
+}
+
+/// The VM's vCPUs and memory (see `sizing`), clamping warnings said, recorded in the timeline.
+fn size_vm(
+    args: &UpArgs,
+    progress: &Progress,
+    timeline: &mut Timeline,
+    now_us: u64,
+) -> Result<crate::sizing::Sizing, UpError> {
+    let sizing = crate::sizing::resolve(
+        args.cpus,
+        args.memory,
+        &args.rootfs,
+        crate::sizing::HostResources::this(),
+    )?;
+    for warning in &sizing.warnings {
+        progress.error(&format!("warning: {warning}"));
+    }
+    timeline.host(
+        now_us,
+        "sizing",
+        json!({ "cpus": sizing.vm.cpus, "memory_mib": sizing.vm.memory_mib,
+                "source": sizing.source, "warnings": sizing.warnings }),
+    );
+    Ok(sizing)
+}
+
+/// The backend (see `backend::choose`) and, for qemu, its accelerator, each said on a line.
+fn choose_vmm(
+    args: &UpArgs,
+    progress: &Progress,
+    timeline: &mut Timeline,
+    now_us: u64,
+) -> Result<(Chosen, Option<AccelChoice>), UpError> {
+    let (backend, note) = crate::backend::choose(
+        args.backend,
+        args.arch,
+        args.libkrun.as_deref(),
+        &crate::backend::Host::this(),
+    )?;
+    if let Some(note) = note {
+        progress.note(&note);
+    }
+    let accel = choose_accel(args, &backend, progress, timeline, now_us)?;
+    Ok((backend, accel))
+}
+
+/// qemu's accelerator (see `backend::accel`), said on a line of its own and in the timeline;
+/// `None` for libkrun.
+fn choose_accel(
+    args: &UpArgs,
+    backend: &Chosen,
+    progress: &Progress,
+    timeline: &mut Timeline,
+    now_us: u64,
+) -> Result<Option<AccelChoice>, UpError> {
+    if !matches!(backend, Chosen::Qemu) {
+        return Ok(None);
+    }
+    let program = Qemu {
+        program: args.qemu.clone(),
+    }
+    .program(args.arch);
+    let accel = crate::backend::accel::resolve(args.accel, args.arch, &program)?;
+    progress.note(&format!("accelerator {}", accel.why));
+    timeline.host(
+        now_us,
+        "accel",
+        json!({ "engine": accel.engine.name(), "why": accel.why, "fell_back": accel.fell_back }),
+    );
+    Ok(Some(accel))
+}
+
 fn check_inputs(args: &UpArgs) -> Result<(), UpError> {
     openshell_shared::config::check_host_ports(&args.host_ports).map_err(UpError::HostPorts)?;
     if !args.kernel.is_file() {
@@ -256,7 +378,7 @@ fn run_dir(args: &UpArgs, progress: &Progress) -> Result<RunDir, UpError> {
 /// machine (see `backend::tsc`) before any `--cmdline-extra`; a state disk is announced there too.
 fn vm_spec(
     args: &UpArgs,
-    backend: &Chosen,
+    engine: Engine,
     net: NetBackend,
     dir: &RunDir,
     net_socket: Option<PathBuf>,
@@ -268,7 +390,7 @@ fn vm_spec(
     if state_disk.is_some() {
         extra.push(state_disk_cmdline());
     }
-    if matches!(backend, Chosen::Qemu) && args.accel == Accel::Tcg && args.arch == Arch::X86_64 {
+    if engine == Engine::Tcg && args.arch == Arch::X86_64 {
         let cache = instance::state_root().ok();
         if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
             extra.push(tsc);
@@ -286,8 +408,9 @@ fn vm_spec(
         arch: args.arch,
         kernel: args.kernel.clone(),
         cmdline: kernel_cmdline(args.arch, &args.exec, Some(&extra.join(" "))),
-        memory_mib: args.memory,
-        cpus: args.cpus,
+        memory_mib: VmSizing::BASE.memory_mib,
+        cpus: VmSizing::BASE.cpus,
+        engine,
         virtiofs_socket: dir.virtiofs_socket(),
         vsock_socket: dir.vsock_vhost_socket(),
         console_log: console_log.to_path_buf(),
@@ -357,7 +480,7 @@ mod tests {
         };
         let spec = vm_spec(
             &args,
-            &Chosen::Qemu,
+            Engine::Tcg,
             NetBackend::Passt,
             &dir,
             None,
@@ -425,7 +548,7 @@ mod tests {
         };
         let spec = vm_spec(
             &args,
-            &Chosen::Qemu,
+            Engine::Tcg,
             NetBackend::Gvproxy,
             &dir,
             Some("/run/x/passt/passt.sock".into()),
@@ -434,7 +557,6 @@ mod tests {
         );
         assert_eq!(spec.arch, Arch::Aarch64);
         assert_eq!(spec.kernel, PathBuf::from("/k/Image"));
-        assert_eq!((spec.memory_mib, spec.cpus), (768, 2));
         assert_eq!(spec.virtiofs_socket, dir.virtiofs_socket());
         assert_eq!(spec.vsock_socket, dir.vsock_vhost_socket());
         assert_eq!(spec.console_log, PathBuf::from("/logs/console.log"));
@@ -454,7 +576,7 @@ mod tests {
         // With a disk the guest is told, before the user's extra options.
         let with = vm_spec(
             &args,
-            &Chosen::Qemu,
+            Engine::Tcg,
             NetBackend::Passt,
             &dir,
             None,
@@ -481,7 +603,7 @@ mod tests {
         .expect("parse");
         let spec = vm_spec(
             &listed,
-            &Chosen::Qemu,
+            Engine::Tcg,
             NetBackend::Passt,
             &dir,
             None,

@@ -51,7 +51,6 @@ pub fn start(
         Chosen::Qemu => {
             let qemu = Qemu {
                 program: args.qemu.clone(),
-                accel: args.accel,
             };
             let mut cmd = Command::new(qemu.program(args.arch));
             cmd.args(qemu.args(spec));

@@ -4,6 +4,8 @@
 
 mod boot;
 mod chart;
+// Network namespaces: Linux only (xtask builds on macOS for `sign`).
+#[cfg(target_os = "linux")]
 mod dhcp;
 mod disk;
 mod host;
@@ -90,7 +92,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             png,
         } => boot::run(arch, runs, out, png),
         What::Kine { rows, runs } => kine::run(rows, runs.max(1)),
+        #[cfg(target_os = "linux")]
         What::Dhcp { runs } => dhcp::run(runs.max(1)),
+        #[cfg(not(target_os = "linux"))]
+        What::Dhcp { .. } => Err(crate::error::Error::msg(
+            "bench dhcp runs in Linux network namespaces",
+        )),
         What::Profile { top } => profile::run(top.max(1)),
         What::Host { arch, runs } => host::run(arch, runs.max(1)),
         What::State { rows, tasks, runs } => state::run(rows, tasks, runs.max(1)),

@@ -361,7 +361,9 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
     .arg(work.path().join("run"))
     .arg("--report")
     .arg(&report)
-    .args(["--detach", "--ready-timeout", "600"]);
+    .args(["--detach", "--ready-timeout", "600"])
+    // The stand-in k3s needs what the base root does, not the gateway's 4 vCPUs and 8 GiB.
+    .args(["--cpus", "1", "--memory", "512"]);
     env(&mut up);
     let started = Instant::now();
     let out = up
