@@ -503,14 +503,11 @@ mod tests {
         let dir = RunDir {
             path: "/run/x".into(),
         };
-        let cmdline = |arch: &str, accel: &str| {
-            let args = parse(&[
-                "--kernel", "/k", "--rootfs", "/r", "--arch", arch, "--accel", accel,
-            ])
-            .expect("parse");
+        let cmdline = |arch: &str, engine: Engine| {
+            let args = parse(&["--kernel", "/k", "--rootfs", "/r", "--arch", arch]).expect("parse");
             let spec = vm_spec(
                 &args,
-                &Chosen::Qemu,
+                engine,
                 NetBackend::Passt,
                 &dir,
                 None,
@@ -519,9 +516,9 @@ mod tests {
             );
             spec.cmdline.split(' ').any(|o| o == "noapictimer")
         };
-        assert!(cmdline("x86_64", "tcg"));
-        assert!(!cmdline("x86_64", "kvm"));
-        assert!(!cmdline("aarch64", "tcg"));
+        assert!(cmdline("x86_64", Engine::Tcg));
+        assert!(!cmdline("x86_64", Engine::Kvm));
+        assert!(!cmdline("aarch64", Engine::Tcg));
     }
 
     #[test]

@@ -252,13 +252,16 @@ fn beside_vm_tests(
             })?;
         }
     }
-    clock.step(BESIDE, "openshell-host builds for macOS", || {
+    // xtask too: `cargo xtask sign` runs on the Mac.
+    clock.step(BESIDE, "openshell-host and xtask build for macOS", || {
         logged::run(
             "macos-check",
             beside(cargo()).args([
                 "check",
                 "-p",
                 "openshell-host",
+                "-p",
+                "xtask",
                 "--target",
                 "aarch64-apple-darwin",
             ]),
