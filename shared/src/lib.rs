@@ -3,9 +3,12 @@
 //! replace a file atomically (`fsutil`). The protocol decoders do no I/O of their own (they
 //! decode bytes they are given), so the host, the guest and the fuzzers run the exact same
 //! decoding code; `config` reads its one file, `fsutil` writes files. `cache` says where the
-//! artifact cache is, for `cargo xtask` that fills it and the host that finds gvproxy there.
+//! artifact cache is, for `cargo xtask` that fills it and the host that finds gvproxy there;
+//! `bundle` (feature `bundle`) is the file xtask writes and the host boots from.
 
 pub mod arch;
+#[cfg(feature = "bundle")]
+pub mod bundle;
 pub mod cache;
 pub mod config;
 pub mod exec;
