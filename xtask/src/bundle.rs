@@ -42,9 +42,6 @@ pub fn run(args: BundleArgs) -> Result<()> {
     let out = args
         .out
         .unwrap_or_else(|| default_path(profile_name(args.profile), args.arch));
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-    }
     let start = Instant::now();
     let manifest = write(&a, args.arch, profile_name(args.profile), &out)?;
     let size = std::fs::metadata(&out)
@@ -64,6 +61,9 @@ pub fn run(args: BundleArgs) -> Result<()> {
 
 /// Writes the bundle of `a` (its root being `profile`'s) to `out`.
 pub fn write(a: &Artifacts, arch: Arch, profile: &str, out: &Path) -> Result<Manifest> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    }
     let inputs = Inputs {
         crate_version: env!("CARGO_PKG_VERSION"),
         arch,

@@ -150,6 +150,15 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
             format!("OPENSHELL_TEST_ARTIFACTS_{}", arch.name().to_uppercase()),
             &list,
         );
+        // tests/vm/bundle.rs boots this (seconds: the base root is small).
+        let bundle = crate::bundle::default_path("base", *arch);
+        clock.step(MAIN, &format!("base bundle {}", arch.name()), || {
+            crate::bundle::write(&a, *arch, "base", &bundle)
+        })?;
+        cmd.env(
+            format!("OPENSHELL_TEST_BUNDLE_{}", arch.name().to_uppercase()),
+            &bundle,
+        );
     }
     let debian_ok = join(debian)?;
     if let (true, Some((_, init))) = (debian_ok, inits.iter().find(|(a, _)| *a == Arch::X86_64)) {
