@@ -403,3 +403,71 @@ fn a_second_install_reuses_the_copy_unless_its_kernel_changed() {
     assert!(!third.reused);
     assert_eq!(fs::read(third.kernel()).unwrap(), b"kernel bytes");
 }
+
+/// Set in the child of `a_plain_user_unpacks_without_privileges`: `<bundle>\n<bundles dir>`.
+const CHILD_VAR: &str = "OPENSHELL_BUNDLE_TEST_AS_USER";
+/// nobody.
+const PLAIN_UID: u32 = 65534;
+
+/// The whole install run by a real unprivileged process (this test binary again, as nobody):
+/// nothing needs chown, mknod or a privileged xattr, and what it wrote is libkrun's xattr.
+#[test]
+fn a_plain_user_unpacks_without_privileges() {
+    if let Some(args) = std::env::var_os(CHILD_VAR) {
+        let args = args.into_string().expect("utf8");
+        let (bundle, bundles) = args.split_once('\n').expect("two paths");
+        assert_eq!(Owners::for_this_process(), Owners::Xattr);
+        let installed = install(
+            || fs::File::open(bundle).map_err(|e| BundleError::io("open", bundle, e)),
+            Path::new(bundles),
+            Owners::Xattr,
+        )
+        .expect("install as a plain user");
+        assert!(installed.skipped_xattrs == 0 && !installed.reused);
+        return;
+    }
+    if !is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (out, manifest) = write_sample(tmp.path());
+    fs::set_permissions(&out, fs::Permissions::from_mode(0o644)).unwrap();
+    let home = tmp.path().join("home");
+    fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(PLAIN_UID), Some(PLAIN_UID)).unwrap();
+    let bundles = home.join("bundles");
+    let status = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "bundle::tests::a_plain_user_unpacks_without_privileges",
+            ])
+            .env(
+                CHILD_VAR,
+                format!("{}\n{}", out.display(), bundles.display()),
+            )
+            .uid(PLAIN_UID)
+            .gid(PLAIN_UID)
+            .status()
+            .unwrap()
+    };
+    assert!(status.success(), "the unprivileged install failed");
+    let root = bundles.join(&manifest.version).join("rootfs");
+    let stat = |p: &str| parse_override(&xattr::get(root.join(p), OVERRIDE_STAT).unwrap().unwrap());
+    assert_eq!(stat("etc/passwd"), Some((1000, 1001, 0o4751)));
+    assert_eq!(
+        stat("dev/null").map(|s| s.2 & libc::S_IFMT),
+        Some(libc::S_IFCHR)
+    );
+    assert_eq!(
+        stat("fifo").map(|s| s.2 & libc::S_IFMT),
+        Some(libc::S_IFIFO)
+    );
+    let passwd = fs::symlink_metadata(root.join("etc/passwd")).unwrap();
+    assert_eq!((passwd.uid(), passwd.mode() & 0o7777), (PLAIN_UID, 0o751));
+    assert!(fs::symlink_metadata(root.join("dev/null"))
+        .unwrap()
+        .is_file());
+}
