@@ -27,6 +27,10 @@ pub struct BundleArgs {
     /// Output file; `<target>/bundles/openshell-<profile>-<arch>.bundle` by default.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// This root filesystem, already built (e.g. `cargo xtask rootfs --profile gateway`),
+    /// instead of building `--profile`'s; `--profile` still names it in the manifest.
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
     #[command(flatten)]
     pub gateway: gateway::Inputs,
     #[command(flatten)]
@@ -35,7 +39,9 @@ pub struct BundleArgs {
 
 pub fn run(args: BundleArgs) -> Result<()> {
     let mut a = artifacts(args.arch)?;
-    if args.profile == Profile::Gateway {
+    if let Some(root) = args.rootfs {
+        a.rootfs = root;
+    } else if args.profile == Profile::Gateway {
         let init = a.init.clone();
         a.rootfs = gateway::build_with(args.arch, || Ok(init), &args.gateway, &args.payload)?.root;
     }

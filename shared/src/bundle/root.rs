@@ -152,7 +152,7 @@ impl Unpacker<'_> {
         io::copy(&mut tar.body(), &mut file).map_err(|e| BundleError::Entry {
             member: ROOTFS.into(),
             entry: lossy(&h.path),
-            what: format!("reading its content: {e}"),
+            what: format!("reading its content (truncated or damaged bundle): {e}"),
         })?;
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(h.mtime);
         file.set_modified(mtime)

@@ -159,7 +159,10 @@ fn write_member<R: Read>(member: &Member, body: &mut R, dir: &Path) -> Result<()
         .map_err(|e| BundleError::io("create", &path, e))?;
     io::copy(body, &mut file).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof | io::ErrorKind::Other | io::ErrorKind::InvalidData => {
-            BundleError::member(&member.name, format!("reading it: {e}"))
+            BundleError::member(
+                &member.name,
+                format!("reading it (truncated or damaged bundle): {e}"),
+            )
         }
         _ => BundleError::io("write", &path, e),
     })?;
