@@ -1,11 +1,13 @@
 //! Booting from a bundle (`cargo xtask bundle`, base profile) on both arches under qemu TCG:
 //! the host checks and unpacks it into the instance's state directory, the guest runs its exec
 //! workload to the end, and a second `up` boots the same unpacked copy (what the first guest
-//! wrote is still there) without unpacking again.
+//! wrote is still there) without unpacking again. A host with no `--bundle`, `--kernel` or
+//! `--rootfs` boots the bundle lying next to its binary.
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 
-use openshell_tests::{both_arches, bundle, vm_slot, Boot, BOOT_DEADLINE};
+use openshell_tests::{artifacts, both_arches, bundle, host_bin, vm_slot, Boot, BOOT_DEADLINE};
 
 fn boots_from_a_bundle_and_reuses_it(arch: &str) {
     let Some(file) = bundle(arch) else { return };
@@ -58,3 +60,43 @@ fn boots_from_a_bundle_and_reuses_it(arch: &str) {
 }
 
 both_arches!(boots_from_a_bundle_and_reuses_it);
+
+fn boots_the_bundle_next_to_the_host(arch: &str) {
+    let Some(file) = bundle(arch) else { return };
+    let Some(a) = artifacts(arch) else { return };
+    let _slot = vm_slot();
+    // Short path: unix socket paths in the run directory must stay under 104 bytes.
+    let dir = tempfile::Builder::new()
+        .prefix("osh-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let host = dir.path().join("openshell-host");
+    std::fs::copy(host_bin(), &host).expect("copy the host");
+    let sibling = dir.path().join(format!("openshell-gateway-{arch}.bundle"));
+    std::fs::copy(&file, &sibling).expect("copy the bundle");
+    let out = Command::new(&host)
+        .args(["up", "--arch", arch, "--no-state-disk", "--net", "none"])
+        .arg("--vsock-helper")
+        .arg(&a.vsock_helper)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .args(["--exec", "/bin/sh", "-c", "exit 5"])
+        .env("XDG_STATE_HOME", dir.path().join("state"))
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .env("HOME", dir.path().join("home"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openshell-host");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{text}");
+    assert!(
+        text.contains(&format!(
+            "from {}): checked and unpacked",
+            sibling.display()
+        )),
+        "{text}"
+    );
+}
+
+both_arches!(boots_the_bundle_next_to_the_host);
