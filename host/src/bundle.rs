@@ -92,8 +92,11 @@ pub fn resolve(args: &mut UpArgs, sdir: &StateDir) -> Result<Option<String>, Hos
     let started = Instant::now();
     let bundles = sdir.path.join("bundles");
     let installed = match &source {
-        Source::File(path) => install(|| open_file(path), &bundles, Owners::for_this_process()),
-        Source::Embedded => install(|| Ok(EMBEDDED), &bundles, Owners::for_this_process()),
+        Source::File(path) => {
+            let file = open_file(path).map_err(wrap)?;
+            install(file, &bundles, Owners::for_this_process())
+        }
+        Source::Embedded => install(EMBEDDED, &bundles, Owners::for_this_process()),
     }
     .map_err(wrap)?;
     let found = &installed.manifest.arch;

@@ -41,15 +41,15 @@ impl Installed {
     }
 }
 
-/// Unpacks the bundle `open_bundle` reads (called once or twice: the manifest is read first)
-/// into `bundles_dir`, or reuses the copy there; removes other versions and partial unpacks.
+/// Unpacks the bundle read from `bundle` into `bundles_dir`, or reuses the copy there (then
+/// only the manifest is read); removes other versions and partial unpacks.
 pub fn install<R: Read>(
-    mut open_bundle: impl FnMut() -> Result<R, BundleError>,
+    bundle: R,
     bundles_dir: &Path,
     owners: Owners,
 ) -> Result<Installed, BundleError> {
     std::fs::create_dir_all(bundles_dir).map_err(|e| BundleError::io("create", bundles_dir, e))?;
-    let opened = open(open_bundle()?)?;
+    let opened = open(bundle)?;
     let manifest = opened.manifest.clone();
     let dir = bundles_dir.join(&manifest.version);
     if reusable(&dir, &opened.manifest_bytes, &manifest)? {

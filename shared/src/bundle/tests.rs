@@ -346,7 +346,7 @@ fn a_truncated_bundle_leaves_nothing_that_boots() {
     let bytes = fs::read(&out).unwrap();
     let bundles = tmp.path().join("bundles");
     for cut in [10, bytes.len() / 3, bytes.len() / 2, bytes.len() - 40] {
-        let err = install(|| Ok(&bytes[..cut]), &bundles, Owners::Real).unwrap_err();
+        let err = install(&bytes[..cut], &bundles, Owners::Real).unwrap_err();
         assert!(err.to_string().contains("bundle"), "cut at {cut}: {err}");
         let left: Vec<_> = fs::read_dir(&bundles).unwrap().collect();
         assert!(left.is_empty(), "cut at {cut}: {left:?} left behind");
@@ -359,7 +359,7 @@ fn a_truncated_bundle_leaves_nothing_that_boots() {
     )
     .unwrap();
     fs::create_dir_all(bundles.join(&manifest.version).join("rootfs")).unwrap();
-    let installed = install(|| Ok(&bytes[..]), &bundles, Owners::Real).expect("install");
+    let installed = install(&bytes[..], &bundles, Owners::Real).expect("install");
     assert!(
         !installed.reused,
         "a version without its marker is unpacked again"
@@ -383,23 +383,13 @@ fn a_second_install_reuses_the_copy_unless_its_kernel_changed() {
     let (out, _) = write_sample(tmp.path());
     let bytes = fs::read(&out).unwrap();
     let bundles = tmp.path().join("bundles");
-    let first = install(|| Ok(&bytes[..]), &bundles, Owners::Real).expect("first");
+    let first = install(&bytes[..], &bundles, Owners::Real).expect("first");
     assert!(!first.reused);
     fs::write(first.rootfs().join("guest-wrote-this"), b"state").unwrap();
-    let opened = std::cell::Cell::new(0);
-    let second = install(
-        || {
-            opened.set(opened.get() + 1);
-            Ok(&bytes[..])
-        },
-        &bundles,
-        Owners::Real,
-    )
-    .expect("second");
+    let second = install(&bytes[..], &bundles, Owners::Real).expect("second");
     assert!(second.reused && second.rootfs().join("guest-wrote-this").is_file());
-    assert_eq!(opened.get(), 1, "only the manifest was read");
     fs::write(second.kernel(), b"tampered").unwrap();
-    let third = install(|| Ok(&bytes[..]), &bundles, Owners::Real).expect("third");
+    let third = install(&bytes[..], &bundles, Owners::Real).expect("third");
     assert!(!third.reused);
     assert_eq!(fs::read(third.kernel()).unwrap(), b"kernel bytes");
 }
@@ -418,7 +408,7 @@ fn a_plain_user_unpacks_without_privileges() {
         let (bundle, bundles) = args.split_once('\n').expect("two paths");
         assert_eq!(Owners::for_this_process(), Owners::Xattr);
         let installed = install(
-            || fs::File::open(bundle).map_err(|e| BundleError::io("open", bundle, e)),
+            fs::File::open(bundle).expect("open the bundle"),
             Path::new(bundles),
             Owners::Xattr,
         )
