@@ -4,6 +4,7 @@
 //! prints such an error and exits.
 
 mod backend;
+mod bundle;
 mod channel;
 mod children;
 mod credentials;

@@ -5,8 +5,11 @@
 //! decoding code; `config` reads its one file, `fsutil` writes files. `cache` says where the
 //! artifact cache is, for `cargo xtask` that fills it and the host that finds gvproxy there;
 //! `sizing` the VM's vCPUs and memory as a root's manifest records them.
+//! `bundle` (feature `bundle`) is the file xtask writes and the host boots from.
 
 pub mod arch;
+#[cfg(feature = "bundle")]
+pub mod bundle;
 pub mod cache;
 pub mod config;
 pub mod exec;

@@ -67,6 +67,19 @@ pub fn artifacts(arch: &str) -> Option<Artifacts> {
     Some(found)
 }
 
+/// The base bundle for `arch` (`cargo xtask bundle`), named by `OPENSHELL_TEST_BUNDLE_<ARCH>`,
+/// or `None` (with a message) when the bundle tests cannot run here.
+pub fn bundle(arch: &str) -> Option<PathBuf> {
+    let var = format!("OPENSHELL_TEST_BUNDLE_{}", arch.to_uppercase());
+    let Some(path) = std::env::var_os(&var) else {
+        let why = format!("{var} is not set: the bundle tests run through `cargo xtask test`");
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipped: {why}");
+        return None;
+    };
+    Some(PathBuf::from(path))
+}
+
 /// The `containerd-test` root for `arch` (Debian's containerd and runc: `cargo xtask rootfs
 /// --profile containerd-test`), named by `OPENSHELL_TEST_CONTAINERD_ROOTFS_<ARCH>`, or `None`
 /// with a message; under CI its absence is a failure.
@@ -305,6 +318,8 @@ pub struct Boot {
     pub state_disk: Option<String>,
     /// `--accel` for the boot: [`test_accel`] unless a test is about the accelerator.
     pub accel: String,
+    /// `--bundle` instead of `--kernel`/`--rootfs` (`root` then stays empty).
+    pub bundle: Option<PathBuf>,
 }
 
 /// qemu's accelerator for the VM tests: `OPENSHELL_TEST_ACCEL` (`auto`, `kvm`, `tcg`), else
@@ -323,6 +338,16 @@ impl Boot {
         let artifacts = artifacts(arch)?;
         let rootfs = artifacts.rootfs.clone();
         Some(Self::on_copy_of(arch, artifacts, &rootfs))
+    }
+
+    /// A boot of `bundle` (the host unpacks it into the instance's state directory), or `None`
+    /// when VM tests skip.
+    pub fn from_bundle(arch: &str, bundle: &Path) -> Option<Self> {
+        let artifacts = artifacts(arch)?;
+        let empty = tempfile::tempdir().expect("temp dir");
+        let mut boot = Self::on_copy_of(arch, artifacts, empty.path());
+        boot.bundle = Some(bundle.to_path_buf());
+        Some(boot)
     }
 
     /// The same with a fresh copy of another root (another profile's) instead of the base root;
@@ -360,6 +385,7 @@ impl Boot {
             net: "none".into(),
             state_disk: None,
             accel: test_accel(),
+            bundle: None,
         }
     }
 
@@ -425,13 +451,16 @@ impl Boot {
             Some(size) => cmd.arg("--state-disk-size").arg(size),
             None => cmd.arg("--no-state-disk"),
         };
-        cmd.arg("--arch")
-            .arg(&self.arch)
-            .arg("--kernel")
-            .arg(&self.artifacts.kernel)
-            .arg("--rootfs")
-            .arg(self.root.path())
-            .arg("--vsock-helper")
+        cmd.arg("--arch").arg(&self.arch);
+        match &self.bundle {
+            Some(bundle) => cmd.arg("--bundle").arg(bundle),
+            None => cmd
+                .arg("--kernel")
+                .arg(&self.artifacts.kernel)
+                .arg("--rootfs")
+                .arg(self.root.path()),
+        };
+        cmd.arg("--vsock-helper")
             .arg(&self.artifacts.vsock_helper)
             .arg("--run-dir")
             .arg(run_dir)

@@ -6,6 +6,7 @@
 mod artifacts;
 mod bench;
 mod build_names;
+mod bundle;
 mod cache;
 mod containerd_root;
 #[cfg(test)]
@@ -87,6 +88,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Build one arch's kernel, root and init into one bundle file (docs/bundle.md); prints its
+    /// path.
+    Bundle(bundle::BundleArgs),
     /// Build what is missing and boot the VM (README's first command).
     Up(up::UpArgs),
     /// Run every test (README's second command).
@@ -129,6 +133,7 @@ fn main() {
                 );
             }
         }),
+        Cmd::Bundle(args) => bundle::run(args),
         Cmd::Up(args) => up::run(args).map(|code| std::process::exit(code)),
         Cmd::Test(args) => test::run(args),
         Cmd::Bench(args) => bench::run(args),

@@ -38,6 +38,10 @@ pub struct UpArgs {
     pub gateway: gateway::Inputs,
     #[command(flatten)]
     pub payload: payload::Args,
+    /// Boot this bundle (`cargo xtask bundle`) instead of building: openshell-host checks and
+    /// unpacks it; its manifest gives the arch and profile.
+    #[arg(long, value_name = "FILE", conflicts_with = "profile")]
+    pub bundle: Option<PathBuf>,
     /// Command to run in the guest instead of the configured workload (k3s on a gateway root).
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
     pub exec: Vec<String>,
@@ -81,6 +85,9 @@ pub fn choose(
 }
 
 pub fn run(args: UpArgs) -> Result<i32> {
+    if let Some(bundle) = &args.bundle {
+        return run_bundle(&args, bundle);
+    }
     let (profile, why) = choose(
         args.profile,
         &args.gateway,
@@ -119,6 +126,45 @@ pub fn run(args: UpArgs) -> Result<i32> {
     let root = instance_root(&copy_name, args.arch, &a.rootfs)?;
     let mut cmd = host_cmd(&host, args.arch, &args.name, &a, &root);
     cmd.args(disk);
+    if let Some(gvproxy) = pinned_gvproxy(&args.host_args) {
+        cmd.arg("--gvproxy").arg(gvproxy);
+    }
+    cmd.args(&args.host_args);
+    if !args.exec.is_empty() {
+        cmd.arg("--exec").args(&args.exec);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| Error::msg(format!("cannot run openshell-host: {e}")))?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// `up --bundle`: only the host and its helpers are built; the kernel, root and init are the
+/// bundle's.
+fn run_bundle(args: &UpArgs, bundle: &Path) -> Result<i32> {
+    let opened = std::fs::File::open(bundle)
+        .map_err(|e| Error::io("open", bundle, e))
+        .and_then(|f| {
+            openshell_shared::bundle::unpack::open(f).map_err(|e| Error::msg(e.to_string()))
+        })?;
+    let m = &opened.manifest;
+    let profile = match m.profile.as_str() {
+        "base" => Profile::Base,
+        _ => Profile::Gateway,
+    };
+    let (disk, disk_why) = state_disk_args(profile, &args.host_args);
+    eprintln!(
+        "xtask: booting bundle {} (profile `{}`, {}); {disk_why}",
+        m.version, m.profile, m.arch
+    );
+    let host = tools::host(true)?;
+    let mut cmd = Command::new(host);
+    cmd.args(["up", "--arch", &m.arch, "--name", &args.name])
+        .arg("--bundle")
+        .arg(bundle)
+        .arg("--vsock-helper")
+        .arg(tools::vsock_helper()?)
+        .args(disk);
     if let Some(gvproxy) = pinned_gvproxy(&args.host_args) {
         cmd.arg("--gvproxy").arg(gvproxy);
     }

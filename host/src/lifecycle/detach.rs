@@ -71,6 +71,8 @@ pub enum DetachError {
     Spawn(std::io::Error),
     #[error("root filesystem {0} is not a directory")]
     NoRootfs(PathBuf),
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::HostBundleError),
     /// The background `up` ended before the ready stage: `tail` is the end of its log.
     #[error("instance {name:?} stopped before {stage}; end of {log}:{tail}")]
     StoppedEarly {
@@ -110,11 +112,16 @@ pub fn run(args: &UpArgs) -> Result<i32, DetachError> {
             println!("{note}");
         }
         if args.reset {
-            if !args.rootfs.is_dir() {
-                return Err(DetachError::NoRootfs(args.rootfs.clone()));
+            // A bundle's root is unpacked (or found) first: it is the root to reset.
+            let mut args = args.clone();
+            if let Some(note) = crate::bundle::resolve(&mut args, &sdir)? {
+                println!("{note}");
             }
-            let _root = reset::lock_root(&args.rootfs, true)?;
-            println!("{}", reset::run(&args.rootfs, &sdir, args.yes)?);
+            if !args.rootfs_path().is_dir() {
+                return Err(DetachError::NoRootfs(args.rootfs_path().to_path_buf()));
+            }
+            let _root = reset::lock_root(args.rootfs_path(), true)?;
+            println!("{}", reset::run(args.rootfs_path(), &sdir, args.yes)?);
         }
     }
     let log_path = sdir.host_log_path();

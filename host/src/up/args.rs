@@ -1,7 +1,7 @@
 //! The arguments of `openshell-host up` and its exit codes: what `main`, `up --detach` and the
 //! run itself share. Imports nothing from `up`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use openshell_shared::Arch;
 
@@ -31,12 +31,18 @@ pub struct UpArgs {
     /// Guest architecture.
     #[arg(long, default_value_t = Arch::host())]
     pub arch: Arch,
-    /// Guest kernel: bzImage (x86_64) or Image (aarch64).
+    /// Guest kernel: bzImage (x86_64) or Image (aarch64). Default: the bundle's.
     #[arg(long)]
-    pub kernel: PathBuf,
-    /// Host directory shared as the guest's root filesystem.
+    pub kernel: Option<PathBuf>,
+    /// Host directory shared as the guest's root filesystem. Default: the bundle's, unpacked in
+    /// the instance's state directory.
     #[arg(long)]
-    pub rootfs: PathBuf,
+    pub rootfs: Option<PathBuf>,
+    /// A bundle (`cargo xtask bundle`) to boot: checked, unpacked once per version into
+    /// `<state dir>/bundles/`, reused after. Without it and without `--kernel`/`--rootfs`,
+    /// `openshell-gateway-<arch>.bundle` next to this program, else the one built in.
+    #[arg(long, value_name = "FILE")]
+    pub bundle: Option<PathBuf>,
     /// Guest memory in MiB. Default: the root's `manifest.json` (`vm.memory_mib`: the gateway
     /// 8192, base 512), at most 75% of this machine's memory.
     #[arg(long, value_name = "MIB")]
@@ -158,6 +164,18 @@ pub struct UpArgs {
     pub exec: Vec<String>,
 }
 
+impl UpArgs {
+    /// The kernel to boot: `--kernel`, or the bundle's once resolved (`crate::bundle`).
+    pub fn kernel_path(&self) -> &Path {
+        self.kernel.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// The root filesystem: `--rootfs`, or the bundle's once resolved.
+    pub fn rootfs_path(&self) -> &Path {
+        self.rootfs.as_deref().unwrap_or(Path::new(""))
+    }
+}
+
 /// Parses `up`'s arguments as the command line would (tests only: `UpArgs` is a part of `Cli`).
 #[cfg(test)]
 pub fn parse<I: AsRef<std::ffi::OsStr>>(argv: &[I]) -> Result<UpArgs, clap::Error> {
@@ -185,8 +203,9 @@ mod tests {
     #[test]
     fn defaults() {
         let a = with_required(&[]).expect("parse");
-        assert_eq!(a.kernel, PathBuf::from("/k/bzImage"));
-        assert_eq!(a.rootfs, PathBuf::from("/images/root"));
+        assert_eq!(a.kernel_path(), Path::new("/k/bzImage"));
+        assert_eq!(a.rootfs_path(), Path::new("/images/root"));
+        assert!(a.bundle.is_none());
         assert_eq!(a.arch, Arch::host());
         assert_eq!((a.memory, a.cpus), (None, None), "sized by the root");
         assert_eq!(a.name, "default");
@@ -235,10 +254,20 @@ mod tests {
         );
     }
 
+    /// Either may come from a bundle (`crate::bundle` resolves what is missing, or says which
+    /// bundle it looked for).
     #[test]
-    fn kernel_and_rootfs_are_required() {
-        assert!(parse(&["--kernel", "/k"]).is_err());
-        assert!(parse(&["--rootfs", "/r"]).is_err());
+    fn kernel_and_rootfs_are_optional() {
+        let a = parse(&["--bundle", "/b/gw.bundle"]).expect("bundle only");
+        assert_eq!(a.bundle.as_deref(), Some(Path::new("/b/gw.bundle")));
+        assert!(a.kernel.is_none() && a.rootfs.is_none());
+        assert_eq!(
+            a.rootfs_path(),
+            Path::new(""),
+            "unresolved: no directory, never a guess"
+        );
+        let a = parse(&["--kernel", "/k"]).expect("kernel only");
+        assert!(a.rootfs.is_none());
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum UpError {
     Child(#[from] ChildError),
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::HostBundleError),
     #[error("kernel {0} does not exist")]
     NoKernel(PathBuf),
     #[error("root filesystem {0} is not a directory")]

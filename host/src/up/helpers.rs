@@ -103,7 +103,10 @@ fn start_vhost_helpers(
     helpers: &mut Vec<Helper>,
 ) -> Result<(), UpError> {
     let mut virtiofsd = Command::new(&args.virtiofsd);
-    virtiofsd.args(qemu::virtiofsd_args(&dir.virtiofs_socket(), &args.rootfs));
+    virtiofsd.args(qemu::virtiofsd_args(
+        &dir.virtiofs_socket(),
+        args.rootfs_path(),
+    ));
     let mut fs = Helper::spawn("virtiofsd", virtiofsd, &dir.path.join("virtiofsd.log"))?;
     let mut vsock = Command::new(&args.vsock_helper);
     vsock.args(qemu::vsock_helper_args(

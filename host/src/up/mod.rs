@@ -39,12 +39,12 @@ fn event_queue() -> (SyncSender<Event>, Receiver<Event>) {
 
 /// Runs a boot in the foreground; returns the workload's status or one of [`code`]'s. An error
 /// that ends the boot is also recorded in the last-boot timeline before it is returned.
-pub fn run(args: UpArgs) -> Result<i32, UpError> {
+pub fn run(mut args: UpArgs) -> Result<i32, UpError> {
     let clock = Instant::now();
     let progress = Progress::new(args.json);
     let mut timeline = Timeline::new();
     // Before signals are blocked: Ctrl+C must still end a `--reset` (y/N) prompt.
-    let mut session = Session::claim(&args, &progress)?;
+    let mut session = Session::claim(&mut args, &progress)?;
     // Bounded: a guest that floods the boot channel waits (its frames stay in the vsock
     // connection) instead of growing the host's memory; the loop drains far faster than a
     // well-behaved guest sends.

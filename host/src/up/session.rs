@@ -36,16 +36,20 @@ pub struct Session {
 impl Session {
     /// Takes the instance: its lock (held until the process ends), stale state cleared, the
     /// rootfs and state disk reset when asked, and the state disk's lock unless there is none.
-    pub fn claim(args: &UpArgs, progress: &Progress) -> Result<Self, UpError> {
+    /// A bundle is unpacked here, under the lock, and fills in `--kernel`/`--rootfs`.
+    pub fn claim(args: &mut UpArgs, progress: &Progress) -> Result<Self, UpError> {
         let sdir = StateDir::for_name(&args.name)?;
         let lock = sdir.lock()?;
         if let Some(note) = sdir.clear_stale() {
             progress.note(&note);
         }
+        if let Some(note) = crate::bundle::resolve(args, &sdir)? {
+            progress.note(&note);
+        }
         // Exclusive to reset (refused while any VM uses the root), shared to boot from it.
-        let root = reset::lock_root(&args.rootfs, args.reset)?;
+        let root = reset::lock_root(args.rootfs_path(), args.reset)?;
         if args.reset {
-            progress.note(&reset::run(&args.rootfs, &sdir, args.yes)?);
+            progress.note(&reset::run(args.rootfs_path(), &sdir, args.yes)?);
         }
         let disk_lock = match args.no_state_disk {
             true => None,

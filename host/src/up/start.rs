@@ -280,7 +280,7 @@ fn size_vm(
     let sizing = crate::sizing::resolve(
         args.cpus,
         args.memory,
-        &args.rootfs,
+        args.rootfs_path(),
         crate::sizing::HostResources::this(),
     )?;
     for warning in &sizing.warnings {
@@ -343,16 +343,17 @@ fn choose_accel(
 
 fn check_inputs(args: &UpArgs) -> Result<(), UpError> {
     openshell_shared::config::check_host_ports(&args.host_ports).map_err(UpError::HostPorts)?;
-    if !args.kernel.is_file() {
-        return Err(UpError::NoKernel(args.kernel.clone()));
+    if !args.kernel_path().is_file() {
+        return Err(UpError::NoKernel(args.kernel_path().to_path_buf()));
     }
-    if !args.rootfs.is_dir() {
-        return Err(UpError::NoRootfs(args.rootfs.clone()));
+    if !args.rootfs_path().is_dir() {
+        return Err(UpError::NoRootfs(args.rootfs_path().to_path_buf()));
     }
     // As root the guest's setuid files and device nodes are root's on the host: only root may
     // reach them (see `backend::qemu::virtiofsd_args`).
     if nix::unistd::geteuid().is_root() {
-        crate::private_dir::check_closed_to_others(&args.rootfs).map_err(UpError::OpenRootfs)?;
+        crate::private_dir::check_closed_to_others(args.rootfs_path())
+            .map_err(UpError::OpenRootfs)?;
     }
     Ok(())
 }
@@ -406,7 +407,7 @@ fn vm_spec(
     extra.extend(args.cmdline_extra.clone());
     VmSpec {
         arch: args.arch,
-        kernel: args.kernel.clone(),
+        kernel: args.kernel_path().to_path_buf(),
         cmdline: kernel_cmdline(args.arch, &args.exec, Some(&extra.join(" "))),
         memory_mib: VmSizing::BASE.memory_mib,
         cpus: VmSizing::BASE.cpus,

@@ -73,7 +73,7 @@ pub fn start(
             let exec = dir.exec_socket();
             let vm = libkrun::Vm {
                 spec,
-                rootfs: &args.rootfs,
+                rootfs: args.rootfs_path(),
                 channel_socket: &channel,
                 exec_socket: &exec,
                 net: spec

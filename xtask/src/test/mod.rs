@@ -150,6 +150,15 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
             format!("OPENSHELL_TEST_ARTIFACTS_{}", arch.name().to_uppercase()),
             &list,
         );
+        // tests/vm/bundle.rs boots this (seconds: the base root is small).
+        let bundle = crate::bundle::default_path("base", *arch);
+        clock.step(MAIN, &format!("base bundle {}", arch.name()), || {
+            crate::bundle::write(&a, *arch, "base", &bundle)
+        })?;
+        cmd.env(
+            format!("OPENSHELL_TEST_BUNDLE_{}", arch.name().to_uppercase()),
+            &bundle,
+        );
     }
     let debian_ok = join(debian)?;
     if let (true, Some((_, init))) = (debian_ok, inits.iter().find(|(a, _)| *a == Arch::X86_64)) {
@@ -288,13 +297,14 @@ fn beside(program: impl AsRef<std::ffi::OsStr>) -> Command {
 /// The fuzz targets: (what, crate dir, target, extra flags). The DHCP parser is fuzzed as the
 /// guest ships it (-O): dhcproto has debug_assert!s on option lengths that hostile input trips,
 /// and the release guest has them compiled out.
-const FUZZ_TARGETS: [(&str, &str, &str, &[&str]); 2] = [
+const FUZZ_TARGETS: [(&str, &str, &str, &[&str]); 3] = [
     (
         "the boot channel decoder",
         "shared/fuzz",
         "frame_decoder",
         &[],
     ),
+    ("the bundle's tar reader", "shared/fuzz", "bundle_tar", &[]),
     (
         "the DHCP reply parser",
         "guest-init/fuzz",
