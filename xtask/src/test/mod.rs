@@ -12,6 +12,7 @@
 //!
 //! Every step's time is printed at the end, failures included.
 
+mod embedded;
 mod gateway;
 mod logged;
 mod tally;
@@ -140,6 +141,8 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
     let inits = prepare_foreground(clock, arches, &mut cmd)?;
     cmd.envs(join(go_peers)?);
     join(kernels)?;
+    // The x86_64 base bundle and vsock helper, for the host with a bundle built in.
+    let mut embedded = None;
     for arch in arches {
         let a = clock.step(MAIN, &format!("base root {}", arch.name()), || {
             artifacts(*arch)
@@ -159,6 +162,9 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
             format!("OPENSHELL_TEST_BUNDLE_{}", arch.name().to_uppercase()),
             &bundle,
         );
+        if *arch == Arch::X86_64 {
+            embedded = Some((bundle, a.vsock_helper.clone()));
+        }
     }
     let debian_ok = join(debian)?;
     if let (true, Some((_, init))) = (debian_ok, inits.iter().find(|(a, _)| *a == Arch::X86_64)) {
@@ -170,8 +176,10 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
     let lane = spawn(
         clock,
         "beside the VM tests",
-        (inits, args.fuzz_seconds > 0, debian_ok),
-        |clock, (inits, fuzz, debian_ok)| beside_vm_tests(&clock, &inits, fuzz, debian_ok),
+        (inits, args.fuzz_seconds > 0, debian_ok, embedded),
+        |clock, (inits, fuzz, debian_ok, embedded)| {
+            beside_vm_tests(&clock, &inits, fuzz, debian_ok, embedded)
+        },
     );
     let mut tally = Tally::default();
     let foreground = clock.step(
@@ -236,6 +244,7 @@ fn beside_vm_tests(
     inits: &[(Arch, PathBuf)],
     fuzz: bool,
     debian_ok: bool,
+    embedded: Option<(PathBuf, PathBuf)>,
 ) -> Result<(String, Option<gateway::Roots>)> {
     let roots = if debian_ok {
         gateway::build_all(clock, BESIDE, inits)?
@@ -276,6 +285,11 @@ fn beside_vm_tests(
             ]),
         )
     })?;
+    if let Some((bundle, vsock_helper)) = embedded {
+        clock.step(BESIDE, "the host with a built-in bundle boots it", || {
+            embedded::check(&mut beside(cargo()), &bundle, &vsock_helper)
+        })?;
+    }
     if fuzz {
         fuzz_all(clock, 0, true)?;
     }
