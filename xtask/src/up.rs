@@ -126,17 +126,7 @@ pub fn run(args: UpArgs) -> Result<i32> {
     let root = instance_root(&copy_name, args.arch, &a.rootfs)?;
     let mut cmd = host_cmd(&host, args.arch, &args.name, &a, &root);
     cmd.args(disk);
-    if let Some(gvproxy) = pinned_gvproxy(&args.host_args) {
-        cmd.arg("--gvproxy").arg(gvproxy);
-    }
-    cmd.args(&args.host_args);
-    if !args.exec.is_empty() {
-        cmd.arg("--exec").args(&args.exec);
-    }
-    let status = cmd
-        .status()
-        .map_err(|e| Error::msg(format!("cannot run openshell-host: {e}")))?;
-    Ok(status.code().unwrap_or(1))
+    boot(cmd, &args)
 }
 
 /// `up --bundle`: only the host and its helpers are built; the kernel, root and init are the
@@ -165,6 +155,12 @@ fn run_bundle(args: &UpArgs, bundle: &Path) -> Result<i32> {
         .arg("--vsock-helper")
         .arg(tools::vsock_helper()?)
         .args(disk);
+    boot(cmd, args)
+}
+
+/// Adds what every `up` shares to `cmd` (the pinned gvproxy, the user's host arguments, the
+/// workload) and runs it; its exit status.
+fn boot(mut cmd: Command, args: &UpArgs) -> Result<i32> {
     if let Some(gvproxy) = pinned_gvproxy(&args.host_args) {
         cmd.arg("--gvproxy").arg(gvproxy);
     }

@@ -193,7 +193,12 @@ mod tests {
     }
 
     fn joined(q: &Qemu, arch: Arch) -> String {
-        q.args(&spec(arch))
+        line(q, &spec(arch))
+    }
+
+    /// The command line `q` makes for `s`, as one string.
+    fn line(q: &Qemu, s: &VmSpec) -> String {
+        q.args(s)
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -223,12 +228,7 @@ mod tests {
         assert_eq!(q.program(Arch::Aarch64), PathBuf::from("/opt/q"));
         let mut s = spec(Arch::Aarch64);
         s.engine = Engine::Kvm;
-        let line = q
-            .args(&s)
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let line = line(&q, &s);
         assert!(
             line.starts_with("-M virt,memory-backend=mem -accel kvm "),
             "{line}"
@@ -272,12 +272,7 @@ mod tests {
         let q = Qemu { program: None };
         let mut s = spec(Arch::X86_64);
         s.net_socket = Some("/r/passt/passt.sock".into());
-        let line = q
-            .args(&s)
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let line = line(&q, &s);
         assert!(
             line.contains(
                 "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/r/passt/passt.sock \
