@@ -31,7 +31,8 @@ pub struct UpArgs {
     /// Guest architecture.
     #[arg(long, default_value_t = Arch::host())]
     pub arch: Arch,
-    /// Guest kernel: bzImage (x86_64) or Image (aarch64). Default: the bundle's.
+    /// Guest kernel: the ELF vmlinux (x86_64; qemu enters it through PVH) or a bzImage, or the
+    /// Image (aarch64). Default: the bundle's.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Host directory shared as the guest's root filesystem. Default: the bundle's, unpacked in
