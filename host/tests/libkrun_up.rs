@@ -4,15 +4,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod support;
 
 fn up(dir: &Path, libkrun: &Path, kernel: &Path) -> Output {
-    use std::os::unix::fs::PermissionsExt;
-    // Closed to other users: as root, `up` refuses a root filesystem they can reach.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    support::close_to_others(dir);
     let rootfs = dir.join("root");
     std::fs::create_dir_all(&rootfs).expect("rootfs");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_openshell-host"))
+    let child = Command::new(env!("CARGO_BIN_EXE_openshell-host"))
         .args([
             "up",
             "--backend",
@@ -36,15 +36,7 @@ fn up(dir: &Path, libkrun: &Path, kernel: &Path) -> Output {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start openshell-host");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("openshell-host up did not end within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
+    support::output_within(child, Duration::from_secs(60), "openshell-host up")
 }
 
 fn fake_kernel(dir: &Path) -> PathBuf {

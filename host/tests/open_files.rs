@@ -7,12 +7,14 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+mod support;
+
 /// `up` under `soft:hard` open files; its output and the limit its first helper inherited.
 fn up_under(soft: u64, hard: u64) -> (String, String) {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    support::close_to_others(dir);
     std::fs::create_dir(dir.join("root")).expect("root");
     std::fs::write(dir.join("bzImage"), b"not booted").expect("kernel");
     let helper = dir.join("virtiofsd");

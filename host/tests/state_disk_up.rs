@@ -6,7 +6,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod support;
 
 const MIB: u64 = 1 << 20;
 
@@ -16,11 +18,8 @@ struct Instance {
 
 impl Instance {
     fn new() -> Self {
-        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().expect("tmp");
-        // Closed to other users: as root, `up` refuses a root filesystem they can reach.
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700))
-            .expect("chmod");
+        support::close_to_others(tmp.path());
         std::fs::create_dir_all(tmp.path().join("root")).expect("rootfs");
         std::fs::write(tmp.path().join("bzImage"), b"not booted").expect("kernel");
         Self { tmp }
@@ -31,7 +30,7 @@ impl Instance {
     }
 
     fn host(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_openshell-host"))
+        let child = Command::new(env!("CARGO_BIN_EXE_openshell-host"))
             .args(args)
             // Private instance state and configuration: the tests run in parallel.
             .env("XDG_STATE_HOME", self.tmp.path().join("state"))
@@ -42,15 +41,11 @@ impl Instance {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start openshell-host");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("openshell-host {args:?} did not end within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().expect("output")
+        support::output_within(
+            child,
+            Duration::from_secs(60),
+            &format!("openshell-host {args:?}"),
+        )
     }
 
     /// `up` that gets as far as starting the helpers, which do not exist.
