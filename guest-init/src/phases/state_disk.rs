@@ -375,12 +375,19 @@ fn mount(
         });
     }
     let w = Stopwatch::start();
-    nix::mount::mount(
-        Some(path),
-        mount_point,
-        Some("ext4"),
-        MsFlags::MS_NOATIME,
-        Some(MOUNT_DATA),
+    // The exclusive claim of e2fsck or of the blank check's own open can outlive them by a
+    // moment, and mount(2) claims the device exclusively too.
+    device::waiting_out_busy(
+        || {
+            nix::mount::mount(
+                Some(path),
+                mount_point,
+                Some("ext4"),
+                MsFlags::MS_NOATIME,
+                Some(MOUNT_DATA),
+            )
+        },
+        |e| *e == Errno::EBUSY,
     )
     .map_err(|errno| StateDiskError::Mount {
         device: shown.into(),

@@ -193,10 +193,21 @@ impl LoopDisk {
     }
 }
 
+impl LoopDisk {
+    /// Whether the device still has our image behind it: once it is detached (or cleared when
+    /// its last user let go) the number can already be another test's, in this process or
+    /// another test run's.
+    fn holds_our_image(&self) -> bool {
+        let ours = std::fs::canonicalize(&self.image.path).unwrap_or(self.image.path.clone());
+        std::fs::read_to_string(format!("/sys/block/{}/loop/backing_file", self.name()))
+            .is_ok_and(|f| Path::new(f.trim()) == ours)
+    }
+}
+
 impl Drop for LoopDisk {
     fn drop(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        while Instant::now() < deadline && self.holds_our_image() {
             let ok = Command::new("losetup")
                 .arg("-d")
                 .arg(&self.dev)
@@ -208,6 +219,8 @@ impl Drop for LoopDisk {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        eprintln!("could not detach {}", self.dev.display());
+        if self.holds_our_image() {
+            eprintln!("could not detach {}", self.dev.display());
+        }
     }
 }

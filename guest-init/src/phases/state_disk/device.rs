@@ -66,22 +66,30 @@ pub fn write_synced(
     file.sync_all().map_err(err)
 }
 
-/// Opens `path` with `opts` (which ask for O_EXCL), waiting out a short EBUSY: a device that
-/// mke2fs, e2fsck or a just-ended mount namespace held is released a moment after, not at once.
-/// Busy for longer (mounted, or held by someone) is the caller's error to name.
-fn open_exclusive(opts: &std::fs::OpenOptions, path: &Path) -> std::io::Result<File> {
+/// Runs `op` again while it fails with EBUSY (`busy` says which errors are), for at most 2 s: a
+/// device that mke2fs, e2fsck or a just-ended mount namespace held is released a moment after,
+/// not at once. Busy for longer (mounted, or held by someone) is the caller's error to name.
+pub fn waiting_out_busy<T, E>(
+    mut op: impl FnMut() -> Result<T, E>,
+    busy: impl Fn(&E) -> bool,
+) -> Result<T, E> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        match opts.open(path) {
-            Err(e)
-                if e.raw_os_error() == Some(libc::EBUSY)
-                    && std::time::Instant::now() < deadline =>
-            {
+        match op() {
+            Err(e) if busy(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10))
             }
             other => return other,
         }
     }
+}
+
+/// Opens `path` with `opts` (which ask for O_EXCL), waiting out a short EBUSY.
+fn open_exclusive(opts: &std::fs::OpenOptions, path: &Path) -> std::io::Result<File> {
+    waiting_out_busy(
+        || opts.open(path),
+        |e: &std::io::Error| e.raw_os_error() == Some(libc::EBUSY),
+    )
 }
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
