@@ -26,6 +26,8 @@ mod report;
 mod rundir;
 mod safe_text;
 mod sizing;
+#[cfg(target_os = "macos")]
+mod sysctl;
 #[cfg(test)]
 mod test_pki;
 mod up;

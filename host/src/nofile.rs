@@ -103,20 +103,8 @@ pub fn raise() -> Result<Raise, nix::errno::Errno> {
 fn os_ceiling(hard: u64) -> Option<u64> {
     #[cfg(target_os = "macos")]
     {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>();
-        // SAFETY: the name is NUL-terminated; `value` and `len` are ours and sized for an int.
-        let rc = unsafe {
-            libc::sysctlbyname(
-                c"kern.maxfilesperproc".as_ptr(),
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        match u64::try_from(value) {
-            Ok(v) if rc == 0 && v > 0 => Some(v),
+        match crate::sysctl::int(c"kern.maxfilesperproc").map(u64::try_from) {
+            Ok(Ok(v)) if v > 0 => Some(v),
             _ => Some(hard.min(OPEN_MAX)),
         }
     }

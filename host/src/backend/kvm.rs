@@ -97,21 +97,7 @@ pub fn check_kvm(path: &Path) -> Result<(), HypervisorError> {
 /// `kern.hv_support` is 1.
 #[cfg(target_os = "macos")]
 fn hv_support() -> Result<(), HypervisorError> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>();
-    // SAFETY: the name is NUL-terminated; `value` and `len` are ours and sized for an int.
-    let rc = unsafe {
-        libc::sysctlbyname(
-            c"kern.hv_support".as_ptr(),
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(HypervisorError::HvSysctl(std::io::Error::last_os_error()));
-    }
+    let value = crate::sysctl::int(c"kern.hv_support").map_err(HypervisorError::HvSysctl)?;
     if value != 1 {
         return Err(HypervisorError::NoHvSupport(value.into()));
     }
