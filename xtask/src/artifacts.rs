@@ -12,11 +12,9 @@ use crate::{kernel, rootfs, tools};
 #[derive(Clone)]
 pub struct Artifacts {
     /// What `up` boots: on x86_64 the ELF `vmlinux`, which qemu enters through PVH (no
-    /// decompressor, no firmware path: `cargo xtask bench boot` measures both ways); the raw
-    /// `Image` on aarch64.
+    /// decompressor, no firmware path: `cargo xtask bench boot` measures both ways) and libkrun
+    /// takes as it is, and whose symbols the profiler reads; the raw `Image` on aarch64.
     pub kernel: PathBuf,
-    /// x86_64: the same ELF (libkrun's format, and the profiler's symbols).
-    pub vmlinux: Option<PathBuf>,
     /// x86_64: the compressed `bzImage` of the same build, still bootable (`--kernel`).
     pub bzimage: Option<PathBuf>,
     pub rootfs: PathBuf,
@@ -28,7 +26,6 @@ impl Artifacts {
     pub fn to_json(&self) -> String {
         serde_json::json!({
             "kernel": self.kernel,
-            "vmlinux": self.vmlinux,
             "bzimage": self.bzimage,
             "rootfs": self.rootfs,
             "init": self.init,
@@ -44,17 +41,12 @@ pub fn artifacts(arch: Arch) -> Result<Artifacts> {
     let init = tools::init(arch)?;
     let rootfs = rootfs::build_base(arch, &init)?;
     let vsock_helper = tools::vsock_helper()?;
-    let (kernel, vmlinux, bzimage) = match arch {
-        Arch::X86_64 => (
-            kdir.join("vmlinux"),
-            Some(kdir.join("vmlinux")),
-            Some(kdir.join("bzImage")),
-        ),
-        Arch::Aarch64 => (kdir.join("Image"), None, None),
+    let (kernel, bzimage) = match arch {
+        Arch::X86_64 => (kdir.join("vmlinux"), Some(kdir.join("bzImage"))),
+        Arch::Aarch64 => (kdir.join("Image"), None),
     };
     Ok(Artifacts {
         kernel,
-        vmlinux,
         bzimage,
         rootfs,
         init,
@@ -70,7 +62,6 @@ mod tests {
     fn json_names_every_path_as_the_vm_tests_read_them() {
         let a = Artifacts {
             kernel: PathBuf::from("/k/vmlinux"),
-            vmlinux: None,
             bzimage: Some(PathBuf::from("/k/bzImage")),
             rootfs: PathBuf::from("/r"),
             init: PathBuf::from("/i"),
@@ -79,7 +70,6 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&a.to_json()).expect("json");
         assert_eq!(v["kernel"], "/k/vmlinux");
         assert_eq!(v["bzimage"], "/k/bzImage");
-        assert_eq!(v["vmlinux"], serde_json::Value::Null);
         assert_eq!(v["rootfs"], "/r");
         assert_eq!(v["init"], "/i");
         assert_eq!(v["vsock_helper"], "/v");

@@ -75,8 +75,8 @@ pub fn write(a: &Artifacts, arch: Arch, profile: &str, out: &Path) -> Result<Man
         arch,
         profile,
         kernel: &a.kernel,
-        // x86_64 boots the vmlinux itself (PVH under qemu, libkrun's format): once is enough.
-        vmlinux: a.vmlinux.as_deref().filter(|v| *v != a.kernel.as_path()),
+        // The kernel is already the ELF libkrun boots on x86_64 (and qemu enters through PVH).
+        vmlinux: None,
         init: &a.init,
         rootfs: &a.rootfs,
         vm: sizing(&a.rootfs)?,

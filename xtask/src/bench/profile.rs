@@ -32,10 +32,8 @@ const INIT_REGION: std::ops::Range<u64> = 0x7fff_f7a0_0000..0x7fff_f7e0_0000;
 pub fn run(top: usize) -> Result<()> {
     let arch = Arch::X86_64;
     let a = artifacts(arch)?;
-    let vmlinux = a
-        .vmlinux
-        .clone()
-        .ok_or_else(|| Error::msg("the x86_64 kernel build kept no vmlinux"))?;
+    // The x86_64 kernel `up` boots is the unstripped ELF: its symbols name the kernel's blocks.
+    let vmlinux = a.kernel.clone();
     let init = tools::init_unstripped(arch)?;
     let root = up::instance_root("profile", arch, &a.rootfs)?;
     let target = root.join("sbin/openshell-init");
