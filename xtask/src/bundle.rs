@@ -108,9 +108,9 @@ fn sizing(root: &Path) -> Result<Option<VmSizing>> {
     };
     let value: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| Error::msg(format!("{}: not JSON: {e}", path.display())))?;
-    match value.get("vm") {
+    match value.get(openshell_shared::sizing::MANIFEST_KEY) {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(vm) => serde_json::from_value(vm.clone())
+        Some(vm) => VmSizing::from_json(vm)
             .map(Some)
             .map_err(|e| Error::msg(format!("{}: field vm: {e}", path.display()))),
     }

@@ -49,12 +49,8 @@ pub struct Member {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSizing {
-    pub cpus: u32,
-    pub memory_mib: u32,
-}
+/// The sizing the root was built for: the same `vm` field its `manifest.json` holds.
+pub use crate::sizing::VmSizing;
 
 impl Manifest {
     /// A manifest for these members; the version is computed from them.
@@ -134,8 +130,8 @@ impl Manifest {
         }
         self.check_members()?;
         if let Some(vm) = self.vm {
-            if !(1..=1024).contains(&vm.cpus) || !(64..=1 << 22).contains(&vm.memory_mib) {
-                return fail(format!("vm sizing {vm:?} is out of range"));
+            if let Err(e) = vm.check() {
+                return fail(format!("vm sizing {vm:?} is out of range: {e}"));
             }
         }
         let (crate_version, digest) = self.version.split_once('+').unwrap_or(("", ""));
