@@ -51,15 +51,22 @@ pub struct Artifacts {
     pub vsock_helper: PathBuf,
 }
 
-/// Loads the artifact list for `arch`, or `None` (with a message) when VM tests cannot run here.
-pub fn artifacts(arch: &str) -> Option<Artifacts> {
-    let var = format!("OPENSHELL_TEST_ARTIFACTS_{}", arch.to_uppercase());
-    let Some(path) = std::env::var_os(&var) else {
-        let why = format!("{var} is not set: VM tests run through `cargo xtask test`");
+/// The path `var` names, or `None` (with `why`, the way to set it, on stderr) when it is not set;
+/// under CI its absence is a failure: there every VM test must run.
+fn path_from_env(var: &str, why: &str) -> Option<PathBuf> {
+    let Some(path) = std::env::var_os(var) else {
+        let why = format!("{var} is not set: {why}");
         assert!(std::env::var_os("CI").is_none(), "{why}");
         eprintln!("skipped: {why}");
         return None;
     };
+    Some(PathBuf::from(path))
+}
+
+/// Loads the artifact list for `arch`, or `None` (with a message) when VM tests cannot run here.
+pub fn artifacts(arch: &str) -> Option<Artifacts> {
+    let var = format!("OPENSHELL_TEST_ARTIFACTS_{}", arch.to_uppercase());
+    let path = path_from_env(&var, "VM tests run through `cargo xtask test`")?;
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{var}={}: {e}", Path::new(&path).display()));
     let found: Artifacts = serde_json::from_str(&text)
@@ -71,13 +78,7 @@ pub fn artifacts(arch: &str) -> Option<Artifacts> {
 /// or `None` (with a message) when the bundle tests cannot run here.
 pub fn bundle(arch: &str) -> Option<PathBuf> {
     let var = format!("OPENSHELL_TEST_BUNDLE_{}", arch.to_uppercase());
-    let Some(path) = std::env::var_os(&var) else {
-        let why = format!("{var} is not set: the bundle tests run through `cargo xtask test`");
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("skipped: {why}");
-        return None;
-    };
-    Some(PathBuf::from(path))
+    path_from_env(&var, "the bundle tests run through `cargo xtask test`")
 }
 
 /// The `containerd-test` root for `arch` (Debian's containerd and runc: `cargo xtask rootfs
@@ -85,15 +86,8 @@ pub fn bundle(arch: &str) -> Option<PathBuf> {
 /// with a message; under CI its absence is a failure.
 pub fn containerd_rootfs(arch: &str) -> Option<PathBuf> {
     let var = format!("OPENSHELL_TEST_CONTAINERD_ROOTFS_{}", arch.to_uppercase());
-    let Some(path) = std::env::var_os(&var) else {
-        let why = format!(
-            "{var} is not set: `cargo xtask rootfs --profile containerd-test --arch {arch}` builds it"
-        );
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("skipped: {why}");
-        return None;
-    };
-    let path = PathBuf::from(path);
+    let how = format!("`cargo xtask rootfs --profile containerd-test --arch {arch}` builds it");
+    let path = path_from_env(&var, &how)?;
     assert!(
         path.join("usr/bin/containerd").is_file(),
         "{var}={}: no usr/bin/containerd there",
@@ -106,13 +100,7 @@ pub fn containerd_rootfs(arch: &str) -> Option<PathBuf> {
 /// sets it to the pinned build), or `None` with a message; under CI its absence is a failure.
 pub fn gvproxy() -> Option<PathBuf> {
     const VAR: &str = "OPENSHELL_TEST_GVPROXY";
-    let Some(path) = std::env::var_os(VAR) else {
-        let why = format!("{VAR} is not set: gvproxy tests run through `cargo xtask test`");
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("skipped: {why}");
-        return None;
-    };
-    let path = PathBuf::from(path);
+    let path = path_from_env(VAR, "gvproxy tests run through `cargo xtask test`")?;
     assert!(path.is_file(), "{VAR}={}: no such file", path.display());
     Some(path)
 }
