@@ -1,7 +1,8 @@
 //! VMM backends: each turns a [`spec::VmSpec`] into the process that runs the VM (qemu as a
 //! program, libkrun as a library in a forked child). This module only chooses between them; what
 //! every backend is given lives in [`spec`]; whether the hypervisor can make a VM in [`kvm`], and
-//! which accelerator qemu uses in [`accel`].
+//! which accelerator qemu uses in [`accel`]; what an x86_64 guest under software emulation is
+//! told on its command line in [`tsc`] and [`tcg_guest`].
 
 use std::path::Path;
 
@@ -12,6 +13,7 @@ pub mod kvm;
 pub mod libkrun;
 pub mod qemu;
 pub mod spec;
+pub mod tcg_guest;
 pub mod tsc;
 
 /// Which VMM `up` runs.

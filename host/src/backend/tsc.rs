@@ -8,13 +8,7 @@
 //! The measurement takes 50 ms; it is kept in the state directory, keyed by the host's boot id
 //! (the TSC rate is fixed for one host boot), so only the first `up` after a host boot pays.
 //!
-//! The local APIC timer is the other clock a TCG guest wastes boot time on: without the
-//! TSC-deadline mode (KVM and real CPUs have it; TCG does not) the kernel counts the APIC
-//! timer against jiffies for 100 ms and checks the result for another 100 ms, about a fifth
-//! of the kernel's boot here (`cargo xtask bench boot` shows it in its kernel profile).
-//! `noapictimer` skips both: the ticks come from the one global timer, broadcast to the
-//! other vCPUs, which costs an interrupt per tick per busy vCPU and is only ever given to TCG
-//! guests.
+//! The other boot costs an emulated x86_64 CPU brings are spared in [`super::tcg_guest`].
 
 use std::path::Path;
 
@@ -29,10 +23,6 @@ pub fn cmdline_options(cache_dir: Option<&Path>) -> Option<String> {
     let khz = khz(cache_dir)?;
     Some(format!("tsc_early_khz={khz} tsc=reliable"))
 }
-
-/// The kernel command-line option that spares an x86_64 TCG guest the APIC timer's
-/// calibration (see the module's documentation); whatever the host's architecture.
-pub const TCG_APIC_TIMER: &str = "noapictimer";
 
 /// The host TSC frequency in kHz, from the cache when it was measured in this host boot.
 pub fn khz(cache_dir: Option<&Path>) -> Option<u64> {

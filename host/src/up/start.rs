@@ -396,7 +396,11 @@ fn vm_spec(
         if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
             extra.push(tsc);
         }
-        extra.push(crate::backend::tsc::TCG_APIC_TIMER.into());
+        extra.extend(
+            crate::backend::tcg_guest::X86_64_OPTIONS
+                .iter()
+                .map(|o| o.to_string()),
+        );
     }
     // Always given, even empty: the host's list replaces whatever the root's file says.
     extra.push(format!(
@@ -497,10 +501,10 @@ mod tests {
         );
     }
 
-    /// Only an x86_64 guest under TCG is spared the APIC timer's calibration: under KVM the
-    /// TSC-deadline timer needs none, and the local timers are better kept.
+    /// Only an x86_64 guest under TCG is spared the APIC timer's calibration and the rewrite of
+    /// its `lock` prefixes: under KVM both are cheap, and the defaults are kept.
     #[test]
-    fn only_tcg_x86_64_guests_go_without_the_apic_timer() {
+    fn only_tcg_x86_64_guests_get_the_tcg_options() {
         let dir = RunDir {
             path: "/run/x".into(),
         };
@@ -515,7 +519,11 @@ mod tests {
                 Path::new("/c"),
                 None,
             );
-            spec.cmdline.split(' ').any(|o| o == "noapictimer")
+            let given: Vec<&str> = spec.cmdline.split(' ').collect();
+            let tcg = crate::backend::tcg_guest::X86_64_OPTIONS;
+            let n = tcg.iter().filter(|o| given.contains(o)).count();
+            assert!(n == 0 || n == tcg.len(), "all or none: {given:?}");
+            n > 0
         };
         assert!(cmdline("x86_64", Engine::Tcg));
         assert!(!cmdline("x86_64", Engine::Kvm));
