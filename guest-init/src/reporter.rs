@@ -208,22 +208,19 @@ impl Reporter {
         {
             let mut inner = self.lock();
             inner.conn = Conn::Connected(stream);
-            let hello = self.hello();
-            send(&mut inner, boottime_us(), hello);
+            let mut backlog = vec![(boottime_us(), self.hello())];
             if inner.dropped > 0 {
                 let text = format!("{} early events dropped (buffer full)", inner.dropped);
-                send(
-                    &mut inner,
+                backlog.push((
                     boottime_us(),
                     GuestMessage::Log {
                         level: Level::Warn,
                         text,
                     },
-                );
+                ));
             }
-            while let Some((t_us, msg)) = inner.pending.pop_front() {
-                send(&mut inner, t_us, msg);
-            }
+            backlog.extend(inner.pending.drain(..));
+            send_all(&mut inner, backlog);
         }
         match reader {
             Ok(r) => read_host(r, on_host, Arc::clone(&self.host_closed)),
@@ -316,29 +313,39 @@ impl Reporter {
 }
 
 fn send(inner: &mut Inner, t_us: u64, msg: GuestMessage) {
+    send_all(inner, [(t_us, msg)]);
+}
+
+/// Sends events as consecutive frames in one write: the backlog of a whole boot is one system
+/// call and one train of vsock packets, not one of each per event (each costs the guest a trip
+/// through the vsock stack and a notification of the host under emulation). An event that does
+/// not encode is said on the console and skipped; a failed write ends the channel.
+fn send_all(inner: &mut Inner, events: impl IntoIterator<Item = (u64, GuestMessage)>) {
+    if !matches!(inner.conn, Conn::Connected(_)) {
+        return;
+    }
+    let mut frames = Vec::new();
+    let mut seq = inner.next_seq;
+    for (t_us, msg) in events {
+        match encode(&Envelope { seq, t_us, msg }) {
+            Ok(frame) => {
+                frames.extend_from_slice(&frame);
+                seq += 1;
+            }
+            Err(e) => console::log(&format!("boot channel: event not sent: {e}")),
+        }
+    }
     let Conn::Connected(stream) = &mut inner.conn else {
         return;
     };
-    let envelope = Envelope {
-        seq: inner.next_seq,
-        t_us,
-        msg,
-    };
-    let frame = match encode(&envelope) {
-        Ok(f) => f,
-        Err(e) => {
-            console::log(&format!("boot channel: event not sent: {e}"));
-            return;
-        }
-    };
-    if let Err(e) = stream.write_all(&frame) {
+    if let Err(e) = stream.write_all(&frames) {
         console::log(&format!(
             "boot channel: host went away ({e}); events go to the console only"
         ));
         inner.conn = Conn::Unavailable;
         return;
     }
-    inner.next_seq += 1;
+    inner.next_seq = seq;
 }
 
 /// A vsock stream to `cid`:`port` (the host, [`HOST_CID`], for the boot channel).
@@ -412,6 +419,56 @@ mod tests {
         assert_eq!(inner.pending.len(), MAX_PENDING);
         assert_eq!(inner.dropped, 10);
         assert!(matches!(&inner.pending[0].1, GuestMessage::Log { text, .. } if text == "e10"));
+    }
+
+    /// The backlog leaves in one write, as consecutive frames the host's decoder reads back in
+    /// order; a host that went away ends the channel without losing the sequence count.
+    #[test]
+    fn the_backlog_is_one_write_of_consecutive_frames() {
+        use std::os::unix::net::UnixStream;
+        let (ours, mut host) = UnixStream::pair().expect("socketpair");
+        let mut inner = Inner {
+            conn: Conn::Connected(File::from(std::os::fd::OwnedFd::from(ours))),
+            pending: VecDeque::new(),
+            dropped: 0,
+            next_seq: 5,
+        };
+        let events = (0..3).map(|i| {
+            (
+                100 + i,
+                GuestMessage::Log {
+                    level: Level::Info,
+                    text: format!("e{i}"),
+                },
+            )
+        });
+        send_all(&mut inner, events);
+        assert_eq!(inner.next_seq, 8);
+        let mut bytes = vec![0u8; 1 << 16];
+        // One read takes all three: they were written together.
+        let n = host.read(&mut bytes).expect("read");
+        let mut decoder = FrameDecoder::new(openshell_shared::MAX_FRAME_LEN);
+        decoder.push(&bytes[..n]);
+        for i in 0..3u64 {
+            let frame: Envelope<GuestMessage> = decoder
+                .next_frame()
+                .expect("decodes")
+                .expect("a whole frame");
+            assert_eq!((frame.seq, frame.t_us), (5 + i, 100 + i));
+            assert!(matches!(frame.msg, GuestMessage::Log { text, .. } if text == format!("e{i}")));
+        }
+        assert_eq!(decoder.buffered(), 0);
+        drop(host);
+        send(
+            &mut inner,
+            200,
+            GuestMessage::Log {
+                level: Level::Info,
+                text: "gone".into(),
+            },
+        );
+        assert!(matches!(inner.conn, Conn::Unavailable));
+        assert_eq!(inner.next_seq, 8, "nothing counted as sent");
     }
 
     #[test]
