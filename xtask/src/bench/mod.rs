@@ -80,6 +80,10 @@ pub enum What {
         /// Draw the median boot of each arch, and the shell way's, as a stacked bar chart.
         #[arg(long)]
         png: Option<PathBuf>,
+        /// A `--out` file of the same bench on the commit before a change: host start to ready
+        /// is checked against it (issue 18's ratios, `boot::READY_RATIO_TARGETS`).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
     },
 }
 
@@ -90,7 +94,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             runs,
             out,
             png,
-        } => boot::run(arch, runs, out, png),
+            baseline,
+        } => boot::run(arch, runs, out, png, baseline),
         What::Kine { rows, runs } => kine::run(rows, runs.max(1)),
         #[cfg(target_os = "linux")]
         What::Dhcp { runs } => dhcp::run(runs.max(1)),
