@@ -75,8 +75,6 @@ pub fn write(a: &Artifacts, arch: Arch, profile: &str, out: &Path) -> Result<Man
         arch,
         profile,
         kernel: &a.kernel,
-        // The kernel is already the ELF libkrun boots on x86_64 (and qemu enters through PVH).
-        vmlinux: None,
         init: &a.init,
         rootfs: &a.rootfs,
         vm: sizing(&a.rootfs)?,

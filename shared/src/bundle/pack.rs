@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::error::BundleError;
-use super::manifest::{hex, Manifest, Member, VmSizing, INIT, KERNEL, MANIFEST, ROOTFS, VMLINUX};
+use super::manifest::{hex, Manifest, Member, VmSizing, INIT, KERNEL, MANIFEST, ROOTFS};
 use super::tar::{write_end, write_header, write_padding, Header, Kind, Xattrs};
 use super::unpack::{check_digest, Hashing};
 use crate::arch::Arch;
@@ -24,7 +24,6 @@ pub struct Inputs<'a> {
     pub arch: Arch,
     pub profile: &'a str,
     pub kernel: &'a Path,
-    pub vmlinux: Option<&'a Path>,
     pub init: &'a Path,
     pub rootfs: &'a Path,
     pub vm: Option<VmSizing>,
@@ -68,12 +67,11 @@ fn write_with(
             sha256,
         }
     };
-    let mut files = vec![(KERNEL, inputs.kernel.to_path_buf())];
-    if let Some(v) = inputs.vmlinux {
-        files.push((VMLINUX, v.to_path_buf()));
-    }
-    files.push((INIT, inputs.init.to_path_buf()));
-    files.push((ROOTFS, root_tar.to_path_buf()));
+    let files = [
+        (KERNEL, inputs.kernel.to_path_buf()),
+        (INIT, inputs.init.to_path_buf()),
+        (ROOTFS, root_tar.to_path_buf()),
+    ];
     let mut members = Vec::new();
     for (member, path) in &files[..files.len() - 1] {
         members.push(describe(member, path)?);

@@ -60,7 +60,6 @@ fn write_sample(dir: &Path) -> (PathBuf, Manifest) {
         arch: Arch::X86_64,
         profile: "base",
         kernel: &dir.join("bzImage"),
-        vmlinux: None,
         init: &dir.join("init"),
         rootfs: &root,
         vm: None,
