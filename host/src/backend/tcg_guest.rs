@@ -1,7 +1,7 @@
 //! Kernel command-line options that spare an x86_64 guest under TCG (qemu's software emulation)
 //! the boot work an emulated CPU makes expensive. Each was found in `cargo xtask bench boot`'s
-//! kernel profile or by sampling the guest's instruction pointer, and is kept because it
-//! measured faster; none changes what the guest can do. Under KVM these costs are small and the
+//! kernel profile, by sampling the guest's instruction pointer or with gdb on qemu's gdbstub,
+//! and is kept because it measured faster; none changes what the guest can do. Under KVM these costs are small and the
 //! defaults are kept. (The guest's clock under TCG is [`super::tsc`]'s.)
 //!
 //! - `noapictimer`: without the TSC-deadline mode (KVM and real CPUs have it; TCG does not) the

@@ -501,8 +501,8 @@ mod tests {
         );
     }
 
-    /// Only an x86_64 guest under TCG is spared the APIC timer's calibration and the rewrite of
-    /// its `lock` prefixes: under KVM both are cheap, and the defaults are kept.
+    /// Only an x86_64 guest under TCG gets the options of `backend::tcg_guest`, all of them:
+    /// under KVM what they spare is cheap, and the defaults are kept.
     #[test]
     fn only_tcg_x86_64_guests_get_the_tcg_options() {
         let dir = RunDir {
