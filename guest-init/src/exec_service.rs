@@ -19,7 +19,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use openshell_shared::exec::{
     ExecDecoder, ExecRequest, Frame, GuestFrame, HostFrame, ReadError, MAX_DATA_CHUNK,
@@ -425,12 +425,13 @@ fn start(req: &ExecRequest, reaping: Reaping) -> io::Result<Running> {
             .stderr(Stdio::piped());
     }
     let tty = req.tty;
-    // SAFETY: between fork and exec only async-signal-safe calls (setsid, sigprocmask, ioctl).
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid, sigaction,
+    // sigprocmask, ioctl).
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(io::Error::from)?;
             // PID 1 blocks its signals in every thread; the command must not inherit that.
-            SigSet::empty().thread_set_mask().map_err(io::Error::from)?;
+            crate::supervisor::reset_signals_in_child().map_err(io::Error::from)?;
             if tty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }

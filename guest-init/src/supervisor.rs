@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -45,6 +45,23 @@ pub fn handled_signals() -> SigSet {
 /// Must run before any thread starts, so that every thread inherits the mask.
 pub fn block_signals() -> nix::Result<()> {
     handled_signals().thread_block()
+}
+
+/// For a child between fork and exec: nothing blocked and nothing ignored. Init blocks its
+/// signals in every thread, and a disposition of "ignore" survives exec: `supervise` started
+/// under `nohup` (or in the background of a script, which ignores SIGINT and SIGQUIT) would hand
+/// its workload signals that not even the workload's own `trap` can catch (a POSIX shell leaves
+/// a signal ignored on entry ignored). Only async-signal-safe calls (sigaction, sigprocmask).
+pub fn reset_signals_in_child() -> nix::Result<()> {
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: SIG_DFL installs no handler, so no code of ours runs on a signal.
+        unsafe { sigaction(sig, &default) }?;
+    }
+    SigSet::empty().thread_set_mask()
 }
 
 /// Write end of the pipe the host's shutdown request travels through.
@@ -155,13 +172,12 @@ impl Supervisor {
             .env_clear()
             .envs(&workload.env)
             .current_dir(&workload.cwd);
-        // SAFETY: between fork and exec only async-signal-safe calls (setsid, sigprocmask).
+        // SAFETY: between fork and exec only async-signal-safe calls (setsid, sigaction,
+        // sigprocmask).
         unsafe {
             cmd.pre_exec(|| {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
-                SigSet::empty()
-                    .thread_set_mask()
-                    .map_err(std::io::Error::from)?;
+                reset_signals_in_child().map_err(std::io::Error::from)?;
                 Ok(())
             });
         }

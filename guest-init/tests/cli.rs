@@ -320,51 +320,89 @@ fn supervise_reaps_orphans() {
     );
 }
 
-/// Starts `supervise`, waits for its `ready` event, sends SIGTERM, returns (status, time after
-/// the signal).
+/// [`signal`] with SIGTERM: (status, time after the signal).
 fn terminate(grace_ms: u64, script: &str) -> (Option<i32>, Duration) {
-    signal(grace_ms, script, nix::sys::signal::Signal::SIGTERM)
+    signal(grace_ms, script, nix::sys::signal::Signal::SIGTERM, None)
 }
 
-fn signal(grace_ms: u64, script: &str, sig: nix::sys::signal::Signal) -> (Option<i32>, Duration) {
-    let mut child = Command::new(BIN)
-        .args([
-            "supervise",
-            "--grace-ms",
-            &grace_ms.to_string(),
-            "--",
-            "/bin/sh",
-            "-c",
-            script,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+/// Runs `script` under `supervise` (with `ignored` set to SIG_IGN in the supervisor, as `nohup`
+/// would), waits until the script prints `armed` (after its traps are set), sends `sig` to the
+/// supervisor and returns its exit code and how long it took to exit. A supervisor still running
+/// 20 s later is killed with its workload's session and fails the test, rather than hang it.
+fn signal(
+    grace_ms: u64,
+    script: &str,
+    sig: nix::sys::signal::Signal,
+    ignored: Option<nix::sys::signal::Signal>,
+) -> (Option<i32>, Duration) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "supervise",
+        "--grace-ms",
+        &grace_ms.to_string(),
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ])
+    .stdout(Stdio::piped());
+    if let Some(ignored) = ignored {
+        // SAFETY: between fork and exec only sigaction, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::signal::signal(ignored, nix::sys::signal::SigHandler::SigIgn)
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let mut child = cmd.spawn().expect("spawn");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut workload = None;
     loop {
-        let line = lines.next().expect("ready before EOF").expect("read");
-        if line.contains(r#""type":"ready""#) {
+        let line = lines.next().expect("armed before EOF").expect("read");
+        if let Some(pid) = line
+            .split("workload started as pid ")
+            .nth(1)
+            .and_then(|rest| rest.split(':').next())
+        {
+            workload = pid.parse::<i32>().ok();
+        }
+        if line == "armed" {
             break;
         }
     }
-    // Let the shell install its trap.
-    std::thread::sleep(Duration::from_millis(200));
     let sent = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("kill");
-    let status = child.wait().expect("wait");
-    (status.code(), sent.elapsed())
+    let supervisor = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(supervisor, sig).expect("kill");
+    while sent.elapsed() < Duration::from_secs(20) {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return (status.code(), sent.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(pid) = workload {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("supervise still running 20 s after {sig}");
 }
 
 #[test]
 fn sigterm_is_forwarded_to_the_workload() {
-    let (code, took) = terminate(5_000, "exec sleep 100");
+    let (code, took) = terminate(5_000, "echo armed; exec sleep 100");
     assert_eq!(code, Some(128 + 15));
     assert!(took < Duration::from_secs(4), "took {took:?}");
 }
 
 #[test]
 fn a_workload_ignoring_sigterm_is_killed_after_the_grace_period() {
-    let (code, took) = terminate(400, "trap '' TERM; while :; do sleep 0.05; done");
+    let (code, took) = terminate(
+        400,
+        "trap '' TERM; echo armed; while :; do sleep 0.05; done",
+    );
     assert_eq!(code, Some(128 + 9));
     assert!(took >= Duration::from_millis(400), "killed early: {took:?}");
 }
@@ -373,8 +411,22 @@ fn a_workload_ignoring_sigterm_is_killed_after_the_grace_period() {
 fn sighup_is_forwarded_without_stopping_anything() {
     let (code, _) = signal(
         5_000,
-        "trap 'exit 42' HUP; while :; do sleep 0.05; done",
+        "trap 'exit 42' HUP; echo armed; while :; do sleep 0.05; done",
         nix::sys::signal::Signal::SIGHUP,
+        None,
+    );
+    assert_eq!(code, Some(42));
+}
+
+/// A supervisor started under `nohup` ignores SIGHUP; its workload must not inherit that, or
+/// the workload's own trap would be refused and the forwarded SIGHUP lost.
+#[test]
+fn a_signal_ignored_by_whoever_started_supervise_still_reaches_the_workload() {
+    let (code, _) = signal(
+        5_000,
+        "trap 'exit 42' HUP; echo armed; while :; do sleep 0.05; done",
+        nix::sys::signal::Signal::SIGHUP,
+        Some(nix::sys::signal::Signal::SIGHUP),
     );
     assert_eq!(code, Some(42));
 }
