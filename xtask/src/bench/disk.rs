@@ -4,6 +4,12 @@
 //! without a disk (kine on the virtio-fs root), with a fresh blank disk (the state-disk phase
 //! formats and seeds it, the database copied onto it) and again with that disk (a warm boot:
 //! mount, journal check, binds; kine on the disk). The rows are the phases' own durations.
+//!
+//! What a warm disk adds to init's time is measured on a second copy without the database
+//! (with it, kine's own time on each side would swamp the difference): booted without a disk and
+//! with a warm one, paired each round. The warm boot's workload then runs the phase again in the
+//! same boot ([`AGAIN_SCRIPT`]): the same steps on the same disk once the kernel has run their
+//! code, which under emulation means once qemu has translated it.
 
 use std::path::{Path, PathBuf};
 
@@ -25,7 +31,15 @@ pub const FIRST: &str = "state-disk phase, first boot (format + seed)";
 pub const WARM: &str = "state-disk phase, warm boot (mount + binds)";
 pub const KINE_ROOT: &str = "kine phase, database on the virtio-fs root";
 pub const KINE_DISK: &str = "kine phase, database on the state disk";
-/// Warm boot's budget for the phase under TCG.
+/// Per round: init entry to phases done with a warm disk minus the same without a disk.
+pub const ADDED: &str = "state disk: what a warm one adds to init entry -> phases done";
+pub const AGAIN: &str = "state-disk phase again in the same warm boot (its code run once)";
+/// The warm boot's workload that runs the phase again (in the base root).
+pub const AGAIN_SCRIPT: &str = "/opt/bench/state-disk-again.sh";
+/// The instances of the two roots.
+pub const WITH_KINE: &str = "bench-disk";
+pub const PLAIN: &str = "bench-disk-plain";
+/// What a warm disk may add to init's time under TCG (issue 13).
 pub const WARM_TARGET_MS: f64 = 15.0;
 /// The disk the rounds give the guest: small, so a blank one formats as users' 32 GiB would
 /// (lazy inode tables make the size matter little), and sparse on the host.
@@ -43,10 +57,11 @@ const LIBS: &[&str] = &[
 ];
 const TOOLS: &[&str] = &["mke2fs", "e2fsck", "resize2fs"];
 
-/// The bench instance's root for the disk rounds (`bench-disk`), made from `base` once and
-/// given e2fsprogs and the kine database; reused while `base` is unchanged.
-pub fn prepare_root(arch: Arch, base: &Path) -> Result<PathBuf> {
-    let root = up::instance_root("bench-disk", arch, base)?;
+/// A bench instance's root for the disk rounds ([`WITH_KINE`] or [`PLAIN`]), made from `base`
+/// once and given e2fsprogs, and for [`WITH_KINE`] the kine database; reused while `base` is
+/// unchanged.
+pub fn prepare_root(arch: Arch, base: &Path, instance: &str) -> Result<PathBuf> {
+    let root = up::instance_root(instance, arch, base)?;
     let marker = root.join("opt/bench/disk-ready");
     if marker.exists() {
         return Ok(root);
@@ -70,7 +85,9 @@ pub fn prepare_root(arch: Arch, base: &Path) -> Result<PathBuf> {
     let _ = std::fs::remove_file(&db);
     std::fs::create_dir_all(db.parent().unwrap_or(&root))
         .map_err(|e| Error::io("create", &db, e))?;
-    kine_database(&db, KINE_ROWS).map_err(|e| Error::msg(format!("{}: {e}", db.display())))?;
+    if instance == WITH_KINE {
+        kine_database(&db, KINE_ROWS).map_err(|e| Error::msg(format!("{}: {e}", db.display())))?;
+    }
     std::fs::write(&marker, b"").map_err(|e| Error::io("write", &marker, e))?;
     Ok(root)
 }
@@ -128,9 +145,56 @@ pub fn check_round(detail: &str, first: bool) -> Result<()> {
     Ok(())
 }
 
+/// The duration of the state-disk phase that [`AGAIN_SCRIPT`] ran, from the console log it
+/// printed its events to (JSON lines among the kernel's), after checking it mounted a warm disk.
+pub fn again_ms(console: &str) -> std::result::Result<f64, String> {
+    let events: Vec<Value> = console
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v["msg"].clone())
+        .collect();
+    let detail = events
+        .iter()
+        .filter(|m| m["type"] == "log")
+        .filter_map(|m| m["text"].as_str()?.strip_prefix("state-disk: "))
+        .next_back()
+        .ok_or("no state-disk line from the phase run again (did the workload run?)")?;
+    check_round(detail, false).map_err(|e| e.to_string())?;
+    let finished = events
+        .iter()
+        .find(|m| m["type"] == "phase_finished" && m["phase"] == "state-disk")
+        .ok_or("the phase run again never finished")?;
+    if finished["outcome"]["kind"] != "ok" {
+        return Err(format!("the phase run again: {}", finished["outcome"]));
+    }
+    finished["duration_us"]
+        .as_u64()
+        .map(|us| us as f64 / 1000.0)
+        .ok_or_else(|| "the phase run again has no duration".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_again_row_is_the_phase_the_workload_ran_on_a_warm_disk() {
+        let console = r#"[    0.61] openshell-init: phase state-disk: ok in 162.750 ms
+{"seq":0,"t_us":993747,"msg":{"type":"phase_started","phase":"state-disk"}}
+[    0.99] random kernel line
+{"seq":1,"t_us":1014883,"msg":{"type":"log","level":"info","text":"state-disk: /dev/vda: journal clean; mounted in 4.8 ms"}}
+{"seq":2,"t_us":1015652,"msg":{"type":"phase_finished","phase":"state-disk","duration_us":19719,"outcome":{"kind":"ok"}}}
+"#;
+        assert_eq!(again_ms(console), Ok(19.719));
+        let formatted = console.replace("journal clean", "formatted in 9 ms");
+        assert!(again_ms(&formatted).unwrap_err().contains("warm"));
+        let failed = console.replace(r#"{"kind":"ok"}"#, r#"{"kind":"failed","detail":"x"}"#);
+        assert!(again_ms(&failed).unwrap_err().contains("failed"));
+        assert!(again_ms("[ 0.1] no workload\n")
+            .unwrap_err()
+            .contains("no state-disk line"));
+    }
 
     fn report(outcome: &str, detail: &str) -> Value {
         serde_json::json!({

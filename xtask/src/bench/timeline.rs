@@ -13,9 +13,38 @@ pub fn read(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", path.display())))
 }
 
+/// Guest clock, in ms: from init's entry to the end of its last phase; `None` when the report
+/// lacks either (the boot did not get that far).
+pub fn phases_done_ms(t: &Value) -> Option<f64> {
+    let us = |v: &Value| v.as_u64().map(|n| n as f64 / 1000.0);
+    let entry = us(&t["summary"]["init_entry_guest_us"])?;
+    let done = t["events"]
+        .as_array()?
+        .iter()
+        .filter(|e| e["event"]["type"] == "phase_finished")
+        .filter_map(|e| us(&e["guest_us"]))
+        .reduce(f64::max)?;
+    Some(done - entry)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_end_at_the_last_one_to_finish() {
+        let t = serde_json::json!({
+            "summary": {"init_entry_guest_us": 300_000},
+            "events": [
+                {"guest_us": 350_000, "event": {"type": "phase_finished"}},
+                {"guest_us": 480_000, "event": {"type": "phase_finished"}},
+                {"guest_us": 420_000, "event": {"type": "phase_finished"}},
+                {"guest_us": 500_000, "event": {"type": "ready"}}
+            ]
+        });
+        assert_eq!(phases_done_ms(&t), Some(180.0));
+        assert_eq!(phases_done_ms(&serde_json::json!({"summary": {}})), None);
+    }
 
     #[test]
     fn reads_a_report_and_names_the_file_it_cannot_parse() {
