@@ -50,6 +50,31 @@ pub fn read() -> std::io::Result<Vec<MountEntry>> {
     std::fs::read_to_string("/proc/thread-self/mountinfo").map(|t| parse(&t))
 }
 
+/// Whether something is mounted on `path` (it is the root of a mount), from statx's
+/// STATX_ATTR_MOUNT_ROOT (Linux 5.8): a lookup, where reading the table makes the kernel print
+/// every mount, which under emulation costs more than a mount. `None` when the path cannot be
+/// looked up or the kernel does not report the attribute; callers then read the table.
+pub fn is_mount_point(path: &Path) -> Option<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: all-zero bytes are a valid statx (plain integers).
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and outlives the call; `buf` is a live statx the kernel
+    // fills. A raw syscall: not every libc we link has a statx wrapper.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            0u32,
+            &mut buf as *mut libc::statx,
+        )
+    };
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    (rc == 0 && buf.stx_attributes_mask & bit != 0).then_some(buf.stx_attributes & bit != 0)
+}
+
 /// The topmost mount at `target`, if any.
 pub fn find<'a>(entries: &'a [MountEntry], target: &Path) -> Option<&'a MountEntry> {
     let want = target.to_str()?;
@@ -93,6 +118,41 @@ fn unescape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mount_point_is_told_from_a_plain_directory() {
+        let dir = tempfile::tempdir().expect("tmp");
+        assert_eq!(is_mount_point(dir.path()), Some(false));
+        assert_eq!(is_mount_point(Path::new("/")), Some(true));
+        assert_eq!(is_mount_point(&dir.path().join("missing")), None);
+        let target = dir.path().to_path_buf();
+        let seen = in_private_mount_ns(move || {
+            nix::mount::mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("mount tmpfs");
+            let on = is_mount_point(&target);
+            // A bind of a directory of the same filesystem is a mount root too.
+            let sub = target.join("sub");
+            std::fs::create_dir(&sub).expect("mkdir");
+            nix::mount::mount(
+                Some(&target),
+                &sub,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .expect("bind");
+            (on, is_mount_point(&sub))
+        });
+        if let Some(seen) = seen {
+            assert_eq!(seen, (Some(true), Some(true)));
+        }
+    }
 
     #[test]
     fn lines_parse_with_escapes_and_optional_fields() {

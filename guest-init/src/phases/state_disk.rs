@@ -367,8 +367,11 @@ fn mount(
         what: "create the mount point",
         source,
     })?;
-    let table = crate::mountinfo::read().unwrap_or_default();
-    if crate::mountinfo::find(&table, mount_point).is_some() {
+    let mounted = crate::mountinfo::is_mount_point(mount_point).unwrap_or_else(|| {
+        let table = crate::mountinfo::read().unwrap_or_default();
+        crate::mountinfo::find(&table, mount_point).is_some()
+    });
+    if mounted {
         return Err(StateDiskError::AlreadyMounted {
             device: shown.into(),
             mount_point: shown_mp,

@@ -284,3 +284,35 @@ fn a_link_on_the_disk_is_not_bound_through() {
     );
     assert!(!bound_etc);
 }
+
+/// A mount point that something is mounted on already (a tmpfs here, as a second run of the
+/// phase would find the disk) is refused by name, and nothing is mounted over it.
+#[test]
+fn a_mount_point_in_use_is_refused() {
+    let Some(disk) = Image::new(128 * MIB).attach() else {
+        return;
+    };
+    let (root, node) = root_for(&disk);
+    let r = root.path().to_path_buf();
+    let seen = in_private_mount_ns(move || {
+        let mp = under(&r, MOUNT_POINT);
+        std::fs::create_dir_all(&mp).expect("mkdir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &mp,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("tmpfs");
+        let err = (PHASE.run)(&ctx_for(&r, &node)).expect_err("refused");
+        (err.to_string(), mounted_under(&r))
+    });
+    if let Some((err, mounts)) = seen {
+        assert!(
+            err.ends_with("something is already mounted on /run/openshell/state-disk"),
+            "{err}"
+        );
+        assert_eq!(mounts, vec![(MOUNT_POINT.to_string(), "tmpfs".to_string())]);
+    }
+}
