@@ -40,7 +40,7 @@ pub const AGAIN_SCRIPT: &str = "/opt/bench/state-disk-again.sh";
 pub const WITH_KINE: &str = "bench-disk";
 pub const PLAIN: &str = "bench-disk-plain";
 /// What a warm disk may add to init's time under TCG (issue 13).
-pub const WARM_TARGET_MS: f64 = 15.0;
+pub const ADDED_TARGET_MS: f64 = 15.0;
 /// The disk the rounds give the guest: small, so a blank one formats as users' 32 GiB would
 /// (lazy inode tables make the size matter little), and sparse on the host.
 pub const SIZE: &str = "1G";
