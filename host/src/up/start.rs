@@ -391,6 +391,13 @@ fn vm_spec(
     if state_disk.is_some() {
         extra.push(state_disk_cmdline());
     }
+    if engine == Engine::Tcg {
+        extra.extend(
+            crate::backend::tcg_guest::OPTIONS
+                .iter()
+                .map(|o| o.to_string()),
+        );
+    }
     if engine == Engine::Tcg && args.arch == Arch::X86_64 {
         let cache = instance::state_root().ok();
         if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
@@ -501,13 +508,14 @@ mod tests {
         );
     }
 
-    /// Only an x86_64 guest under TCG gets the options of `backend::tcg_guest`, all of them:
-    /// under KVM what they spare is cheap, and the defaults are kept.
+    /// Every guest under TCG gets `backend::tcg_guest::OPTIONS`, an x86_64 one its
+    /// `X86_64_OPTIONS` too, all of them: under KVM the defaults are kept.
     #[test]
-    fn only_tcg_x86_64_guests_get_the_tcg_options() {
+    fn only_tcg_guests_get_the_tcg_options() {
         let dir = RunDir {
             path: "/run/x".into(),
         };
+        // (every-arch options given, x86_64 options given), each all or none.
         let cmdline = |arch: &str, engine: Engine| {
             let args = parse(&["--kernel", "/k", "--rootfs", "/r", "--arch", arch]).expect("parse");
             let spec = vm_spec(
@@ -520,14 +528,20 @@ mod tests {
                 None,
             );
             let given: Vec<&str> = spec.cmdline.split(' ').collect();
-            let tcg = crate::backend::tcg_guest::X86_64_OPTIONS;
-            let n = tcg.iter().filter(|o| given.contains(o)).count();
-            assert!(n == 0 || n == tcg.len(), "all or none: {given:?}");
-            n > 0
+            let all_or_none = |options: &[&str]| {
+                let n = options.iter().filter(|o| given.contains(o)).count();
+                assert!(n == 0 || n == options.len(), "all or none: {given:?}");
+                n > 0
+            };
+            (
+                all_or_none(crate::backend::tcg_guest::OPTIONS),
+                all_or_none(crate::backend::tcg_guest::X86_64_OPTIONS),
+            )
         };
-        assert!(cmdline("x86_64", Engine::Tcg));
-        assert!(!cmdline("x86_64", Engine::Kvm));
-        assert!(!cmdline("aarch64", Engine::Tcg));
+        assert_eq!(cmdline("x86_64", Engine::Tcg), (true, true));
+        assert_eq!(cmdline("aarch64", Engine::Tcg), (true, false));
+        assert_eq!(cmdline("x86_64", Engine::Kvm), (false, false));
+        assert_eq!(cmdline("aarch64", Engine::Kvm), (false, false));
     }
 
     #[test]
@@ -575,7 +589,7 @@ mod tests {
             kernel_cmdline(
                 Arch::Aarch64,
                 &["/bin/true".into()],
-                Some("openshell.host_ports= openshell.router_is_host_loopback=0 openshell.hostname=gw")
+                Some("init_on_alloc=1 openshell.host_ports= openshell.router_is_host_loopback=0 openshell.hostname=gw")
             )
         );
         assert_eq!(spec.state_disk, None);
@@ -592,7 +606,7 @@ mod tests {
         assert_eq!(with.state_disk, Some(PathBuf::from("/s/state.img")));
         assert!(
             with.cmdline
-                .ends_with(" openshell.state_disk=openshell-state openshell.host_ports= openshell.router_is_host_loopback=0 openshell.hostname=gw"),
+                .ends_with(" openshell.state_disk=openshell-state init_on_alloc=1 openshell.host_ports= openshell.router_is_host_loopback=0 openshell.hostname=gw"),
             "{}",
             with.cmdline
         );
