@@ -14,6 +14,16 @@ use crate::mountinfo::in_private_mount_ns;
 
 const MIB: u64 = 1 << 20;
 
+/// One of these tests at a time. Each runs mke2fs and opens its disk exclusively, and a child
+/// forked while another test holds its disk keeps a copy of that descriptor until it execs:
+/// under qemu-user long enough that the other test's mount or mke2fs fails with EBUSY ("is
+/// apparently in use by the system"), seen twice in clean-clone runs.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A gateway-shaped root with a database and a certificate to seed, and the disk's node.
 fn root_for(disk: &LoopDisk) -> (tempfile::TempDir, String) {
     let root = tempfile::tempdir().expect("root");
@@ -59,6 +69,7 @@ fn mounted_under(root: &Path) -> Vec<(String, String)> {
 /// and leaves the filesystem clean. Second boot: the data written is there, nothing seeded.
 #[test]
 fn binds_carry_the_seed_and_writes_and_power_off_leaves_it_clean() {
+    let _one = one_at_a_time();
     let Some(disk) = Image::new(128 * MIB).attach() else {
         return;
     };
@@ -150,6 +161,7 @@ fn binds_carry_the_seed_and_writes_and_power_off_leaves_it_clean() {
 /// left as it was.
 #[test]
 fn kine_on_a_full_state_disk_names_it() {
+    let _one = one_at_a_time();
     let Some(disk) = Image::new(128 * MIB).attach() else {
         return;
     };
@@ -200,6 +212,7 @@ fn kine_on_a_full_state_disk_names_it() {
 /// our ext4; fails, naming d_type, on an ext4 made without it.
 #[test]
 fn overlay_upper_on_the_disk_works_and_not_without_d_type() {
+    let _one = one_at_a_time();
     let Some(disk) = Image::new(128 * MIB).attach() else {
         return;
     };
@@ -243,6 +256,7 @@ fn overlay_upper_on_the_disk_works_and_not_without_d_type() {
 /// A link planted on the disk where a bound directory belongs is not bound through.
 #[test]
 fn a_link_on_the_disk_is_not_bound_through() {
+    let _one = one_at_a_time();
     let Some(disk) = Image::new(128 * MIB).attach() else {
         return;
     };
@@ -296,6 +310,7 @@ fn a_link_on_the_disk_is_not_bound_through() {
 /// phase would find the disk) is refused by name, and nothing is mounted over it.
 #[test]
 fn a_mount_point_in_use_is_refused() {
+    let _one = one_at_a_time();
     let Some(disk) = Image::new(128 * MIB).attach() else {
         return;
     };
