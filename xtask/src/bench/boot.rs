@@ -111,16 +111,10 @@ fn boot(arch: Arch, runs: usize) -> Result<Value> {
         with_kine: disk::prepare_root(arch, &a.rootfs, disk::WITH_KINE)?,
         plain: disk::prepare_root(arch, &a.rootfs, disk::PLAIN)?,
     };
-    // The disk rounds' own state directory: each first boot starts from no image.
-    let state_home = tempfile::Builder::new()
-        .prefix("osh-bench-disk-")
-        .tempdir()
-        .map_err(|e| Error::io("create", &std::env::temp_dir(), e))?;
+    let state_home = disk::StateHome::new()?;
     // The plain root's disk, formatted once: its rounds are all warm.
-    let mut first =
-        up::host_up_with_disk(&host, arch, disk::PLAIN, &a, &disk_roots.plain, disk::SIZE);
-    first.env("XDG_STATE_HOME", state_home.path());
-    timed_boot(&mut first, &report, 0)?;
+    let plain = (disk::PLAIN, disk_roots.plain.as_path());
+    timed_boot(&mut state_home.up(&host, arch, &a, plain, true), &report, 0)?;
     for i in 0..runs {
         eprintln!("xtask bench: boot {}/{runs} ({})", i + 1, arch.name());
         let report_json = timed_boot(&mut bench_up(&host, arch, &a, &root, &passt())?, &report, i)?;
@@ -215,18 +209,18 @@ fn disk_round(
     arch: Arch,
     a: &Artifacts,
     roots: &DiskRoots,
-    state_home: &tempfile::TempDir,
+    state_home: &disk::StateHome,
     i: usize,
     samples: &mut Samples,
 ) -> Result<()> {
-    let report = state_home.path().join("report.json");
-    let image = state_home
-        .path()
-        .join(format!("openshell/{}/state.img", disk::WITH_KINE));
-    let root = &roots.with_kine;
-    let mut no_disk = up::host_up(host, arch, disk::WITH_KINE, a, root);
-    no_disk.env("XDG_STATE_HOME", state_home.path());
-    let t = timed_boot(&mut no_disk, &report, i)?;
+    let report = state_home.report();
+    let image = state_home.image(disk::WITH_KINE);
+    let with_kine = (disk::WITH_KINE, roots.with_kine.as_path());
+    let t = timed_boot(
+        &mut state_home.up(host, arch, a, with_kine, false),
+        &report,
+        i,
+    )?;
     samples.add(disk::KINE_ROOT, disk::phase(&t, "kine")?.0);
     match std::fs::remove_file(&image) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -235,9 +229,11 @@ fn disk_round(
         _ => {}
     }
     for first in [true, false] {
-        let mut cmd = up::host_up_with_disk(host, arch, disk::WITH_KINE, a, root, disk::SIZE);
-        cmd.env("XDG_STATE_HOME", state_home.path());
-        let t = timed_boot(&mut cmd, &report, i)?;
+        let t = timed_boot(
+            &mut state_home.up(host, arch, a, with_kine, true),
+            &report,
+            i,
+        )?;
         let (ms, detail) = disk::phase(&t, "state-disk")?;
         disk::check_round(&detail, first)?;
         samples.add(if first { disk::FIRST } else { disk::WARM }, ms);
@@ -255,19 +251,21 @@ fn added_round(
     arch: Arch,
     a: &Artifacts,
     root: &Path,
-    state_home: &tempfile::TempDir,
+    state_home: &disk::StateHome,
     i: usize,
     samples: &mut Samples,
 ) -> Result<()> {
-    let report = state_home.path().join("report.json");
+    let report = state_home.report();
     let done = |t: &Value| {
         timeline::phases_done_ms(t).ok_or_else(|| Error::msg("report lacks init's phase times"))
     };
-    let mut no_disk = up::host_up(host, arch, disk::PLAIN, a, root);
-    no_disk.env("XDG_STATE_HOME", state_home.path());
-    let without = done(&timed_boot(&mut no_disk, &report, i)?)?;
-    let mut warm = up::host_up_with_disk(host, arch, disk::PLAIN, a, root, disk::SIZE);
-    warm.env("XDG_STATE_HOME", state_home.path());
+    let plain = (disk::PLAIN, root);
+    let without = done(&timed_boot(
+        &mut state_home.up(host, arch, a, plain, false),
+        &report,
+        i,
+    )?)?;
+    let mut warm = state_home.up(host, arch, a, plain, true);
     let t = timed_boot_running(&mut warm, &report, i, disk::AGAIN_SCRIPT)?;
     let detail = disk::phase(&t, "state-disk")?.1;
     disk::check_round(&detail, false)?;

@@ -12,10 +12,12 @@
 //! code, which under emulation means once qemu has translated it.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use openshell_shared::Arch;
 use serde_json::Value;
 
+use crate::artifacts::Artifacts;
 use crate::build_names::BuildNames;
 use crate::error::{Error, Result};
 use crate::fixtures::crashed_root::{kine_database, KINE_DB};
@@ -90,6 +92,49 @@ pub fn prepare_root(arch: Arch, base: &Path, instance: &str) -> Result<PathBuf> 
     }
     std::fs::write(&marker, b"").map_err(|e| Error::io("write", &marker, e))?;
     Ok(root)
+}
+
+/// The disk rounds' own state directory (their boots' `XDG_STATE_HOME`): each bench run starts
+/// from no disk image, and the user's instances are neither seen nor touched.
+pub struct StateHome(tempfile::TempDir);
+
+impl StateHome {
+    pub fn new() -> Result<Self> {
+        tempfile::Builder::new()
+            .prefix("osh-bench-disk-")
+            .tempdir()
+            .map(Self)
+            .map_err(|e| Error::io("create", &std::env::temp_dir(), e))
+    }
+
+    /// `openshell-host up` of instance `name` booting `root` here, with a state disk of
+    /// [`SIZE`] or without one.
+    pub fn up(
+        &self,
+        host: &Path,
+        arch: Arch,
+        a: &Artifacts,
+        (name, root): (&str, &Path),
+        with_disk: bool,
+    ) -> Command {
+        let mut cmd = if with_disk {
+            up::host_up_with_disk(host, arch, name, a, root, SIZE)
+        } else {
+            up::host_up(host, arch, name, a, root)
+        };
+        cmd.env("XDG_STATE_HOME", self.0.path());
+        cmd
+    }
+
+    /// Where the rounds' boots write their timelines.
+    pub fn report(&self) -> PathBuf {
+        self.0.path().join("report.json")
+    }
+
+    /// Instance `name`'s disk image.
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.0.path().join(format!("openshell/{name}/state.img"))
+    }
 }
 
 /// The dynamic loader's name in `usr/lib/<triple>/` and the interpreter path in the binaries.
