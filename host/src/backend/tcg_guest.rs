@@ -16,8 +16,9 @@
 //!   unchanged (five pairs, within the noise), the containerd VM tests 146 -> 151 s; the bench's
 //!   busybox shell init, which runs a program from virtio-fs for each step (and virtiofsd's
 //!   `cache=auto` has the guest read a file again at each open), 0.9 -> 1.85 s. On aarch64 the
-//!   crashes remain with it (docs/testing.md: the zeroing there does not seem to retire the
-//!   translations); it is given there too, at no measured cost to the boot.
+//!   crashes remain with it: arm64 zeroes pages with `DC ZVA`, which does not seem to retire the
+//!   translations under qemu 7.2; `page_poison=1` does, but costs about 400 ms of every aarch64
+//!   boot, so only the VM tests that run Go programs there give it (docs/testing.md).
 //!
 //! x86_64, for speed ([`X86_64_OPTIONS`]). Each was found in `cargo xtask bench boot`'s kernel
 //! profile, by sampling the guest's instruction pointer or with gdb on qemu's gdbstub, and is kept

@@ -117,12 +117,15 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
     });
     let debian = spawn(clock, "debian", arches.to_vec(), |clock, arches| {
         let ok = gateway::debootstrap_all(&clock, BESIDE, &arches)?;
-        // Real containerd and runc, on x86_64 only: one arch proves the state disk's case (and
-        // Debian's Go programs crashed now and then under emulated aarch64; see docs/testing.md).
-        if ok && arches.contains(&Arch::X86_64) {
-            clock.step(BESIDE, "containerd packages x86_64", || {
-                crate::containerd_root::package_stage(Arch::X86_64)
-            })?;
+        // Real containerd and runc, for the VM tests on each arch.
+        if ok {
+            for arch in &arches {
+                clock.step(
+                    BESIDE,
+                    &format!("containerd packages {}", arch.name()),
+                    || crate::containerd_root::package_stage(*arch),
+                )?;
+            }
         }
         Ok(ok)
     });
@@ -167,11 +170,19 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
         }
     }
     let debian_ok = join(debian)?;
-    if let (true, Some((_, init))) = (debian_ok, inits.iter().find(|(a, _)| *a == Arch::X86_64)) {
-        let root = clock.step(MAIN, "containerd-test root x86_64", || {
-            crate::containerd_root::build(Arch::X86_64, || Ok(init.clone()))
-        })?;
-        cmd.env("OPENSHELL_TEST_CONTAINERD_ROOTFS_X86_64", root);
+    for (arch, init) in inits.iter().filter(|_| debian_ok) {
+        let root = clock.step(
+            MAIN,
+            &format!("containerd-test root {}", arch.name()),
+            || crate::containerd_root::build(*arch, || Ok(init.clone())),
+        )?;
+        cmd.env(
+            format!(
+                "OPENSHELL_TEST_CONTAINERD_ROOTFS_{}",
+                arch.name().to_uppercase()
+            ),
+            root,
+        );
     }
     let lane = spawn(
         clock,
