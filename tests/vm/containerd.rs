@@ -49,14 +49,11 @@ fn probe_boot(arch: &str, steps: &[&str]) -> Option<Boot> {
     std::fs::copy(&script, boot.root_path("probe.sh")).expect("install the probe");
     let mut argv = vec!["/bin/sh", "/probe.sh"];
     argv.extend_from_slice(steps);
-    let boot = boot.arg("--memory").arg(MEMORY_MIB);
-    Some(
-        match arch {
-            "aarch64" => boot.arg("--cmdline-extra").arg(AARCH64_TCG),
-            _ => boot,
-        }
-        .exec(&argv),
-    )
+    let mut boot = boot.arg("--memory").arg(MEMORY_MIB);
+    if arch == "aarch64" {
+        boot = boot.arg("--cmdline-extra").arg(AARCH64_TCG);
+    }
+    Some(boot.exec(&argv))
 }
 
 /// The probe's `step.name: value` lines, by `step.name`.

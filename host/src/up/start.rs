@@ -397,17 +397,17 @@ fn vm_spec(
                 .iter()
                 .map(|o| o.to_string()),
         );
-    }
-    if engine == Engine::Tcg && args.arch == Arch::X86_64 {
-        let cache = instance::state_root().ok();
-        if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
-            extra.push(tsc);
+        if args.arch == Arch::X86_64 {
+            let cache = instance::state_root().ok();
+            if let Some(tsc) = crate::backend::tsc::cmdline_options(cache.as_deref()) {
+                extra.push(tsc);
+            }
+            extra.extend(
+                crate::backend::tcg_guest::X86_64_OPTIONS
+                    .iter()
+                    .map(|o| o.to_string()),
+            );
         }
-        extra.extend(
-            crate::backend::tcg_guest::X86_64_OPTIONS
-                .iter()
-                .map(|o| o.to_string()),
-        );
     }
     // Always given, even empty: the host's list replaces whatever the root's file says.
     extra.push(format!(

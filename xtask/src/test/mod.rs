@@ -170,7 +170,10 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
         }
     }
     let debian_ok = join(debian)?;
-    for (arch, init) in inits.iter().filter(|_| debian_ok) {
+    // Without the Debian stages there is no containerd root: its tests then skip, naming the
+    // variable (under CI they fail).
+    let containerd_inits = if debian_ok { inits.as_slice() } else { &[] };
+    for (arch, init) in containerd_inits {
         let root = clock.step(
             MAIN,
             &format!("containerd-test root {}", arch.name()),
