@@ -674,6 +674,70 @@ impl BootConfig {
     pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
         validate_hostname(&self.hostname)
             .map_err(|r| ConfigError::invalid(source, "hostname", r))?;
+        self.validate_workload(source)?;
+        if self.shutdown.grace_ms > MAX_GRACE_MS {
+            return Err(ConfigError::invalid(
+                source,
+                "shutdown.grace_ms",
+                format!("must be at most {MAX_GRACE_MS} (one hour)"),
+            ));
+        }
+        // Ports below 1024 are reserved by vsock conventions; 0 and u32::MAX mean "any".
+        if self.channel.port < 1024 || self.channel.port == u32::MAX {
+            return Err(ConfigError::invalid(
+                source,
+                "channel.port",
+                "must be between 1024 and 4294967294",
+            ));
+        }
+        for (i, prefix) in self.kine.prune_prefixes.iter().enumerate() {
+            // A prefix of "/" or one that does not name a key space would prune the whole cluster.
+            if !prefix.starts_with('/') || prefix.len() < 2 || !prefix.ends_with('/') {
+                return Err(ConfigError::invalid(
+                    source,
+                    &format!("kine.prune_prefixes[{i}]"),
+                    format!(
+                        "`{prefix}` must look like /registry/<kind>/ (leading and trailing slash)"
+                    ),
+                ));
+            }
+        }
+        self.validate_network(source)?;
+        if self.kine.vacuum_free_percent > 100 {
+            return Err(ConfigError::invalid(
+                source,
+                "kine.vacuum_free_percent",
+                "must be at most 100",
+            ));
+        }
+        if self.channel.connect_timeout_ms > 60_000 {
+            return Err(ConfigError::invalid(
+                source,
+                "channel.connect_timeout_ms",
+                "must be at most 60000",
+            ));
+        }
+        self.validate_manifests(source)?;
+        if let Some(device) = &self.state_disk.device {
+            StateDisk::check_device(device)
+                .map_err(|r| ConfigError::invalid(source, "state_disk.device", r))?;
+        }
+        if let Some(k3s) = &self.k3s {
+            k3s.validate(source)?;
+        }
+        // Certificates are issued for ten years: a margin that long would reissue every boot.
+        if self.pki.renew_before_days >= 3650 {
+            return Err(ConfigError::invalid(
+                source,
+                "pki.renew_before_days",
+                "must be less than 3650 (the certificates' lifetime)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The workload's program, arguments, environment and directory.
+    fn validate_workload(&self, source: &Source) -> Result<(), ConfigError> {
         match self.workload.argv.first() {
             None => {
                 return Err(ConfigError::invalid(
@@ -721,33 +785,11 @@ impl BootConfig {
                 "must be an absolute path",
             ));
         }
-        if self.shutdown.grace_ms > MAX_GRACE_MS {
-            return Err(ConfigError::invalid(
-                source,
-                "shutdown.grace_ms",
-                format!("must be at most {MAX_GRACE_MS} (one hour)"),
-            ));
-        }
-        // Ports below 1024 are reserved by vsock conventions; 0 and u32::MAX mean "any".
-        if self.channel.port < 1024 || self.channel.port == u32::MAX {
-            return Err(ConfigError::invalid(
-                source,
-                "channel.port",
-                "must be between 1024 and 4294967294",
-            ));
-        }
-        for (i, prefix) in self.kine.prune_prefixes.iter().enumerate() {
-            // A prefix of "/" or one that does not name a key space would prune the whole cluster.
-            if !prefix.starts_with('/') || prefix.len() < 2 || !prefix.ends_with('/') {
-                return Err(ConfigError::invalid(
-                    source,
-                    &format!("kine.prune_prefixes[{i}]"),
-                    format!(
-                        "`{prefix}` must look like /registry/<kind>/ (leading and trailing slash)"
-                    ),
-                ));
-            }
-        }
+        Ok(())
+    }
+
+    /// The guest's interface, static plans, host ports and DHCP timeout.
+    fn validate_network(&self, source: &Source) -> Result<(), ConfigError> {
         for (field, plan) in [
             ("network.fallback.prefix", &self.network.fallback),
             ("network.no_device.prefix", &self.network.no_device),
@@ -771,36 +813,6 @@ impl BootConfig {
                 source,
                 "network.dhcp_timeout_ms",
                 "must be 1 to 120000",
-            ));
-        }
-        if self.kine.vacuum_free_percent > 100 {
-            return Err(ConfigError::invalid(
-                source,
-                "kine.vacuum_free_percent",
-                "must be at most 100",
-            ));
-        }
-        if self.channel.connect_timeout_ms > 60_000 {
-            return Err(ConfigError::invalid(
-                source,
-                "channel.connect_timeout_ms",
-                "must be at most 60000",
-            ));
-        }
-        self.validate_manifests(source)?;
-        if let Some(device) = &self.state_disk.device {
-            StateDisk::check_device(device)
-                .map_err(|r| ConfigError::invalid(source, "state_disk.device", r))?;
-        }
-        if let Some(k3s) = &self.k3s {
-            k3s.validate(source)?;
-        }
-        // Certificates are issued for ten years: a margin that long would reissue every boot.
-        if self.pki.renew_before_days >= 3650 {
-            return Err(ConfigError::invalid(
-                source,
-                "pki.renew_before_days",
-                "must be less than 3650 (the certificates' lifetime)",
             ));
         }
         Ok(())

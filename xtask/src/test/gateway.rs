@@ -310,11 +310,9 @@ fn check_manifest(root: &Path, fake: &Path, image: &Path, init: &Path) -> Result
     Ok(text)
 }
 
-/// Boots a copy of the root with the stand-in k3s until the host reports `ready` (after
-/// `gateway-ready`), then takes it down.
-fn boot(arch: Arch, built: &Path) -> Result<()> {
-    let a = artifacts(arch)?;
-    let host = tools::host(false)?;
+/// A private scratch directory for one boot, with a copy of the built root in `root/` that the
+/// stand-in k3s can run in.
+fn scratch_root(arch: Arch, built: &Path) -> Result<tempfile::TempDir> {
     let work = tempfile::Builder::new()
         .prefix("osh-gw-")
         .tempdir_in("/tmp")
@@ -334,6 +332,16 @@ fn boot(arch: Arch, built: &Path) -> Result<()> {
     std::fs::create_dir_all(&state).map_err(|e| Error::io("create", &state, e))?;
     std::fs::write(state.join("gateway-port"), "30051")
         .map_err(|e| Error::io("write", &state, e))?;
+    Ok(work)
+}
+
+/// Boots a copy of the root with the stand-in k3s until the host reports `ready` (after
+/// `gateway-ready`), then takes it down.
+fn boot(arch: Arch, built: &Path) -> Result<()> {
+    let a = artifacts(arch)?;
+    let host = tools::host(false)?;
+    let work = scratch_root(arch, built)?;
+    let root = work.path().join("root");
     let env = |c: &mut Command| {
         c.env("XDG_STATE_HOME", work.path().join("state"))
             .env("XDG_CONFIG_HOME", work.path().join("config"))

@@ -88,24 +88,7 @@ fn gateway_only(clock: &Arc<Clock>, arches: &[Arch]) -> Result<Tally> {
 }
 
 fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Tally> {
-    clock.step(MAIN, "cargo fmt --check", || {
-        crate::process::run(
-            Command::new(cargo())
-                .current_dir(workspace())
-                .args(["fmt", "--all", "--", "--check"]),
-        )
-    })?;
-    clock.step(MAIN, "cargo clippy", || {
-        crate::process::run(Command::new(cargo()).current_dir(workspace()).args([
-            "clippy",
-            "--quiet",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))
-    })?;
+    lint(clock)?;
     // Started now, joined when their results are needed.
     let kernels = spawn(clock, "kernels", arches.to_vec(), |clock, arches| {
         for arch in arches {
@@ -145,48 +128,9 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
     cmd.envs(join(go_peers)?);
     join(kernels)?;
     // The x86_64 base bundle and vsock helper, for the host with a bundle built in.
-    let mut embedded = None;
-    for arch in arches {
-        let a = clock.step(MAIN, &format!("base root {}", arch.name()), || {
-            artifacts(*arch)
-        })?;
-        let list = cache::root().join(format!("test-artifacts-{}.json", arch.name()));
-        std::fs::write(&list, a.to_json()).map_err(|e| Error::io("write", &list, e))?;
-        cmd.env(
-            format!("OPENSHELL_TEST_ARTIFACTS_{}", arch.name().to_uppercase()),
-            &list,
-        );
-        // tests/vm/bundle.rs boots this (seconds: the base root is small).
-        let bundle = crate::bundle::default_path("base", *arch);
-        clock.step(MAIN, &format!("base bundle {}", arch.name()), || {
-            crate::bundle::write(&a, *arch, "base", &bundle)
-        })?;
-        cmd.env(
-            format!("OPENSHELL_TEST_BUNDLE_{}", arch.name().to_uppercase()),
-            &bundle,
-        );
-        if *arch == Arch::X86_64 {
-            embedded = Some((bundle, a.vsock_helper.clone()));
-        }
-    }
+    let embedded = base_roots_and_bundles(clock, arches, &mut cmd)?;
     let debian_ok = join(debian)?;
-    // Without the Debian stages there is no containerd root: its tests then skip, naming the
-    // variable (under CI they fail).
-    let containerd_inits = if debian_ok { inits.as_slice() } else { &[] };
-    for (arch, init) in containerd_inits {
-        let root = clock.step(
-            MAIN,
-            &format!("containerd-test root {}", arch.name()),
-            || crate::containerd_root::build(*arch, || Ok(init.clone())),
-        )?;
-        cmd.env(
-            format!(
-                "OPENSHELL_TEST_CONTAINERD_ROOTFS_{}",
-                arch.name().to_uppercase()
-            ),
-            root,
-        );
-    }
+    containerd_roots(clock, &inits, debian_ok, &mut cmd)?;
     let lane = spawn(
         clock,
         "beside the VM tests",
@@ -214,6 +158,91 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
     }
     join(fuzzing)?;
     Ok(tally)
+}
+
+/// `cargo fmt --check` and clippy over the whole workspace, warnings denied.
+fn lint(clock: &Arc<Clock>) -> Result<()> {
+    clock.step(MAIN, "cargo fmt --check", || {
+        crate::process::run(
+            Command::new(cargo())
+                .current_dir(workspace())
+                .args(["fmt", "--all", "--", "--check"]),
+        )
+    })?;
+    clock.step(MAIN, "cargo clippy", || {
+        crate::process::run(Command::new(cargo()).current_dir(workspace()).args([
+            "clippy",
+            "--quiet",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    Ok(())
+}
+
+/// Each arch's base root and its bundle, built and named to `cmd` through the variables the VM
+/// tests read; returns the x86_64 bundle and vsock helper, for the host with a bundle built in.
+fn base_roots_and_bundles(
+    clock: &Arc<Clock>,
+    arches: &[Arch],
+    cmd: &mut Command,
+) -> Result<Option<(PathBuf, PathBuf)>> {
+    let mut embedded = None;
+    for arch in arches {
+        let a = clock.step(MAIN, &format!("base root {}", arch.name()), || {
+            artifacts(*arch)
+        })?;
+        let list = cache::root().join(format!("test-artifacts-{}.json", arch.name()));
+        std::fs::write(&list, a.to_json()).map_err(|e| Error::io("write", &list, e))?;
+        cmd.env(
+            format!("OPENSHELL_TEST_ARTIFACTS_{}", arch.name().to_uppercase()),
+            &list,
+        );
+        // tests/vm/bundle.rs boots this (seconds: the base root is small).
+        let bundle = crate::bundle::default_path("base", *arch);
+        clock.step(MAIN, &format!("base bundle {}", arch.name()), || {
+            crate::bundle::write(&a, *arch, "base", &bundle)
+        })?;
+        cmd.env(
+            format!("OPENSHELL_TEST_BUNDLE_{}", arch.name().to_uppercase()),
+            &bundle,
+        );
+        if *arch == Arch::X86_64 {
+            embedded = Some((bundle, a.vsock_helper.clone()));
+        }
+    }
+    Ok(embedded)
+}
+
+/// The containerd-test root of each arch, named to `cmd`.
+///
+/// Without the Debian stages there is no containerd root: its tests then skip, naming the
+/// variable (under CI they fail).
+fn containerd_roots(
+    clock: &Arc<Clock>,
+    inits: &[(Arch, PathBuf)],
+    debian_ok: bool,
+    cmd: &mut Command,
+) -> Result<()> {
+    let containerd_inits = if debian_ok { inits } else { &[] };
+    for (arch, init) in containerd_inits {
+        let root = clock.step(
+            MAIN,
+            &format!("containerd-test root {}", arch.name()),
+            || crate::containerd_root::build(*arch, || Ok(init.clone())),
+        )?;
+        cmd.env(
+            format!(
+                "OPENSHELL_TEST_CONTAINERD_ROOTFS_{}",
+                arch.name().to_uppercase()
+            ),
+            root,
+        );
+    }
+    Ok(())
 }
 
 /// Everything the foreground's `cargo test` needs besides the kernels and base roots, built
