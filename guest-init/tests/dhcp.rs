@@ -451,25 +451,33 @@ fn connect_from(ns: &str, addr: &str) -> std::io::Result<()> {
     .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
 }
 
-/// `network.blocked_tcp` and the host-loopback refusal at the router (passt's gateway, when it
-/// maps to the host): the guest and a pod routed through it get a reset from 10.77.0.1:80 (the
-/// blocked one) and :82 (not a listed host port) while :81 (listed) answers; a second run
-/// leaves one copy of the rules, which `nft` reads back.
-#[test]
-fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
-    if !can_run("busybox") || !can_run("nft") {
-        return;
+/// A pod's network namespace, deleted when dropped.
+struct Pod(String);
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
-    let n = net("b");
-    let pod = format!("dp{}b", std::process::id());
-    ip(&["netns", "add", &pod]);
-    struct Pod(String);
-    impl Drop for Pod {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+}
+
+/// Web servers, killed when dropped.
+struct Servers(Vec<Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for s in &mut self.0 {
+            let _ = s.kill();
+            let _ = s.wait();
         }
     }
-    let _pod = Pod(pod.clone());
+}
+
+/// A pod's namespace behind the client's: 10.42.0.5 on a veth whose other end (10.42.0.1) is in
+/// the client, routed both ways; deleted when the returned guard drops.
+fn pod_behind(n: &Net) -> Pod {
+    let pod = format!("dp{}b", std::process::id());
+    ip(&["netns", "add", &pod]);
+    let guard = Pod(pod.clone());
     ip(&[
         "-n", &n.cli, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod,
     ]);
@@ -487,25 +495,15 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
         "via",
         "10.77.0.2",
     ]);
-    let fwd = in_netns(&n.cli, "sysctl")
-        .args(["-qw", "net.ipv4.ip_forward=1"])
-        .status()
-        .expect("sysctl");
-    assert!(fwd.success());
-    // Web servers on the "gateway": port 80 is blocked, 81 a listed host port, 82 not listed.
+    guard
+}
+
+/// busybox httpd on the server's 10.77.0.1 at each of `ports`.
+fn web_servers(n: &Net, ports: &[u16]) -> Servers {
     let www = n.dir.path().join("www");
     std::fs::create_dir_all(&www).expect("www");
-    struct Servers(Vec<Child>);
-    impl Drop for Servers {
-        fn drop(&mut self) {
-            for s in &mut self.0 {
-                let _ = s.kill();
-                let _ = s.wait();
-            }
-        }
-    }
-    let _servers = Servers(
-        [80, 81, 82]
+    Servers(
+        ports
             .iter()
             .map(|port| {
                 in_netns(&n.srv, "busybox")
@@ -517,7 +515,28 @@ fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
                     .expect("httpd")
             })
             .collect(),
-    );
+    )
+}
+
+/// `network.blocked_tcp` and the host-loopback refusal at the router (passt's gateway, when it
+/// maps to the host): the guest and a pod routed through it get a reset from 10.77.0.1:80 (the
+/// blocked one) and :82 (not a listed host port) while :81 (listed) answers; a second run
+/// leaves one copy of the rules, which `nft` reads back.
+#[test]
+fn blocked_destination_is_refused_to_the_guest_and_its_pods() {
+    if !can_run("busybox") || !can_run("nft") {
+        return;
+    }
+    let n = net("b");
+    let pod_ns = pod_behind(&n);
+    let pod = pod_ns.0.clone();
+    let fwd = in_netns(&n.cli, "sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .expect("sysctl");
+    assert!(fwd.success());
+    // Web servers on the "gateway": port 80 is blocked, 81 a listed host port, 82 not listed.
+    let _servers = web_servers(&n, &[80, 81, 82]);
     // The server's own check below connects over its loopback.
     ip(&["-n", &n.srv, "link", "set", "lo", "up"]);
     let config = n.dir.path().join("init.yaml");

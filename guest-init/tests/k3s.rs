@@ -244,30 +244,8 @@ fn lines_of(path: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
-    if !can_run() {
-        return;
-    }
-    let root = Root::new(10_000);
-    let mut run = Running::start(&root);
-    let all_ready = run.until(Duration::from_secs(20), is_stage("gateway-ready"));
-    assert!(all_ready, "no gateway-ready: {:#?}", run.seen);
-    // The stand-in serves the NodePort as nftables-mode kube-proxy does: on the node IP only.
-    let pid = run.child.id();
-    assert!(connects_in(pid, NODE_IP, GATEWAY_PORT));
-    assert!(!connects_in(pid, Ipv4Addr::LOCALHOST, GATEWAY_PORT));
-    assert_eq!(
-        run.ready_stages(),
-        [
-            "workload-started",
-            "k3s-started",
-            "apiserver-ready",
-            "node-ready",
-            "gateway-ready"
-        ]
-    );
-    // The admin kubeconfig the stand-in wrote reaches the host once, after apiserver-ready.
+/// The admin kubeconfig the stand-in wrote reaches the host once, after apiserver-ready.
+fn assert_kubeconfig_sent_once(root: &Root, run: &Running) {
     let kubeconfig = std::fs::read_to_string(root.path("/etc/rancher/k3s/k3s.yaml"))
         .expect("the stand-in writes k3s.yaml");
     assert!(kubeconfig.contains("client-key-data: "), "{kubeconfig}");
@@ -290,27 +268,10 @@ fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
             .count(),
         1
     );
+}
 
-    // The watcher links the plugins once the stand-in has renamed its data directory.
-    let linked = run.until(Duration::from_secs(5), |e| {
-        e["msg"]["text"]
-            .as_str()
-            .is_some_and(|t| t.starts_with("cni-links: "))
-    });
-    assert!(linked, "no cni-links report: {:#?}", run.logs());
-
-    // Command line and environment: what the builder makes of this configuration.
-    let k3s_cfg = root.config.k3s.clone().expect("k3s section");
-    let expected = openshell_init::k3s_args::argv(&k3s_cfg, NODE_IP);
-    assert_eq!(lines_of(&root.state("argv")), expected[1..]);
-    assert!(expected.contains(&format!("--node-ip={NODE_IP}")));
-    let env: BTreeMap<String, String> = lines_of(&root.state("env"))
-        .iter()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())))
-        .collect();
-    assert_eq!(env, root.config.workload.env);
-
-    // CNI configuration.
+/// The bridge CNI configuration k3s-prep wrote, and the plugins linked into k3s's data directory.
+fn assert_cni_config(root: &Root) {
     let conflist: Value = serde_json::from_slice(
         &std::fs::read(root.path("/etc/cni/net.d/10-bridge.conflist")).expect("conflist"),
     )
@@ -342,6 +303,53 @@ fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
             .permissions(),
     );
     assert_eq!(mode & 0o111, 0o111, "made executable");
+}
+
+#[test]
+fn stand_in_k3s_runs_as_built_reports_stages_in_order_and_stops_on_sigterm() {
+    if !can_run() {
+        return;
+    }
+    let root = Root::new(10_000);
+    let mut run = Running::start(&root);
+    let all_ready = run.until(Duration::from_secs(20), is_stage("gateway-ready"));
+    assert!(all_ready, "no gateway-ready: {:#?}", run.seen);
+    // The stand-in serves the NodePort as nftables-mode kube-proxy does: on the node IP only.
+    let pid = run.child.id();
+    assert!(connects_in(pid, NODE_IP, GATEWAY_PORT));
+    assert!(!connects_in(pid, Ipv4Addr::LOCALHOST, GATEWAY_PORT));
+    assert_eq!(
+        run.ready_stages(),
+        [
+            "workload-started",
+            "k3s-started",
+            "apiserver-ready",
+            "node-ready",
+            "gateway-ready"
+        ]
+    );
+    assert_kubeconfig_sent_once(&root, &run);
+
+    // The watcher links the plugins once the stand-in has renamed its data directory.
+    let linked = run.until(Duration::from_secs(5), |e| {
+        e["msg"]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("cni-links: "))
+    });
+    assert!(linked, "no cni-links report: {:#?}", run.logs());
+
+    // Command line and environment: what the builder makes of this configuration.
+    let k3s_cfg = root.config.k3s.clone().expect("k3s section");
+    let expected = openshell_init::k3s_args::argv(&k3s_cfg, NODE_IP);
+    assert_eq!(lines_of(&root.state("argv")), expected[1..]);
+    assert!(expected.contains(&format!("--node-ip={NODE_IP}")));
+    let env: BTreeMap<String, String> = lines_of(&root.state("env"))
+        .iter()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())))
+        .collect();
+    assert_eq!(env, root.config.workload.env);
+
+    assert_cni_config(&root);
 
     // SIGTERM: the stand-in gets it and exits 0, well within the grace period.
     let (code, took, events) = run.terminate();

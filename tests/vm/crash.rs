@@ -13,7 +13,7 @@ use openshell_shared::config::Kine;
 use openshell_shared::GuestMessage;
 use openshell_tests::crashed_root::{kept_rows, query, stale_rows, CrashedRoot};
 use openshell_tests::{
-    both_arches, crash_seed, processes_using, vm_slot, vmm_pid, wait_for_console, Boot,
+    both_arches, crash_seed, processes_using, vm_slot, vmm_pid, wait_for_console, Boot, Finished,
     BOOT_DEADLINE,
 };
 
@@ -53,6 +53,15 @@ fn moments(count: usize) -> (u64, Vec<(&'static str, Duration)>) {
     (seed, v)
 }
 
+/// What the boot after the kills must find in kine: no stale row, the kept rows and the
+/// revision as they were.
+struct Expected {
+    stale_sql: String,
+    kept_sql: String,
+    kept_rows: String,
+    revision: String,
+}
+
 fn survives_being_killed_during_boot(arch: &str) {
     let Some(first) = Boot::new(arch) else { return };
     let _slot = vm_slot();
@@ -64,60 +73,30 @@ fn survives_being_killed_during_boot(arch: &str) {
     .expect("a crashed gateway's root");
     let db = first.root_path("var/lib/rancher/k3s/server/db/state.db");
     let boot = Kine::default().prune_prefixes;
-    let (stale, kept_sql) = (stale_rows(&boot), kept_rows(&boot));
-    let kept_rows = query(&db, &kept_sql);
-    let revision = query(&db, REVISION);
-    assert!(query(&db, &stale).parse::<u32>().expect("count") > 1000);
-    assert!(kept_rows.contains("/registry/pods/"), "pods are kept rows");
+    let (stale_sql, kept_sql) = (stale_rows(&boot), kept_rows(&boot));
+    let expected = Expected {
+        kept_rows: query(&db, &kept_sql),
+        revision: query(&db, REVISION),
+        stale_sql,
+        kept_sql,
+    };
+    assert!(
+        query(&db, &expected.stale_sql)
+            .parse::<u32>()
+            .expect("count")
+            > 1000
+    );
+    assert!(
+        expected.kept_rows.contains("/registry/pods/"),
+        "pods are kept rows"
+    );
     let (seed_value, moments) = moments(KILLS);
     let mut before_ready = 0;
     eprintln!("crash test {arch}: seed {seed_value}, kills at {moments:?}");
     let mut boot = first;
     for (i, (phase, delay)) in moments.iter().enumerate() {
-        let run = boot.run_dir.path().join("run");
-        let console = run.join("console.log");
-        let _ = std::fs::remove_file(&console);
-        let running = boot.exec(&["/bin/sh", "-c", "exec sleep 1000"]).start();
-        let pid = vmm_pid(&run, Instant::now() + Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("kill {i}: no qemu for {}", run.display()));
-        assert!(
-            wait_for_console(
-                &console,
-                &format!("phase {phase}: started"),
-                Instant::now() + BOOT_DEADLINE
-            ),
-            "kill {i}: phase {phase} never started"
-        );
-        std::thread::sleep(*delay);
-        // SAFETY: kill(2) on a pid we just found; at worst it has exited already.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let done = running.wait(BOOT_DEADLINE);
-        assert_ne!(done.status.code(), Some(0), "kill {i}\n{}", done.output());
-        // What the guest had reported when it died: the report is written on every way out.
-        let msgs = done.guest_messages();
-        let ready = msgs.iter().any(|m| matches!(m, GuestMessage::Ready { .. }));
-        let text = std::fs::read(&console).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let last = text
-            .lines()
-            .rev()
-            .find(|l| l.contains("openshell-init: phase "))
-            .unwrap_or("");
-        eprintln!(
-            "kill {i}, {delay:?} into {phase}: {}; console's last phase line: {}",
-            if ready { "after ready" } else { "during boot" },
-            last.trim()
-        );
+        let (next, ready) = kill_once(arch, boot, i, phase, *delay);
         before_ready += usize::from(!ready);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !processes_using(&run).is_empty() {
-            assert!(Instant::now() < deadline, "kill {i}: helpers left running");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // The next boot reuses this root (and run directory, stale sockets and all).
-        let mut next = Boot::new(arch).expect("artifacts");
-        next.root = done.boot.root;
-        next.run_dir = done.boot.run_dir;
         boot = next;
     }
     assert!(before_ready > 0, "no kill landed during boot");
@@ -146,17 +125,76 @@ fn survives_being_killed_during_boot(arch: &str) {
     let (status, _, synced) = done.exit_message();
     assert_eq!(status, 128 + libc::SIGTERM, "{}", done.output());
     assert!(synced, "{}", done.output());
-    let root = done.boot.root.path();
+    assert_recovered(done.boot.root.path(), &expected, &kept);
+    assert_client_bundle(&done);
+}
+
+/// Boots `boot` and SIGKILLs its VMM `delay` after the console says `phase` started (kill `i`);
+/// returns the next boot, on the same root and run directory (stale sockets and all), and
+/// whether the guest had reported ready when it died.
+fn kill_once(arch: &str, boot: Boot, i: usize, phase: &str, delay: Duration) -> (Boot, bool) {
+    let run = boot.run_dir.path().join("run");
+    let console = run.join("console.log");
+    let _ = std::fs::remove_file(&console);
+    let running = boot.exec(&["/bin/sh", "-c", "exec sleep 1000"]).start();
+    let pid = vmm_pid(&run, Instant::now() + Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("kill {i}: no qemu for {}", run.display()));
+    assert!(
+        wait_for_console(
+            &console,
+            &format!("phase {phase}: started"),
+            Instant::now() + BOOT_DEADLINE
+        ),
+        "kill {i}: phase {phase} never started"
+    );
+    std::thread::sleep(delay);
+    // SAFETY: kill(2) on a pid we just found; at worst it has exited already.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let done = running.wait(BOOT_DEADLINE);
+    assert_ne!(done.status.code(), Some(0), "kill {i}\n{}", done.output());
+    // What the guest had reported when it died: the report is written on every way out.
+    let msgs = done.guest_messages();
+    let ready = msgs.iter().any(|m| matches!(m, GuestMessage::Ready { .. }));
+    let text = std::fs::read(&console).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("openshell-init: phase "))
+        .unwrap_or("");
+    eprintln!(
+        "kill {i}, {delay:?} into {phase}: {}; console's last phase line: {}",
+        if ready { "after ready" } else { "during boot" },
+        last.trim()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_using(&run).is_empty() {
+        assert!(Instant::now() < deadline, "kill {i}: helpers left running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut next = Boot::new(arch).expect("artifacts");
+    next.root = done.boot.root;
+    next.run_dir = done.boot.run_dir;
+    (next, ready)
+}
+
+/// The root after the boot that followed the kills: kine intact and pruned as `expected` says,
+/// every stale runtime item gone, every `kept` file byte for byte, the manifests deployed.
+fn assert_recovered(root: &Path, expected: &Expected, kept: &[(String, Vec<u8>)]) {
     assert_eq!(query(&db_in(root), "PRAGMA integrity_check"), "ok");
-    assert_eq!(query(&db_in(root), &stale), "0", "stale rows left");
     assert_eq!(
-        query(&db_in(root), &kept_sql),
-        kept_rows,
+        query(&db_in(root), &expected.stale_sql),
+        "0",
+        "stale rows left"
+    );
+    assert_eq!(
+        query(&db_in(root), &expected.kept_sql),
+        expected.kept_rows,
         "kept rows changed"
     );
     assert_eq!(
         query(&db_in(root), REVISION),
-        revision,
+        expected.revision,
         "the revision moved"
     );
     assert!(
@@ -180,7 +218,7 @@ fn survives_being_killed_during_boot(arch: &str) {
             "{gone} survived"
         );
     }
-    for (rel, bytes) in &kept {
+    for (rel, bytes) in kept {
         assert_eq!(
             &std::fs::read(root.join(rel)).unwrap_or_default(),
             bytes,
@@ -192,7 +230,12 @@ fn survives_being_killed_during_boot(arch: &str) {
             .is_file(),
         "manifests not deployed"
     );
-    // The client bundle came over the boot channel and is stored privately on the host.
+}
+
+/// The client bundle came over the boot channel and is stored privately on the host, and the
+/// key never reached the boot report.
+fn assert_client_bundle(done: &Finished) {
+    let root = done.boot.root.path();
     let mtls = done
         .boot
         .config_dir()
