@@ -560,6 +560,15 @@ impl ConfigError {
     }
 }
 
+/// `Ok` when `ok` holds, else `field` of `source` is invalid for `reason`.
+fn ensure(ok: bool, source: &Source, field: &str, reason: String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(source, field, reason))
+    }
+}
+
 impl BootConfig {
     /// The readiness stages a boot with this configuration reports, in order: the workload's
     /// start, and with k3s as the workload, k3s's own stages up to the gateway's port.
@@ -672,51 +681,40 @@ impl BootConfig {
 
     /// Checks values serde cannot: ranges, formats, consistency.
     pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
+        let ensure = |ok: bool, field: &str, reason: String| ensure(ok, source, field, reason);
         validate_hostname(&self.hostname)
             .map_err(|r| ConfigError::invalid(source, "hostname", r))?;
         self.validate_workload(source)?;
-        if self.shutdown.grace_ms > MAX_GRACE_MS {
-            return Err(ConfigError::invalid(
-                source,
-                "shutdown.grace_ms",
-                format!("must be at most {MAX_GRACE_MS} (one hour)"),
-            ));
-        }
+        ensure(
+            self.shutdown.grace_ms <= MAX_GRACE_MS,
+            "shutdown.grace_ms",
+            format!("must be at most {MAX_GRACE_MS} (one hour)"),
+        )?;
         // Ports below 1024 are reserved by vsock conventions; 0 and u32::MAX mean "any".
-        if self.channel.port < 1024 || self.channel.port == u32::MAX {
-            return Err(ConfigError::invalid(
-                source,
-                "channel.port",
-                "must be between 1024 and 4294967294",
-            ));
-        }
+        ensure(
+            self.channel.port >= 1024 && self.channel.port != u32::MAX,
+            "channel.port",
+            "must be between 1024 and 4294967294".into(),
+        )?;
         for (i, prefix) in self.kine.prune_prefixes.iter().enumerate() {
             // A prefix of "/" or one that does not name a key space would prune the whole cluster.
-            if !prefix.starts_with('/') || prefix.len() < 2 || !prefix.ends_with('/') {
-                return Err(ConfigError::invalid(
-                    source,
-                    &format!("kine.prune_prefixes[{i}]"),
-                    format!(
-                        "`{prefix}` must look like /registry/<kind>/ (leading and trailing slash)"
-                    ),
-                ));
-            }
+            ensure(
+                prefix.starts_with('/') && prefix.len() >= 2 && prefix.ends_with('/'),
+                &format!("kine.prune_prefixes[{i}]"),
+                format!("`{prefix}` must look like /registry/<kind>/ (leading and trailing slash)"),
+            )?;
         }
         self.validate_network(source)?;
-        if self.kine.vacuum_free_percent > 100 {
-            return Err(ConfigError::invalid(
-                source,
-                "kine.vacuum_free_percent",
-                "must be at most 100",
-            ));
-        }
-        if self.channel.connect_timeout_ms > 60_000 {
-            return Err(ConfigError::invalid(
-                source,
-                "channel.connect_timeout_ms",
-                "must be at most 60000",
-            ));
-        }
+        ensure(
+            self.kine.vacuum_free_percent <= 100,
+            "kine.vacuum_free_percent",
+            "must be at most 100".into(),
+        )?;
+        ensure(
+            self.channel.connect_timeout_ms <= 60_000,
+            "channel.connect_timeout_ms",
+            "must be at most 60000".into(),
+        )?;
         self.validate_manifests(source)?;
         if let Some(device) = &self.state_disk.device {
             StateDisk::check_device(device)
@@ -726,96 +724,79 @@ impl BootConfig {
             k3s.validate(source)?;
         }
         // Certificates are issued for ten years: a margin that long would reissue every boot.
-        if self.pki.renew_before_days >= 3650 {
-            return Err(ConfigError::invalid(
-                source,
-                "pki.renew_before_days",
-                "must be less than 3650 (the certificates' lifetime)",
-            ));
-        }
-        Ok(())
+        ensure(
+            self.pki.renew_before_days < 3650,
+            "pki.renew_before_days",
+            "must be less than 3650 (the certificates' lifetime)".into(),
+        )
     }
 
     /// The workload's program, arguments, environment and directory.
     fn validate_workload(&self, source: &Source) -> Result<(), ConfigError> {
-        match self.workload.argv.first() {
-            None => {
-                return Err(ConfigError::invalid(
-                    source,
-                    "workload.argv",
-                    "must name a program",
-                ))
-            }
-            Some(p) if !p.starts_with('/') => {
-                return Err(ConfigError::invalid(
-                    source,
-                    "workload.argv",
-                    format!("program `{p}` must be an absolute path"),
-                ))
-            }
-            Some(_) => {}
+        let ensure = |ok: bool, field: &str, reason: String| ensure(ok, source, field, reason);
+        let w = &self.workload;
+        let program = w.argv.first().map(String::as_str).unwrap_or_default();
+        ensure(
+            !w.argv.is_empty(),
+            "workload.argv",
+            "must name a program".into(),
+        )?;
+        ensure(
+            program.starts_with('/'),
+            "workload.argv",
+            format!("program `{program}` must be an absolute path"),
+        )?;
+        ensure(
+            !w.argv.iter().any(|a| a.contains('\0')),
+            "workload.argv",
+            "contains a NUL byte".into(),
+        )?;
+        for (name, value) in &w.env {
+            let field = format!("workload.env.{name}");
+            ensure(
+                valid_env_name(name),
+                &field,
+                "not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)".into(),
+            )?;
+            ensure(!value.contains('\0'), &field, "contains a NUL byte".into())?;
         }
-        if self.workload.argv.iter().any(|a| a.contains('\0')) {
-            return Err(ConfigError::invalid(
-                source,
-                "workload.argv",
-                "contains a NUL byte",
-            ));
-        }
-        for (name, value) in &self.workload.env {
-            if !valid_env_name(name) {
-                return Err(ConfigError::invalid(
-                    source,
-                    &format!("workload.env.{name}"),
-                    "not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)",
-                ));
-            }
-            if value.contains('\0') {
-                return Err(ConfigError::invalid(
-                    source,
-                    &format!("workload.env.{name}"),
-                    "contains a NUL byte",
-                ));
-            }
-        }
-        if !self.workload.cwd.starts_with('/') {
-            return Err(ConfigError::invalid(
-                source,
-                "workload.cwd",
-                "must be an absolute path",
-            ));
-        }
-        Ok(())
+        ensure(
+            w.cwd.starts_with('/'),
+            "workload.cwd",
+            "must be an absolute path".into(),
+        )
     }
 
     /// The guest's interface, static plans, host ports and DHCP timeout.
     fn validate_network(&self, source: &Source) -> Result<(), ConfigError> {
+        let ensure = |ok: bool, field: &str, reason: String| ensure(ok, source, field, reason);
+        let n = &self.network;
         for (field, plan) in [
-            ("network.fallback.prefix", &self.network.fallback),
-            ("network.no_device.prefix", &self.network.no_device),
+            ("network.fallback.prefix", &n.fallback),
+            ("network.no_device.prefix", &n.no_device),
         ] {
-            if plan.prefix == 0 || plan.prefix > 32 {
-                return Err(ConfigError::invalid(source, field, "must be 1 to 32"));
-            }
+            ensure(
+                (1..=32).contains(&plan.prefix),
+                field,
+                "must be 1 to 32".into(),
+            )?;
         }
-        let ifname = &self.network.interface;
-        if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') || ifname.contains(' ') {
-            return Err(ConfigError::invalid(
-                source,
-                "network.interface",
-                format!("`{ifname}` is not an interface name"),
-            ));
-        }
-        check_host_ports(&self.network.host_ports)
+        let ifname = &n.interface;
+        ensure(
+            !(ifname.is_empty()
+                || ifname.len() > 15
+                || ifname.contains('/')
+                || ifname.contains(' ')),
+            "network.interface",
+            format!("`{ifname}` is not an interface name"),
+        )?;
+        check_host_ports(&n.host_ports)
             .map_err(|reason| ConfigError::invalid(source, "network.host_ports", reason))?;
-        if self.network.dhcp_timeout_ms == 0 || self.network.dhcp_timeout_ms > 120_000 {
-            return Err(ConfigError::invalid(
-                source,
-                "network.dhcp_timeout_ms",
-                "must be 1 to 120000",
-            ));
-        }
-        Ok(())
+        ensure(
+            (1..=120_000).contains(&n.dhcp_timeout_ms),
+            "network.dhcp_timeout_ms",
+            "must be 1 to 120000".into(),
+        )
     }
 
     fn validate_manifests(&self, source: &Source) -> Result<(), ConfigError> {
