@@ -93,26 +93,10 @@ pub fn start(
     let writer: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
     channel.serve(clock, tx.clone(), wrap_channel, Arc::clone(&writer));
 
-    let forwards = crate::net::forwards(network.backend, &args.ports)?;
+    let (forwards, net_socket) = start_helpers(args, &network, &dir, &backend, progress, session)?;
     let host_port = |guest| forwards.iter().find(|f| f.guest == guest).map(|f| f.host);
     let gateway_forward = host_port(crate::net::GATEWAY_PORT);
     let api_forward = host_port(crate::kubeconfig::API_PORT);
-    let net_socket = helpers::start(
-        args,
-        &network,
-        &dir,
-        &backend,
-        &forwards,
-        &mut session.helpers,
-    )?;
-    if !forwards.is_empty() {
-        let list: Vec<String> = forwards.iter().map(|f| f.to_string()).collect();
-        progress.note(&format!(
-            "forwarding {} ({})",
-            list.join(", "),
-            network.backend
-        ));
-    }
     timeline.host(now(), "helpers-ready", json!(null));
 
     let console_log = args
@@ -174,6 +158,29 @@ pub fn start(
         gvproxy_forwards,
         waiter,
     })
+}
+
+/// The network's port forwards and the helpers that run beside the VMM (network, virtio-fs,
+/// vsock), said in the progress; returns the forwards and the network's socket for the VMM.
+fn start_helpers(
+    args: &UpArgs,
+    network: &Network,
+    dir: &RunDir,
+    backend: &Chosen,
+    progress: &Progress,
+    session: &mut Session,
+) -> Result<(Vec<Forward>, Option<PathBuf>), UpError> {
+    let forwards = crate::net::forwards(network.backend, &args.ports)?;
+    let net_socket = helpers::start(args, network, dir, backend, &forwards, &mut session.helpers)?;
+    if !forwards.is_empty() {
+        let list: Vec<String> = forwards.iter().map(|f| f.to_string()).collect();
+        progress.note(&format!(
+            "forwarding {} ({})",
+            list.join(", "),
+            network.backend
+        ));
+    }
+    Ok((forwards, net_socket))
 }
 
 /// The line that says the VM starts: arch, VMM and engine, pid, when, sizing and its source, and
