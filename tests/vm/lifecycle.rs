@@ -130,6 +130,54 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// `status` of the running instance, as text and as JSON, names the up process `host_pid`.
+fn assert_running_status(boot: &Boot, name: &str, host_pid: u64) {
+    let status = run(host(boot, name, "status"), Duration::from_secs(10));
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        out.contains("running") && out.contains(&format!("pid {host_pid}")),
+        "{out}"
+    );
+    assert!(out.contains("mounts"), "last boot phases shown: {out}");
+    let mut json_cmd = host(boot, name, "status");
+    json_cmd.arg("--json");
+    let js = run(json_cmd, Duration::from_secs(10));
+    let v: serde_json::Value = serde_json::from_slice(&js.stdout).expect("status --json");
+    assert_eq!(v["running"], true);
+    assert_eq!(v["pid"], host_pid);
+}
+
+/// A second `up` of the running instance is refused at once, naming its pid, and leaves it be.
+fn assert_second_up_refused(boot: &Boot, name: &str, host_pid: u64) {
+    let second = run(up(boot, name, &[]), Duration::from_secs(20));
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("already running") && err.contains(&host_pid.to_string()),
+        "{err}"
+    );
+    assert!(
+        alive(host_pid),
+        "the refused up must not disturb the running one"
+    );
+}
+
+/// `logs` shows the boot report's lines and the console.
+fn assert_logs(boot: &Boot, name: &str) {
+    let logs = run(host(boot, name, "logs"), Duration::from_secs(10));
+    assert!(logs.status.success(), "{}", text(&logs));
+    let out = String::from_utf8_lossy(&logs.stdout);
+    for want in [
+        "openshell-init 0.1.0 on",
+        "phase mounts: ok in",
+        "ready: workload-started",
+        "== console",
+    ] {
+        assert!(out.contains(want), "logs lack {want:?}:\n{out}");
+    }
+}
+
 fn detached_up_status_logs_down(arch: &str) {
     let Some(boot) = Boot::new(arch) else { return };
     let _slot = vm_slot();
@@ -149,45 +197,9 @@ fn detached_up_status_logs_down(arch: &str) {
     assert_eq!(st["arch"], arch);
     assert_eq!(st["backend"], "qemu");
 
-    let status = run(host(&boot, &name, "status"), Duration::from_secs(10));
-    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
-    let out = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        out.contains("running") && out.contains(&format!("pid {host_pid}")),
-        "{out}"
-    );
-    assert!(out.contains("mounts"), "last boot phases shown: {out}");
-    let mut json_cmd = host(&boot, &name, "status");
-    json_cmd.arg("--json");
-    let js = run(json_cmd, Duration::from_secs(10));
-    let v: serde_json::Value = serde_json::from_slice(&js.stdout).expect("status --json");
-    assert_eq!(v["running"], true);
-    assert_eq!(v["pid"], host_pid);
-
-    // A second up of the same instance is refused at once, naming the running pid.
-    let second = run(up(&boot, &name, &[]), Duration::from_secs(20));
-    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
-    let err = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        err.contains("already running") && err.contains(&host_pid.to_string()),
-        "{err}"
-    );
-    assert!(
-        alive(host_pid),
-        "the refused up must not disturb the running one"
-    );
-
-    let logs = run(host(&boot, &name, "logs"), Duration::from_secs(10));
-    assert!(logs.status.success(), "{}", text(&logs));
-    let out = String::from_utf8_lossy(&logs.stdout);
-    for want in [
-        "openshell-init 0.1.0 on",
-        "phase mounts: ok in",
-        "ready: workload-started",
-        "== console",
-    ] {
-        assert!(out.contains(want), "logs lack {want:?}:\n{out}");
-    }
+    assert_running_status(&boot, &name, host_pid);
+    assert_second_up_refused(&boot, &name, host_pid);
+    assert_logs(&boot, &name);
 
     // `logs -f` follows until the instance stops, then ends by itself.
     let mut follow = host(&boot, &name, "logs");
