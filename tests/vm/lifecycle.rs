@@ -253,6 +253,34 @@ fn detached_up_status_logs_down(arch: &str) {
 }
 both_arches!(detached_up_status_logs_down);
 
+/// Starts the instance detached and SIGKILLs its `up`: the VMM and helpers go with it, the
+/// instance's state file stays (nothing could remove it), and `status` says it is not running.
+/// Returns the killed `up`'s pid.
+fn sigkill_detached_up(boot: &Boot, name: &str) -> u64 {
+    let started = run(up(boot, name, &["--detach"]), BOOT_DEADLINE);
+    assert!(started.status.success(), "{}", text(&started));
+    let st = state_json(boot, name);
+    let host_pid = st["host_pid"].as_u64().expect("host_pid");
+    let vmm_pid = st["vmm_pid"].as_u64().expect("vmm_pid");
+    // SAFETY: kill(2) with a pid we just read; no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(host_pid as i32, libc::SIGKILL) }, 0);
+    wait_until(
+        "killed up and its VMM gone",
+        Duration::from_secs(10),
+        || !alive(host_pid) && !alive(vmm_pid),
+    );
+    wait_until("no helper left", Duration::from_secs(10), || {
+        processes_mentioning(&run_dir(boot)).is_empty()
+    });
+    assert!(
+        state_dir(boot, name).join("state.json").exists(),
+        "a SIGKILLed up cannot clean up"
+    );
+    let status = run(host(boot, name, "status"), Duration::from_secs(10));
+    assert_eq!(status.status.code(), Some(3), "{}", text(&status));
+    host_pid
+}
+
 fn sigkilled_up_leaves_nothing_and_next_up_clears_stale_state(arch: &str) {
     let Some(boot) = Boot::new(arch) else { return };
     let _slot = vm_slot();
@@ -298,27 +326,7 @@ fn sigkilled_up_leaves_nothing_and_next_up_clears_stale_state(arch: &str) {
         std::fs::remove_file(boot.root_path(rel)).expect("unseed");
     }
 
-    let started = run(up(&boot, &name, &["--detach"]), BOOT_DEADLINE);
-    assert!(started.status.success(), "{}", text(&started));
-    let st = state_json(&boot, &name);
-    let host_pid = st["host_pid"].as_u64().expect("host_pid");
-    let vmm_pid = st["vmm_pid"].as_u64().expect("vmm_pid");
-    // SAFETY: kill(2) with a pid we just read; no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(host_pid as i32, libc::SIGKILL) }, 0);
-    wait_until(
-        "killed up and its VMM gone",
-        Duration::from_secs(10),
-        || !alive(host_pid) && !alive(vmm_pid),
-    );
-    wait_until("no helper left", Duration::from_secs(10), || {
-        processes_mentioning(&run_dir(&boot)).is_empty()
-    });
-    assert!(
-        state_dir(&boot, &name).join("state.json").exists(),
-        "a SIGKILLed up cannot clean up"
-    );
-    let status = run(host(&boot, &name, "status"), Duration::from_secs(10));
-    assert_eq!(status.status.code(), Some(3), "{}", text(&status));
+    let host_pid = sigkill_detached_up(&boot, &name);
 
     seed();
     let restarted = run(

@@ -279,6 +279,20 @@ mod tests {
         }
     }
 
+    /// Brings up this namespace's loopback with each of `addrs` on it (/32).
+    fn loopback_with(addrs: &[Ipv4Addr]) {
+        crate::netlink::set_up_with_mtu("lo", None).expect("lo up");
+        let lo = crate::netlink::links()
+            .expect("links")
+            .into_iter()
+            .find(|l| l.name == "lo")
+            .expect("lo")
+            .index;
+        for a in addrs {
+            crate::netlink::add_address(lo, *a, 32).expect("address");
+        }
+    }
+
     /// Against the real kernel, in a namespace of its own: addresses standing for gvproxy's API,
     /// the host's loopback and the router, with listeners on allowed and unlisted ports. What
     /// the rules allow connects, the rest is refused at once; installed again, the table is
@@ -292,18 +306,9 @@ mod tests {
             return;
         }
         let seen = crate::netlink::in_new_netns(|| {
-            crate::netlink::set_up_with_mtu("lo", None).expect("lo up");
-            let lo = crate::netlink::links()
-                .expect("links")
-                .into_iter()
-                .find(|l| l.name == "lo")
-                .expect("lo")
-                .index;
             let (api, host, router) = (ip("192.168.127.1"), ip("192.168.127.254"), ip("192.0.2.1"));
             let guest = ip("192.0.2.2");
-            for a in [api, host, router, guest] {
-                crate::netlink::add_address(lo, a, 32).expect("address");
-            }
+            loopback_with(&[api, host, router, guest]);
             let mut keep = Vec::new();
             for to in [
                 (api, 80),
