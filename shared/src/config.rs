@@ -561,7 +561,12 @@ impl ConfigError {
 }
 
 /// `Ok` when `ok` holds, else `field` of `source` is invalid for `reason`.
-fn ensure(ok: bool, source: &Source, field: &str, reason: String) -> Result<(), ConfigError> {
+fn ensure(
+    ok: bool,
+    source: &Source,
+    field: &str,
+    reason: impl Into<String>,
+) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
@@ -681,25 +686,27 @@ impl BootConfig {
 
     /// Checks values serde cannot: ranges, formats, consistency.
     pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
-        let ensure = |ok: bool, field: &str, reason: String| ensure(ok, source, field, reason);
         validate_hostname(&self.hostname)
             .map_err(|r| ConfigError::invalid(source, "hostname", r))?;
         self.validate_workload(source)?;
         ensure(
             self.shutdown.grace_ms <= MAX_GRACE_MS,
+            source,
             "shutdown.grace_ms",
             format!("must be at most {MAX_GRACE_MS} (one hour)"),
         )?;
         // Ports below 1024 are reserved by vsock conventions; 0 and u32::MAX mean "any".
         ensure(
             self.channel.port >= 1024 && self.channel.port != u32::MAX,
+            source,
             "channel.port",
-            "must be between 1024 and 4294967294".into(),
+            "must be between 1024 and 4294967294",
         )?;
         for (i, prefix) in self.kine.prune_prefixes.iter().enumerate() {
             // A prefix of "/" or one that does not name a key space would prune the whole cluster.
             ensure(
                 prefix.starts_with('/') && prefix.len() >= 2 && prefix.ends_with('/'),
+                source,
                 &format!("kine.prune_prefixes[{i}]"),
                 format!("`{prefix}` must look like /registry/<kind>/ (leading and trailing slash)"),
             )?;
@@ -707,13 +714,15 @@ impl BootConfig {
         self.validate_network(source)?;
         ensure(
             self.kine.vacuum_free_percent <= 100,
+            source,
             "kine.vacuum_free_percent",
-            "must be at most 100".into(),
+            "must be at most 100",
         )?;
         ensure(
             self.channel.connect_timeout_ms <= 60_000,
+            source,
             "channel.connect_timeout_ms",
-            "must be at most 60000".into(),
+            "must be at most 60000",
         )?;
         self.validate_manifests(source)?;
         if let Some(device) = &self.state_disk.device {
@@ -726,50 +735,54 @@ impl BootConfig {
         // Certificates are issued for ten years: a margin that long would reissue every boot.
         ensure(
             self.pki.renew_before_days < 3650,
+            source,
             "pki.renew_before_days",
-            "must be less than 3650 (the certificates' lifetime)".into(),
+            "must be less than 3650 (the certificates' lifetime)",
         )
     }
 
     /// The workload's program, arguments, environment and directory.
     fn validate_workload(&self, source: &Source) -> Result<(), ConfigError> {
-        let ensure = |ok: bool, field: &str, reason: String| ensure(ok, source, field, reason);
         let w = &self.workload;
         let program = w.argv.first().map(String::as_str).unwrap_or_default();
         ensure(
             !w.argv.is_empty(),
+            source,
             "workload.argv",
-            "must name a program".into(),
+            "must name a program",
         )?;
         ensure(
             program.starts_with('/'),
+            source,
             "workload.argv",
             format!("program `{program}` must be an absolute path"),
         )?;
         ensure(
             !w.argv.iter().any(|a| a.contains('\0')),
+            source,
             "workload.argv",
-            "contains a NUL byte".into(),
+            "contains a NUL byte",
         )?;
         for (name, value) in &w.env {
             let field = format!("workload.env.{name}");
             ensure(
                 valid_env_name(name),
+                source,
                 &field,
-                "not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)".into(),
+                "not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)",
             )?;
-            ensure(!value.contains('\0'), &field, "contains a NUL byte".into())?;
+            ensure(!value.contains('\0'), source, &field, "contains a NUL byte")?;
         }
         ensure(
             w.cwd.starts_with('/'),
+            source,
             "workload.cwd",
-            "must be an absolute path".into(),
+            "must be an absolute path",
         )
     }
 
     /// The guest's interface, static plans, host ports and DHCP timeout.
     fn validate_network(&self, source: &Source) -> Result<(), ConfigError> {
-        let ensure = |ok: bool, field: &str, reason: String| ensure(ok, source, field, reason);
         let n = &self.network;
         for (field, plan) in [
             ("network.fallback.prefix", &n.fallback),
@@ -777,8 +790,9 @@ impl BootConfig {
         ] {
             ensure(
                 (1..=32).contains(&plan.prefix),
+                source,
                 field,
-                "must be 1 to 32".into(),
+                "must be 1 to 32",
             )?;
         }
         let ifname = &n.interface;
@@ -787,6 +801,7 @@ impl BootConfig {
                 || ifname.len() > 15
                 || ifname.contains('/')
                 || ifname.contains(' ')),
+            source,
             "network.interface",
             format!("`{ifname}` is not an interface name"),
         )?;
@@ -794,50 +809,45 @@ impl BootConfig {
             .map_err(|reason| ConfigError::invalid(source, "network.host_ports", reason))?;
         ensure(
             (1..=120_000).contains(&n.dhcp_timeout_ms),
+            source,
             "network.dhcp_timeout_ms",
-            "must be 1 to 120000".into(),
+            "must be 1 to 120000",
         )
     }
 
     fn validate_manifests(&self, source: &Source) -> Result<(), ConfigError> {
         let gw = &self.manifests.gateway;
-        if gw.db_url.trim().is_empty() {
-            return Err(ConfigError::invalid(
-                source,
-                "manifests.gateway.db_url",
-                "must not be empty",
-            ));
-        }
+        ensure(
+            !gw.db_url.trim().is_empty(),
+            source,
+            "manifests.gateway.db_url",
+            "must not be empty",
+        )?;
         let ip = &gw.host_gateway_ip;
-        if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {
-            return Err(ConfigError::invalid(
-                source,
-                "manifests.gateway.host_gateway_ip",
-                format!("`{ip}` is not an IP address (leave it empty to let the gateway decide)"),
-            ));
-        }
+        ensure(
+            ip.is_empty() || ip.parse::<std::net::IpAddr>().is_ok(),
+            source,
+            "manifests.gateway.host_gateway_ip",
+            format!("`{ip}` is not an IP address (leave it empty to let the gateway decide)"),
+        )?;
         let host = &gw.ssh_gateway_host;
-        if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(ConfigError::invalid(
-                source,
-                "manifests.gateway.ssh_gateway_host",
-                format!("`{host}` is not a host name"),
-            ));
-        }
+        ensure(
+            !host.chars().any(|c| c.is_whitespace() || c.is_control()),
+            source,
+            "manifests.gateway.ssh_gateway_host",
+            format!("`{host}` is not a host name"),
+        )?;
         for (field, value) in [
             ("manifests.gateway.image_repository", &gw.image_repository),
             ("manifests.gateway.image_tag", &gw.image_tag),
         ] {
             if let Some(v) = value {
-                if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(ConfigError::invalid(
-                        source,
-                        field,
-                        format!(
-                            "`{v}` must be non-empty without spaces (omit it to keep the chart's)"
-                        ),
-                    ));
-                }
+                ensure(
+                    !v.is_empty() && !v.chars().any(|c| c.is_whitespace() || c.is_control()),
+                    source,
+                    field,
+                    format!("`{v}` must be non-empty without spaces (omit it to keep the chart's)"),
+                )?;
             }
         }
         Ok(())
