@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use openshell_shared::{GuestMessage, Outcome};
 use openshell_tests::oci_image::busybox_image;
-use openshell_tests::{containerd_rootfs, fsck_image, vm_slot, vmm_pid, Boot, Finished};
+use openshell_tests::{
+    both_arches, containerd_rootfs, fsck_image, vm_slot, vmm_pid, Boot, Finished,
+};
 
 /// The image's name in containerd (the importer takes it from `index.json`).
 const IMAGE: &str = "docker.io/openshell/busybox:test";
@@ -174,17 +176,7 @@ fn virtiofs_fails_and_tmpfs_runs(arch: &str) {
     );
 }
 
-mod virtiofs_fails_and_tmpfs_runs {
-    #[test]
-    fn x86_64() {
-        super::virtiofs_fails_and_tmpfs_runs("x86_64");
-    }
-
-    #[test]
-    fn aarch64() {
-        super::virtiofs_fails_and_tmpfs_runs("aarch64");
-    }
-}
+both_arches!(virtiofs_fails_and_tmpfs_runs);
 
 /// What the guest's `state-disk` phase said (its line, and on first use its format and seed
 /// rows), once it finished ok.
@@ -349,17 +341,7 @@ fn state_disk_survives_a_kill(arch: &str) {
     );
 }
 
-mod state_disk_survives_a_kill {
-    #[test]
-    fn x86_64() {
-        super::state_disk_survives_a_kill("x86_64");
-    }
-
-    #[test]
-    fn aarch64() {
-        super::state_disk_survives_a_kill("aarch64");
-    }
-}
+both_arches!(state_disk_survives_a_kill);
 
 #[cfg(test)]
 mod record_tests {
