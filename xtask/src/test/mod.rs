@@ -127,7 +127,6 @@ fn everything(clock: &Arc<Clock>, args: &TestArgs, arches: &[Arch]) -> Result<Ta
     let inits = prepare_foreground(clock, arches, &mut cmd)?;
     cmd.envs(join(go_peers)?);
     join(kernels)?;
-    // The x86_64 base bundle and vsock helper, for the host with a bundle built in.
     let embedded = base_roots_and_bundles(clock, arches, &mut cmd)?;
     let debian_ok = join(debian)?;
     containerd_roots(clock, &inits, debian_ok, &mut cmd)?;
@@ -227,8 +226,10 @@ fn containerd_roots(
     debian_ok: bool,
     cmd: &mut Command,
 ) -> Result<()> {
-    let containerd_inits = if debian_ok { inits } else { &[] };
-    for (arch, init) in containerd_inits {
+    if !debian_ok {
+        return Ok(());
+    }
+    for (arch, init) in inits {
         let root = clock.step(
             MAIN,
             &format!("containerd-test root {}", arch.name()),
