@@ -843,7 +843,7 @@ impl BootConfig {
         ] {
             if let Some(v) = value {
                 ensure(
-                    !v.is_empty() && !v.chars().any(|c| c.is_whitespace() || c.is_control()),
+                    is_token(v),
                     source,
                     field,
                     format!("`{v}` must be non-empty without spaces (omit it to keep the chart's)"),
