@@ -856,39 +856,38 @@ impl BootConfig {
 
 impl K3s {
     fn validate(&self, source: &Source) -> Result<(), ConfigError> {
-        let bad = |field: &str, reason: String| Err(ConfigError::invalid(source, field, reason));
-        if !self.binary.starts_with('/') || self.binary.contains('\0') {
-            return bad(
-                "k3s.binary",
-                format!("`{}` must be an absolute path", self.binary),
-            );
-        }
+        ensure(
+            self.binary.starts_with('/') && !self.binary.contains('\0'),
+            source,
+            "k3s.binary",
+            format!("`{}` must be an absolute path", self.binary),
+        )?;
         // Comma-joined into one flag each: an item with a comma or space would split or break it.
         for (name, list) in [("disable", &self.disable), ("tls_sans", &self.tls_sans)] {
             for (i, item) in list.iter().enumerate() {
-                if !is_token(item) || item.contains(',') {
-                    return bad(
-                        &format!("k3s.{name}[{i}]"),
-                        format!("`{item}` must be non-empty, without commas or spaces"),
-                    );
-                }
+                ensure(
+                    is_token(item) && !item.contains(','),
+                    source,
+                    &format!("k3s.{name}[{i}]"),
+                    format!("`{item}` must be non-empty, without commas or spaces"),
+                )?;
             }
         }
-        if !is_token(&self.snapshotter) {
-            return bad(
-                "k3s.snapshotter",
-                format!("`{}` is not a snapshotter name", self.snapshotter),
-            );
-        }
-        if !["iptables", "ipvs", "nftables"].contains(&self.kube_proxy_mode.as_str()) {
-            return bad(
-                "k3s.kube_proxy_mode",
-                format!(
-                    "`{}` must be iptables, ipvs or nftables",
-                    self.kube_proxy_mode
-                ),
-            );
-        }
+        ensure(
+            is_token(&self.snapshotter),
+            source,
+            "k3s.snapshotter",
+            format!("`{}` is not a snapshotter name", self.snapshotter),
+        )?;
+        ensure(
+            ["iptables", "ipvs", "nftables"].contains(&self.kube_proxy_mode.as_str()),
+            source,
+            "k3s.kube_proxy_mode",
+            format!(
+                "`{}` must be iptables, ipvs or nftables",
+                self.kube_proxy_mode
+            ),
+        )?;
         let k = &self.kubelet;
         for (field, value) in [
             ("k3s.kubelet.eviction_hard", &k.eviction_hard),
@@ -901,43 +900,52 @@ impl K3s {
                 &k.runtime_request_timeout,
             ),
         ] {
-            if !is_token(value) {
-                return bad(field, format!("`{value}` must be non-empty without spaces"));
-            }
+            ensure(
+                is_token(value),
+                source,
+                field,
+                format!("`{value}` must be non-empty without spaces"),
+            )?;
         }
         // The kubelet refuses to start unless low < high <= 100.
-        if k.image_gc_high_threshold > 100 {
-            return bad(
-                "k3s.kubelet.image_gc_high_threshold",
-                "must be at most 100".into(),
-            );
-        }
-        if k.image_gc_low_threshold >= k.image_gc_high_threshold {
-            return bad(
-                "k3s.kubelet.image_gc_low_threshold",
-                "must be below image_gc_high_threshold".into(),
-            );
-        }
-        if self.gateway_port == 0 {
-            return bad("k3s.gateway_port", "must not be 0".into());
-        }
+        ensure(
+            k.image_gc_high_threshold <= 100,
+            source,
+            "k3s.kubelet.image_gc_high_threshold",
+            "must be at most 100",
+        )?;
+        ensure(
+            k.image_gc_low_threshold < k.image_gc_high_threshold,
+            source,
+            "k3s.kubelet.image_gc_low_threshold",
+            "must be below image_gc_high_threshold",
+        )?;
+        ensure(
+            self.gateway_port != 0,
+            source,
+            "k3s.gateway_port",
+            "must not be 0",
+        )?;
         let r = &self.readiness;
         for (field, ms) in [
             ("k3s.readiness.apiserver_ready_ms", r.apiserver_ready_ms),
             ("k3s.readiness.node_ready_ms", r.node_ready_ms),
             ("k3s.readiness.gateway_ready_ms", r.gateway_ready_ms),
         ] {
-            if ms == 0 || ms > 3_600_000 {
-                return bad(field, "must be 1 to 3600000".into());
-            }
+            ensure(
+                (1..=3_600_000).contains(&ms),
+                source,
+                field,
+                "must be 1 to 3600000",
+            )?;
         }
         for (i, arg) in self.extra_args.iter().enumerate() {
-            if arg.is_empty() || arg.contains('\0') {
-                return bad(
-                    &format!("k3s.extra_args[{i}]"),
-                    "must be non-empty without NUL bytes".into(),
-                );
-            }
+            ensure(
+                !arg.is_empty() && !arg.contains('\0'),
+                source,
+                &format!("k3s.extra_args[{i}]"),
+                "must be non-empty without NUL bytes",
+            )?;
         }
         Ok(())
     }
